@@ -1,0 +1,109 @@
+"""Backend registry and the single dispatch point every CoordConv call goes through.
+
+A backend is a function ``fn(input, weight, coord_weight, bias, spec) -> Tensor`` taking a batched,
+validated input and a :class:`~coordconv_fused.spec.ConvSpec`. Backends register themselves with
+:func:`register_backend`; ``backend="auto"`` takes the first available backend in the device's
+preference list. Later backends (``triton``, ``cpp``, ``cuda``) plug in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .decomposed import coord_conv_decomposed
+from .reference import coord_conv_ref
+from .spec import ConvSpec
+
+__all__ = ["Backend", "register_backend", "available_backends", "resolve_backend", "dispatch"]
+
+BackendFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", ConvSpec], Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A registered implementation.
+
+    ``devices``: device types it runs on (``None``: any). ``unavailable_reason``: returns ``None``
+    when the backend can run on this machine, or a sentence telling the user how to make it run.
+    ``supports``: returns ``None`` if the backend handles this spec, or the reason it does not.
+    """
+
+    name: str
+    fn: BackendFn
+    devices: frozenset[str] | None = None
+    unavailable_reason: Callable[[], str | None] = lambda: None
+    supports: Callable[[ConvSpec], str | None] = lambda spec: None
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+# ``auto``'s order of preference by device type; names not registered or not available are skipped.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
+    "cpu": ("torch",),
+    "cuda": ("torch",),
+}
+_AUTO_FALLBACK = "torch"
+
+
+def register_backend(backend: Backend, *, prefer_on: dict[str, int] | None = None) -> None:
+    """Register ``backend``; ``prefer_on={"cuda": 0}`` inserts it into ``auto``'s order there."""
+    _BACKENDS[backend.name] = backend
+    for device, position in (prefer_on or {}).items():
+        order = [n for n in AUTO_PREFERENCE.get(device, ()) if n != backend.name]
+        order.insert(position, backend.name)
+        AUTO_PREFERENCE[device] = tuple(order)
+
+
+def _usable(backend: Backend, device_type: str | None) -> bool:
+    if backend.unavailable_reason() is not None:
+        return False
+    return device_type is None or backend.devices is None or device_type in backend.devices
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends usable on this machine (on ``device``'s type, if given)."""
+    device_type = torch.device(device).type if device is not None else None
+    return [name for name, b in _BACKENDS.items() if _usable(b, device_type)]
+
+
+def resolve_backend(name: str, device: torch.device, spec: ConvSpec) -> Backend:
+    """The backend ``name`` (or ``auto``'s choice) for an input on ``device``; raises if unusable."""
+    if not isinstance(name, str):
+        raise ValueError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        for candidate in AUTO_PREFERENCE.get(device.type, ()):
+            b = _BACKENDS.get(candidate)
+            if b is not None and _usable(b, device.type) and b.supports(spec) is None:
+                return b
+        return _BACKENDS[_AUTO_FALLBACK]
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"unknown backend {name!r}; expected 'auto' or one of {sorted(_BACKENDS)}"
+        )
+    b = _BACKENDS[name]
+    reason = b.unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available: {reason}")
+    if b.devices is not None and device.type not in b.devices:
+        raise RuntimeError(
+            f"backend {name!r} runs on {sorted(b.devices)} tensors, but the input is on {device}; "
+            f"use backend='auto' or one of {available_backends(device)}"
+        )
+    reason = b.supports(spec)
+    if reason is not None:
+        raise ValueError(f"backend {name!r} does not support this call: {reason}")
+    return b
+
+
+def dispatch(name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
+             spec: ConvSpec) -> Tensor:
+    """Run the CoordConv described by ``spec`` on backend ``name``."""
+    return resolve_backend(name, input.device, spec).fn(input, weight, coord_weight, bias, spec)
+
+
+register_backend(Backend("reference", coord_conv_ref))
+register_backend(Backend("torch", coord_conv_decomposed))

@@ -1,0 +1,66 @@
+"""The ``coordconv-fused`` command line.
+
+``coordconv-fused bench``  times CoordConv against plain nn.Conv2d and the naive concatenation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# glibc returns large freed buffers to the OS and faults them in again on every call, which
+# inflates small convolutions several-fold; benchmarks re-run themselves with these settings.
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.glibc_tunables and os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES and sys.platform == "linux":
+        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
+        os.execve(sys.executable, [sys.executable, "-m", "coordconv_fused.cli", *sys.argv[1:]], env)
+
+    import torch
+
+    from . import benchmark
+
+    torch.set_num_threads(args.threads)
+    shapes = benchmark.STANDARD_SHAPES if args.all_shapes else benchmark.QUICK_SHAPES
+    if args.quick:
+        shapes, rounds = shapes[:1], 1
+    else:
+        rounds = args.rounds
+    print(f"Timing {len(shapes)} shape(s), {rounds} interleaved round(s), {args.threads} threads...",
+          file=sys.stderr)
+    report = benchmark.run(shapes, rounds=rounds, progress=lambda m: print(f"  {m}", file=sys.stderr))
+    print(benchmark.format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coordconv-fused", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="time CoordConv providers side by side against nn.Conv2d")
+    bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    bench.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    bench.add_argument("--all-shapes", action="store_true", help="all standard shapes, not the quick three")
+    bench.add_argument("--quick", action="store_true", help="one shape, one round: a smoke run")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--no-glibc-tunables", dest="glibc_tunables", action="store_false",
+                       help=f"do not re-run with GLIBC_TUNABLES={GLIBC_TUNABLES}")
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

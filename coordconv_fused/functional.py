@@ -1,0 +1,222 @@
+"""Functional CoordConv: ``coord_conv{1,2,3}d`` and ``coord_conv_transpose{1,2,3}d``.
+
+Same arguments as ``torch.nn.functional.conv2d`` (plus ``padding_mode``, as ``nn.Conv2d`` takes it)
+and ``coord_weight``, the filter applied to the implicit coordinate channels. Inputs may be batched
+``[N, C, *sizes]`` or unbatched ``[C, *sizes]``, like ``nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from .backends import dispatch
+from .spec import ConvSpec, PaddingArg, check_tensors, make_spec
+
+__all__ = [
+    "coord_conv1d",
+    "coord_conv2d",
+    "coord_conv3d",
+    "coord_conv_transpose1d",
+    "coord_conv_transpose2d",
+    "coord_conv_transpose3d",
+    "is_separate_filter",
+]
+
+IntOrTuple = int | Sequence[int]
+
+
+def is_separate_filter(coord_kernel_size: int | Sequence[int] | None, ndim: int) -> bool:
+    """Validate a ``coord_kernel_size`` argument: ``None`` (full coordinate kernel) or ``1`` (the
+    paper's separate 1x1 coordinate filter). Returns whether the filter is separate."""
+    if coord_kernel_size is None:
+        return False
+    if coord_kernel_size == 1 or (
+        isinstance(coord_kernel_size, (tuple, list)) and len(coord_kernel_size) == ndim
+        and all(k == 1 for k in coord_kernel_size)
+    ):
+        return True
+    raise ValueError(
+        "coord_kernel_size must be None (full coordinate kernel, the default) or 1 (the paper's "
+        f"separate 1x1 coordinate filter), got {coord_kernel_size!r}"
+    )
+
+
+def _run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec,
+         backend: str) -> Tensor:
+    unbatched = isinstance(input, Tensor) and input.dim() == spec.ndim + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    check_tensors(input, weight, coord_weight, bias, spec)
+    out = dispatch(backend, input, weight, coord_weight, bias, spec)
+    return out.squeeze(0) if unbatched else out
+
+
+def _kernel_of(weight: Tensor, ndim: int, name: str) -> tuple[int, ...]:
+    if not isinstance(weight, Tensor) or weight.dim() != ndim + 2:
+        shape = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"{name}: expected a {ndim + 2}-D weight tensor, got {shape}")
+    return tuple(weight.shape[2:])
+
+
+def _infer_separate(coord_kernel_size, kernel: tuple[int, ...], coord_weight: Tensor, ndim: int) -> bool:
+    if coord_kernel_size is not None:
+        return is_separate_filter(coord_kernel_size, ndim)
+    # Infer the variant from the shapes: a 1x1 coordinate kernel beside a larger data kernel is the
+    # separate filter. (For a 1x1 data kernel both readings coincide unless padded; pass
+    # coord_kernel_size=1 to ask for the separate filter there.)
+    return (isinstance(coord_weight, Tensor) and all(k == 1 for k in coord_weight.shape[2:])
+            and any(k != 1 for k in kernel))
+
+
+def _coord_conv(ndim, input, weight, coord_weight, bias, stride, padding, dilation, groups,
+                padding_mode, with_r, backend, coord_kernel_size=None, separate=None):
+    kernel = _kernel_of(weight, ndim, f"coord_conv{ndim}d")
+    if separate is None:
+        separate = _infer_separate(coord_kernel_size, kernel, coord_weight, ndim)
+    spec = make_spec(ndim, kernel, stride, padding, dilation, groups, padding_mode, with_r, separate)
+    return _run(input, weight, coord_weight, bias, spec, backend)
+
+
+def _coord_conv_transpose(ndim, input, weight, coord_weight, bias, stride, padding, output_padding,
+                          groups, dilation, with_r, backend):
+    kernel = _kernel_of(weight, ndim, f"coord_conv_transpose{ndim}d")
+    spec = make_spec(ndim, kernel, stride, padding, dilation, groups, "zeros", with_r, False,
+                     transposed=True, output_padding=output_padding)
+    return _run(input, weight, coord_weight, bias, spec, backend)
+
+
+def coord_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    coord_weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    with_r: bool = False,
+    backend: str = "auto",
+    *,
+    coord_kernel_size: int | None = None,
+) -> Tensor:
+    """2-D CoordConv: a convolution over ``input`` and its implicit coordinate channels.
+
+    Equals ``conv2d(cat([input, coords]), cat([weight, coord_weight], 1), bias, ...)`` for
+    ``groups == 1`` without materialising ``coords``; see ``docs/semantics.md``.
+
+    Args:
+        input: ``[N, C_in, H, W]`` or ``[C_in, H, W]``.
+        weight: ``[C_out, C_in / groups, kH, kW]``, as for ``F.conv2d``.
+        coord_weight: ``[C_out, d, kH, kW]`` (full coordinate kernel) or ``[C_out, d, 1, 1]`` (the
+            separate coordinate filter), with ``d = 2`` or ``3`` with ``with_r``.
+        bias: ``[C_out]`` or ``None``.
+        stride, padding, dilation, groups, padding_mode: as ``nn.Conv2d`` (padding may be 'same'
+            or 'valid'); coordinates are padded by the same rule as the input.
+        with_r: add the radius channel ``sqrt(i**2 + j**2)``.
+        backend: 'auto' or a name from :func:`coordconv_fused.available_backends`.
+        coord_kernel_size: ``None`` infers the variant from ``coord_weight``'s shape; ``1`` forces
+            the separate filter.
+    """
+    return _coord_conv(2, input, weight, coord_weight, bias, stride, padding, dilation, groups,
+                       padding_mode, with_r, backend, coord_kernel_size)
+
+
+def coord_conv1d(
+    input: Tensor,
+    weight: Tensor,
+    coord_weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    with_r: bool = False,
+    backend: str = "auto",
+    *,
+    coord_kernel_size: int | None = None,
+) -> Tensor:
+    """1-D CoordConv (one coordinate channel along the length, plus ``|c0|`` with ``with_r``).
+    Arguments as :func:`coord_conv2d` with 1-D shapes."""
+    return _coord_conv(1, input, weight, coord_weight, bias, stride, padding, dilation, groups,
+                       padding_mode, with_r, backend, coord_kernel_size)
+
+
+def coord_conv3d(
+    input: Tensor,
+    weight: Tensor,
+    coord_weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrTuple = 1,
+    padding: PaddingArg = 0,
+    dilation: IntOrTuple = 1,
+    groups: int = 1,
+    padding_mode: str = "zeros",
+    with_r: bool = False,
+    backend: str = "auto",
+    *,
+    coord_kernel_size: int | None = None,
+) -> Tensor:
+    """3-D CoordConv (coordinates along D, H, W, plus the radius with ``with_r``).
+    Arguments as :func:`coord_conv2d` with 3-D shapes."""
+    return _coord_conv(3, input, weight, coord_weight, bias, stride, padding, dilation, groups,
+                       padding_mode, with_r, backend, coord_kernel_size)
+
+
+def coord_conv_transpose2d(
+    input: Tensor,
+    weight: Tensor,
+    coord_weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+    with_r: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """2-D transposed CoordConv: the coordinates of the *input* are appended, then
+    ``conv_transpose2d`` is applied. Arguments in ``F.conv_transpose2d``'s order;
+    ``weight`` is ``[C_in, C_out / groups, kH, kW]`` and ``coord_weight`` ``[d, C_out, kH, kW]``."""
+    return _coord_conv_transpose(2, input, weight, coord_weight, bias, stride, padding,
+                                 output_padding, groups, dilation, with_r, backend)
+
+
+def coord_conv_transpose1d(
+    input: Tensor,
+    weight: Tensor,
+    coord_weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+    with_r: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """1-D transposed CoordConv; see :func:`coord_conv_transpose2d`."""
+    return _coord_conv_transpose(1, input, weight, coord_weight, bias, stride, padding,
+                                 output_padding, groups, dilation, with_r, backend)
+
+
+def coord_conv_transpose3d(
+    input: Tensor,
+    weight: Tensor,
+    coord_weight: Tensor,
+    bias: Tensor | None = None,
+    stride: IntOrTuple = 1,
+    padding: IntOrTuple = 0,
+    output_padding: IntOrTuple = 0,
+    groups: int = 1,
+    dilation: IntOrTuple = 1,
+    with_r: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """3-D transposed CoordConv; see :func:`coord_conv_transpose2d`."""
+    return _coord_conv_transpose(3, input, weight, coord_weight, bias, stride, padding,
+                                 output_padding, groups, dilation, with_r, backend)

@@ -1,0 +1,276 @@
+"""CoordConv modules: drop-in subclasses of ``nn.Conv{1,2,3}d`` and ``nn.ConvTranspose{1,2,3}d``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.nn import init
+
+from . import backends
+from .coords import coord_channels, num_coord_channels
+from .functional import _coord_conv, _coord_conv_transpose, is_separate_filter
+from .spec import PaddingArg
+
+__all__ = [
+    "CoordConv1d",
+    "CoordConv2d",
+    "CoordConv3d",
+    "CoordConvTranspose1d",
+    "CoordConvTranspose2d",
+    "CoordConvTranspose3d",
+    "AddCoords",
+]
+
+IntOrTuple = int | Sequence[int]
+
+
+def _check_backend_name(backend: str) -> str:
+    if backend != "auto" and backend not in backends._BACKENDS:
+        raise ValueError(
+            f"unknown backend {backend!r}; expected 'auto' or one of {sorted(backends._BACKENDS)}"
+        )
+    return backend
+
+
+class _CoordMixin:
+    """Shared coordinate-parameter handling of the CoordConv modules."""
+
+    _ndim: int
+    _base: type[nn.Module]
+    with_r: bool
+    backend: str
+    coord_weight: nn.Parameter
+
+    def _add_coord_weight(self, shape: Sequence[int], with_r: bool, backend: str,
+                          factory_kwargs: dict) -> None:
+        self.with_r = bool(with_r)
+        self.backend = _check_backend_name(backend)
+        self.coord_weight = nn.Parameter(torch.empty(*shape, **factory_kwargs))
+        self.reset_parameters()
+
+    def _fan_in(self) -> int:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Initialise ``weight``, ``coord_weight`` and ``bias`` as ``nn.Conv`` initialises a layer
+        whose input has the coordinate channels concatenated (uniform in ``±1/sqrt(fan_in)``)."""
+        if "coord_weight" not in self._parameters:
+            return  # called by nn.ConvNd.__init__, before coord_weight exists
+        bound = 1.0 / math.sqrt(self._fan_in())
+        init.uniform_(self.weight, -bound, bound)
+        init.uniform_(self.coord_weight, -bound, bound)
+        if self.bias is not None:
+            init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def num_coords(self) -> int:
+        """Number of implicit coordinate channels ``d``."""
+        return num_coord_channels(self._ndim, self.with_r)
+
+
+class _CoordConvNd(_CoordMixin):
+    """CoordConv over ``_ndim`` spatial dims; mixed into ``nn.Conv{1,2,3}d``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrTuple,
+        stride: IntOrTuple = 1,
+        padding: PaddingArg = 0,
+        dilation: IntOrTuple = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        with_r: bool = False,
+        coord_kernel_size: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        self.separate = is_separate_filter(coord_kernel_size, self._ndim)
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias, padding_mode, device, dtype)
+        ck = (1,) * self._ndim if self.separate else self.kernel_size
+        d = num_coord_channels(self._ndim, with_r)
+        self._add_coord_weight((out_channels, d, *ck), with_r, backend,
+                               {"device": device, "dtype": dtype})
+
+    @property
+    def coord_kernel_size(self) -> int | None:
+        return 1 if self.separate else None
+
+    def _fan_in(self) -> int:
+        return (self.in_channels // self.groups + self.num_coords) * math.prod(self.kernel_size)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return _coord_conv(self._ndim, input, self.weight, self.coord_weight, self.bias, self.stride,
+                           self.padding, self.dilation, self.groups, self.padding_mode, self.with_r,
+                           self.backend, separate=self.separate)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", with_r={self.with_r}, coord_kernel_size="
+                f"{self.coord_kernel_size}, backend={self.backend!r}")
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, with_r: bool = False, coord_kernel_size: int | None = None,
+                  backend: str = "auto"):
+        """A CoordConv layer computing exactly what ``conv`` computes until it is trained.
+
+        Copies ``conv``'s configuration, ``weight`` and ``bias`` (same device and dtype) and sets
+        ``coord_weight`` to zero.
+        """
+        base = cls._base
+        if not isinstance(conv, base) or isinstance(conv, _CoordConvNd):
+            raise TypeError(f"{cls.__name__}.from_conv expects an nn.{base.__name__}, got {type(conv).__name__}")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                  device=conv.weight.device, dtype=conv.weight.dtype, with_r=with_r,
+                  coord_kernel_size=coord_kernel_size, backend=backend)
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            new.coord_weight.zero_()
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        new.weight.requires_grad_(conv.weight.requires_grad)
+        if conv.bias is not None:
+            new.bias.requires_grad_(conv.bias.requires_grad)
+        new.train(conv.training)
+        return new
+
+
+class CoordConv1d(_CoordConvNd, nn.Conv1d):
+    """``nn.Conv1d`` over the input plus an implicit coordinate channel (and ``|c0|`` with
+    ``with_r``). See :class:`CoordConv2d`."""
+
+    _ndim = 1
+    _base = nn.Conv1d
+
+
+class CoordConv2d(_CoordConvNd, nn.Conv2d):
+    """``nn.Conv2d`` over the input plus implicit coordinate channels (CoordConv, Liu et al. 2018).
+
+    Takes exactly ``nn.Conv2d``'s arguments, plus keyword-only:
+
+    * ``with_r``: add the radius channel ``sqrt(i**2 + j**2)``;
+    * ``coord_kernel_size``: ``None`` (the coordinate channels get the full ``kH x kW`` kernel, as
+      with concatenation) or ``1`` (the paper's separate 1x1 coordinate filter, evaluated at the
+      centre of every receptive field);
+    * ``backend``: 'auto' or a name from :func:`coordconv_fused.available_backends`.
+
+    The coordinate filter is the extra parameter ``coord_weight`` (``[C_out, d, kH, kW]`` or
+    ``[C_out, d, 1, 1]``). The coordinate channels are never materialised per sample.
+    """
+
+    _ndim = 2
+    _base = nn.Conv2d
+
+
+class CoordConv3d(_CoordConvNd, nn.Conv3d):
+    """``nn.Conv3d`` over the input plus implicit coordinate channels along D, H and W (and the
+    radius with ``with_r``). See :class:`CoordConv2d`."""
+
+    _ndim = 3
+    _base = nn.Conv3d
+
+
+class _CoordConvTransposeNd(_CoordMixin):
+    """Transposed CoordConv: appends the coordinates of its *input*; mixed into
+    ``nn.ConvTranspose{1,2,3}d``. Only ``padding_mode='zeros'``, as for ``nn.ConvTranspose``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntOrTuple,
+        stride: IntOrTuple = 1,
+        padding: IntOrTuple = 0,
+        output_padding: IntOrTuple = 0,
+        groups: int = 1,
+        bias: bool = True,
+        dilation: IntOrTuple = 1,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        with_r: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
+                         groups, bias, dilation, padding_mode, device, dtype)
+        d = num_coord_channels(self._ndim, with_r)
+        self._add_coord_weight((d, out_channels, *self.kernel_size), with_r, backend,
+                               {"device": device, "dtype": dtype})
+
+    def _fan_in(self) -> int:
+        # nn.ConvTranspose's fan-in (dimension 1 of its weight), which the extra input
+        # channels do not change.
+        return self.weight.shape[1] * math.prod(self.kernel_size)
+
+    def forward(self, input: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
+                                              self.kernel_size, self._ndim, self.dilation)
+        return _coord_conv_transpose(self._ndim, input, self.weight, self.coord_weight, self.bias,
+                                     self.stride, self.padding, output_padding, self.groups,
+                                     self.dilation, self.with_r, self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", with_r={self.with_r}, backend={self.backend!r}"
+
+
+class CoordConvTranspose1d(_CoordConvTransposeNd, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with the input's coordinate channel appended."""
+
+    _ndim = 1
+
+
+class CoordConvTranspose2d(_CoordConvTransposeNd, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with the input's coordinate channels appended: equals
+    ``conv_transpose2d(cat([x, coords]), cat([weight, coord_weight], 0))``. ``coord_weight`` is
+    ``[d, C_out, kH, kW]``. Keyword-only ``with_r`` and ``backend`` as for :class:`CoordConv2d`."""
+
+    _ndim = 2
+
+
+class CoordConvTranspose3d(_CoordConvTransposeNd, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with the input's coordinate channels appended."""
+
+    _ndim = 3
+
+
+class AddCoords(nn.Module):
+    """Append coordinate channels to a ``[N, C, *sizes]`` (or unbatched ``[C, *sizes]``) input.
+
+    Returns the explicit concatenation ``[x, c0, ..., (r)]`` with ``rank`` coordinate channels (plus
+    the radius with ``with_r``), in the library's coordinate convention. Use it to feed coordinates
+    to layers that are not convolutions; in front of a convolution, a CoordConv layer gives the same
+    result without materialising the channels.
+    """
+
+    def __init__(self, rank: int, with_r: bool = False) -> None:
+        super().__init__()
+        if rank not in (1, 2, 3):
+            raise ValueError(f"AddCoords: rank must be 1, 2 or 3, got {rank!r}")
+        self.rank = rank
+        self.with_r = bool(with_r)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() not in (self.rank + 1, self.rank + 2):
+            raise ValueError(
+                f"AddCoords(rank={self.rank}): expected a {self.rank + 2}-D (batched) or "
+                f"{self.rank + 1}-D (unbatched) input, got shape {list(input.shape)}"
+            )
+        if not input.is_floating_point():
+            raise ValueError(f"AddCoords: input must be a floating-point tensor, got {input.dtype}")
+        sizes = input.shape[-self.rank:]
+        coords = coord_channels(sizes, self.with_r, dtype=input.dtype, device=input.device)
+        coords = coords.expand(*input.shape[:-self.rank - 1], *coords.shape)
+        return torch.cat([input, coords], dim=-self.rank - 1)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, with_r={self.with_r}"

@@ -1,0 +1,141 @@
+"""Test helpers shared by every backend's tests: problem cases and the parity check.
+
+``assert_matches_reference(backend, case)`` runs a CoordConv on ``backend`` and on the reference,
+with the same inputs and the same upstream gradient, and compares the output and the gradients of
+``input``, ``weight``, ``coord_weight`` and ``bias``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import functional as CF
+from .coords import num_coord_channels
+
+__all__ = ["Case", "assert_matches_reference", "default_tolerances"]
+
+_CONV_FN = {1: CF.coord_conv1d, 2: CF.coord_conv2d, 3: CF.coord_conv3d}
+_CONV_T_FN = {1: CF.coord_conv_transpose1d, 2: CF.coord_conv_transpose2d, 3: CF.coord_conv_transpose3d}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One CoordConv problem: shapes and arguments (``sizes`` is the input's spatial size)."""
+
+    sizes: tuple[int, ...]
+    batch: int = 2
+    in_channels: int = 3
+    out_channels: int = 4
+    kernel_size: int | tuple[int, ...] = 3
+    stride: int | tuple[int, ...] = 1
+    padding: int | tuple[int, ...] | str = 0
+    dilation: int | tuple[int, ...] = 1
+    groups: int = 1
+    padding_mode: str = "zeros"
+    with_r: bool = False
+    separate: bool = False
+    bias: bool = True
+    transposed: bool = False
+    output_padding: int | tuple[int, ...] = 0
+
+    @property
+    def ndim(self) -> int:
+        return len(self.sizes)
+
+    def _kernel(self) -> tuple[int, ...]:
+        k = self.kernel_size
+        return (k,) * self.ndim if isinstance(k, int) else tuple(k)
+
+    def make_tensors(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                     seed: int = 0) -> dict[str, Tensor | None]:
+        """Random input and parameters (leaf tensors requiring grad)."""
+        g = torch.Generator().manual_seed(seed)
+        d = num_coord_channels(self.ndim, self.with_r)
+        k = self._kernel()
+        if self.transposed:
+            w_shape = (self.in_channels, self.out_channels // self.groups, *k)
+            cw_shape = (d, self.out_channels, *k)
+        else:
+            w_shape = (self.out_channels, self.in_channels // self.groups, *k)
+            cw_shape = (self.out_channels, d, *((1,) * self.ndim if self.separate else k))
+
+        def rand(*shape):
+            t = torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype=dtype, device=device)
+            return t.requires_grad_()
+
+        return {
+            "input": rand(self.batch, self.in_channels, *self.sizes),
+            "weight": rand(*w_shape),
+            "coord_weight": rand(*cw_shape),
+            "bias": rand(self.out_channels) if self.bias else None,
+        }
+
+    def run(self, backend: str, tensors: dict[str, Tensor | None]) -> Tensor:
+        """Call the functional API on ``backend``."""
+        t = tensors
+        if self.transposed:
+            return _CONV_T_FN[self.ndim](t["input"], t["weight"], t["coord_weight"], t["bias"],
+                                         self.stride, self.padding, self.output_padding, self.groups,
+                                         self.dilation, self.with_r, backend)
+        return _CONV_FN[self.ndim](t["input"], t["weight"], t["coord_weight"], t["bias"], self.stride,
+                                   self.padding, self.dilation, self.groups, self.padding_mode,
+                                   self.with_r, backend,
+                                   coord_kernel_size=1 if self.separate else None)
+
+
+def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
+    """(atol, rtol) for comparing a backend with the reference in ``dtype``."""
+    return {
+        torch.float64: (1e-10, 1e-9),
+        torch.float32: (2e-5, 2e-5),
+        torch.bfloat16: (5e-2, 2e-2),
+        torch.float16: (1e-2, 5e-3),
+    }[dtype]
+
+
+def _grads(out: Tensor, grad_out: Tensor, tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
+    names = [n for n, t in tensors.items() if t is not None]
+    grads = torch.autograd.grad(out, [tensors[n] for n in names], grad_out, allow_unused=True)
+    return dict(zip(names, grads))
+
+
+def assert_matches_reference(backend: str, case: Case, dtype: torch.dtype = torch.float32,
+                             device: str | torch.device = "cpu", atol: float | None = None,
+                             rtol: float | None = None, seed: int = 0,
+                             check: Sequence[str] = ("input", "weight", "coord_weight", "bias")) -> None:
+    """Assert ``backend`` matches the reference on the output and every gradient of ``case``.
+
+    Tolerances scale with the number of terms summed per output (so large reductions in low
+    precision are judged fairly); ``atol``/``rtol`` override :func:`default_tolerances`.
+    """
+    d_atol, d_rtol = default_tolerances(dtype)
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    tensors = case.make_tensors(dtype, device, seed)
+    ref_tensors = {n: (t.detach().clone().requires_grad_() if t is not None else None)
+                   for n, t in tensors.items()}
+    out = case.run(backend, tensors)
+    ref = case.run("reference", ref_tensors)
+    assert out.shape == ref.shape, f"{backend}: output shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype and out.device == ref.device
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=lambda m: f"{backend} output: {m}")
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1),
+                           dtype=torch.float64).to(dtype=dtype, device=device)
+    grads = _grads(out, grad_out, tensors)
+    ref_grads = _grads(ref, grad_out, ref_tensors)
+    for name in check:
+        if name not in ref_grads:
+            continue
+        g, rg = grads[name], ref_grads[name]
+        if rg is None:  # e.g. an empty batch: the reference has no path to this tensor
+            rg = torch.zeros_like(tensors[name])
+        if g is None:
+            g = torch.zeros_like(tensors[name])
+        # Gradients of parameters sum over the batch and the output: scale the tolerance with it.
+        scale = max(1.0, float(ref.numel() / max(1, ref.shape[1])) ** 0.5) if name != "input" else 1.0
+        torch.testing.assert_close(g, rg, atol=atol * scale, rtol=rtol,
+                                   msg=lambda m, n=name: f"{backend} grad of {n}: {m}")

@@ -1,0 +1,198 @@
+"""The modules: constructor contract, initialisation, conversion, serialisation, unbatched input."""
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+
+import coordconv_fused as cc
+from coordconv_fused import (
+    CoordConv1d,
+    CoordConv2d,
+    CoordConv3d,
+    CoordConvTranspose1d,
+    CoordConvTranspose2d,
+    CoordConvTranspose3d,
+    convert_to_coordconv,
+)
+
+
+def test_is_a_conv2d_with_coord_weight():
+    m = CoordConv2d(3, 8, 3, stride=2, padding=1, dilation=1, groups=1,
+                    bias=True, padding_mode="reflect", with_r=True)
+    assert isinstance(m, nn.Conv2d)
+    assert m.coord_weight.shape == (8, 3, 3, 3)
+    assert m.padding_mode == "reflect" and m.stride == (2, 2)
+    names = [n for n, _ in m.named_parameters()]
+    assert names == ["weight", "bias", "coord_weight"]
+    r = repr(m)
+    assert "with_r=True" in r and "coord_kernel_size=None" in r and "backend='auto'" in r
+
+
+@pytest.mark.parametrize("cls,nd", [(CoordConv1d, 1), (CoordConv2d, 2), (CoordConv3d, 3)])
+def test_shapes_per_rank(cls, nd):
+    m = cls(4, 6, 3, groups=2, coord_kernel_size=1)
+    assert m.coord_weight.shape == (6, nd, *(1,) * nd)
+    assert m.coord_kernel_size == 1
+    x = torch.randn(2, 4, *(5,) * nd)
+    assert m(x).shape == (2, 6, *(3,) * nd)
+    assert m(x[0]).shape == (6, *(3,) * nd)  # unbatched input, like nn.Conv
+
+
+def test_coord_kernel_size_values():
+    assert CoordConv2d(1, 1, 3, coord_kernel_size=(1, 1)).separate
+    for bad in (2, 3, (3, 3), 0, "1"):
+        with pytest.raises(ValueError, match="coord_kernel_size"):
+            CoordConv2d(1, 1, 3, coord_kernel_size=bad)
+
+
+def test_unknown_backend_at_construction():
+    with pytest.raises(ValueError, match="unknown backend 'cuda-magic'"):
+        CoordConv2d(1, 1, 3, backend="cuda-magic")
+
+
+def test_init_uses_concatenated_fan_in():
+    torch.manual_seed(0)
+    m = CoordConv2d(16, 64, 3, groups=2, with_r=True)
+    bound = 1 / math.sqrt((16 // 2 + 3) * 9)
+    for p in (m.weight, m.coord_weight, m.bias):
+        assert p.abs().max().item() <= bound
+        assert p.abs().max().item() > 0.9 * bound  # uniform over the whole range
+    # Same distribution as nn.Conv2d with the coordinate channels concatenated (groups == 1).
+    ref = nn.Conv2d(16 + 2, 64, 3)
+    m1 = CoordConv2d(16, 64, 3)
+    assert math.isclose(ref.weight.abs().max().item(), m1.weight.abs().max().item(), rel_tol=0.05)
+
+
+def test_device_and_dtype_follow_factory_kwargs():
+    m = CoordConv2d(2, 3, 3, dtype=torch.float64)
+    assert m.coord_weight.dtype == torch.float64
+    out = m(torch.randn(1, 2, 5, 5, dtype=torch.float64))
+    assert out.dtype == torch.float64
+    m16 = CoordConv2d(2, 3, 3).to(torch.bfloat16)
+    assert m16(torch.randn(1, 2, 5, 5, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
+@pytest.mark.parametrize("with_r,coord_kernel_size", [(False, None), (True, None), (True, 1)])
+def test_from_conv_is_exact(backend, with_r, coord_kernel_size):
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, padding_mode="replicate")
+    m = CoordConv2d.from_conv(conv, with_r=with_r, coord_kernel_size=coord_kernel_size)
+    m.backend = backend
+    x = torch.randn(2, 3, 9, 7)
+    if backend == "torch":
+        assert torch.equal(m(x), conv(x))
+    else:
+        torch.testing.assert_close(m(x), conv(x))
+    assert m.coord_weight.abs().sum() == 0
+    assert m.weight.data_ptr() != conv.weight.data_ptr()
+
+
+def test_from_conv_rejects_wrong_rank():
+    with pytest.raises(TypeError, match="expects an nn.Conv2d"):
+        CoordConv2d.from_conv(nn.Conv1d(1, 1, 3))
+
+
+class SmallResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 1))
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1, padding_mode="reflect")
+        self.up = nn.ConvTranspose2d(16, 4, 2, stride=2)
+        self.head = nn.Conv1d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.block(x)
+        x = self.up(self.down(x))
+        return self.head(x.flatten(2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_convert_to_coordconv_keeps_outputs_and_trains(backend):
+    torch.manual_seed(0)
+    model = SmallResNet().eval()
+    x = torch.randn(2, 3, 10, 12)
+    before = model(x)
+    model = convert_to_coordconv(model, with_r=True, backend=backend)
+    assert isinstance(model.stem[0], CoordConv2d) and isinstance(model.block[2], CoordConv2d)
+    assert isinstance(model.down, CoordConv2d) and isinstance(model.head, CoordConv1d)
+    assert type(model.up) is nn.ConvTranspose2d  # only nn.Conv1d/2d/3d are converted
+    after = model(x)
+    if backend == "torch":
+        assert torch.equal(after, before)
+    else:
+        torch.testing.assert_close(after, before)
+    after.square().mean().backward()
+    for m in (model.stem[0], model.down, model.head):
+        assert m.coord_weight.grad is not None and m.coord_weight.grad.abs().sum() > 0
+    # Converting twice changes nothing.
+    assert convert_to_coordconv(model) is model and isinstance(model.down, CoordConv2d)
+
+
+def test_convert_root_conv():
+    conv = nn.Conv3d(2, 3, 3)
+    new = convert_to_coordconv(conv, coord_kernel_size=1)
+    assert isinstance(new, CoordConv3d) and new.separate
+
+
+def _roundtrip_state(m):
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CoordConv2d(3, 4, 3, padding=1, with_r=True),
+    lambda: CoordConv1d(3, 4, 3, coord_kernel_size=1),
+    lambda: CoordConvTranspose2d(3, 4, 3, stride=2, with_r=True),
+])
+def test_state_dict_deepcopy_pickle(make):
+    torch.manual_seed(0)
+    m = make()
+    x = torch.randn(2, 3, *([6, 5] if isinstance(m, (CoordConv2d, CoordConvTranspose2d)) else [7]))
+    expected = m(x)
+    torch.manual_seed(1)
+    m2 = make()
+    assert "coord_weight" in m.state_dict()
+    m2.load_state_dict(_roundtrip_state(m))
+    assert torch.equal(m2(x), expected)
+    assert torch.equal(copy.deepcopy(m)(x), expected)
+    m3 = pickle.loads(pickle.dumps(m))
+    assert torch.equal(m3(x), expected) and repr(m3) == repr(m)
+
+
+@pytest.mark.parametrize("cls,nd", [(CoordConvTranspose1d, 1), (CoordConvTranspose2d, 2),
+                                    (CoordConvTranspose3d, 3)])
+def test_transposed_output_size_and_shapes(cls, nd):
+    m = cls(4, 6, 3, stride=2, padding=1, groups=2, with_r=True)
+    assert m.coord_weight.shape == (nd + 1, 6, *(3,) * nd)
+    x = torch.randn(2, 4, *(4,) * nd)
+    assert m(x).shape == (2, 6, *(7,) * nd)
+    assert m(x, output_size=[8] * nd).shape == (2, 6, *(8,) * nd)
+    ref = getattr(nn, f"ConvTranspose{nd}d")(4 + nd + 1, 6, 3, stride=2, padding=1)
+    assert m(x[0]).shape == ref(torch.randn(4 + nd + 1, *(4,) * nd)).shape
+
+
+def test_public_api():
+    for name in ("CoordConv1d", "CoordConv2d", "CoordConv3d", "CoordConvTranspose2d", "AddCoords",
+                 "coord_conv1d", "coord_conv2d", "coord_conv3d", "convert_to_coordconv",
+                 "available_backends"):
+        assert hasattr(cc, name)
+    assert {"reference", "torch"} <= set(cc.available_backends())
+
+
+def test_readme_example_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    exec(compile(block, "README.md", "exec"), {})

@@ -1,0 +1,108 @@
+"""Every backend against the reference: output and the gradients of input, weight, coord_weight
+and bias, over a grid of shapes and arguments."""
+
+import pytest
+import torch
+
+from coordconv_fused import available_backends
+from coordconv_fused.testing import Case, assert_matches_reference
+
+BACKENDS = [b for b in available_backends("cpu") if b != "reference"] + ["auto"]
+
+CASES = [
+    # 2-D: odd sizes, H != W, stride, padding, dilation, groups, with_r, separate filter
+    Case((7, 5)),
+    Case((5, 8), padding=1),
+    Case((9, 6), kernel_size=(3, 2), stride=(2, 1), padding=(1, 0)),
+    Case((11, 7), kernel_size=5, stride=3, padding=2, dilation=2),
+    Case((6, 6), padding="same"),
+    Case((6, 7), kernel_size=4, padding="same", dilation=1),
+    Case((8, 5), kernel_size=2, padding="same", dilation=3),
+    Case((6, 5), padding="valid"),
+    Case((7, 6), in_channels=4, out_channels=6, groups=2, padding=1),
+    Case((7, 6), in_channels=6, out_channels=6, groups=6, padding=1),
+    Case((7, 6), with_r=True, padding=1),
+    Case((7, 6), with_r=True, groups=3, in_channels=3, out_channels=3, padding=1),
+    Case((9, 7), separate=True, padding=1),
+    Case((9, 7), separate=True, kernel_size=4, stride=2, padding=1, with_r=True),
+    Case((9, 7), separate=True, kernel_size=(2, 3), padding="same", dilation=2),
+    Case((6, 6), separate=True, kernel_size=1, padding=1),
+    Case((1, 6), kernel_size=(1, 3), padding=(0, 1)),
+    Case((6, 1), kernel_size=(3, 1), with_r=True),
+    Case((1, 1), kernel_size=1),
+    Case((1, 1), kernel_size=3, padding=1, with_r=True),
+    Case((7, 5), batch=0, padding=1),
+    Case((7, 5), batch=1, bias=False),
+    Case((8, 7), padding=2, padding_mode="reflect"),
+    Case((8, 7), padding=(1, 2), padding_mode="replicate", with_r=True),
+    Case((8, 7), padding=2, padding_mode="circular", stride=2),
+    Case((8, 7), kernel_size=4, padding="same", padding_mode="reflect"),
+    Case((8, 7), padding=1, padding_mode="circular", separate=True, in_channels=4, groups=2),
+    Case((6, 5), padding=1, padding_mode="reflect", groups=3, in_channels=3, out_channels=6),
+    # 1-D and 3-D
+    Case((9,)),
+    Case((10,), kernel_size=4, stride=2, padding=1, with_r=True),
+    Case((1,), kernel_size=1),
+    Case((9,), padding=2, padding_mode="reflect", separate=True),
+    Case((11,), kernel_size=3, padding="same", dilation=2, groups=3, in_channels=3, out_channels=3),
+    Case((4, 5, 3), padding=1),
+    Case((5, 4, 6), kernel_size=(3, 2, 1), stride=(1, 2, 1), with_r=True),
+    Case((5, 4, 4), padding=1, padding_mode="replicate", separate=True),
+    Case((3, 4, 5), kernel_size=2, padding="same", padding_mode="circular"),
+    # Transposed
+    Case((5, 4), transposed=True),
+    Case((5, 4), transposed=True, stride=2, padding=1, output_padding=1, with_r=True),
+    Case((4, 6), transposed=True, kernel_size=(2, 3), stride=(2, 1), dilation=(1, 2), groups=2,
+         in_channels=4, out_channels=6),
+    Case((6,), transposed=True, stride=3, padding=1, output_padding=2, bias=False),
+    Case((3, 4, 2), transposed=True, stride=2, with_r=True),
+    Case((1, 5), transposed=True, batch=0),
+]
+
+
+def _id(case: Case) -> str:
+    defaults = Case(case.sizes)
+    parts = ["x".join(map(str, case.sizes))]
+    for f in ("batch", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+              "groups", "padding_mode", "with_r", "separate", "bias", "transposed", "output_padding"):
+        v = getattr(case, f)
+        if v != getattr(defaults, f):
+            parts.append(f"{f}={v}")
+    return ",".join(parts)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backend_matches_reference(backend, case, dtype):
+    assert_matches_reference(backend, case, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(backend, dtype):
+    case = Case((9, 8), in_channels=8, out_channels=8, padding=1, with_r=True)
+    assert_matches_reference(backend, case, dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case((5, 4), padding=1, with_r=True),
+        Case((5, 4), in_channels=4, groups=2, stride=2, padding=2, dilation=2),
+        Case((6, 5), separate=True, kernel_size=2, padding="same", padding_mode="reflect"),
+        Case((5,), padding=1, padding_mode="circular", with_r=True),
+        Case((3, 3, 4), kernel_size=2, separate=True, with_r=True, padding=1),
+        Case((4, 3), transposed=True, stride=2, output_padding=1, with_r=True),
+    ],
+    ids=_id,
+)
+def test_gradcheck(backend, case):
+    tensors = case.make_tensors(torch.float64, "cpu", seed=3)
+    names = [n for n, t in tensors.items() if t is not None]
+
+    def fn(*args):
+        return case.run(backend, dict(zip(names, args)))
+
+    assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
