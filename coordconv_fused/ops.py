@@ -1,0 +1,113 @@
+"""The plumbing every fused CoordConv op shares: schema, fake kernel, autograd, and the call.
+
+A backend supplies two functions over the op's arguments — ``forward`` (the whole output) and
+``coord_weight_grad`` (the gradient of ``coord_weight`` from ``grad_output.sum(0)``) — and
+:func:`define_coord_conv_op` registers a ``torch.library`` custom op with them. The gradients of
+``input``, ``weight`` and ``bias`` are those of the data convolution, computed by ATen's
+``convolution_backward``.
+
+Schema (mirrors ``aten::convolution``)::
+
+    (Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride,
+     SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups,
+     SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate) -> Tensor
+
+``padding`` is the convolution's symmetric zero padding. ``coord_pad`` (``[before0, after0,
+before1, ...]``) says how much of ``input`` is already explicit padding (for 'reflect',
+'replicate', 'circular' and the asymmetric part of 'same'), and ``coord_pad_mode`` by which rule,
+so that kernels pad the coordinates exactly like the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .spec import ConvSpec
+
+__all__ = ["SCHEMA", "define_coord_conv_op", "call_coord_conv_op", "pairs", "image_sizes"]
+
+SCHEMA = (
+    "(Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
+    "SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate) -> Tensor"
+)
+
+# forward(input, weight, coord_weight, bias, *args) -> output
+ForwardFn = Callable[..., Tensor]
+# coord_weight_grad(grad_sum [1, C_out, *out], input, weight, coord_weight, *args) -> grad
+CoordGradFn = Callable[..., Tensor]
+
+
+def pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
+    """``[b0, a0, b1, a1, ...]`` -> ``[(b0, a0), (b1, a1), ...]``."""
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+def image_sizes(input: Tensor, coord_pad: Sequence[int]) -> list[int]:
+    """Spatial size of the image before the explicit padding that ``input`` already carries."""
+    return [n - b - a for n, (b, a) in zip(input.shape[2:], pairs(coord_pad))]
+
+
+def _fake(input, weight, coord_weight, bias, stride, padding, dilation, transposed, output_padding,
+          groups, coord_pad, coord_pad_mode, with_r, separate):
+    # Same shape, dtype, device and memory format as the data convolution.
+    return torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed,
+                                      output_padding, groups)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, coord_weight, bias, *args = inputs
+    ctx.save_for_backward(input, weight, coord_weight)
+    ctx.has_bias = bias is not None
+    ctx.args = args
+
+
+def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: CoordGradFn,
+                         device_types: str | Sequence[str] | None = None):
+    """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd."""
+    op = torch.library.custom_op(f"coordconv_fused::{name}", forward, mutates_args=(), schema=SCHEMA,
+                                 device_types=device_types)
+    op.register_fake(_fake)
+
+    def backward(ctx, grad):
+        input, weight, coord_weight = ctx.saved_tensors
+        stride, padding, dilation, transposed, output_padding, groups = ctx.args[:6]
+        need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]
+        grad_in = grad_w = grad_cw = grad_b = None
+        if need_in or need_w or (need_b and ctx.has_bias):
+            c_out = weight.shape[1] * groups if transposed else weight.shape[0]
+            grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, input, weight, [c_out] if ctx.has_bias else None, stride, padding, dilation,
+                transposed, output_padding, groups, [need_in, need_w, need_b and ctx.has_bias])
+        if need_cw:
+            # The coordinate term is the same for every sample: only the batch sum of grad matters.
+            grad_sum = grad.sum(0, keepdim=True)
+            grad_cw = coord_weight_grad(grad_sum, input, weight, coord_weight, *ctx.args)
+        return (grad_in, grad_w, grad_cw, grad_b) + (None,) * 10
+
+    op.register_autograd(backward, setup_context=_setup_context)
+    return op
+
+
+def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
+                       spec: ConvSpec) -> Tensor:
+    """Call a CoordConv op on a batched, validated input: apply the explicit part of the padding
+    (the data's; the op pads the coordinates by the same rule) and pass the rest to the op."""
+    if spec.transposed:
+        pre = ((0, 0),) * spec.ndim
+        conv_padding = spec.padding
+    else:
+        pre, conv_padding = spec.split_padding()
+    if any(b or a for b, a in pre):
+        pads = [p for pair in reversed(pre) for p in pair]
+        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        input = F.pad(input, pads, mode=mode)
+    return op(
+        input, weight, coord_weight, bias, list(spec.stride), list(conv_padding), list(spec.dilation),
+        spec.transposed, list(spec.output_padding), spec.groups, [p for pair in pre for p in pair],
+        spec.padding_mode, spec.with_r, spec.separate,
+    )
