@@ -30,6 +30,7 @@ class Backend:
     ``devices``: device types it runs on (``None``: any). ``unavailable_reason``: returns ``None``
     when the backend can run on this machine, or a sentence telling the user how to make it run.
     ``supports``: returns ``None`` if the backend handles this spec, or the reason it does not.
+    ``auto_ok``: whether ``auto`` should pick it for these tensors (a performance heuristic).
     """
 
     name: str
@@ -37,6 +38,7 @@ class Backend:
     devices: frozenset[str] | None = None
     unavailable_reason: Callable[[], str | None] = lambda: None
     supports: Callable[[ConvSpec], str | None] = lambda spec: None
+    auto_ok: Callable[[Tensor, Tensor, ConvSpec], bool] = lambda input, weight, spec: True
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -70,14 +72,16 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name, b in _BACKENDS.items() if _usable(b, device_type)]
 
 
-def resolve_backend(name: str, device: torch.device, spec: ConvSpec) -> Backend:
-    """The backend ``name`` (or ``auto``'s choice) for an input on ``device``; raises if unusable."""
+def resolve_backend(name: str, input: Tensor, weight: Tensor, spec: ConvSpec) -> Backend:
+    """The backend ``name`` (or ``auto``'s choice) for these tensors; raises if unusable."""
     if not isinstance(name, str):
         raise ValueError(f"backend must be a string, got {type(name).__name__}")
+    device = input.device
     if name == "auto":
         for candidate in AUTO_PREFERENCE.get(device.type, ()):
             b = _BACKENDS.get(candidate)
-            if b is not None and _usable(b, device.type) and b.supports(spec) is None:
+            if (b is not None and _usable(b, device.type) and b.supports(spec) is None
+                    and b.auto_ok(input, weight, spec)):
                 return b
         return _BACKENDS[_AUTO_FALLBACK]
     if name not in _BACKENDS:
@@ -102,8 +106,9 @@ def resolve_backend(name: str, device: torch.device, spec: ConvSpec) -> Backend:
 def dispatch(name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
              spec: ConvSpec) -> Tensor:
     """Run the CoordConv described by ``spec`` on backend ``name``."""
-    return resolve_backend(name, input.device, spec).fn(input, weight, coord_weight, bias, spec)
+    return resolve_backend(name, input, weight, spec).fn(input, weight, coord_weight, bias, spec)
 
 
 register_backend(Backend("reference", coord_conv_ref))
 register_backend(Backend("torch", coord_conv_decomposed))
+from . import triton_backend  # noqa: E402,F401  (registers "triton")

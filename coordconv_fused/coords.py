@@ -6,8 +6,8 @@ its coordinate values from the formulas here, so that they agree to the last bit
 Convention (see ``docs/semantics.md``): along an axis of size ``n`` the coordinate of index ``i`` is
 ``(2*i - (n-1)) / (n-1)``, i.e. ``2*i/(n-1) - 1`` evaluated with an exact integer numerator and a
 single rounding, so the first index is exactly -1, the last exactly +1 and the middle exactly 0.
-An axis of size 1 has coordinate 0. The optional radius channel is ``sqrt(sum of squares)`` of the
-axis coordinates. Values are computed in float32 (float64 for float64 tensors) and rounded to the
+An axis of size 1 has coordinate 0. The optional radius channel is the correctly rounded
+``sqrt(sum of squares)`` of the axis coordinates. Values are computed in float32 (float64 for float64 tensors) and rounded to the
 tensor's dtype at the end.
 """
 
@@ -90,7 +90,11 @@ def _grid(axes: Sequence[Tensor], with_r: bool, dtype: torch.dtype) -> Tensor:
         shape[k] = sizes[k]
         channels.append(a.reshape(shape).expand(sizes))
     if with_r:
-        channels.append(torch.sqrt(sum(c * c for c in channels)))
+        # Squares summed in the compute dtype, then a correctly rounded square root. (ATen's
+        # vectorised float32 sqrt is not always correctly rounded on CPU; a float64 sqrt rounded to
+        # float32 is, so every backend can reproduce this value exactly.)
+        squares = sum(c * c for c in channels)
+        channels.append(torch.sqrt(squares.double()).to(squares.dtype))
     return torch.stack(channels, 0).to(dtype)
 
 

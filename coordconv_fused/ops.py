@@ -66,12 +66,31 @@ def _setup_context(ctx, inputs, output):
     ctx.args = args
 
 
+_GRAD_SCHEMA = (
+    "(Tensor grad_sum, Tensor input, Tensor weight, Tensor coord_weight, SymInt[] stride, "
+    "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
+    "SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate) -> Tensor"
+)
+
+
 def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: CoordGradFn,
-                         device_types: str | Sequence[str] | None = None):
-    """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd."""
+                         device_types: str | Sequence[str] | None = None, opaque_grad: bool = False):
+    """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd.
+
+    With ``opaque_grad`` the gradient of ``coord_weight`` is registered as its own custom op
+    ``coordconv_fused::<name>_coord_weight_grad`` (for kernels that cannot be traced, e.g. Triton
+    launches, so that AOT autograd and ``torch.compile`` see one node in the backward graph).
+    """
     op = torch.library.custom_op(f"coordconv_fused::{name}", forward, mutates_args=(), schema=SCHEMA,
                                  device_types=device_types)
     op.register_fake(_fake)
+    if opaque_grad:
+        grad_op = torch.library.custom_op(f"coordconv_fused::{name}_coord_weight_grad",
+                                          coord_weight_grad, mutates_args=(), schema=_GRAD_SCHEMA,
+                                          device_types=device_types)
+        grad_op.register_fake(lambda grad_sum, input, weight, coord_weight, *args:
+                              torch.empty_like(coord_weight, memory_format=torch.contiguous_format))
+        coord_weight_grad = grad_op
 
     def backward(ctx, grad):
         input, weight, coord_weight = ctx.saved_tensors

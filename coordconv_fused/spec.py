@@ -16,10 +16,16 @@ from torch import Tensor
 
 from .coords import num_coord_channels
 
-__all__ = ["ConvSpec", "PaddingArg", "make_spec", "check_tensors", "PADDING_MODES"]
+__all__ = ["ConvSpec", "PaddingArg", "make_spec", "check_tensors", "conv_output_size", "PADDING_MODES"]
 
 PaddingArg = Union[str, int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
+                     dilation: int) -> int:
+    """Output length of a convolution along one axis (as ``nn.Conv``; may be <= 0 if too small)."""
+    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -102,7 +108,7 @@ class ConvSpec:
                                              self.kernel_size, self.output_padding)
             )
         return tuple(
-            (n + b + a - d * (k - 1) - 1) // s + 1
+            conv_output_size(n, k, s, b, a, d)
             for n, (b, a), s, d, k in zip(in_sizes, self.side_pads, self.stride, self.dilation,
                                           self.kernel_size)
         )

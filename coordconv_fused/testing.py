@@ -13,10 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import backends
 from . import functional as CF
 from .coords import num_coord_channels
+from .spec import ConvSpec, make_spec
 
-__all__ = ["Case", "assert_matches_reference", "default_tolerances"]
+__all__ = ["Case", "assert_matches_reference", "default_tolerances", "supported"]
 
 _CONV_FN = {1: CF.coord_conv1d, 2: CF.coord_conv2d, 3: CF.coord_conv3d}
 _CONV_T_FN = {1: CF.coord_conv_transpose1d, 2: CF.coord_conv_transpose2d, 3: CF.coord_conv_transpose3d}
@@ -49,6 +51,11 @@ class Case:
     def _kernel(self) -> tuple[int, ...]:
         k = self.kernel_size
         return (k,) * self.ndim if isinstance(k, int) else tuple(k)
+
+    def spec(self) -> ConvSpec:
+        return make_spec(self.ndim, self._kernel(), self.stride, self.padding, self.dilation, self.groups,
+                         self.padding_mode, self.with_r, self.separate, self.transposed,
+                         self.output_padding)
 
     def make_tensors(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                      seed: int = 0) -> dict[str, Tensor | None]:
@@ -85,6 +92,11 @@ class Case:
                                    self.padding, self.dilation, self.groups, self.padding_mode,
                                    self.with_r, backend,
                                    coord_kernel_size=1 if self.separate else None)
+
+
+def supported(backend: str, case: Case) -> bool:
+    """Whether ``backend`` implements ``case`` (e.g. the Triton kernels have no transposed form)."""
+    return backend == "auto" or backends._BACKENDS[backend].supports(case.spec()) is None
 
 
 def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:

@@ -116,3 +116,10 @@ def test_reference_is_cat_then_conv(backend):
     got1 = coord_conv1d(x1, conv1.weight[:, :2], conv1.weight[:, 2:], conv1.bias, 1, "same", 1, 1,
                         "zeros", True, backend)
     torch.testing.assert_close(got1, expected1, atol=1e-12, rtol=1e-12)
+
+
+def test_radius_is_correctly_rounded_in_float32():
+    # sqrt of the float32 sum of squares, rounded once (computed in float64 as the oracle).
+    c = coord_channels((37, 53), with_r=True, dtype=torch.float32)
+    squares = c[0] * c[0] + c[1] * c[1]
+    assert torch.equal(c[2], squares.double().sqrt().float())
