@@ -1,12 +1,60 @@
-"""Build script: the Python package, the Triton kernels (as ``coordconv_fused.kernels``) and, once
-``csrc/`` has sources, the C++/CUDA extension ``coordconv_fused._C``. Metadata is in pyproject.toml.
+"""Build script: the Python package, the Triton kernels (as ``coordconv_fused.kernels``) and the
+C++/CUDA extension ``coordconv_fused._C``. Metadata is in pyproject.toml.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
+
+The extension always gets the CPU sources (csrc/*.cpp, csrc/cpu/). The CUDA sources (csrc/cuda/)
+are added when a CUDA toolkit is found and either a GPU is visible or ``FORCE_CUDA=1`` (as
+torchvision does); ``TORCH_CUDA_ARCH_LIST`` picks the architectures (CI: "8.0;9.0").
+``COORDCONV_NO_EXTENSION=1`` skips the extension: the pure-PyTorch backends still work.
 """
 
+import glob
+import os
+import sys
+
 from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("COORDCONV_NO_EXTENSION") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp-simd"]
+    force_cuda = os.environ.get("FORCE_CUDA") == "1"
+    use_cuda = CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
+    if force_cuda and CUDA_HOME is None:
+        sys.exit("FORCE_CUDA=1 but no CUDA toolkit was found: set CUDA_HOME (e.g. /usr/local/cuda)")
+    if use_cuda:
+        include_dirs = []
+        # pip's CUDA 13 wheels keep cuBLAS/cuSPARSE headers that torch's headers include here.
+        for site in sys.path:
+            candidate = os.path.join(site, "nvidia", "cu13", "include")
+            if os.path.isdir(candidate):
+                include_dirs.append(candidate)
+                break
+        ext = CUDAExtension(
+            "coordconv_fused._C",
+            sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=include_dirs,
+            define_macros=[("COORDCONV_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+        )
+    else:
+        ext = CppExtension("coordconv_fused._C", sources, extra_compile_args=cxx)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     packages=["coordconv_fused", "coordconv_fused.kernels"],
     package_dir={"coordconv_fused": "coordconv_fused", "coordconv_fused.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

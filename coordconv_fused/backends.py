@@ -112,3 +112,4 @@ def dispatch(name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bia
 register_backend(Backend("reference", coord_conv_ref))
 register_backend(Backend("torch", coord_conv_decomposed))
 from . import triton_backend  # noqa: E402,F401  (registers "triton")
+from . import extension  # noqa: E402,F401  (registers "cpp" and "cuda")

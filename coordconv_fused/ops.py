@@ -28,7 +28,8 @@ from torch import Tensor
 
 from .spec import ConvSpec
 
-__all__ = ["SCHEMA", "define_coord_conv_op", "call_coord_conv_op", "pairs", "image_sizes"]
+__all__ = ["SCHEMA", "define_coord_conv_op", "register_native_coord_conv_op", "call_coord_conv_op", "pairs",
+           "image_sizes"]
 
 SCHEMA = (
     "(Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, "
@@ -73,25 +74,11 @@ _GRAD_SCHEMA = (
 )
 
 
-def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: CoordGradFn,
-                         device_types: str | Sequence[str] | None = None, opaque_grad: bool = False):
-    """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd.
+def _grad_fake(grad_sum, input, weight, coord_weight, *args):
+    return torch.empty_like(coord_weight, memory_format=torch.contiguous_format)
 
-    With ``opaque_grad`` the gradient of ``coord_weight`` is registered as its own custom op
-    ``coordconv_fused::<name>_coord_weight_grad`` (for kernels that cannot be traced, e.g. Triton
-    launches, so that AOT autograd and ``torch.compile`` see one node in the backward graph).
-    """
-    op = torch.library.custom_op(f"coordconv_fused::{name}", forward, mutates_args=(), schema=SCHEMA,
-                                 device_types=device_types)
-    op.register_fake(_fake)
-    if opaque_grad:
-        grad_op = torch.library.custom_op(f"coordconv_fused::{name}_coord_weight_grad",
-                                          coord_weight_grad, mutates_args=(), schema=_GRAD_SCHEMA,
-                                          device_types=device_types)
-        grad_op.register_fake(lambda grad_sum, input, weight, coord_weight, *args:
-                              torch.empty_like(coord_weight, memory_format=torch.contiguous_format))
-        coord_weight_grad = grad_op
 
+def _make_backward(coord_weight_grad: CoordGradFn):
     def backward(ctx, grad):
         input, weight, coord_weight = ctx.saved_tensors
         stride, padding, dilation, transposed, output_padding, groups = ctx.args[:6]
@@ -108,8 +95,38 @@ def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: Coord
             grad_cw = coord_weight_grad(grad_sum, input, weight, coord_weight, *ctx.args)
         return (grad_in, grad_w, grad_cw, grad_b) + (None,) * 10
 
-    op.register_autograd(backward, setup_context=_setup_context)
+    return backward
+
+
+def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: CoordGradFn,
+                         device_types: str | Sequence[str] | None = None, opaque_grad: bool = False):
+    """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd.
+
+    With ``opaque_grad`` the gradient of ``coord_weight`` is registered as its own custom op
+    ``coordconv_fused::<name>_coord_weight_grad`` (for kernels that cannot be traced, e.g. Triton
+    launches, so that AOT autograd and ``torch.compile`` see one node in the backward graph).
+    """
+    op = torch.library.custom_op(f"coordconv_fused::{name}", forward, mutates_args=(), schema=SCHEMA,
+                                 device_types=device_types)
+    op.register_fake(_fake)
+    if opaque_grad:
+        grad_op = torch.library.custom_op(f"coordconv_fused::{name}_coord_weight_grad",
+                                          coord_weight_grad, mutates_args=(), schema=_GRAD_SCHEMA,
+                                          device_types=device_types)
+        grad_op.register_fake(_grad_fake)
+        coord_weight_grad = grad_op
+    op.register_autograd(_make_backward(coord_weight_grad), setup_context=_setup_context)
     return op
+
+
+def register_native_coord_conv_op(name: str) -> None:
+    """Add the fake kernels and autograd to ``coordconv_fused::<name>`` and its
+    ``<name>_coord_weight_grad`` op, both declared in C++ (csrc/ops.cpp) with the same schemas."""
+    qual = f"coordconv_fused::{name}"
+    torch.library.register_fake(qual, _fake)
+    torch.library.register_fake(f"{qual}_coord_weight_grad", _grad_fake)
+    grad_op = getattr(torch.ops.coordconv_fused, f"{name}_coord_weight_grad").default
+    torch.library.register_autograd(qual, _make_backward(grad_op), setup_context=_setup_context)
 
 
 def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,

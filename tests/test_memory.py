@@ -1,4 +1,4 @@
-"""What a forward keeps alive for backward: the `torch` backend saves what nn.Conv2d saves (plus the
+"""What a forward keeps alive for backward: the fused backends save what nn.Conv2d saves (plus the
 small coord_weight), never a per-sample coordinate tensor. Counted with saved-tensor hooks, not
 timed, so the test is deterministic."""
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from coordconv_fused import CoordConv2d, CoordConv3d
+from coordconv_fused import CoordConv2d, CoordConv3d, available_backends
 
 
 def _saved_bytes(fn, x):
@@ -21,14 +21,18 @@ def _saved_bytes(fn, x):
     return sum(seen.values())
 
 
+FUSED = [b for b in available_backends("cpu") if b not in ("reference", "triton")]
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
 @pytest.mark.parametrize("with_r,coord_kernel_size", [(False, None), (True, 1)])
-def test_torch_backend_saves_no_more_than_conv(padding_mode, with_r, coord_kernel_size):
+def test_fused_backends_save_no_more_than_conv(backend, padding_mode, with_r, coord_kernel_size):
     n, c, h, w = 16, 8, 32, 24
     x = torch.randn(n, c, h, w, requires_grad=True)
     conv = nn.Conv2d(c, 8, 3, padding=1, padding_mode=padding_mode)
     cc = CoordConv2d(c, 8, 3, padding=1, padding_mode=padding_mode, with_r=with_r,
-                     coord_kernel_size=coord_kernel_size, backend="torch")
+                     coord_kernel_size=coord_kernel_size, backend=backend)
     plain = _saved_bytes(conv, x)
     ours = _saved_bytes(cc, x)
     assert ours <= plain + cc.coord_weight.numel() * 4

@@ -152,7 +152,7 @@ def test_auto_on_cpu_does_not_pick_the_interpreter():
     from coordconv_fused.spec import make_spec
 
     spec = make_spec(2, (3, 3))
-    assert resolve_backend("auto", torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), spec).name == "torch"
+    assert resolve_backend("auto", torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), spec).name != "triton"
 
 
 def test_aot_compile_every_variant_for_sm80_and_sm90():

@@ -1,0 +1,211 @@
+// coordconv-fused: the C++ side of the coordinate math and the kernel bodies shared by the CPU
+// build (which also emulates the CUDA grid) and the CUDA build.
+//
+// Everything here is a transcription of coordconv_fused/coords.py, the one definition of the
+// coordinate convention: along an axis of n positions, position i has coordinate
+// (2*i - (n-1)) / (n-1) (an integer numerator, one correctly rounded division), 0 when n == 1; the
+// radius is the correctly rounded sqrt of the sum of squares. Problems of rank 1 and 2 are lifted
+// to three spatial axes (D, H, W) with leading axes of size 1, whose coordinate is 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define CC_HD __host__ __device__ __forceinline__
+#else
+#define CC_HD inline
+#endif
+
+namespace coordconv {
+
+enum PadMode : int32_t { kZeros = 0, kReflect = 1, kReplicate = 2, kCircular = 3 };
+
+// The index arithmetic of one call, lifted to 3 spatial axes (index 0 = D, 1 = H, 2 = W).
+struct Geometry {
+  int64_t n, c_in, c_out, groups;
+  int64_t padded[3];  // spatial size of the (explicitly pre-padded) input
+  int64_t image[3];   // spatial size of the image before that padding
+  int64_t before[3];  // explicit pre-padding before the first element
+  int64_t out[3];     // output spatial size
+  int64_t stride[3], pad[3], dil[3], kernel[3];  // pad: the convolution's symmetric zero padding
+  int32_t ndim;       // 1, 2 or 3 (number of coordinate axes)
+  int32_t num_coords; // ndim (+1 with the radius)
+  int32_t pad_mode;   // PadMode of the explicit pre-padding
+  bool with_r, separate, has_bias;
+  int64_t ystride[5]; // strides of the output, lifted to [N, C, D, H, W]
+
+  CC_HD int64_t taps() const { return kernel[0] * kernel[1] * kernel[2]; }
+  CC_HD int64_t out_points() const { return out[0] * out[1] * out[2]; }
+  CC_HD int64_t k_coord() const { return separate ? num_coords : num_coords * taps(); }
+  CC_HD int64_t k_data() const { return (c_in / groups) * taps(); }
+};
+
+// (2*i - (n-1)) / (n-1), or 0 for n == 1; `num` is the integer numerator.
+template <typename acc_t>
+CC_HD acc_t axis_coord(int64_t num, int64_t n) {
+  return n > 1 ? static_cast<acc_t>(num) / static_cast<acc_t>(n - 1) : acc_t(0);
+}
+
+// The image index that padded index i (possibly outside [0, n)) reads under a padding mode.
+CC_HD int64_t map_index(int64_t i, int64_t n, int32_t mode) {
+  switch (mode) {
+    case kReflect: if (i < 0) i = -i; if (i >= n) i = 2 * (n - 1) - i; return i;
+    case kReplicate: return i < 0 ? 0 : (i >= n ? n - 1 : i);
+    case kCircular: return ((i % n) + n) % n;
+    default: return i;
+  }
+}
+
+// Coordinate value and 0/1 mask along axis `ax` for output index `o` and tap `t` (full filter).
+// The position read is p = o*stride - pad + t*dil in the pre-padded input; outside it lies the
+// convolution's zero padding (value 0, mask 0); with zero pre-padding, outside the image too.
+template <typename acc_t>
+CC_HD void axis_tap(const Geometry& g, int ax, int64_t o, int64_t t, acc_t* value, acc_t* mask) {
+  int64_t p = o * g.stride[ax] - g.pad[ax] + t * g.dil[ax];
+  int64_t n = g.image[ax];
+  int64_t i = p - g.before[ax];
+  bool inside = p >= 0 && p < g.padded[ax];
+  if (g.pad_mode == kZeros) {
+    inside = inside && i >= 0 && i < n;
+  } else {
+    i = map_index(i, n, g.pad_mode);
+  }
+  *value = inside ? axis_coord<acc_t>(2 * i - (n - 1), n) : acc_t(0);
+  *mask = inside ? acc_t(1) : acc_t(0);
+}
+
+// Coordinate along axis `ax` of the centre of the receptive field of output index o (separate
+// filter): h* = o*s - pad_before + dil*(k-1)/2, so 2*h* - (n-1) is an integer.
+template <typename acc_t>
+CC_HD acc_t axis_centre(const Geometry& g, int ax, int64_t o) {
+  int64_t pad_before = g.before[ax] + g.pad[ax];
+  int64_t num = 2 * g.stride[ax] * o + g.dil[ax] * (g.kernel[ax] - 1) - 2 * pad_before - (g.image[ax] - 1);
+  return axis_coord<acc_t>(num, g.image[ax]);
+}
+
+// Lifted axis of coordinate channel c (c < ndim).
+CC_HD int channel_axis(const Geometry& g, int64_t c) { return static_cast<int>(c + 3 - g.ndim); }
+
+CC_HD float correctly_rounded_sqrt(float x) { return sqrtf(x); }
+CC_HD double correctly_rounded_sqrt(double x) { return sqrt(x); }
+
+// Value of coordinate channel c from the three per-axis values and masks, rounded to scalar_t as a
+// concatenated coordinate channel would be, returned in acc_t.
+template <typename scalar_t, typename acc_t>
+CC_HD acc_t channel_value(const Geometry& g, int64_t c, const acc_t v[3], acc_t inside) {
+  acc_t value;
+  if (c < g.ndim) {
+    value = v[channel_axis(g, c)];
+  } else {
+    value = inside * correctly_rounded_sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
+  }
+  return static_cast<acc_t>(static_cast<scalar_t>(value));
+}
+
+// Column kc of the coordinate im2col matrix at output point (od, oh, ow): what the coordinate
+// filter's weight kc multiplies.
+template <typename scalar_t, typename acc_t>
+CC_HD acc_t coord_im2col(const Geometry& g, int64_t kc, int64_t od, int64_t oh, int64_t ow) {
+  const int64_t o[3] = {od, oh, ow};
+  acc_t v[3];
+  acc_t inside = acc_t(1);
+  int64_t c;
+  if (g.separate) {
+    c = kc;
+    for (int ax = 0; ax < 3; ++ax) v[ax] = axis_centre<acc_t>(g, ax, o[ax]);
+  } else {
+    c = kc / g.taps();
+    int64_t t = kc % g.taps();
+    const int64_t tap[3] = {t / (g.kernel[1] * g.kernel[2]), (t / g.kernel[2]) % g.kernel[1], t % g.kernel[2]};
+    for (int ax = 0; ax < 3; ++ax) {
+      acc_t m;
+      axis_tap<acc_t>(g, ax, o[ax], tap[ax], &v[ax], &m);
+      inside *= m;
+    }
+    // Axis channels: the coordinate is 0 wherever any axis is outside (zero padding).
+    for (int ax = 0; ax < 3; ++ax) v[ax] *= inside;
+  }
+  return channel_value<scalar_t, acc_t>(g, c, v, inside);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel bodies: one output element (or one coordinate-weight gradient element) per call, indexed
+// by a flat index. A CUDA kernel calls them with blockIdx.x * blockDim.x + threadIdx.x; the CPU
+// emulation calls them for every (block, thread) of the same grid. No barriers, no shared memory.
+
+// The coordinate term of output (o, od, oh, ow).
+template <typename scalar_t, typename acc_t>
+CC_HD acc_t coord_term_body(const Geometry& g, const scalar_t* cw, int64_t co, int64_t od, int64_t oh, int64_t ow) {
+  const int64_t kc_n = g.k_coord();
+  acc_t acc = 0;
+  for (int64_t kc = 0; kc < kc_n; ++kc) {
+    acc += static_cast<acc_t>(cw[co * kc_n + kc]) * coord_im2col<scalar_t, acc_t>(g, kc, od, oh, ow);
+  }
+  return acc;
+}
+
+// Flat index over [N, C_out, OD, OH, OW] -> indices, and the element's offset in the output.
+CC_HD int64_t unflatten_output(const Geometry& g, int64_t idx, int64_t* n, int64_t* co, int64_t* od, int64_t* oh,
+                               int64_t* ow) {
+  *ow = idx % g.out[2]; idx /= g.out[2];
+  *oh = idx % g.out[1]; idx /= g.out[1];
+  *od = idx % g.out[0]; idx /= g.out[0];
+  *co = idx % g.c_out; *n = idx / g.c_out;
+  return *n * g.ystride[0] + *co * g.ystride[1] + *od * g.ystride[2] + *oh * g.ystride[3] + *ow * g.ystride[4];
+}
+
+// Direct convolution (for small C_in*taps): data taps + coordinate term + bias for one element of
+// the [N, C_out, OD, OH, OW] output (any strides) from a contiguous [N, C_in, DP, HP, WP] input.
+template <typename scalar_t, typename acc_t>
+CC_HD void direct_forward_body(const Geometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* cw,
+                               const scalar_t* bias, scalar_t* y, int64_t idx) {
+  int64_t n, co, od, oh, ow;
+  const int64_t off = unflatten_output(g, idx, &n, &co, &od, &oh, &ow);
+  const int64_t cg = g.c_in / g.groups, grp = co / (g.c_out / g.groups);
+  acc_t acc = g.has_bias ? static_cast<acc_t>(bias[co]) : acc_t(0);
+  for (int64_t ci = 0; ci < cg; ++ci) {
+    const scalar_t* xc = x + ((n * g.c_in + grp * cg + ci) * g.padded[0]) * g.padded[1] * g.padded[2];
+    const scalar_t* wc = w + (co * cg + ci) * g.taps();
+    for (int64_t td = 0; td < g.kernel[0]; ++td) {
+      int64_t pd = od * g.stride[0] - g.pad[0] + td * g.dil[0];
+      if (pd < 0 || pd >= g.padded[0]) continue;
+      for (int64_t th = 0; th < g.kernel[1]; ++th) {
+        int64_t ph = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
+        if (ph < 0 || ph >= g.padded[1]) continue;
+        for (int64_t tw = 0; tw < g.kernel[2]; ++tw) {
+          int64_t pw = ow * g.stride[2] - g.pad[2] + tw * g.dil[2];
+          if (pw < 0 || pw >= g.padded[2]) continue;
+          acc += static_cast<acc_t>(wc[(td * g.kernel[1] + th) * g.kernel[2] + tw]) *
+                 static_cast<acc_t>(xc[(pd * g.padded[1] + ph) * g.padded[2] + pw]);
+        }
+      }
+    }
+  }
+  acc += coord_term_body<scalar_t, acc_t>(g, cw, co, od, oh, ow);
+  y[off] = static_cast<scalar_t>(acc);
+}
+
+// Epilogue: add the coordinate term into a convolution output (any strides), in place.
+template <typename scalar_t, typename acc_t>
+CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, scalar_t* y, int64_t idx) {
+  int64_t n, co, od, oh, ow;
+  const int64_t off = unflatten_output(g, idx, &n, &co, &od, &oh, &ow);
+  y[off] = static_cast<scalar_t>(static_cast<acc_t>(y[off]) + coord_term_body<scalar_t, acc_t>(g, cw, co, od, oh, ow));
+}
+
+// Gradient of coord_weight element (co, kc) from grad_sum = grad_output.sum(0), [C_out, OD, OH, OW].
+template <typename scalar_t, typename acc_t>
+CC_HD void coord_weight_grad_body(const Geometry& g, const acc_t* grad_sum, scalar_t* grad_cw, int64_t idx) {
+  const int64_t kc_n = g.k_coord();
+  const int64_t co = idx / kc_n, kc = idx % kc_n;
+  const int64_t points = g.out_points();
+  acc_t acc = 0;
+  for (int64_t p = 0; p < points; ++p) {
+    int64_t ow = p % g.out[2], oh = (p / g.out[2]) % g.out[1], od = p / (g.out[2] * g.out[1]);
+    acc += grad_sum[co * points + p] * coord_im2col<scalar_t, acc_t>(g, kc, od, oh, ow);
+  }
+  grad_cw[idx] = static_cast<scalar_t>(acc);
+}
+
+}  // namespace coordconv

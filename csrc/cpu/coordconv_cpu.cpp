@@ -1,0 +1,310 @@
+// The `cpp` backend (CPU implementation of coordconv_fused::coord_conv_ext).
+//
+// The coordinate term P[o, point] does not depend on the sample. It is computed in closed form
+// from the separable structure of the coordinate channels (channel a varies along axis a only, and
+// zero padding is a product of per-axis masks):
+//   P_a[o, i, j, k] = sum_{t,u,v} cw[o, a, t, u, v] * F_d[i, t] * F_h[j, u] * F_w[k, v]
+// with F = the axis's coordinate table on axis a and the 0/1 mask table elsewhere (small per-axis
+// tables of size out x kernel), i.e. three small contractions instead of a convolution; only the
+// radius, which is not separable, needs a [points x taps] table. P is cached while coord_weight
+// holds the same values and the geometry is the same.
+// Then either
+//  * direct kernel (small C_in * taps, e.g. a network's first layer): data taps + P + bias in a
+//    single pass over the output, vectorised along output rows; or
+//  * ATen/oneDNN convolution for the data, and P added in one parallel in-place pass.
+// The gradient of coord_weight is the transposed contraction of grad_output.sum(0) with the tables.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "../geometry.h"
+
+namespace coordconv {
+namespace {
+
+// ---- closed-form coordinate term -----------------------------------------------------------
+
+struct AxisTables {
+  at::Tensor value[3];  // [out, kernel]: coordinate read by tap t at output o (rounded to the input dtype)
+  at::Tensor mask[3];   // [out, kernel]: 1 where that position is inside (not zero padding)
+  at::Tensor raw[3];    // unrounded values, for the radius
+};
+
+template <typename scalar_t, typename acc_t>
+AxisTables axis_tables(const Geometry& g, const at::TensorOptions& acc_opts) {
+  AxisTables t;
+  for (int ax = 0; ax < 3; ++ax) {
+    t.value[ax] = at::empty({g.out[ax], g.kernel[ax]}, acc_opts);
+    t.mask[ax] = at::empty({g.out[ax], g.kernel[ax]}, acc_opts);
+    t.raw[ax] = at::empty({g.out[ax], g.kernel[ax]}, acc_opts);
+    acc_t* v = t.value[ax].data_ptr<acc_t>();
+    acc_t* m = t.mask[ax].data_ptr<acc_t>();
+    acc_t* r = t.raw[ax].data_ptr<acc_t>();
+    for (int64_t o = 0; o < g.out[ax]; ++o) {
+      for (int64_t k = 0; k < g.kernel[ax]; ++k) {
+        const int64_t i = o * g.kernel[ax] + k;
+        axis_tap<acc_t>(g, ax, o, k, &r[i], &m[i]);
+        v[i] = static_cast<acc_t>(static_cast<scalar_t>(r[i]));
+      }
+    }
+  }
+  return t;
+}
+
+// Radius channel: R[point, tap] (rounded), zero wherever any axis is in the zero padding.
+template <typename scalar_t, typename acc_t>
+at::Tensor radius_table(const Geometry& g, const AxisTables& t, const at::TensorOptions& acc_opts) {
+  at::Tensor R = at::empty({g.out_points(), g.taps()}, acc_opts);
+  acc_t* out = R.data_ptr<acc_t>();
+  const acc_t* raw[3] = {t.raw[0].data_ptr<acc_t>(), t.raw[1].data_ptr<acc_t>(), t.raw[2].data_ptr<acc_t>()};
+  const acc_t* msk[3] = {t.mask[0].data_ptr<acc_t>(), t.mask[1].data_ptr<acc_t>(), t.mask[2].data_ptr<acc_t>()};
+  const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
+  at::parallel_for(0, g.out_points(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t k = p % g.out[2], j = (p / g.out[2]) % g.out[1], i = p / (g.out[2] * g.out[1]);
+      acc_t* row = out + p * g.taps();
+      for (int64_t td = 0; td < KD; ++td)
+        for (int64_t th = 0; th < KH; ++th)
+          for (int64_t tw = 0; tw < KW; ++tw) {
+            const acc_t vd = raw[0][i * KD + td], vh = raw[1][j * KH + th], vw = raw[2][k * KW + tw];
+            const acc_t inside = msk[0][i * KD + td] * msk[1][j * KH + th] * msk[2][k * KW + tw];
+            const acc_t v[3] = {vd * inside, vh * inside, vw * inside};
+            row[(td * KH + th) * KW + tw] = channel_value<scalar_t, acc_t>(g, g.ndim, v, inside);
+          }
+    }
+  });
+  return R;
+}
+
+// Separate filter: the receptive-field centre coordinates, [point, d] (rounded).
+template <typename scalar_t, typename acc_t>
+at::Tensor centre_table(const Geometry& g, const at::TensorOptions& acc_opts) {
+  at::Tensor C = at::empty({g.out_points(), g.num_coords}, acc_opts);
+  acc_t* out = C.data_ptr<acc_t>();
+  for (int64_t p = 0; p < g.out_points(); ++p) {
+    for (int64_t c = 0; c < g.num_coords; ++c) {
+      out[p * g.num_coords + c] =
+          coord_im2col<scalar_t, acc_t>(g, c, p / (g.out[2] * g.out[1]), (p / g.out[2]) % g.out[1], p % g.out[2]);
+    }
+  }
+  return C;
+}
+
+// Per-axis factor tables of axis channel c: the coordinate on its own axis, the mask elsewhere.
+std::array<at::Tensor, 3> factors(const Geometry& g, const AxisTables& t, int64_t c) {
+  const int axis = channel_axis(g, c);
+  return {axis == 0 ? t.value[0] : t.mask[0], axis == 1 ? t.value[1] : t.mask[1], axis == 2 ? t.value[2] : t.mask[2]};
+}
+
+// P = the coordinate term, [C_out, OD, OH, OW] in the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+at::Tensor coord_term_table(const Geometry& g, const at::Tensor& coord_weight) {
+  const auto acc_opts = coord_weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor cw = coord_weight.to(acc_opts.dtype_opt()->toScalarType()).reshape({g.c_out, g.num_coords, -1});
+  if (g.separate) {
+    const at::Tensor C = centre_table<scalar_t, acc_t>(g, acc_opts);
+    return at::mm(cw.select(2, 0), C.t()).view({g.c_out, g.out[0], g.out[1], g.out[2]});
+  }
+  const AxisTables t = axis_tables<scalar_t, acc_t>(g, acc_opts);
+  at::Tensor P = at::zeros({g.c_out, g.out[0], g.out[1], g.out[2]}, acc_opts);
+  for (int64_t c = 0; c < g.ndim; ++c) {
+    const auto f = factors(g, t, c);
+    const at::Tensor w = cw.select(1, c).view({g.c_out, g.kernel[0], g.kernel[1], g.kernel[2]});
+    P.add_(at::einsum("otuv,it,ju,kv->oijk", {w, f[0], f[1], f[2]}));
+  }
+  if (g.with_r) {
+    const at::Tensor R = radius_table<scalar_t, acc_t>(g, t, acc_opts);
+    P.view({g.c_out, -1}).addmm_(cw.select(1, g.ndim), R.t());
+  }
+  return P;
+}
+
+// ---- cache of P --------------------------------------------------------------------------------
+
+// Keyed by the coord_weight tensor and the geometry; valid while coord_weight holds the same
+// values. The values are compared with a saved copy (O(|coord_weight|), tiny next to the output)
+// rather than trusted to the version counter, which `.data` updates and gradcheck's perturbations
+// bypass.
+struct CacheEntry {
+  Geometry key{};
+  at::Tensor coord_weight;  // a copy of the values P was computed from
+  at::Tensor P;
+};
+
+Geometry cache_key(Geometry g) {
+  g.n = 0;  // P does not depend on the batch or on the output's strides
+  std::memset(g.ystride, 0, sizeof(g.ystride));
+  return g;
+}
+
+std::mutex cache_mutex;
+std::unordered_map<const c10::TensorImpl*, CacheEntry> cache;
+constexpr size_t kMaxCacheEntries = 256;
+
+template <typename scalar_t, typename acc_t>
+at::Tensor cached_coord_term(const Geometry& g, const at::Tensor& coord_weight) {
+  const Geometry key = cache_key(g);
+  const c10::TensorImpl* impl = coord_weight.unsafeGetTensorImpl();
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex);
+    auto it = cache.find(impl);
+    if (it != cache.end() && std::memcmp(&it->second.key, &key, sizeof(Geometry)) == 0 &&
+        it->second.coord_weight.sizes() == coord_weight.sizes() &&
+        it->second.coord_weight.scalar_type() == coord_weight.scalar_type() &&
+        at::equal(it->second.coord_weight, coord_weight)) {
+      return it->second.P;
+    }
+  }
+  at::Tensor P = coord_term_table<scalar_t, acc_t>(g, coord_weight);
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  if (cache.size() >= kMaxCacheEntries) cache.clear();
+  cache[impl] = CacheEntry{key, coord_weight.clone(), P};
+  return P;
+}
+
+// ---- forward ---------------------------------------------------------------------------------
+
+// acc[j] += a * x[j * stride], the inner loop of the direct kernel (vectorised for stride 1).
+template <typename scalar_t, typename acc_t>
+inline void axpy_row(acc_t* __restrict acc, const scalar_t* __restrict x, acc_t a, int64_t n, int64_t stride) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<acc_t>(x[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<acc_t>(x[j * stride]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void direct_forward_cpu(const Geometry& g, const scalar_t* x, const scalar_t* w, const acc_t* P, const scalar_t* bias,
+                        scalar_t* y) {
+  const int64_t cg = g.c_in / g.groups, coutg = g.c_out / g.groups;
+  const int64_t OW = g.out[2], rows = g.out[0] * g.out[1];
+  const int64_t DP = g.padded[0], HP = g.padded[1], WP = g.padded[2];
+  at::parallel_for(0, g.n * g.c_out, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(OW);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.c_out, co = plane % g.c_out, grp = co / coutg;
+      const acc_t b = g.has_bias ? static_cast<acc_t>(bias[co]) : acc_t(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t od = r / g.out[1], oh = r % g.out[1];
+        const acc_t* prow = P + (co * rows + r) * OW;
+        for (int64_t j = 0; j < OW; ++j) acc[j] = prow[j] + b;
+        for (int64_t ci = 0; ci < cg; ++ci) {
+          const scalar_t* xc = x + (n * g.c_in + grp * cg + ci) * DP * HP * WP;
+          const scalar_t* wc = w + (co * cg + ci) * g.taps();
+          for (int64_t td = 0; td < g.kernel[0]; ++td) {
+            const int64_t pd = od * g.stride[0] - g.pad[0] + td * g.dil[0];
+            if (pd < 0 || pd >= DP) continue;
+            for (int64_t th = 0; th < g.kernel[1]; ++th) {
+              const int64_t ph = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
+              if (ph < 0 || ph >= HP) continue;
+              const scalar_t* xrow = xc + (pd * HP + ph) * WP;
+              for (int64_t tw = 0; tw < g.kernel[2]; ++tw) {
+                // pw = j * s + off must lie in [0, WP).
+                const int64_t s = g.stride[2], off = tw * g.dil[2] - g.pad[2];
+                const int64_t lo = off >= 0 ? 0 : (-off + s - 1) / s;
+                const int64_t hi = std::min<int64_t>(OW, off > WP - 1 ? 0 : (WP - 1 - off) / s + 1);
+                if (hi <= lo) continue;
+                const acc_t a = static_cast<acc_t>(wc[(td * g.kernel[1] + th) * g.kernel[2] + tw]);
+                axpy_row<scalar_t, acc_t>(acc.data() + lo, xrow + lo * s + off, a, hi - lo, s);
+              }
+            }
+          }
+        }
+        scalar_t* yrow = y + (plane * rows + r) * OW;
+        for (int64_t j = 0; j < OW; ++j) yrow[j] = static_cast<scalar_t>(acc[j]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
+  const int64_t points = g.out_points();
+  at::parallel_for(0, g.n * g.c_out, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const acc_t* p = P + (plane % g.c_out) * points;
+      scalar_t* yp = y + plane * points;
+#pragma omp simd
+      for (int64_t i = 0; i < points; ++i) yp[i] = static_cast<scalar_t>(static_cast<acc_t>(yp[i]) + p[i]);
+    }
+  });
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
+                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+                       at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate) {
+  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, coord_pad,
+                             coord_pad_mode, with_r, separate);
+  const auto format = conv_output_format(input, weight);
+  const bool direct = g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;
+  at::Tensor y = direct ? at::empty(output_sizes(g), input.options())
+                        : at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor P = cached_coord_term<scalar_t, acc_t>(g, coord_weight);
+    if (direct) {
+      const at::Tensor x = input.contiguous(), w = weight.contiguous();
+      direct_forward_cpu<scalar_t, acc_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), P.data_ptr<acc_t>(),
+                                          g.has_bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+    } else if (y.is_contiguous()) {
+      add_coord_term_cpu<scalar_t, acc_t>(g, P.data_ptr<acc_t>(), y.data_ptr<scalar_t>());
+    } else {  // e.g. channels_last: let ATen broadcast over the layout
+      auto sizes = output_sizes(g);
+      sizes[0] = 1;
+      y.add_(P.view(sizes).to(y.scalar_type()));
+    }
+  });
+  return y;
+}
+
+// ---- gradient of coord_weight -----------------------------------------------------------------
+
+at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
+                                 const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                                 int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
+                                 bool with_r, bool separate) {
+  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
+                             coord_pad_mode, with_r, separate);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_weight_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto acc_opts = coord_weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const at::Tensor gs = grad_sum.to(acc_opts.dtype_opt()->toScalarType()).reshape({g.c_out, -1});
+    at::Tensor grad = at::empty({g.c_out, g.num_coords, separate ? 1 : g.taps()}, acc_opts);
+    if (separate) {
+      grad.select(2, 0).copy_(at::mm(gs, centre_table<scalar_t, acc_t>(g, acc_opts)));
+    } else {
+      const AxisTables t = axis_tables<scalar_t, acc_t>(g, acc_opts);
+      const at::Tensor gs4 = gs.view({g.c_out, g.out[0], g.out[1], g.out[2]});
+      for (int64_t c = 0; c < g.ndim; ++c) {
+        const auto f = factors(g, t, c);
+        grad.select(1, c).copy_(at::einsum("oijk,it,ju,kv->otuv", {gs4, f[0], f[1], f[2]}).reshape({g.c_out, -1}));
+      }
+      if (with_r) grad.select(1, g.ndim).copy_(at::mm(gs, radius_table<scalar_t, acc_t>(g, t, acc_opts)));
+    }
+    out = grad.view(coord_weight.sizes()).to(coord_weight.scalar_type());
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(coordconv_fused, CPU, m) {
+  m.impl("coord_conv_ext", &forward_cpu);
+  m.impl("coord_conv_ext_coord_weight_grad", &coord_weight_grad_cpu);
+}
+
+}  // namespace coordconv

@@ -1,0 +1,45 @@
+// CPU emulation of the CUDA backend: the host logic of gpu_host.h with a launch policy that runs
+// the kernel bodies of coordconv.h for every (block, thread) of the grid CUDA would launch.
+// Registered as coordconv_fused::coord_conv_cuda_emulated (+ its coord-weight gradient) so that the
+// test suite can check the CUDA code against the reference on a machine without a GPU.
+#include <torch/library.h>
+
+#include "../gpu_host.h"
+
+namespace coordconv {
+namespace {
+
+struct EmulatedLaunch {
+  template <class Body>
+  static void grid(int64_t total, Body&& body) {
+    const int64_t blocks = (total + kThreadsPerBlock - 1) / kThreadsPerBlock;
+    for (int64_t block = 0; block < blocks; ++block) {
+      for (int64_t thread = 0; thread < kThreadsPerBlock; ++thread) {
+        const int64_t idx = block * kThreadsPerBlock + thread;  // blockIdx.x * blockDim.x + threadIdx.x
+        if (idx < total) body(idx);
+      }
+    }
+  }
+  template <typename scalar_t, typename acc_t>
+  static void direct_forward(const Geometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* cw,
+                             const scalar_t* b, scalar_t* y, int64_t total) {
+    grid(total, [&](int64_t i) { direct_forward_body<scalar_t, acc_t>(g, x, w, cw, b, y, i); });
+  }
+  template <typename scalar_t, typename acc_t>
+  static void coord_epilogue(const Geometry& g, const scalar_t* cw, scalar_t* y, int64_t total) {
+    grid(total, [&](int64_t i) { coord_epilogue_body<scalar_t, acc_t>(g, cw, y, i); });
+  }
+  template <typename scalar_t, typename acc_t>
+  static void coord_weight_grad(const Geometry& g, const acc_t* gs, scalar_t* out, int64_t total) {
+    grid(total, [&](int64_t i) { coord_weight_grad_body<scalar_t, acc_t>(g, gs, out, i); });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(coordconv_fused, CPU, m) {
+  m.impl("coord_conv_cuda_emulated", &gpu_forward<EmulatedLaunch>);
+  m.impl("coord_conv_cuda_emulated_coord_weight_grad", &gpu_coord_weight_grad<EmulatedLaunch>);
+}
+
+}  // namespace coordconv

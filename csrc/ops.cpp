@@ -1,0 +1,29 @@
+// The schemas of the C++/CUDA ops, declared once. Implementations: cpu/ (CPU) and cuda/ (CUDA);
+// fake kernels and autograd are registered from Python (coordconv_fused/extension.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// The same argument list as the Python-defined ops (see coordconv_fused/ops.py).
+#define COORD_CONV_ARGS                                                                                  \
+  "Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, SymInt[] padding, " \
+  "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "     \
+  "str coord_pad_mode, bool with_r, bool separate"
+#define COORD_GRAD_ARGS                                                                                       \
+  "Tensor grad_sum, Tensor input, Tensor weight, Tensor coord_weight, SymInt[] stride, SymInt[] padding, " \
+  "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "        \
+  "str coord_pad_mode, bool with_r, bool separate"
+
+TORCH_LIBRARY(coordconv_fused, m) {
+  // Backends `cpp` (CPU implementation) and `cuda` (CUDA implementation).
+  m.def("coord_conv_ext(" COORD_CONV_ARGS ") -> Tensor");
+  m.def("coord_conv_ext_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");
+  // The CUDA backend's host code and kernel bodies, emulated on the CPU (for tests).
+  m.def("coord_conv_cuda_emulated(" COORD_CONV_ARGS ") -> Tensor");
+  m.def("coord_conv_cuda_emulated_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");
+}
+
+// Importing coordconv_fused._C loads this library and so registers the ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "coordconv-fused C++/CUDA ops", -1, nullptr};
+  return PyModule_Create(&module);
+}

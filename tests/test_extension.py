@@ -1,0 +1,184 @@
+"""The C++/CUDA extension: the `cpp` backend (CPU), and the CUDA backend's host code and kernel
+bodies run by the CPU emulation harness (coord_conv_cuda_emulated), against the reference."""
+
+import pytest
+import torch
+
+from coordconv_fused import CoordConv2d, available_backends, backends, coord_conv2d, extension
+from coordconv_fused.testing import Case, assert_matches_reference
+
+pytestmark = pytest.mark.skipif(extension.LOAD_ERROR is not None,
+                                reason=f"extension not built: {extension.LOAD_ERROR}")
+
+
+@pytest.fixture
+def emulated_backend():
+    """Expose the emulated CUDA backend to the functional API for the duration of a test."""
+    b = backends.Backend("cuda_emulated", extension.coord_conv_cuda_emulated, devices=frozenset({"cpu"}),
+                         supports=lambda spec: "transposed" if spec.transposed else None)
+    backends._BACKENDS["cuda_emulated"] = b
+    yield "cuda_emulated"
+    del backends._BACKENDS["cuda_emulated"]
+
+
+EMULATED_CASES = [
+    # Direct kernel (C_in/groups * taps <= 32) ...
+    Case((7, 5)),
+    Case((7, 5), with_r=True, padding=1),
+    Case((9, 8), stride=2, padding=1, dilation=2),
+    Case((9, 7), separate=True, kernel_size=4, stride=2, padding=1, with_r=True),
+    Case((8, 6), kernel_size=4, padding="same", separate=True),
+    Case((8, 7), padding=2, padding_mode="reflect", with_r=True),
+    Case((8, 7), padding=(1, 2), padding_mode="replicate", groups=3, in_channels=3, out_channels=6),
+    Case((8, 7), padding=2, padding_mode="circular", separate=True),
+    Case((1, 9), kernel_size=(1, 3), padding=(0, 1), with_r=True),
+    Case((9, 1), kernel_size=(3, 1), stride=2),
+    Case((1, 1), kernel_size=3, padding=1, with_r=True),
+    Case((5, 4), batch=0, padding=1),
+    Case((6, 7), padding="valid", bias=False, batch=1),
+    Case((17,), in_channels=2, out_channels=5, kernel_size=5, padding=2, with_r=True),
+    Case((16,), stride=3, padding=1, padding_mode="circular", separate=True),
+    Case((4, 5, 3), padding=1, with_r=True, in_channels=1),
+    Case((4, 5, 3), kernel_size=(2, 3, 1), stride=(2, 1, 1), separate=True, with_r=True),
+    # ... and cuDNN (here: ATen) + the coordinate epilogue kernel (deeper data GEMMs).
+    Case((9, 8), in_channels=8, out_channels=6, padding=1, with_r=True),
+    Case((9, 8), in_channels=8, out_channels=6, padding=2, padding_mode="reflect", separate=True),
+    Case((10, 7), in_channels=12, out_channels=8, groups=2, stride=2, padding=1, dilation=2),
+    Case((5, 4, 4), in_channels=4, out_channels=3, padding=1, padding_mode="replicate", with_r=True),
+    Case((12,), in_channels=16, out_channels=4, kernel_size=3, padding="same", with_r=True),
+]
+
+
+@pytest.mark.parametrize("case", EMULATED_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_emulated_cuda_matches_reference(emulated_backend, case, dtype):
+    assert_matches_reference(emulated_backend, case, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emulated_cuda_low_precision(emulated_backend, dtype):
+    assert_matches_reference(emulated_backend, Case((7, 6), padding=1, with_r=True), dtype)
+    assert_matches_reference(emulated_backend, Case((7, 6), in_channels=8, padding=1, separate=True), dtype)
+
+
+def test_emulated_cuda_gradcheck(emulated_backend):
+    case = Case((4, 3), batch=1, in_channels=2, out_channels=2, padding=1, with_r=True, padding_mode="reflect")
+    tensors = case.make_tensors(torch.float64, seed=2)
+    names = [n for n, t in tensors.items() if t is not None]
+    assert torch.autograd.gradcheck(lambda *a: case.run(emulated_backend, dict(zip(names, a))),
+                                    tuple(tensors[n] for n in names))
+
+
+CPP_CASES = [
+    Case((64, 64), batch=4, in_channels=1, out_channels=8, kernel_size=1),  # the direct CPU kernel
+    Case((9, 8), in_channels=1, out_channels=3, kernel_size=1, padding=2, with_r=True),
+    Case((9, 8), in_channels=1, out_channels=3, kernel_size=1, stride=2, separate=True, padding_mode="reflect",
+         padding=1),
+    Case((30, 31), batch=2, in_channels=3, out_channels=7, kernel_size=7, stride=2, padding=3, with_r=True),
+    Case((12, 11), in_channels=4, out_channels=6, kernel_size=4, padding="same", padding_mode="circular",
+         with_r=True),
+]
+
+
+@pytest.mark.parametrize("case", CPP_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpp_matches_reference(case, dtype):
+    assert_matches_reference("cpp", case, dtype)
+
+
+@pytest.mark.parametrize("case", [
+    Case((5, 4), padding=1, with_r=True),
+    Case((5, 4), in_channels=1, kernel_size=1, padding=1, with_r=True),
+    Case((6, 5), separate=True, kernel_size=2, padding="same", padding_mode="reflect", with_r=True),
+    Case((3, 3, 4), kernel_size=2, with_r=True, padding=1, padding_mode="replicate"),
+], ids=str)
+def test_cpp_gradcheck(case):
+    tensors = case.make_tensors(torch.float64, seed=4)
+    names = [n for n, t in tensors.items() if t is not None]
+    assert torch.autograd.gradcheck(lambda *a: case.run("cpp", dict(zip(names, a))),
+                                    tuple(tensors[n] for n in names))
+
+
+def _op_args(separate=False, mode="zeros", c_in=3, k=3):
+    torch.manual_seed(0)
+    x = torch.randn(2, c_in, 7, 6, requires_grad=True)
+    w = torch.randn(4, c_in, k, k, requires_grad=True)
+    cw = torch.randn(4, 3, *((1, 1) if separate else (k, k)), requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    pad, coord_pad = (0, [1, 1, 1, 1]) if mode != "zeros" else (1, [0, 0, 0, 0])
+    return (x, w, cw, b, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, coord_pad, mode, True, separate)
+
+
+@pytest.mark.parametrize("name", ["coord_conv_ext", "coord_conv_cuda_emulated"])
+@pytest.mark.parametrize("kwargs", [{}, {"separate": True}, {"mode": "reflect"}, {"c_in": 1, "k": 1}], ids=str)
+def test_opcheck(name, kwargs):
+    torch.library.opcheck(getattr(torch.ops.coordconv_fused, name).default, _op_args(**kwargs))
+
+
+@pytest.mark.parametrize("name", ["coord_conv_ext_coord_weight_grad", "coord_conv_cuda_emulated_coord_weight_grad"])
+def test_opcheck_grad_ops(name):
+    x, w, cw, *rest = _op_args()
+    gs = torch.randn(1, 4, 7, 6)
+    args = (gs, x.detach(), w.detach(), cw.detach(), *rest[1:])
+    torch.library.opcheck(getattr(torch.ops.coordconv_fused, name).default, args)
+
+
+def test_cached_coordinate_term_follows_coord_weight():
+    torch.manual_seed(0)
+    m = CoordConv2d(3, 4, 3, padding=1, with_r=True, backend="cpp").eval()
+    x = torch.randn(2, 3, 8, 7)
+    with torch.no_grad():
+        first = m(x)
+        assert torch.equal(m(x), first)  # served from the cache
+        m.coord_weight.mul_(2)  # in-place update: version counter changes
+        ref = m.eval()
+        m.backend = "reference"
+        expected = m(x)
+        m.backend = "cpp"
+        torch.testing.assert_close(m(x), expected)
+        m.coord_weight = torch.nn.Parameter(torch.randn_like(m.coord_weight))  # a new tensor
+        got = m(x)
+        m.backend = "reference"
+        torch.testing.assert_close(got, m(x))
+    assert ref is m
+
+
+def test_auto_prefers_cpp_on_cpu():
+    from coordconv_fused.backends import resolve_backend
+    from coordconv_fused.spec import make_spec
+
+    assert "cpp" in available_backends("cpu")
+    assert resolve_backend("auto", torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), make_spec(2, (3, 3))).name == "cpp"
+
+
+def test_transposed_refused_and_cuda_unavailable_is_actionable():
+    from coordconv_fused import coord_conv_transpose2d
+
+    with pytest.raises(ValueError, match="not implemented in the C\\+\\+/CUDA kernels"):
+        coord_conv_transpose2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3),
+                               backend="cpp")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            coord_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4, 2, 3, 3), backend="cuda")
+
+
+def test_missing_extension_message(monkeypatch):
+    monkeypatch.setattr(extension, "LOAD_ERROR", "No module named 'coordconv_fused._C'")
+    with pytest.raises(RuntimeError, match="not built .* `pip install --no-build-isolation -e .`"):
+        coord_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4, 2, 3, 3), backend="cpp")
+    assert "cpp" not in available_backends()
+
+
+def test_schemas_match_the_python_ops():
+    from coordconv_fused.ops import SCHEMA
+
+    for name in ("coord_conv_ext", "coord_conv_cuda_emulated"):
+        schema = str(getattr(torch.ops.coordconv_fused, name).default._schema)
+        assert schema == f"coordconv_fused::{name}{SCHEMA}"
+
+
+@pytest.mark.skipif(__import__("os").environ.get("COORDCONV_EXPECT_CUDA") != "1",
+                    reason="only where the build was asked for CUDA (CI sets COORDCONV_EXPECT_CUDA=1)")
+def test_cuda_kernels_were_compiled():
+    # CI builds with FORCE_CUDA=1: the CUDA sources compiled and their kernels are registered.
+    assert extension.has_cuda_kernels()
