@@ -1,16 +1,21 @@
-"""Side-by-side timing of CoordConv providers against a plain convolution, interleaved and paired.
+"""Side-by-side timing and memory of CoordConv providers against a plain convolution.
 
 Every round runs every provider once, in a rotated order, so that machine noise hits all providers
-alike; a provider's cost is reported as the median over rounds of its per-round ratio to plain
-``nn.Conv2d`` on the same input (the floor). The CLI's ``bench`` command prints the table.
+alike; a provider's cost is the median over rounds of its per-round ratio to plain ``nn.Conv2d``
+on the same input (the floor). Memory is measured two ways: the bytes autograd holds between
+forward and backward (saved-tensor hooks: exact and deterministic), and the peak resident-set
+growth of one forward+backward in a fresh subprocess. ``coordconv-fused bench`` prints the report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -20,8 +25,8 @@ import torch.nn as nn
 from .backends import available_backends
 from .modules import CoordConv2d
 
-__all__ = ["Shape", "STANDARD_SHAPES", "QUICK_SHAPES", "naive_coordconv", "run", "format_table",
-           "ForeignLoad"]
+__all__ = ["Shape", "STANDARD_SHAPES", "QUICK_SHAPES", "TARGETS", "NaiveCoordConv", "make_providers",
+           "held_bytes", "peak_bytes", "rss_bytes", "run", "format_report", "plot", "ForeignLoad"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +57,38 @@ STANDARD_SHAPES = [
     Shape("high resolution", 16, 32, 128, 128, 32, 3, 1, 1),
 ]
 QUICK_SHAPES = [STANDARD_SHAPES[0], STANDARD_SHAPES[1], STANDARD_SHAPES[4]]
+FLOOR, NAIVE = "nn.Conv2d (floor)", "naive cat"
+# Ratio-of-medians targets against the floor, per mode.
+TARGETS = {"forward": 1.10, "forward+backward": 1.05}
 
 
-def naive_coordconv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+class NaiveCoordConv(nn.Module):
     """CoordConv as the popular ports write it: build coordinate channels for the batch with
     ``linspace``, concatenate them to the input, convolve ``C + 2`` channels."""
-    n, _, h, w = x.shape
-    yy = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
-    xx = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
-    return conv(torch.cat([x, yy, xx], 1))
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        yy = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
+        xx = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
+        return self.conv(torch.cat([x, yy, xx], 1))
 
 
-def _providers(shape: Shape, backends: Sequence[str]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+def default_backends() -> list[str]:
+    """Every backend usable on CPU here, and ``auto`` (not Triton's interpreter: that is a test
+    harness, not a CPU implementation)."""
+    return [b for b in available_backends("cpu") if b != "triton"] + ["auto"]
+
+
+def make_providers(shape: Shape, backends: Sequence[str]) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The floor, the naive concatenation, and a CoordConv2d per backend, for ``shape``."""
     torch.manual_seed(0)
     plain = nn.Conv2d(shape.c, shape.c_out, shape.k, shape.stride, shape.pad)
     cat_conv = nn.Conv2d(shape.c + 2, shape.c_out, shape.k, shape.stride, shape.pad)
-    out: dict[str, Callable] = {"nn.Conv2d (floor)": plain, "naive cat": lambda x: naive_coordconv(cat_conv, x)}
+    out: dict[str, Callable] = {FLOOR: plain, NAIVE: NaiveCoordConv(cat_conv)}
     for b in backends:
         out[f"coordconv[{b}]"] = CoordConv2d(shape.c, shape.c_out, shape.k, shape.stride, shape.pad, backend=b)
     return out
@@ -113,19 +134,74 @@ def _time_once(fn: Callable, x: torch.Tensor, mode: str) -> float:
     return time.perf_counter() - t0
 
 
+def held_bytes(fn: Callable, x: torch.Tensor) -> int:
+    """Bytes of tensor storage autograd keeps from forward for backward (parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in getattr(fn, "parameters", lambda: [])()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x.detach().requires_grad_(True))
+    return sum(seen.values())
+
+
+_PEAK_SCRIPT = """
+import sys, torch
+from coordconv_fused.benchmark import STANDARD_SHAPES, make_providers, rss_bytes
+torch.set_num_threads(int(sys.argv[3]))
+shape = [s for s in STANDARD_SHAPES if s.name == sys.argv[1]][0]
+backend = sys.argv[2][len("coordconv["):-1] if sys.argv[2].startswith("coordconv[") else None
+fn = make_providers(shape, [backend] if backend else [])[sys.argv[2]]
+small = torch.randn(1, shape.c, 2 * shape.k, 2 * shape.k, requires_grad=True)
+fn(small).sum().backward()  # first call: lazy imports and initialisation, not the provider's memory
+x = torch.randn(shape.n, shape.c, shape.h, shape.w, requires_grad=True)
+before = rss_bytes("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak resident set (VmHWM) to the current one
+out = fn(x)
+out.backward(torch.ones_like(out))
+print(rss_bytes("VmHWM") - before)
+"""
+
+
+def rss_bytes(field: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_bytes(shape: Shape, provider: str, threads: int = 2) -> int | None:
+    """Growth of the peak resident set over one forward+backward, in a fresh process (Linux; glibc
+    malloc tunables keep freed memory mapped, so growth means new memory). ``None`` if unsupported."""
+    from .cli import GLIBC_TUNABLES
+
+    env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
+    proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, shape.name, provider, str(threads)],
+                          capture_output=True, text=True, env=env)
+    return int(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
+
+
 def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward", "forward+backward"),
-        rounds: int = 7, backends: Sequence[str] | None = None,
+        rounds: int = 7, backends: Sequence[str] | None = None, memory: bool = True,
         progress: Callable[[str], None] | None = None) -> dict:
-    """Time every provider on every shape and mode; returns a JSON-serialisable result."""
-    backends = list(backends) if backends is not None else available_backends("cpu") + ["auto"]
+    """Time (and measure the memory of) every provider on every shape and mode."""
+    backends = list(backends) if backends is not None else default_backends()
     load = ForeignLoad()
     results = []
     for shape in shapes:
-        providers = _providers(shape, backends)
+        providers = make_providers(shape, backends)
         names = list(providers)
         x = torch.randn(shape.n, shape.c, shape.h, shape.w)
         for mode in modes:
-            for name in names:  # warm-up
+            for name in names:  # warm-up (and fill any cache a provider keeps)
                 _time_once(providers[name], x.detach().clone(), mode)
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds):
@@ -135,17 +211,25 @@ def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward
                         p.grad = None
                     times[name].append(_time_once(providers[name], x.detach().clone(), mode))
                 if progress:
-                    progress(f"{shape.name} {mode} round {r + 1}/{rounds}")
-            floor = times[names[0]]
+                    progress(f"{shape.name}: {mode}, round {r + 1}/{rounds}")
             for name in names:
                 t = times[name]
-                ratios = [a / b for a, b in zip(t, floor)]
+                ratios = [a / b for a, b in zip(t, times[FLOOR])]
+                vs_naive = [a / b for a, b in zip(t, times[NAIVE])]
                 results.append({
-                    "shape": str(shape), "mode": mode, "provider": name,
+                    "shape": str(shape), "shape_name": shape.name, "mode": mode, "provider": name,
                     "median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
-                    "max_ms": 1e3 * max(t), "ratio_median": statistics.median(ratios),
-                    "ratio_min": min(ratios), "ratio_max": max(ratios),
+                    "max_ms": 1e3 * max(t), "ratio": statistics.median(t) / statistics.median(times[FLOOR]),
+                    "paired_ratio_median": statistics.median(ratios), "paired_ratio_min": min(ratios),
+                    "paired_ratio_max": max(ratios), "vs_naive": statistics.median(vs_naive),
                 })
+        if memory:
+            for name in names:
+                entry = {"shape": str(shape), "shape_name": shape.name, "provider": name,
+                         "held_bytes": held_bytes(providers[name], x), "peak_bytes": peak_bytes(shape, name)}
+                results.append(dict(entry, mode="memory"))
+                if progress:
+                    progress(f"{shape.name}: memory of {name}")
     return {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
@@ -157,18 +241,59 @@ def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward
     }
 
 
-def format_table(report: dict) -> str:
-    """A markdown table of a :func:`run` report."""
+def _mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def _target_misses(report: dict) -> list[str]:
+    """Where `auto` misses the targets: ratio to the floor, slower than naive, more memory held."""
+    misses = []
+    rows = report["results"]
+    for r in rows:
+        if r["provider"] != "coordconv[auto]":
+            continue
+        if r["mode"] in TARGETS:
+            target = TARGETS[r["mode"]]
+            if r["ratio"] > target:
+                misses.append(f"{r['shape']} {r['mode']}: {r['ratio']:.2f}× > {target:.2f}× "
+                              f"(over by {100 * (r['ratio'] / target - 1):.0f}%)")
+            if r["vs_naive"] > 1.0:
+                misses.append(f"{r['shape']} {r['mode']}: slower than the naive concatenation "
+                              f"({r['vs_naive']:.2f}×)")
+        elif r["mode"] == "memory":
+            floor = next(f for f in rows if f["mode"] == "memory" and f["shape"] == r["shape"]
+                         and f["provider"] == FLOOR)
+            if r["held_bytes"] > floor["held_bytes"]:
+                misses.append(f"{r['shape']}: holds {_mib(r['held_bytes'] - floor['held_bytes'])} MiB more "
+                              f"than nn.Conv2d for backward")
+    return misses
+
+
+def format_report(report: dict) -> str:
+    """Markdown: timing table, memory table, target check, machine line."""
     lines = [
-        "| shape | mode | provider | median ms | min–max ms | ratio to nn.Conv2d (median, min–max) |",
-        "|---|---|---|---:|---:|---:|",
+        "| shape | mode | provider | median ms | min–max ms | ratio to nn.Conv2d (medians) | paired ratio median (min–max) | vs naive |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
+        if r["mode"] == "memory":
+            continue
         lines.append(
             f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['median_ms']:.2f} | "
-            f"{r['min_ms']:.2f}–{r['max_ms']:.2f} | {r['ratio_median']:.2f}× "
-            f"({r['ratio_min']:.2f}–{r['ratio_max']:.2f}) |"
+            f"{r['min_ms']:.2f}–{r['max_ms']:.2f} | {r['ratio']:.2f}× | {r['paired_ratio_median']:.2f}× "
+            f"({r['paired_ratio_min']:.2f}–{r['paired_ratio_max']:.2f}) | {r['vs_naive']:.2f}× |"
         )
+    mem = [r for r in report["results"] if r["mode"] == "memory"]
+    if mem:
+        lines += ["", "| shape | provider | held for backward (MiB) | peak RSS growth, fwd+bwd (MiB) |",
+                  "|---|---|---:|---:|"]
+        for r in mem:
+            lines.append(f"| {r['shape']} | {r['provider']} | {_mib(r['held_bytes'])} | {_mib(r['peak_bytes'])} |")
+    misses = _target_misses(report)
+    lines += ["", "Targets for `auto` (forward ≤ 1.10×, forward+backward ≤ 1.05× of nn.Conv2d, never slower "
+              "than the naive concatenation, no more held for backward than nn.Conv2d): "
+              + ("all met." if not misses else f"{len(misses)} missed:")]
+    lines += [f"- {m}" for m in misses]
     m = report["machine"]
     lines.append("")
     lines.append(f"{report['date']}; {m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
@@ -176,7 +301,50 @@ def format_table(report: dict) -> str:
                  f"{m['glibc_tunables'] or '(unset)'}.")
     load = report.get("foreign_load")
     if load is not None:
-        verdict = "WARNING: other processes used the CPU, figures are unreliable" if load > 0.1 else "quiet"
+        verdict = ("WARNING: other processes used the CPU during the run, the figures are unreliable"
+                   if load > 0.1 else "quiet")
         lines.append(f"Foreign CPU load during the run: {100 * load:.0f}% ({verdict}).")
     return "\n".join(lines)
 
+
+def plot(report: dict, path: str) -> None:
+    """A PNG: per shape and mode, each provider's ratio to nn.Conv2d (with min–max whiskers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["mode"] != "memory"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape_name"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 0.6 * len(shapes) * len(providers) / 2 + 2),
+                             squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        height = 0.8 / len(providers)
+        for i, prov in enumerate(providers):
+            vals = [next((r for r in rows if r["mode"] == mode and r["shape_name"] == s and r["provider"] == prov), None)
+                    for s in shapes]
+            ys = [j + i * height for j in range(len(shapes))]
+            med = [v["paired_ratio_median"] if v else 0 for v in vals]
+            err = [[m - (v["paired_ratio_min"] if v else 0) for m, v in zip(med, vals)],
+                   [(v["paired_ratio_max"] if v else 0) - m for m, v in zip(med, vals)]]
+            ax.barh(ys, med, height=height, xerr=err, label=prov, capsize=2)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.axvline(TARGETS.get(mode, 1.0), color="r", lw=0.8, ls="--", label=f"target {TARGETS.get(mode, 1.0)}×")
+        ax.set_yticks([j + 0.4 - height / 2 for j in range(len(shapes))], shapes)
+        ax.invert_yaxis()
+        ax.set_xlabel("time / nn.Conv2d time (median of paired rounds; whiskers min–max)")
+        ax.set_title(mode)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    m = report["machine"]
+    fig.suptitle(f"CoordConv vs nn.Conv2d — {m['processor']}, {m['threads']} threads, torch {m['torch']}, "
+                 f"{report['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)

@@ -21,23 +21,29 @@ def _bench(args: argparse.Namespace) -> int:
         os.execve(sys.executable, [sys.executable, "-m", "coordconv_fused.cli", *sys.argv[1:]], env)
 
     import torch
+    from tqdm import tqdm
 
     from . import benchmark
 
     torch.set_num_threads(args.threads)
     shapes = benchmark.STANDARD_SHAPES if args.all_shapes else benchmark.QUICK_SHAPES
+    rounds = args.rounds
     if args.quick:
         shapes, rounds = shapes[:1], 1
-    else:
-        rounds = args.rounds
-    print(f"Timing {len(shapes)} shape(s), {rounds} interleaved round(s), {args.threads} threads...",
-          file=sys.stderr)
-    report = benchmark.run(shapes, rounds=rounds, progress=lambda m: print(f"  {m}", file=sys.stderr))
-    print(benchmark.format_table(report))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}", file=sys.stderr)
+    modes = ("forward", "forward+backward")
+    steps = len(shapes) * (len(modes) * rounds + (0 if args.no_memory else 2 + len(benchmark.default_backends())))
+    with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr, leave=False) as bar:
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+
+        report = benchmark.run(shapes, modes, rounds=rounds, memory=not args.no_memory, progress=progress)
+    print(benchmark.format_report(report))
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
+    benchmark.save(report, json_path)
+    benchmark.plot(report, png_path)
+    print(f"\nwrote {json_path} and {png_path}")
     return 0
 
 
@@ -49,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     bench.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     bench.add_argument("--all-shapes", action="store_true", help="all standard shapes, not the quick three")
-    bench.add_argument("--quick", action="store_true", help="one shape, one round: a smoke run")
-    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.add_argument("--quick", action="store_true", help="one shape, one round: a smoke run, not a timing")
+    bench.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     bench.add_argument("--no-glibc-tunables", dest="glibc_tunables", action="store_false",
                        help=f"do not re-run with GLIBC_TUNABLES={GLIBC_TUNABLES}")
     bench.set_defaults(func=_bench)

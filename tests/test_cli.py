@@ -1,6 +1,7 @@
 """The CLI's benchmark report runs end to end (one shape, one round: a smoke run, not a timing)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,14 +9,24 @@ import sys
 def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "coordconv_fused.cli", "bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "coordconv_fused.cli", "bench", "--quick", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300, check=True,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
     )
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "| nn.Conv2d (floor)" in proc.stdout and "coordconv[torch]" in proc.stdout
     assert "GLIBC_TUNABLES=glibc.malloc.mmap_max=0" in proc.stdout  # re-ran itself with the tunables
     report = json.loads(out.read_text())
     providers = {r["provider"] for r in report["results"]}
     assert {"nn.Conv2d (floor)", "naive cat", "coordconv[reference]", "coordconv[torch]",
             "coordconv[auto]"} <= providers
-    for r in report["results"]:
+    timed = [r for r in report["results"] if r["mode"] != "memory"]
+    assert {r["mode"] for r in timed} == {"forward", "forward+backward"}
+    for r in timed:
         assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+    memory = {r["provider"]: r for r in report["results"] if r["mode"] == "memory"}
+    # The naive concatenation holds its concatenated input for backward; CoordConv does not.
+    assert memory["naive cat"]["held_bytes"] > memory["nn.Conv2d (floor)"]["held_bytes"]
+    assert memory["coordconv[torch]"]["held_bytes"] <= memory["nn.Conv2d (floor)"]["held_bytes"]
+    assert memory["coordconv[torch]"]["peak_bytes"] > 0
+    assert "Targets for `auto`" in proc.stdout
