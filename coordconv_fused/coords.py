@@ -40,10 +40,13 @@ def num_coord_channels(ndim: int, with_r: bool) -> int:
 
 
 def _axis_values(numerators: Tensor, size: int) -> Tensor:
-    """``numerators / (size - 1)``, or zeros for a single-element axis."""
-    if size == 1:
-        return torch.zeros_like(numerators)
-    return numerators / (size - 1)
+    """``numerators / (size - 1)``, or zeros for a single-element axis.
+
+    Branch-free (``sym_max``/``sym_min``), so that an exported graph with a dynamic spatial size
+    keeps the size-1 case instead of specialising on it.
+    """
+    den = torch.sym_max(size - 1, 1)
+    return numerators / den * torch.sym_min(size - 1, 1)
 
 
 def axis_coords(size: int, *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 
 from .coords import centre_coord_channels, padded_coord_channels
-from .ops import call_coord_conv_op, define_coord_conv_op, image_sizes, pairs
+from .ops import call_coord_conv_op, define_coord_conv_op, image_sizes, op_arguments, pairs
 from .spec import ConvSpec
 
-__all__ = ["coord_conv_decomposed", "coordinate_term"]
+__all__ = ["coord_conv_decomposed", "coord_conv_composite", "coordinate_term"]
 
 
 def _coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride, padding, dilation,
@@ -83,3 +83,16 @@ def coord_conv_decomposed(
     """Run the ``torch`` backend on a batched, validated input."""
     return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv, input, weight, coord_weight, bias,
                               spec)
+
+
+def coord_conv_composite(
+    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
+) -> Tensor:
+    """The ``torch`` backend's computation as plain ATen ops, without the custom op: what exporters
+    (ONNX) see. Same numbers as :func:`coord_conv_decomposed`."""
+    input, args = op_arguments(input, spec)
+    stride, padding, dilation, transposed, output_padding, groups, coord_pad, mode, with_r, separate = args
+    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding,
+                                     groups)
+    return out + coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
+                                 transposed, output_padding, coord_pad, mode, with_r, separate)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from .backends import dispatch
+from .decomposed import coord_conv_composite
 from .spec import ConvSpec, PaddingArg, check_tensors, make_spec
 
 __all__ = [
@@ -43,13 +45,35 @@ def is_separate_filter(coord_kernel_size: int | Sequence[int] | None, ndim: int)
     )
 
 
+def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None):
+    """Under ``torch.autocast``, cast like a convolution (a lower-precision op): everything to the
+    autocast dtype, so the output dtype follows ``nn.Conv2d``'s."""
+    device_type = input.device.type
+    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+        return input, weight, coord_weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+            for t in (input, weight, coord_weight, bias)]
+    return tuple(cast)
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
 def _run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec,
          backend: str) -> Tensor:
     unbatched = isinstance(input, Tensor) and input.dim() == spec.ndim + 1
     if unbatched:
         input = input.unsqueeze(0)
+    if isinstance(input, Tensor):
+        input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     check_tensors(input, weight, coord_weight, bias, spec)
-    out = dispatch(backend, input, weight, coord_weight, bias, spec)
+    if _exporting():
+        # Exporters get plain ATen ops (standard ONNX operators), whatever the backend.
+        out = coord_conv_composite(input, weight, coord_weight, bias, spec)
+    else:
+        out = dispatch(backend, input, weight, coord_weight, bias, spec)
     return out.squeeze(0) if unbatched else out
 
 
@@ -57,7 +81,7 @@ def _kernel_of(weight: Tensor, ndim: int, name: str) -> tuple[int, ...]:
     if not isinstance(weight, Tensor) or weight.dim() != ndim + 2:
         shape = list(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
         raise ValueError(f"{name}: expected a {ndim + 2}-D weight tensor, got {shape}")
-    return tuple(weight.shape[2:])
+    return tuple(int(k) for k in weight.shape[2:])  # ints even under torch.jit.trace
 
 
 def _infer_separate(coord_kernel_size, kernel: tuple[int, ...], coord_weight: Tensor, ndim: int) -> bool:

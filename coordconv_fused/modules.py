@@ -7,13 +7,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import init
 
 from . import backends
 from .coords import coord_channels, num_coord_channels
 from .functional import _coord_conv, _coord_conv_transpose, is_separate_filter
-from .spec import PaddingArg
+from .spec import PaddingArg, make_spec
 
 __all__ = [
     "CoordConv1d",
@@ -37,13 +38,13 @@ def _check_backend_name(backend: str) -> str:
 
 
 class _CoordMixin:
-    """Shared coordinate-parameter handling of the CoordConv modules."""
+    """Shared coordinate-parameter handling of the CoordConv modules.
 
-    _ndim: int
-    _base: type[nn.Module]
-    with_r: bool
-    backend: str
-    coord_weight: nn.Parameter
+    Subclasses set ``_ndim`` (spatial rank) and, for forward convolutions, ``_base`` (the
+    ``nn.Conv`` class). (No class annotations here: TorchScript would try to type them.)
+    """
+
+    __jit_unused_properties__ = ["num_coords", "coord_kernel_size"]
 
     def _add_coord_weight(self, shape: Sequence[int], with_r: bool, backend: str,
                           factory_kwargs: dict) -> None:
@@ -70,6 +71,34 @@ class _CoordMixin:
     def num_coords(self) -> int:
         """Number of implicit coordinate channels ``d``."""
         return num_coord_channels(self._ndim, self.with_r)
+
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script``: precompute the op's arguments as plain attributes, so
+        that the scripted forward calls ``coordconv_fused::coord_conv`` directly."""
+        transposed = isinstance(self, _CoordConvTransposeNd)
+        spec = make_spec(self._ndim, self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
+                         self.padding_mode, self.with_r, getattr(self, "separate", False), transposed)
+        pre, conv_padding = (((0, 0),) * self._ndim, spec.padding) if transposed else spec.split_padding()
+        self._script_ndim = self._ndim
+        self._script_stride = list(spec.stride)
+        self._script_conv_padding = list(conv_padding)
+        self._script_dilation = list(spec.dilation)
+        self._script_fpad = [p for pair in reversed(pre) for p in pair]
+        self._script_fpad_mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+        self._script_coord_pad = [p for pair in pre for p in pair]
+        self._script_separate = spec.separate
+        return self
+
+    def _scripted_call(self, input: Tensor, output_padding: list[int], transposed: bool) -> Tensor:
+        unbatched = input.dim() == self._script_ndim + 1
+        x = input.unsqueeze(0) if unbatched else input
+        if any(p != 0 for p in self._script_fpad):
+            x = F.pad(x, self._script_fpad, mode=self._script_fpad_mode)
+        out = torch.ops.coordconv_fused.coord_conv(
+            x, self.weight, self.coord_weight, self.bias, self._script_stride, self._script_conv_padding,
+            self._script_dilation, transposed, output_padding, self.groups, self._script_coord_pad,
+            self.padding_mode, self.with_r, self._script_separate)
+        return out.squeeze(0) if unbatched else out
 
 
 class _CoordConvNd(_CoordMixin):
@@ -109,6 +138,13 @@ class _CoordConvNd(_CoordMixin):
         return (self.in_channels // self.groups + self.num_coords) * math.prod(self.kernel_size)
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript: the `torch` backend's op, called directly (no dispatch in a script).
+            return self._scripted_call(input, [0] * self._script_ndim, False)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         return _coord_conv(self._ndim, input, self.weight, self.coord_weight, self.bias, self.stride,
                            self.padding, self.dilation, self.groups, self.padding_mode, self.with_r,
                            self.backend, separate=self.separate)
@@ -212,7 +248,16 @@ class _CoordConvTransposeNd(_CoordMixin):
         # channels do not change.
         return self.weight.shape[1] * math.prod(self.kernel_size)
 
-    def forward(self, input: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+    def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if torch.jit.is_scripting():
+            output_padding = self._output_padding(input, output_size, self._script_stride,
+                                                  self._script_conv_padding, self.kernel_size,
+                                                  self._script_ndim, self._script_dilation)
+            return self._scripted_call(input, output_padding, True)
+        return self._eager_forward(input, output_size)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         output_padding = self._output_padding(input, output_size, self.stride, self.padding,
                                               self.kernel_size, self._ndim, self.dilation)
         return _coord_conv_transpose(self._ndim, input, self.weight, self.coord_weight, self.bias,

@@ -28,8 +28,8 @@ from torch import Tensor
 
 from .spec import ConvSpec
 
-__all__ = ["SCHEMA", "define_coord_conv_op", "register_native_coord_conv_op", "call_coord_conv_op", "pairs",
-           "image_sizes"]
+__all__ = ["SCHEMA", "define_coord_conv_op", "register_native_coord_conv_op", "call_coord_conv_op",
+           "op_arguments", "pairs", "image_sizes"]
 
 SCHEMA = (
     "(Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, "
@@ -129,10 +129,9 @@ def register_native_coord_conv_op(name: str) -> None:
     torch.library.register_autograd(qual, _make_backward(grad_op), setup_context=_setup_context)
 
 
-def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-                       spec: ConvSpec) -> Tensor:
-    """Call a CoordConv op on a batched, validated input: apply the explicit part of the padding
-    (the data's; the op pads the coordinates by the same rule) and pass the rest to the op."""
+def op_arguments(input: Tensor, spec: ConvSpec) -> tuple[Tensor, list]:
+    """The op's view of a call: ``input`` with the explicit part of the padding applied (the
+    data's; the op pads the coordinates by the same rule), and the op's non-tensor arguments."""
     if spec.transposed:
         pre = ((0, 0),) * spec.ndim
         conv_padding = spec.padding
@@ -141,9 +140,17 @@ def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, 
     if any(b or a for b, a in pre):
         pads = [p for pair in reversed(pre) for p in pair]
         mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-        input = F.pad(input, pads, mode=mode)
-    return op(
-        input, weight, coord_weight, bias, list(spec.stride), list(conv_padding), list(spec.dilation),
-        spec.transposed, list(spec.output_padding), spec.groups, [p for pair in pre for p in pair],
-        spec.padding_mode, spec.with_r, spec.separate,
-    )
+        # Autocast runs reflection/replication padding in float32; keep the input's dtype.
+        with torch.autocast(input.device.type, enabled=False):
+            input = F.pad(input, pads, mode=mode)
+    args = [list(spec.stride), list(conv_padding), list(spec.dilation), spec.transposed,
+            list(spec.output_padding), spec.groups, [p for pair in pre for p in pair], spec.padding_mode,
+            spec.with_r, spec.separate]
+    return input, args
+
+
+def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
+                       spec: ConvSpec) -> Tensor:
+    """Call a CoordConv op on a batched, validated input."""
+    input, args = op_arguments(input, spec)
+    return op(input, weight, coord_weight, bias, *args)

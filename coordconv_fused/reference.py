@@ -31,6 +31,15 @@ def _nn_conv(x: Tensor, w: Tensor, b: Tensor | None, spec: ConvSpec, groups: int
     return conv(x, w, b, spec.stride, spec.padding, spec.dilation, groups)
 
 
+def _cat(input: Tensor, coords: Tensor) -> Tensor:
+    """``cat([input, coords], 1)`` in the input's memory format (as nn.Conv2d's output follows it)."""
+    out = torch.cat([input, coords], 1)
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
+    if fmt is not None and input.is_contiguous(memory_format=fmt) and not input.is_contiguous():
+        out = out.contiguous(memory_format=fmt)
+    return out
+
+
 def coord_conv_ref(
     input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
 ) -> Tensor:
@@ -50,7 +59,7 @@ def coord_conv_ref(
         conv_t = _CONV_T[spec.ndim]
         args = (spec.stride, spec.padding, spec.output_padding)
         if spec.groups == 1:
-            return conv_t(torch.cat([input, coords], 1), torch.cat([weight, coord_weight], 0), bias,
+            return conv_t(_cat(input, coords), torch.cat([weight, coord_weight], 0), bias,
                           *args, 1, spec.dilation)
         return (conv_t(input, weight, bias, *args, spec.groups, spec.dilation)
                 + conv_t(coords, coord_weight, None, *args, 1, spec.dilation))
@@ -66,6 +75,6 @@ def coord_conv_ref(
         return data + _CONV[spec.ndim](centres, coord_weight)
 
     if spec.groups == 1:
-        return _nn_conv(torch.cat([input, coords], 1), torch.cat([weight, coord_weight], 1), bias,
+        return _nn_conv(_cat(input, coords), torch.cat([weight, coord_weight], 1), bias,
                         spec, 1)
     return _nn_conv(input, weight, bias, spec, spec.groups) + _nn_conv(coords, coord_weight, None, spec, 1)

@@ -2,11 +2,18 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/ArrayRef.h>
 
 #include "coordconv.h"
 
 namespace coordconv {
+
+// Inside the ops, ATen calls must not be re-cast by autocast (the Python side casts the inputs
+// like a convolution before calling the op).
+struct AutocastOff {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 inline int32_t pad_mode_code(c10::string_view mode) {
   if (mode == "zeros") return kZeros;

@@ -19,6 +19,7 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
                        at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate) {
+  const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
   Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, coord_pad,
                              coord_pad_mode, with_r, separate);
   const at::Tensor cw = coord_weight.contiguous();
@@ -52,6 +53,7 @@ at::Tensor gpu_coord_weight_grad(const at::Tensor& grad_sum, const at::Tensor& i
                                  at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
                                  int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
                                  bool with_r, bool separate) {
+  const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
   Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
                              coord_pad_mode, with_r, separate);
   at::Tensor out = at::empty(coord_weight.sizes(), coord_weight.options().memory_format(at::MemoryFormat::Contiguous));

@@ -244,6 +244,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
                        at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate) {
+  const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
   Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, coord_pad,
                              coord_pad_mode, with_r, separate);
   const auto format = conv_output_format(input, weight);
@@ -276,6 +277,7 @@ at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& i
                                  at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
                                  int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
                                  bool with_r, bool separate) {
+  const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
   Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
                              coord_pad_mode, with_r, separate);
   at::Tensor out;

@@ -1,0 +1,214 @@
+"""Everything users do with nn.Conv2d keeps working: ONNX export (onnxruntime), TorchScript
+(script and trace), autocast, channels_last, DistributedDataParallel, and model conversion of a
+real torchvision ResNet."""
+
+import os
+import socket
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torchvision
+
+from coordconv_fused import (
+    CoordConv1d,
+    CoordConv2d,
+    CoordConv3d,
+    CoordConvTranspose2d,
+    available_backends,
+    convert_to_coordconv,
+)
+
+EAGER_BACKENDS = [b for b in available_backends("cpu") if b != "triton"] + ["auto"]
+
+
+# ---- ONNX ----------------------------------------------------------------------------------------
+
+ONNX_MODELS = {
+    "1d": (lambda: nn.Sequential(CoordConv1d(2, 4, 3, padding=1, with_r=True), nn.ReLU(),
+                                 CoordConv1d(4, 3, 4, padding="same", padding_mode="reflect",
+                                             coord_kernel_size=1)), (2, 2, 11), [(1, 2, 5), (3, 2, 17)]),
+    "2d": (lambda: nn.Sequential(CoordConv2d(3, 8, 3, padding=1, with_r=True), nn.ReLU(),
+                                 CoordConv2d(8, 4, 3, stride=2, padding=1, padding_mode="replicate"),
+                                 CoordConv2d(4, 4, 4, padding="same", coord_kernel_size=1, with_r=True)),
+           (2, 3, 9, 7), [(1, 3, 5, 12), (4, 3, 1, 6), (3, 3, 16, 16)]),
+    "3d": (lambda: nn.Sequential(CoordConv3d(1, 2, 3, padding=1, with_r=True),
+                                 CoordConv3d(2, 2, 2, coord_kernel_size=1, padding_mode="replicate", padding=1)),
+           (1, 1, 4, 5, 6), [(2, 1, 3, 3, 3), (1, 1, 6, 2, 5), (1, 1, 1, 4, 3)]),
+}
+
+
+@pytest.mark.parametrize("name", list(ONNX_MODELS))
+def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
+    make, shape, other_shapes = ONNX_MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(*shape)
+    dims = {0: torch.export.Dim("batch")}
+    dims.update({2 + i: torch.export.Dim(f"s{i}", min=1) for i in range(len(shape) - 2)})
+    path = str(tmp_path / f"{name}.onnx")
+    torch.onnx.export(model, (x,), path, dynamic_shapes=({k: v for k, v in dims.items()},), dynamo=True)
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert all(not op.startswith("coordconv") for op in ops)  # only standard operators
+    sess = ort.InferenceSession(path)
+    for s in [shape] + other_shapes:
+        xx = torch.randn(*s)
+        got = sess.run(None, {sess.get_inputs()[0].name: xx.numpy()})[0]
+        with torch.no_grad():
+            expected = model(xx).numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- TorchScript ---------------------------------------------------------------------------------
+
+def _script_model():
+    torch.manual_seed(0)
+    return nn.Sequential(CoordConv2d(3, 8, 3, padding=1, with_r=True), nn.ReLU(),
+                         CoordConv2d(8, 4, 4, padding="same", padding_mode="reflect", coord_kernel_size=1),
+                         CoordConvTranspose2d(4, 2, 2, stride=2, with_r=True))
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_script_matches_eager_and_trains():
+    model = _script_model()
+    scripted = torch.jit.script(model)
+    for shape in [(2, 3, 9, 7), (1, 3, 4, 11)]:
+        x = torch.randn(*shape)
+        torch.testing.assert_close(scripted(x), model(x))
+    torch.testing.assert_close(scripted(x[0]), model(x[0]))  # unbatched
+    scripted(x).sum().backward()
+    assert model[0].coord_weight.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+def test_torchscript_trace_matches_eager():
+    model = _script_model()
+    x = torch.randn(2, 3, 9, 7)
+    traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x))
+    x2 = torch.randn(3, 3, 9, 7)  # other batch size, same spatial size
+    torch.testing.assert_close(traced(x2), model(x2))
+
+
+# ---- autocast ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", EAGER_BACKENDS + ["reference"])
+@pytest.mark.parametrize("kwargs", [{"with_r": True}, {"padding_mode": "reflect", "coord_kernel_size": 1}], ids=str)
+def test_autocast_bfloat16_follows_conv2d(backend, kwargs):
+    torch.manual_seed(0)
+    m = CoordConv2d(8, 16, 3, padding=1, backend=backend, **kwargs)
+    plain = nn.Conv2d(8, 16, 3, padding=1, padding_mode=kwargs.get("padding_mode", "zeros"))
+    x = torch.randn(4, 8, 12, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, plain_out = m(x), plain(x)
+    assert out.dtype == plain_out.dtype == torch.bfloat16
+    ref = m.float()(x)
+    # Our low-precision error is of the order of nn.Conv2d's own.
+    plain_err = (plain_out.float() - plain(x)).abs().max()
+    assert (out.float() - ref).abs().max() <= 4 * plain_err + 1e-3
+    out.float().sum().backward()
+    assert m.weight.grad.dtype == torch.float32 and m.coord_weight.grad is not None
+
+
+# ---- channels_last -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_channels_last_follows_conv2d(backend, padding_mode):
+    torch.manual_seed(0)
+    m = CoordConv2d(4, 6, 3, padding=1, padding_mode=padding_mode, with_r=True, backend=backend)
+    plain = nn.Conv2d(4, 6, 3, padding=1, padding_mode=padding_mode)
+    x = torch.randn(2, 4, 9, 7).to(memory_format=torch.channels_last)
+    out = m(x)
+    expected_cl = plain(x).is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) == expected_cl
+    m.backend = "reference"
+    torch.testing.assert_close(out, m(x.contiguous()), atol=2e-5, rtol=2e-5)
+    m_cl = m.to(memory_format=torch.channels_last)
+    m_cl.backend = backend
+    torch.testing.assert_close(m_cl(x), out, atol=2e-5, rtol=2e-5)
+
+
+# ---- DistributedDataParallel ----------------------------------------------------------------------
+
+def _ddp_model():
+    torch.manual_seed(0)
+    return nn.Sequential(CoordConv2d(2, 8, 3, padding=1, with_r=True), nn.ReLU(),
+                         CoordConv2d(8, 4, 3, padding=1, coord_kernel_size=1), nn.Flatten(), nn.Linear(4 * 6 * 5, 3))
+
+
+def _ddp_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 2, 6, 5, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _train(model, x, y, steps=3):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _ddp_worker(rank, port, out_path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = nn.parallel.DistributedDataParallel(_ddp_model())
+        x, y = _ddp_data()
+        _train(model, x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+        if rank == 0:
+            torch.save(model.module.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equals_single_process(tmp_path):
+    out_path = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(_free_port(), out_path), nprocs=2, join=True)
+    ddp_state = torch.load(out_path)
+    single = _ddp_model()
+    _train(single, *_ddp_data())
+    assert ddp_state.keys() == single.state_dict().keys()
+    for k, v in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, atol=1e-6, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    assert any("coord_weight" in k for k in ddp_state)
+
+
+# ---- conversion of a real model -----------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_convert_torchvision_resnet18(backend):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        before = model(x)
+    model = convert_to_coordconv(model, with_r=True, backend=backend)
+    n_coord = sum(isinstance(m, CoordConv2d) for m in model.modules())
+    assert n_coord == sum(isinstance(m, nn.Conv2d) for m in model.modules()) == 20
+    with torch.no_grad():
+        after = model(x)
+    if backend == "torch":
+        assert torch.equal(after, before)
+    else:
+        torch.testing.assert_close(after, before)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = nn.functional.cross_entropy(model(x), torch.tensor([1, 2]))
+    loss.backward()
+    assert model.conv1.coord_weight.grad.abs().sum() > 0
+    opt.step()
+    assert model.conv1.coord_weight.abs().sum() > 0
