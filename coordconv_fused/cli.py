@@ -1,6 +1,7 @@
 """The ``coordconv-fused`` command line.
 
 ``coordconv-fused bench``  times CoordConv against plain nn.Conv2d and the naive concatenation.
+``coordconv-fused paper``  the paper's coordinate-classification experiment on our layers.
 """
 
 from __future__ import annotations
@@ -47,6 +48,39 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _paper(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .paper import train
+
+    torch.set_num_threads(args.threads)
+    if args.task == "all":
+        runs = [(s, m) for s in ("uniform", "quadrant") for m in ("coordconv", "baseline")]
+        task = "classification"
+    elif args.task == "demo":
+        runs, task = [(args.split, "coordconv"), (args.split, "baseline")], "classification"
+    else:
+        runs, task = [(args.split, args.model)], args.task
+    results = []
+    os.makedirs(args.out, exist_ok=True)
+    for split, model in runs:
+        for seed in args.seeds:
+            cfg = train.RunConfig(task=task, split=split, model=model, seed=seed, quick=args.quick,
+                                  lr=args.lr, max_epochs=args.epochs,
+                                  time_limit=args.time_limit if model == "coordconv" else args.baseline_time_limit)
+            with tqdm(desc=f"{task} {split} {model} seed {seed}", file=sys.stderr, leave=False) as bar:
+                result = train.run(cfg, progress=lambda m: (bar.set_postfix_str(m), bar.update(1)))
+            prefix = os.path.join(args.out, f"{task}-{split}-{model}-seed{seed}")
+            result["figures"] = train.figures(result, prefix)
+            results.append(result)
+            print(train.markdown_table([result]).splitlines()[-1], file=sys.stderr)
+    print(train.markdown_table(results))
+    path = train.save(results, args.out)
+    print(f"\nwrote {path} and figures in {args.out}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordconv-fused", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-glibc-tunables", dest="glibc_tunables", action="store_false",
                        help=f"do not re-run with GLIBC_TUNABLES={GLIBC_TUNABLES}")
     bench.set_defaults(func=_bench)
+
+    paper = sub.add_parser("paper", help="the paper's coordinate classification task (Not-so-Clevr)")
+    paper.add_argument("task", choices=["classification", "demo", "all"],
+                       help="'demo': CoordConv vs the deconv baseline on one split; 'all': both splits")
+    paper.add_argument("--split", choices=["uniform", "quadrant"], default="quadrant")
+    paper.add_argument("--model", choices=["coordconv", "baseline"], default="coordconv")
+    paper.add_argument("--seeds", type=int, nargs="+", default=[0])
+    paper.add_argument("--lr", type=float, default=None, help="default: 5e-3 CoordConv, 1e-3 baseline")
+    paper.add_argument("--epochs", type=int, default=12)
+    paper.add_argument("--time-limit", type=float, default=170.0, help="seconds per CoordConv run")
+    paper.add_argument("--baseline-time-limit", type=float, default=120.0, help="seconds per baseline run")
+    paper.add_argument("--threads", type=int, default=2)
+    paper.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke run")
+    paper.add_argument("--out", default="results/paper")
+    paper.set_defaults(func=_paper)
     return parser
 
 

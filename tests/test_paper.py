@@ -1,0 +1,54 @@
+"""The paper's experiment: Not-so-Clevr exactly as specified, the models' sizes, and a smoke run of
+the CLI (`--quick`: a few steps on a subset, checking the plumbing, not the result)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from coordconv_fused import CoordConv2d
+from coordconv_fused.paper.data import make_dataset, split
+from coordconv_fused.paper.models import CoordConvClassifier, DeconvClassifier, num_parameters
+
+
+def test_not_so_clevr():
+    d = make_dataset()
+    assert len(d.centres) == 3136
+    assert d.centres.min() == 4 and d.centres.max() == 59  # 56x56 grid, 4 px from each border
+    assert d.onehot.sum() == 3136 and torch.equal(d.onehot.flatten(1).argmax(1), d.index)
+    assert torch.all(d.squares.flatten(1).sum(1) == 81)
+    k = 1234
+    i, j = d.centres[k].tolist()
+    assert d.squares[k, 0, i - 4:i + 5, j - 4:j + 5].sum() == 81
+    assert d.coords[:, 0].min() == 2 * 4 / 63 - 1 and d.coords[:, 0].max() == 2 * 59 / 63 - 1
+
+
+def test_splits():
+    d = make_dataset()
+    tr, te = split(d, "uniform")
+    assert (len(tr), len(te)) == (2509, 627) and len(set(tr.tolist()) | set(te.tolist())) == 3136
+    assert torch.equal(split(d, "uniform")[0], tr)  # deterministic
+    tr, te = split(d, "quadrant")
+    assert (len(tr), len(te)) == (2407, 729)
+    assert bool(((d.centres[te] > 32).all(1)).all()) and not bool(((d.centres[tr] > 32).all(1)).any())
+
+
+def test_models_use_our_layer_and_paper_sizes():
+    m = CoordConvClassifier()
+    assert num_parameters(m) == 7553 and isinstance(m.net[0], CoordConv2d)
+    assert m(torch.zeros(2, 2)).shape == (2, 4096)
+    assert DeconvClassifier()(torch.zeros(2, 2)).shape == (2, 4096)
+
+
+def test_paper_cli_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "coordconv_fused.cli", "paper", "demo", "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert "| classification | quadrant | coordconv | 7,553 |" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["config"]["model"] for r in results] == ["coordconv", "baseline"]
+    for r in results:
+        for fig in r["figures"]:
+            assert os.path.getsize(fig) > 5_000
