@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One entry point that sets up a fresh machine and runs a job:
-#   bash run.sh demo    the main job: CoordConv vs plain nn.Conv2d vs the naive concatenation
+#   bash run.sh demo    the main job: the paper's headline experiment (quadrant-split coordinate
+#                       classification, CoordConv against the deconvolution baseline), ~3 minutes
 #   bash run.sh test    the test suite (what CI runs)
-#   bash run.sh bench   the full benchmark table (all standard shapes)
+#   bash run.sh bench   the benchmark: CoordConv vs nn.Conv2d vs the naive concatenation, all shapes
+#   bash run.sh paper   every implemented paper experiment, 3 seeds (~12 minutes)
 # Set-up is idempotent: it installs torch 2.14.1 (from this machine's local file when present) and
 # this package in editable mode, reusing whatever is already installed.
 set -euo pipefail
@@ -19,8 +21,9 @@ setup() {
 job=${1:-demo}
 shift || true
 case "$job" in
-  demo)  setup; "$PY" -m coordconv_fused.cli bench "$@" ;;
+  demo)  setup; "$PY" -m coordconv_fused.cli paper demo --split quadrant --seeds 0 "$@" ;;
   bench) setup; "$PY" -m coordconv_fused.cli bench --all-shapes "$@" ;;
+  paper) setup; "$PY" -m coordconv_fused.cli paper all "$@" ;;
   test)  setup; "$PY" -m pytest -q "$@" ;;
-  *) echo "usage: bash run.sh [demo|test|bench] [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh [demo|test|bench|paper] [args...]" >&2; exit 2 ;;
 esac

@@ -10,7 +10,13 @@ import torch
 
 from coordconv_fused import CoordConv2d
 from coordconv_fused.paper.data import make_dataset, split
-from coordconv_fused.paper.models import CoordConvClassifier, DeconvClassifier, num_parameters
+from coordconv_fused.paper.models import (
+    ConvRegressor,
+    CoordConvClassifier,
+    CoordConvRegressor,
+    DeconvClassifier,
+    num_parameters,
+)
 
 
 def test_not_so_clevr():
@@ -40,12 +46,28 @@ def test_models_use_our_layer_and_paper_sizes():
     assert num_parameters(m) == 7553 and isinstance(m.net[0], CoordConv2d)
     assert m(torch.zeros(2, 2)).shape == (2, 4096)
     assert DeconvClassifier()(torch.zeros(2, 2)).shape == (2, 4096)
+    r = CoordConvRegressor()
+    assert num_parameters(r) == 906 and isinstance(r.net[0], CoordConv2d)
+    assert r(torch.zeros(2, 1, 64, 64)).shape == (2, 2)
+    for s in ("uniform", "quadrant"):
+        assert ConvRegressor(s)(torch.zeros(2, 1, 64, 64)).shape == (2, 2)
+
+
+def test_validation_block_is_held_out_of_training():
+    from coordconv_fused.paper.train import validation_block
+
+    d = make_dataset()
+    for kind in ("uniform", "quadrant"):
+        tr, te = split(d, kind)
+        block = validation_block(d, tr)
+        assert 100 < int(block.sum()) <= 196
+        assert not set(tr[block].tolist()) & set(te.tolist())
 
 
 def test_paper_cli_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "coordconv_fused.cli", "paper", "demo", "--quick", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, check=True)
+    proc = subprocess.run([sys.executable, "-m", "coordconv_fused.cli", "paper", "demo", "--quick", "--seeds", "0",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, check=True)
     assert "| classification | quadrant | coordconv | 7,553 |" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"]["model"] for r in results] == ["coordconv", "baseline"]

@@ -52,3 +52,44 @@ class DeconvClassifier(nn.Module):
 
     def forward(self, coords: Tensor) -> Tensor:
         return self.net(coords[:, :, None, None]).flatten(1)
+
+
+class CoordConvRegressor(nn.Module):
+    """One-hot image -> (i, j): CoordConv 1x1, 8 - 1x1, 8 - 1x1, 8 - 3x3, 8 - 3x3, 2 - global max
+    pooling, no activations (Table S1; 906 parameters)."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            CoordConv2d(1, 8, 1, backend=backend), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1),
+            nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1))
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image).amax(dim=(2, 3))
+
+
+class ConvRegressor(nn.Module):
+    """The paper's convolutional regression baselines (Table S1): for the uniform split conv 3x3 and
+    2x2 max-pooling stages, then FC 64 - FC 2; for the quadrant split strided convolutions with
+    batch norm into global pooling."""
+
+    def __init__(self, split: str) -> None:
+        super().__init__()
+        r = nn.ReLU
+        if split == "uniform":
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1), r(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), r(),
+                nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), r(), nn.MaxPool2d(2),
+                nn.Conv2d(16, 16, 3, padding=1), r(), nn.Flatten(), nn.Linear(16 * 8 * 8, 64), r(),
+                nn.Linear(64, 2))
+        else:
+            self.net = nn.Sequential(
+                nn.Conv2d(1, 16, 5, stride=2, padding=2), r(), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), r(),
+                nn.Conv2d(16, 16, 3, padding=1), r(), nn.Conv2d(16, 16, 3, stride=2, padding=1), r(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), r(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1), r(), nn.Conv2d(16, 16, 1), r(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1), r(), nn.Conv2d(16, 2, 3, padding=1),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.net(image)
