@@ -130,17 +130,17 @@ def test_cached_coordinate_term_follows_coord_weight():
     with torch.no_grad():
         first = m(x)
         assert torch.equal(m(x), first)  # served from the cache
-        m.coord_weight.mul_(2)  # in-place update: version counter changes
-        ref = m.eval()
-        m.backend = "reference"
-        expected = m(x)
-        m.backend = "cpp"
-        torch.testing.assert_close(m(x), expected)
+        for update in (lambda: m.coord_weight.mul_(2),  # in place: the version counter changes
+                       lambda: m.coord_weight.data.add_(1)):  # through .data: it does not
+            update()
+            got = m(x)
+            m.backend = "reference"
+            torch.testing.assert_close(got, m(x))
+            m.backend = "cpp"
         m.coord_weight = torch.nn.Parameter(torch.randn_like(m.coord_weight))  # a new tensor
         got = m(x)
         m.backend = "reference"
         torch.testing.assert_close(got, m(x))
-    assert ref is m
 
 
 def test_auto_prefers_cpp_on_cpu():
