@@ -1,7 +1,7 @@
 """The ``coordconv-fused`` command line.
 
 ``coordconv-fused bench``  times CoordConv against plain nn.Conv2d and the naive concatenation.
-``coordconv-fused paper``  the paper's coordinate classification and regression experiments.
+``coordconv-fused paper``  the paper's coordinate classification, regression and rendering experiments.
 """
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ def _paper(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     if args.task == "all":
-        # Regression is implemented but does not train reliably yet (see the README): not in 'all'.
-        runs = [("classification", s, m) for s in ("uniform", "quadrant") for m in ("coordconv", "baseline")]
+        runs = [(t, s, m) for t in train.TASKS for s in ("uniform", "quadrant") for m in ("coordconv", "baseline")]
     elif args.task == "demo":
         runs = [("classification", args.split, "coordconv"), ("classification", args.split, "baseline")]
     else:
@@ -96,10 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"do not re-run with GLIBC_TUNABLES={GLIBC_TUNABLES}")
     bench.set_defaults(func=_bench)
 
-    paper = sub.add_parser("paper", help="the paper's coordinate classification task (Not-so-Clevr)")
-    paper.add_argument("task", choices=["classification", "regression", "demo", "all"],
+    paper = sub.add_parser("paper", help="the paper's coordinate-transform tasks on Not-so-Clevr")
+    paper.add_argument("task", choices=["classification", "regression", "rendering", "demo", "all"],
                        help="'demo': classification, CoordConv vs the deconv baseline on one split; 'all': "
-                            "classification on both splits; 'regression' is experimental (does not converge yet)")
+                            "every task on both splits, CoordConv and baseline")
     paper.add_argument("--split", choices=["uniform", "quadrant"], default="quadrant")
     paper.add_argument("--model", choices=["coordconv", "baseline"], default="coordconv")
     paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CoordConv seeds (default 0 1 2)")
@@ -107,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--lr", type=float, default=None, help="default: 5e-3 CoordConv, 1e-3 baseline")
     paper.add_argument("--epochs", type=int, default=6)
     paper.add_argument("--time-limit", type=float, default=170.0, help="seconds per CoordConv run")
-    paper.add_argument("--baseline-time-limit", type=float, default=120.0, help="seconds per baseline run")
+    paper.add_argument("--baseline-time-limit", type=float, default=75.0, help="seconds per baseline run")
     paper.add_argument("--threads", type=int, default=2)
     paper.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke run")
     paper.add_argument("--out", default="results/paper")

@@ -16,7 +16,7 @@ from .backends import Backend, register_backend
 from .ops import call_coord_conv_op, register_native_coord_conv_op
 from .spec import ConvSpec
 
-__all__ = ["LOAD_ERROR", "has_cuda_kernels", "coord_conv_cpp", "coord_conv_cuda_emulated"]
+__all__ = ["LOAD_ERROR", "avx512_direct_available", "has_cuda_kernels", "coord_conv_cpp", "coord_conv_cuda_emulated"]
 
 try:
     from . import _C  # noqa: F401  (registers the ops)
@@ -33,6 +33,12 @@ def has_cuda_kernels() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
     return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
         "coordconv_fused::coord_conv_ext", "CUDA")
+
+
+def avx512_direct_available() -> bool:
+    """Whether the ``cpp`` backend's AVX-512 direct kernel (shallow float32 layers, e.g. a network's
+    first layer) runs on this CPU; elsewhere those layers take oneDNN plus the coordinate epilogue."""
+    return LOAD_ERROR is None and _C.avx512_direct_available()
 
 
 def _cpp_unavailable() -> str | None:

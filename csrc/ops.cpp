@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/direct_avx512.h"
+
 // The same argument list as the Python-defined ops (see coordconv_fused/ops.py).
 #define COORD_CONV_ARGS                                                                                  \
   "Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, SymInt[] padding, " \
@@ -22,8 +24,21 @@ TORCH_LIBRARY(coordconv_fused, m) {
   m.def("coord_conv_cuda_emulated_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");
 }
 
+namespace {
+// Whether the CPU backend's AVX-512 direct kernel can run on this CPU (for tests and reports).
+PyObject* avx512_direct_available(PyObject*, PyObject*) {
+  if (coordconv::avx512_supported()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+PyMethodDef methods[] = {
+    {"avx512_direct_available", avx512_direct_available, METH_NOARGS,
+     "True when the cpp backend's AVX-512 direct kernel (shallow float32 layers) can run on this CPU."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 // Importing coordconv_fused._C loads this library and so registers the ops.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "coordconv-fused C++/CUDA ops", -1, nullptr};
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "coordconv-fused C++/CUDA ops", -1, methods};
   return PyModule_Create(&module);
 }

@@ -86,6 +86,30 @@ def test_cpp_matches_reference(case, dtype):
     assert_matches_reference("cpp", case, dtype)
 
 
+# The AVX-512 direct kernel (float32, 1-D/2-D, groups 1, C_in * taps <= 160): register tiles of
+# 16 output channels x 16 columns, so: ragged and multi-tile rows, channel counts around 16, zero
+# padding wider than the kernel, stride 2 (permute and gather paths) and 3 (gather), dilation.
+AVX512_CASES = [
+    Case((5, 7)),
+    Case((9, 33), out_channels=17, padding=1, with_r=True),
+    Case((6, 40), in_channels=3, out_channels=33, kernel_size=3, padding=1, dilation=2),
+    Case((11, 70), in_channels=3, out_channels=16, kernel_size=7, stride=2, padding=3, with_r=True),
+    Case((8, 50), in_channels=2, out_channels=5, kernel_size=5, stride=3, padding=4, bias=False),
+    Case((7, 45), in_channels=3, out_channels=8, kernel_size=(3, 5), stride=(1, 2), padding=(2, 6), separate=True),
+    Case((1, 19), in_channels=3, out_channels=4, kernel_size=(1, 3), padding=(0, 1)),
+    Case((10, 3), in_channels=4, out_channels=9, kernel_size=3, padding=2, padding_mode="reflect", with_r=True),
+    Case((37,), in_channels=3, out_channels=18, kernel_size=5, stride=2, padding=2, with_r=True),
+    Case((12, 12), batch=1, in_channels=16, out_channels=20, kernel_size=3, padding="same"),
+]
+
+
+@pytest.mark.skipif(extension.LOAD_ERROR is not None or not extension.avx512_direct_available(),
+                    reason="the CPU has no AVX-512 (the kernel is not used there)")
+@pytest.mark.parametrize("case", AVX512_CASES, ids=str)
+def test_cpp_avx512_direct_kernel(case):
+    assert_matches_reference("cpp", case, torch.float32)
+
+
 @pytest.mark.parametrize("case", [
     Case((5, 4), padding=1, with_r=True),
     Case((5, 4), in_channels=1, kernel_size=1, padding=1, with_r=True),

@@ -14,6 +14,7 @@ from coordconv_fused.paper.models import (
     ConvRegressor,
     CoordConvClassifier,
     CoordConvRegressor,
+    CoordConvRenderer,
     DeconvClassifier,
     num_parameters,
 )
@@ -51,6 +52,31 @@ def test_models_use_our_layer_and_paper_sizes():
     assert r(torch.zeros(2, 1, 64, 64)).shape == (2, 2)
     for s in ("uniform", "quadrant"):
         assert ConvRegressor(s)(torch.zeros(2, 1, 64, 64)).shape == (2, 2)
+    g = CoordConvRenderer()
+    assert num_parameters(g) == 7553 + 82 and isinstance(g.centre.net[0], CoordConv2d)
+    square, centre = g.render(torch.zeros(2, 2))
+    assert square.shape == centre.shape == (2, 4096)
+    assert num_parameters(DeconvClassifier(c=2)) == 182_017  # the paper's rendering deconvs: 183k-1.6M
+
+
+def test_regressor_initialisation_puts_the_max_pool_on_the_hot_pixel():
+    """The property training depends on (see CoordConvRegressor.init_for_max_pool): from the first
+    step, each output channel's global maximum lies next to the hot pixel, so the gradient reaches
+    the image path; and the first predictions start near 0 (not at a random offset)."""
+    d = make_dataset()
+    idx = torch.randperm(len(d.centres), generator=torch.Generator().manual_seed(0))[:64]
+    for seed in range(5):
+        torch.manual_seed(seed)
+        m = CoordConvRegressor()
+        with torch.no_grad():
+            maps = m.net(d.onehot[idx])
+            where = maps.flatten(2).argmax(2)  # [N, 2]
+            pred = m(d.onehot[idx])
+        di = (where // 64 - d.centres[idx, :1]).abs()
+        dj = (where % 64 - d.centres[idx, 1:]).abs()
+        assert int(di.max()) <= 2 and int(dj.max()) <= 2, f"seed {seed}: max pool away from the hot pixel"
+        assert float(pred.abs().max()) < 1e-4
+        assert float(m.net[0].coord_weight.abs().max()) == 0.0
 
 
 def test_validation_block_is_held_out_of_training():
@@ -74,3 +100,19 @@ def test_paper_cli_quick(tmp_path):
     for r in results:
         for fig in r["figures"]:
             assert os.path.getsize(fig) > 5_000
+
+
+def test_paper_cli_all_tasks_quick(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "coordconv_fused.cli", "paper", "all", "--quick", "--seeds", "0",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, check=True)
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = {(r["config"]["task"], r["config"]["split"], r["config"]["model"]) for r in results}
+    assert runs == {(t, s, m) for t in ("classification", "regression", "rendering")
+                    for s in ("uniform", "quadrant") for m in ("coordconv", "baseline")}
+    assert "| rendering | quadrant | coordconv | 7,635 |" in proc.stdout
+    assert "| regression | uniform | coordconv | 906 |" in proc.stdout
+    for r in results:
+        assert 0.0 <= r["test"]["accuracy"] <= 1.0 and len(r["figures"]) == 2
+        if r["config"]["task"] == "rendering":
+            assert 0.0 <= r["test"]["iou"] <= 1.0

@@ -4,8 +4,9 @@ Protocol (no peeking at the test set): AdamW, batch 32; a 14x14 block of trainin
 out for model selection (see :func:`validation_block`); CoordConv models get a cosine learning-rate
 decay over 6 epochs and stop early once every *training* example is right with a margin
 (classification: training loss below ``stop_loss``; regression: every training prediction within
-a quarter pixel); baselines train at a constant rate until their time budget runs out. The test set is only evaluated for the learning curve
-and the final report.
+a quarter pixel; rendering: every training pixel's sigmoid within 0.12 of its target); baselines
+train at a constant rate until their time budget runs out. The test set is only evaluated for the
+learning curve and the final report.
 """
 
 from __future__ import annotations
@@ -20,13 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data import CANVAS, NotSoClevr, make_dataset, split
-from .models import ConvRegressor, CoordConvClassifier, CoordConvRegressor, DeconvClassifier, num_parameters
+from .data import CANVAS, SQUARE, NotSoClevr, make_dataset, split
+from .models import (ConvRegressor, CoordConvClassifier, CoordConvRegressor, CoordConvRenderer, DeconvClassifier,
+                     num_parameters)
 
-# The one-hot input of the regression task is scaled so that the hot pixel dominates the linear
-# network's response from the start (the global max pool then routes gradient through it); at 1.0 it
-# competes with the coordinate channels in [-1, 1] and training often collapses to the mean.
-ONEHOT_GAIN = 8.0
 HALF_PIXEL = 0.5 * 2 / (CANVAS - 1)  # half a pixel in the [-1, 1] coordinate scale
 
 # Reference figures (paper supplement S1-S2; an independent reproduction for the baseline).
@@ -35,6 +33,8 @@ PAPER = {
     ("classification", "baseline"): {"uniform": "~80–86%", "quadrant": "~0%", "params": "50k–1.6M"},
     ("regression", "coordconv"): {"uniform": "100%", "quadrant": "100%", "params": "906 (Table S1)"},
     ("regression", "baseline"): {"uniform": "47.7%*", "quadrant": "7.1%*", "params": "Table S1"},
+    ("rendering", "coordconv"): {"uniform": "IoU 1.0", "quadrant": "IoU 1.0", "params": "9,490"},
+    ("rendering", "baseline"): {"uniform": "imperfect", "quadrant": "mostly fails", "params": "183k–1.6M"},
 }
 
 
@@ -57,35 +57,63 @@ class RunConfig:
         return self.lr if self.lr is not None else (5e-3 if self.model == "coordconv" else 1e-3)
 
 
+TASKS = ("classification", "regression", "rendering")
+
+
 def _make_model(cfg: RunConfig) -> nn.Module:
     if cfg.task == "classification":
         return CoordConvClassifier() if cfg.model == "coordconv" else DeconvClassifier()
     if cfg.task == "regression":
         return CoordConvRegressor() if cfg.model == "coordconv" else ConvRegressor(cfg.split)
-    raise ValueError(f"task {cfg.task!r} is not implemented yet ('classification', 'regression')")
+    if cfg.task == "rendering":
+        return CoordConvRenderer() if cfg.model == "coordconv" else DeconvClassifier(c=2)
+    raise ValueError(f"task must be one of {TASKS}, got {cfg.task!r}")
 
 
 def _inputs(task: str, data: NotSoClevr, idx: torch.Tensor) -> torch.Tensor:
-    return data.coords[idx] if task == "classification" else data.onehot[idx] * ONEHOT_GAIN
+    return data.onehot[idx] if task == "regression" else data.coords[idx]
 
 
-def _loss(task: str, out: torch.Tensor, data: NotSoClevr, idx: torch.Tensor) -> torch.Tensor:
+def _forward(task: str, model: nn.Module, data: NotSoClevr, idx: torch.Tensor):
+    """(output, centre logits or None): the rendering CoordConv model also returns its centre logits."""
+    x = _inputs(task, data, idx)
+    if isinstance(model, CoordConvRenderer):
+        return model.render(x)
+    return model(x), None
+
+
+def _loss(task: str, out: torch.Tensor, centre, data: NotSoClevr, idx: torch.Tensor) -> torch.Tensor:
     if task == "classification":
         return F.cross_entropy(out, data.index[idx])
-    return F.mse_loss(out, data.coords[idx])
+    if task == "regression":
+        return F.mse_loss(out, data.coords[idx])
+    loss = F.binary_cross_entropy_with_logits(out, data.squares[idx].flatten(1))
+    return loss if centre is None else loss + F.cross_entropy(centre, data.index[idx])
 
 
 @torch.no_grad()
 def _evaluate(model: nn.Module, data: NotSoClevr, idx: torch.Tensor, task: str, batch: int = 256) -> dict:
     """Accuracy (classification: the arg-max pixel is the centre; regression: both coordinates
-    within half a pixel), loss, and the error in pixels."""
+    within half a pixel; rendering: every pixel of the square right), mean IoU (rendering), loss,
+    and the error in pixels (rendering: of the predicted square's centroid)."""
     model.eval()
-    correct, loss, dist = 0, 0.0, []
+    correct, loss, dist, ious, margins = 0, 0.0, [], [], []
     for k in range(0, len(idx), batch):
         b = idx[k:k + batch]
-        out = model(_inputs(task, data, b))
-        loss += _loss(task, out, data, b).item() * len(b)
-        if task == "classification":
+        out, centre = _forward(task, model, data, b)
+        loss += _loss(task, out, centre, data, b).item() * len(b)
+        if task == "rendering":
+            pred, target = out > 0, data.squares[b].flatten(1) > 0.5
+            iou = (pred & target).sum(1) / (pred | target).sum(1)
+            ious.append(iou)
+            margins.append((out * (2 * target.float() - 1)).amin(1))
+            correct += (iou == 1).sum().item()
+            grid = torch.stack(torch.meshgrid(torch.arange(CANVAS), torch.arange(CANVAS), indexing="ij"), -1)
+            w = pred.float()
+            centroid = (w[:, :, None] * grid.flatten(0, 1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+            err = torch.where(pred.any(1, keepdim=True), centroid - data.centres[b].float(),
+                              torch.full_like(centroid, float(CANVAS)))
+        elif task == "classification":
             pred = out.argmax(1)
             correct += (pred == data.index[b]).sum().item()
             err = torch.stack([pred // CANVAS, pred % CANVAS], 1).float() - data.centres[b].float()
@@ -96,8 +124,12 @@ def _evaluate(model: nn.Module, data: NotSoClevr, idx: torch.Tensor, task: str, 
     model.train()
     d = torch.cat(dist) if dist else torch.zeros(0)
     n = max(len(idx), 1)
-    return {"accuracy": correct / n, "loss": loss / n, "mean_px_error": d.mean().item() if len(d) else 0.0,
-            "max_px_error": d.max().item() if len(d) else 0.0}
+    result = {"accuracy": correct / n, "loss": loss / n, "mean_px_error": d.mean().item() if len(d) else 0.0,
+              "max_px_error": d.max().item() if len(d) else 0.0}
+    if task == "rendering":
+        result["iou"] = torch.cat(ious).mean().item() if ious else 0.0
+        result["min_margin"] = torch.cat(margins).min().item() if margins else 0.0
+    return result
 
 
 def validation_block(data: NotSoClevr, train_idx: torch.Tensor) -> torch.Tensor:
@@ -127,7 +159,7 @@ def _train_attempt(cfg: RunConfig, data: NotSoClevr, fit_idx, val_idx, test_idx,
         perm = fit_idx[torch.randperm(len(fit_idx), generator=g)]
         for k in range(0, len(perm), cfg.batch_size):
             b = perm[k:k + cfg.batch_size]
-            loss = _loss(cfg.task, model(_inputs(cfg.task, data, b)), data, b)
+            loss = _loss(cfg.task, *_forward(cfg.task, model, data, b), data, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -140,9 +172,15 @@ def _train_attempt(cfg: RunConfig, data: NotSoClevr, fit_idx, val_idx, test_idx,
         elapsed = time.perf_counter() - start
         curves.append({"attempt": attempt, "epoch": epoch, "seconds": elapsed, "train": tr, "val": va, "test": te})
         if progress:
+            iou = f" (IoU train {tr['iou']:.3f} test {te['iou']:.3f})" if cfg.task == "rendering" else ""
             progress(f"attempt {attempt} epoch {epoch}: train {100 * tr['accuracy']:.1f}% "
-                     f"val {100 * va['accuracy']:.1f}% test {100 * te['accuracy']:.1f}%")
-        sharp = tr["loss"] < cfg.stop_loss if cfg.task == "classification" else tr["max_px_error"] < 0.25
+                     f"val {100 * va['accuracy']:.1f}% test {100 * te['accuracy']:.1f}%{iou} loss {tr['loss']:.2e}")
+        if cfg.task == "classification":
+            sharp = tr["loss"] < cfg.stop_loss
+        elif cfg.task == "regression":
+            sharp = tr["max_px_error"] < 0.25
+        else:  # every training pixel's sigmoid within 0.12 of its target
+            sharp = tr["min_margin"] > 2.0
         if tr["accuracy"] == 1.0 and sharp:
             stopped = "training set perfect"
             break
@@ -196,15 +234,16 @@ def figures(result: dict, path_prefix: str) -> list[str]:
     curves = result["curves"]
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ep = list(range(1, len(curves) + 1))  # epochs over all attempts
-    ax.plot(ep, [100 * c["train"]["accuracy"] for c in curves], "o-", label="train")
-    ax.plot(ep, [100 * c["test"]["accuracy"] for c in curves], "s-", label="test")
-    ax.plot(ep, [100 * c["val"]["accuracy"] for c in curves], "^-", label="validation block")
+    cfg = result["config"]
+    key = "iou" if cfg["task"] == "rendering" else "accuracy"
+    ax.plot(ep, [100 * c["train"][key] for c in curves], "o-", label="train")
+    ax.plot(ep, [100 * c["test"][key] for c in curves], "s-", label="test")
+    ax.plot(ep, [100 * c["val"][key] for c in curves], "^-", label="validation block")
     for k, c in enumerate(curves):
         if k and c["attempt"] != curves[k - 1]["attempt"]:
             ax.axvline(k + 0.5, color="gray", ls=":", lw=0.8)
     ax.set_xlabel("epoch (dotted: restart)")
-    ax.set_ylabel("accuracy (%)")
-    cfg = result["config"]
+    ax.set_ylabel("mean IoU (%)" if key == "iou" else "accuracy (%)")
     ax.set_title(f"{cfg['task']} · {cfg['split']} · {cfg['model']} (seed {cfg['seed']})", fontsize=9)
     ax.set_ylim(-2, 102)
     ax.legend()
@@ -236,16 +275,23 @@ def figures(result: dict, path_prefix: str) -> list[str]:
         return paths
     picks = [("train", train_idx[len(train_idx) // 2]), ("test", test_idx[len(test_idx) // 2])]
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.2))
+    rendering = cfg["task"] == "rendering"
     with torch.no_grad():
         model.eval()
         for col, (name, i) in enumerate(picks):
             logits = model(data.coords[i:i + 1]).view(CANVAS, CANVAS)
-            prob = torch.softmax(logits.flatten(), 0).view(CANVAS, CANVAS)
+            prob = (torch.sigmoid(logits) if rendering else
+                    torch.softmax(logits.flatten(), 0).view(CANVAS, CANVAS))
             ci, cj = data.centres[i].tolist()
-            for k, (img, title) in enumerate([(logits, "logits"), (prob, "probability")]):
+            for k, (img, title) in enumerate([(logits, "logits"), (prob, "pixelwise sigmoid" if rendering
+                                                                     else "probability")]):
                 ax = axes[2 * col + k]
                 ax.imshow(img.numpy(), cmap="viridis")
-                ax.scatter([cj], [ci], s=40, facecolors="none", edgecolors="r")
+                if rendering:  # the true square's outline
+                    h = SQUARE / 2
+                    ax.add_patch(plt.Rectangle((cj - h, ci - h), 2 * h, 2 * h, fill=False, ec="r", lw=0.8))
+                else:
+                    ax.scatter([cj], [ci], s=40, facecolors="none", edgecolors="r")
                 ax.set_title(f"{name} example ({ci},{cj}): {title}", fontsize=8)
                 ax.axis("off")
     fig.tight_layout()
@@ -260,8 +306,17 @@ def public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_")}
 
 
+def _metric(m: dict, task: str) -> str:
+    """Accuracy, and for rendering the mean IoU first."""
+    acc = f"{100 * m['accuracy']:.1f}%"
+    return f"IoU {m['iou']:.3f} ({acc} exact)" if task == "rendering" else acc
+
+
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| task | split | model | params | seed | test accuracy | train accuracy | mean / max px error (test) "
+    """Results side by side with the paper's figures. Metrics: classification, the arg-max pixel is
+    the centre; regression, both coordinates within half a pixel; rendering, mean IoU of the
+    thresholded square (and the share rendered exactly)."""
+    lines = ["| task | split | model | params | seed | test | train | mean / max px error (test) "
              "| attempts | epochs | time | stopped | paper |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in results:
@@ -269,7 +324,7 @@ def markdown_table(results: list[dict]) -> str:
         paper = PAPER.get((c["task"], c["model"]), {})
         lines.append(
             f"| {c['task']} | {c['split']} | {c['model']} | {r['params']:,} | {c['seed']} | "
-            f"{100 * r['test']['accuracy']:.1f}% | {100 * r['train']['accuracy']:.1f}% | "
+            f"{_metric(r['test'], c['task'])} | {_metric(r['train'], c['task'])} | "
             f"{r['test']['mean_px_error']:.2f} / {r['test']['max_px_error']:.1f} | {r['attempts']} | {r['epochs']} | "
             f"{r['seconds']:.0f} s | {r['stopped']} | {paper.get(c['split'], '')} ({paper.get('params', '')} params) |")
     return "\n".join(lines)

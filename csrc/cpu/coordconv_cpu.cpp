@@ -20,12 +20,15 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 #include "../geometry.h"
+#include "direct_avx512.h"
 
 namespace coordconv {
 namespace {
@@ -240,6 +243,21 @@ void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
   });
 }
 
+// The AVX-512 direct kernel's domain: float32, 1-D/2-D, NCHW, groups = 1, shallow (see
+// direct_avx512.h), on a CPU that has AVX-512.
+constexpr int64_t kOcBlockPad = 16;
+
+// COORDCONV_NO_AVX512 set: oneDNN + epilogue instead (for A/B measurements and bisecting; read on
+// every call that would take the kernel, so a benchmark can alternate).
+bool avx512_disabled() { return std::getenv("COORDCONV_NO_AVX512") != nullptr; }
+
+bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
+  return avx512_supported() && input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous &&
+         g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 && g.out[0] == 1 && g.k_data() <= kAvx512DirectMaxK &&
+         g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) &&
+         !avx512_disabled();
+}
+
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
@@ -249,13 +267,23 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
                              coord_pad_mode, with_r, separate);
   const auto format = conv_output_format(input, weight);
   const bool direct = g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;
-  at::Tensor y = direct ? at::empty(output_sizes(g), input.options())
+  const bool simd = !direct && use_avx512_direct(g, input, format);
+  at::Tensor y = direct || simd ? at::empty(output_sizes(g), input.options())
                         : at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor P = cached_coord_term<scalar_t, acc_t>(g, coord_weight);
-    if (direct) {
+    if (simd) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        const at::Tensor x = input.contiguous();
+        const int64_t oc_padded = (g.c_out + kOcBlockPad - 1) / kOcBlockPad * kOcBlockPad;
+        at::Tensor wpack = at::zeros({g.k_data(), oc_padded}, weight.options());
+        wpack.narrow(1, 0, g.c_out).copy_(weight.reshape({g.c_out, -1}).t());
+        direct_forward_avx512(g, x.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded, P.data_ptr<float>(),
+                              g.has_bias ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>());
+      }
+    } else if (direct) {
       const at::Tensor x = input.contiguous(), w = weight.contiguous();
       direct_forward_cpu<scalar_t, acc_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), P.data_ptr<acc_t>(),
                                           g.has_bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
