@@ -55,6 +55,7 @@ STANDARD_SHAPES = [
     Shape("batch-1 stem", 1, 3, 224, 224, 64, 7, 2, 3),
     Shape("paper 1x1 layer", 64, 1, 64, 64, 8, 1, 1, 0),
     Shape("high resolution", 16, 32, 128, 128, 32, 3, 1, 1),
+    Shape("RGB 1x1 layer", 8, 3, 224, 224, 8, 1, 1, 0),  # the paper's ImageNet CoordConv layer (S5)
 ]
 QUICK_SHAPES = [STANDARD_SHAPES[0], STANDARD_SHAPES[1], STANDARD_SHAPES[4]]
 FLOOR, NAIVE = "nn.Conv2d (floor)", "naive cat"

@@ -75,6 +75,8 @@ def _paper(args: argparse.Namespace) -> int:
             results.append(result)
             print(train.markdown_table([result]).splitlines()[-1], file=sys.stderr)
     print(train.markdown_table(results))
+    print()
+    print(train.summary_table(results))
     path = train.save(results, args.out)
     print(f"\nwrote {path} and figures in {args.out}/")
     return 0

@@ -4,7 +4,10 @@ Coordinate classification, CoordConv (7,553 parameters): the coordinates (i, j) 
 64x64x2 map -> CoordConv 3x3, 32 -> six 1x1 convolutions of 32 with ReLU -> 1x1 to one logit per
 pixel. Baseline: a deconvolution stack from the 1x1 coordinate vector up to 64x64 (filter size 2,
 channel multiplier c = 1: 45,953 parameters, the small end of the paper's 50k–1.6M sweep).
-"""
+
+Regression (Table S1): a linear CoordConv network into global max pooling (906 parameters), and the
+convolutional baselines of Table S1. Rendering: the classification network plus a learned 9x9 stamp
+(7,635 parameters), and the deconvolution stack with c = 2 (182,017)."""
 
 from __future__ import annotations
 

@@ -325,8 +325,30 @@ def markdown_table(results: list[dict]) -> str:
         lines.append(
             f"| {c['task']} | {c['split']} | {c['model']} | {r['params']:,} | {c['seed']} | "
             f"{_metric(r['test'], c['task'])} | {_metric(r['train'], c['task'])} | "
-            f"{r['test']['mean_px_error']:.2f} / {r['test']['max_px_error']:.1f} | {r['attempts']} | {r['epochs']} | "
+            f"{r['test']['mean_px_error']:.2f} / {r['test']['max_px_error']:.2f} | {r['attempts']} | {r['epochs']} | "
             f"{r['seconds']:.0f} s | {r['stopped']} | {paper.get(c['split'], '')} ({paper.get('params', '')} params) |")
+    return "\n".join(lines)
+
+
+def summary_table(results: list[dict]) -> str:
+    """One row per task, split and model: the test metric of every seed, the time per run, and the
+    paper's figure."""
+    groups: dict = {}
+    for r in results:
+        c = r["config"]
+        groups.setdefault((c["task"], c["split"], c["model"]), []).append(r)
+    lines = ["| task | split | model | params | test (seeds) | time per run | paper |", "|---|---|---|---:|---|---:|---|"]
+    for (task, split_, model), rs in groups.items():
+        if task == "rendering":
+            metric = " / ".join(f"IoU {r['test']['iou']:.3f}" for r in rs)
+        else:
+            metric = " / ".join(f"{100 * r['test']['accuracy']:.1f}%" for r in rs)
+        seeds = ", ".join(str(r["config"]["seed"]) for r in rs)
+        secs = [r["seconds"] for r in rs]
+        time_ = f"{min(secs):.0f} s" if len(secs) == 1 else f"{min(secs):.0f}–{max(secs):.0f} s"
+        paper = PAPER.get((task, model), {})
+        lines.append(f"| {task} | {split_} | {model} | {rs[0]['params']:,} | {metric} (seed {seeds}) | {time_} | "
+                     f"{paper.get(split_, '')} |")
     return "\n".join(lines)
 
 
