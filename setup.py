@@ -25,7 +25,10 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp-simd"]
+    # -fopenmp: ATen's at::parallel_for is inlined from its headers and runs its loop serially unless
+    # the extension itself is compiled with OpenMP (libgomp is the one torch already loads).
+    cxx = ["-O3", "-fopenmp"]
+    link = ["-fopenmp"]
     force_cuda = os.environ.get("FORCE_CUDA") == "1"
     use_cuda = CUDA_HOME is not None and (torch.cuda.is_available() or force_cuda)
     if force_cuda and CUDA_HOME is None:
@@ -44,9 +47,10 @@ def _extensions():
             include_dirs=include_dirs,
             define_macros=[("COORDCONV_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link,
         )
     else:
-        ext = CppExtension("coordconv_fused._C", sources, extra_compile_args=cxx)
+        ext = CppExtension("coordconv_fused._C", sources, extra_compile_args=cxx, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 

@@ -70,7 +70,7 @@ def test_emulated_cuda_gradcheck(emulated_backend):
 
 
 CPP_CASES = [
-    Case((64, 64), batch=4, in_channels=1, out_channels=8, kernel_size=1),  # the direct CPU kernel
+    Case((64, 64), batch=4, in_channels=1, out_channels=8, kernel_size=1),  # the paper's 1x1 layer
     Case((9, 8), in_channels=1, out_channels=3, kernel_size=1, padding=2, with_r=True),
     Case((9, 8), in_channels=1, out_channels=3, kernel_size=1, stride=2, separate=True, padding_mode="reflect",
          padding=1),
@@ -86,28 +86,55 @@ def test_cpp_matches_reference(case, dtype):
     assert_matches_reference("cpp", case, dtype)
 
 
-# The AVX-512 direct kernel (float32, 1-D/2-D, groups 1, C_in * taps <= 160): register tiles of
-# 16 output channels x 16 columns, so: ragged and multi-tile rows, channel counts around 16, zero
-# padding wider than the kernel, stride 2 (permute and gather paths) and 3 (gather), dilation.
+# The AVX-512 direct kernel (float32, 1-D/2-D, groups 1, shallow: see avx512_direct_pays in
+# csrc/cpu/direct_avx512.h): register tiles of 4 output channels x 4 vectors of 16 columns over a
+# zero-margined, stride-phase-split copy of the input. So: rows of one ragged vector, of several
+# vectors, of a full tile plus a ragged rest; channel counts around multiples of 4; zero padding
+# wider than the kernel; strides 2, 3 and 4 (phase split) with dilation; depth 1 and depth 144.
 AVX512_CASES = [
     Case((5, 7)),
     Case((9, 33), out_channels=17, padding=1, with_r=True),
-    Case((6, 40), in_channels=3, out_channels=33, kernel_size=3, padding=1, dilation=2),
-    Case((11, 70), in_channels=3, out_channels=16, kernel_size=7, stride=2, padding=3, with_r=True),
+    Case((6, 70), in_channels=3, out_channels=33, kernel_size=3, padding=1, dilation=2),
+    Case((11, 140), in_channels=3, out_channels=16, kernel_size=7, stride=2, padding=3, with_r=True),
     Case((8, 50), in_channels=2, out_channels=5, kernel_size=5, stride=3, padding=4, bias=False),
+    Case((5, 200), in_channels=3, out_channels=6, kernel_size=3, stride=4, padding=1, dilation=3),
     Case((7, 45), in_channels=3, out_channels=8, kernel_size=(3, 5), stride=(1, 2), padding=(2, 6), separate=True),
     Case((1, 19), in_channels=3, out_channels=4, kernel_size=(1, 3), padding=(0, 1)),
     Case((10, 3), in_channels=4, out_channels=9, kernel_size=3, padding=2, padding_mode="reflect", with_r=True),
     Case((37,), in_channels=3, out_channels=18, kernel_size=5, stride=2, padding=2, with_r=True),
-    Case((12, 12), batch=1, in_channels=16, out_channels=20, kernel_size=3, padding="same"),
+    Case((12, 60), batch=1, in_channels=16, out_channels=20, kernel_size=3, padding="same"),
+    Case((9, 130), batch=3, in_channels=1, out_channels=7, kernel_size=1),
 ]
 
 
 @pytest.mark.skipif(extension.LOAD_ERROR is not None or not extension.avx512_direct_available(),
                     reason="the CPU has no AVX-512 (the kernel is not used there)")
 @pytest.mark.parametrize("case", AVX512_CASES, ids=str)
-def test_cpp_avx512_direct_kernel(case):
+def test_cpp_avx512_direct_kernel(case, monkeypatch):
+    monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
+    calls = extension._C.avx512_direct_calls()
     assert_matches_reference("cpp", case, torch.float32)
+    assert extension._C.avx512_direct_calls() > calls, "the case did not take the AVX-512 kernel"
+
+
+@pytest.mark.parametrize("case", AVX512_CASES[:4] + [Case((9, 130), batch=3, in_channels=1, out_channels=7,
+                                                          kernel_size=1, padding=1, with_r=True)], ids=str)
+def test_cpp_without_avx512_kernel(case, monkeypatch):
+    """The same layers through the paths other CPUs take: oneDNN + epilogue, or the row kernel at depth 1."""
+    monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
+    calls = extension._C.avx512_direct_calls()
+    assert_matches_reference("cpp", case, torch.float32)
+    assert extension._C.avx512_direct_calls() == calls
+
+
+def test_cpp_parallel_loops_use_threads():
+    """ATen's parallel_for is inlined into the extension: without OpenMP at build time it runs serially."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert extension._C.parallel_for_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("case", [

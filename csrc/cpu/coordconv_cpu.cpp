@@ -245,7 +245,6 @@ void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
 
 // The AVX-512 direct kernel's domain: float32, 1-D/2-D, NCHW, groups = 1, shallow (see
 // direct_avx512.h), on a CPU that has AVX-512.
-constexpr int64_t kOcBlockPad = 16;
 
 // COORDCONV_NO_AVX512 set: oneDNN + epilogue instead (for A/B measurements and bisecting; read on
 // every call that would take the kernel, so a benchmark can alternate).
@@ -253,7 +252,7 @@ bool avx512_disabled() { return std::getenv("COORDCONV_NO_AVX512") != nullptr; }
 
 bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
   return avx512_supported() && input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous &&
-         g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 && g.out[0] == 1 && g.k_data() <= kAvx512DirectMaxK &&
+         g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 && g.out[0] == 1 && avx512_direct_pays(g) &&
          g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) &&
          !avx512_disabled();
 }
@@ -266,8 +265,8 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, coord_pad,
                              coord_pad_mode, with_r, separate);
   const auto format = conv_output_format(input, weight);
-  const bool direct = g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;
-  const bool simd = !direct && use_avx512_direct(g, input, format);
+  const bool simd = use_avx512_direct(g, input, format);
+  const bool direct = !simd && g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;
   at::Tensor y = direct || simd ? at::empty(output_sizes(g), input.options())
                         : at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
   if (y.numel() == 0) return y;
@@ -277,11 +276,14 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
     if (simd) {
       if constexpr (std::is_same_v<scalar_t, float>) {
         const at::Tensor x = input.contiguous();
-        const int64_t oc_padded = (g.c_out + kOcBlockPad - 1) / kOcBlockPad * kOcBlockPad;
+        const int64_t oc_padded = (g.c_out + kOcBlock - 1) / kOcBlock * kOcBlock;
         at::Tensor wpack = at::zeros({g.k_data(), oc_padded}, weight.options());
         wpack.narrow(1, 0, g.c_out).copy_(weight.reshape({g.c_out, -1}).t());
-        direct_forward_avx512(g, x.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded, P.data_ptr<float>(),
-                              g.has_bias ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>());
+        const SplitLayout layout = split_layout(g);
+        at::Tensor xs = at::empty({g.n * g.c_in * g.padded[1] * layout.floats_per_row()}, input.options());
+        const at::Tensor b = g.has_bias ? bias->contiguous() : at::Tensor();
+        direct_forward_avx512(g, layout, x.data_ptr<float>(), xs.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded,
+                              P.data_ptr<float>(), g.has_bias ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
       }
     } else if (direct) {
       const at::Tensor x = input.contiguous(), w = weight.contiguous();

@@ -1,12 +1,22 @@
-// AVX-512 direct CoordConv for shallow layers (float32, 2-D, NCHW, groups = 1).
+// AVX-512 direct CoordConv for shallow layers (float32, 1-D/2-D, NCHW, groups = 1).
 //
-// A network's first layer (C_in * kh * kw small) is memory-bound around its output: oneDNN
-// convolves, then the coordinate term costs a second pass over the output. This kernel writes each
-// output element once: a register tile of 16 output channels x 16 output columns starts from the
-// coordinate term P (computed in closed form, see coordconv_cpu.cpp) plus the bias, accumulates the
-// data taps with FMAs (one input vector load serves 16 FMAs; weights are broadcast from a packed
-// [tap][C_out] copy), and is stored once. Zero padding and the ragged right edge are lane masks;
-// stride 2 along W de-interleaves two masked loads with one permute; other strides gather.
+// A network's first layer (C_in * kh * kw small) is bound by its output: oneDNN convolves, then the
+// coordinate term costs a second pass over the output. This kernel writes each output element once.
+//
+// Two passes:
+//  1. The input is copied into a zero-margined, stride-phase-split layout: every input row becomes
+//     `sw` phase rows, phase p holding the columns p, p + sw, p + 2 sw, ... with zeros on both sides.
+//     Then the input column read by tap tw for output column j, j * sw + tw * dw - pw, is column
+//     j + floor(d / sw) of phase (d mod sw), d = tw * dw - pw: a tap reads 16 consecutive output
+//     columns with one unmasked load, whatever the stride, and zero padding costs nothing.
+//  2. Register tiles of kOcBlock output channels x kVecs vectors of 16 columns (16 accumulators)
+//     start from the coordinate term P (closed form, see coordconv_cpu.cpp) plus the bias,
+//     accumulate the data taps (kVecs loads and kOcBlock weight broadcasts feed kOcBlock * kVecs
+//     FMAs), and are stored once. A row's last tile is narrower and its last vector is masked.
+//
+// Tile shape measured on the 2-core Zen 4 CI machine (one image, 3 -> 32 channels 3x3 on 64x64,
+// one thread, useful zmm FMAs per ns): 4 ch x 4 vec 2.42, 6 x 4 2.24, 8 x 3 2.11, 12 x 2 1.93,
+// 16 x 1 (the previous kernel, masked loads per tap) 1.51; oneDNN ~1.4 on the same layer.
 //
 // Compiled with a target attribute and selected at run time (`avx512_supported()`), so the
 // extension still builds and runs on CPUs without AVX-512.
@@ -14,7 +24,10 @@
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "../coordconv.h"
 
@@ -25,13 +38,54 @@
 
 namespace coordconv {
 
-// Depth C_in * kh * kw up to which the AVX-512 direct kernel replaces oneDNN + epilogue. Measured
-// interleaved on the 2-core AVX-512 CI machine (median ratio to nn.Conv2d, 2 threads; kernel vs
-// oneDNN + epilogue): 1x1 3 -> 8 (the paper's ImageNet CoordConv layer) 0.51x vs 1.34x; 1x1 3 -> 32
-// 1.06x vs 1.46x; 1x1 8 -> 32 1.24x vs 1.40x; 3x3 1 -> 32 1.38x vs 1.68x; 3x3 2 -> 32 1.26x vs 1.55x;
-// 3x3 3 -> 32 1.56x vs 1.47x; 7x7/2 3 -> 64 1.37x vs 1.35x. It wins up to depth 18, where the
-// output pass it saves outweighs oneDNN's better FMA scheduling.
-constexpr int64_t kAvx512DirectMaxK = 20;
+constexpr int64_t kOcBlock = 4;  // output channels per register tile
+constexpr int64_t kVecs = 4;     // vectors of 16 output columns per register tile
+constexpr int64_t kLanes = 16;   // float32 lanes per zmm
+
+// Where the kernel beats oneDNN + the coordinate epilogue. Measured interleaved on the 2-core Zen 4
+// CI machine, 2 threads, median ratio to nn.Conv2d (kernel vs oneDNN + epilogue):
+//   1x1 3 -> 8, 224^2: 0.28x vs 1.12x      3x3 3 -> 32, 64^2: 0.82x vs 1.42x
+//   3x3 8 -> 32, 64^2: 0.95x vs 1.25x      3x3 16 -> 32, 64^2: 0.99x vs 1.18x
+//   5x5 3 -> 32, 64^2: 0.94x vs 1.27x      7x7/2 3 -> 64, 224^2 (N=1): 1.27x vs 1.36x
+//   1-D k5 4 -> 32, L=1000: 1.22x vs 1.77x  3x3 3 -> 16, 32^2: 1.17x vs 1.40x
+//   1x1 16 -> 32, 56^2: 1.54x vs 1.73x
+// and loses on deeper inputs or narrow rows (a tile then holds too few output columns):
+//   3x3 32 -> 32, 128^2: 1.16x vs 1.11x     1x1 64 -> 64, 56^2: 1.68x vs 1.25x
+//   3x3 16 -> 32, 32^2: 1.34x vs 1.28x      3x3 16 -> 16, 16^2: 2.37x vs 1.77x
+//   3x3/2 16 -> 32, 64^2 (32 wide out): 1.57x vs 1.40x
+constexpr int64_t kAvx512DirectMaxK = 150;    // C_in * kh * kw
+constexpr int64_t kAvx512DirectMaxCin = 16;
+inline bool avx512_direct_pays(const Geometry& g) {
+  return g.k_data() <= kAvx512DirectMaxK && g.c_in <= kAvx512DirectMaxCin &&
+         (g.out[2] >= 3 * kLanes || g.c_in <= 4);
+}
+
+// The phase-split input of pass 1, for one (n, c, ih) input row: `stride` phase rows of `row_len`
+// floats; output column j of tap (phase p, shift q) reads phase p at `margin + j + q`.
+struct SplitLayout {
+  int64_t stride, margin, row_len;
+  int64_t floats_per_row() const { return stride * row_len; }
+  // Offset of column tap tw's first read from the start of a row (precomputed: no division in the tap loop).
+  int64_t tap_offset(const Geometry& g, int64_t tw) const;
+};
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+inline int64_t SplitLayout::tap_offset(const Geometry& g, int64_t tw) const {
+  const int64_t d = tw * g.dil[2] - g.pad[2], q = floor_div(d, stride);
+  return (d - q * stride) * row_len + margin + q;
+}
+
+inline SplitLayout split_layout(const Geometry& g) {
+  const int64_t sw = g.stride[2], W = g.padded[2], OW = g.out[2];
+  const int64_t q_min = floor_div(-g.pad[2], sw), q_max = floor_div((g.kernel[2] - 1) * g.dil[2] - g.pad[2], sw);
+  const int64_t margin = q_min < 0 ? -q_min : 0;
+  const int64_t phase_len = (W + sw - 1) / sw;
+  const int64_t cols = (OW + kLanes - 1) / kLanes * kLanes;  // every vector is loaded whole
+  int64_t len = margin + (cols + (q_max > 0 ? q_max : 0) > phase_len ? cols + (q_max > 0 ? q_max : 0) : phase_len);
+  len = (len + kLanes - 1) / kLanes * kLanes;
+  return SplitLayout{sw, margin, len};
+}
 
 #ifdef COORDCONV_HAVE_AVX512_KERNEL
 
@@ -40,103 +94,127 @@ inline bool avx512_supported() {
   return ok;
 }
 
-constexpr int64_t kOcBlock = 16;  // output channels per register tile
-constexpr int64_t kLanes = 16;    // float32 lanes per zmm
-
-// Lanes [lo, hi) set, 0 <= lo, hi <= 64.
-inline uint64_t lane_range(int64_t lo, int64_t hi) {
-  if (hi <= lo) return 0;
-  const uint64_t upto_hi = hi >= 64 ? ~uint64_t{0} : (uint64_t{1} << hi) - 1;
-  return upto_hi & ~((uint64_t{1} << lo) - 1);
-}
-
-// One vector of 16 input values for output columns j0..j0+15: lane l holds x[start + l * SW]
-// (SW = 0: the stride `sw` at run time), zero outside [0, W) (zero padding) and in lanes >= `lanes`.
-// Each stride has its own instantiation so that the tap loop holds no other path's registers (the
-// 16 accumulators must stay in registers).
-template <int SW>
-__attribute__((target("avx512f"), always_inline)) inline __m512 load_taps(const float* row, int64_t start,
-                                                                          int64_t sw, int64_t W, int64_t lanes) {
-  // Masked-off lanes are not read (no fault), so the base pointer may lie before or after the row.
-  const float* base = reinterpret_cast<const float*>(reinterpret_cast<intptr_t>(row) +
-                                                     start * static_cast<intptr_t>(sizeof(float)));
-  if constexpr (SW == 1) {
-    const uint64_t m = lane_range(start < 0 ? -start : 0, W - start < lanes ? W - start : lanes);
-    return _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), base);
-  } else if constexpr (SW == 2) {
-    // the 32 columns start..start+31, then the even ones
-    const uint64_t m = lane_range(start < 0 ? -start : 0, W - start < 2 * lanes - 1 ? W - start : 2 * lanes - 1);
-    const __m512 a = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m), base);
-    const __m512 b = _mm512_maskz_loadu_ps(static_cast<__mmask16>(m >> 16), base + 16);
-    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-    return _mm512_permutex2var_ps(a, even, b);
-  } else {
-    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i col = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(start)),
-                                         _mm512_mullo_epi32(lane, _mm512_set1_epi32(static_cast<int>(sw))));
-    const __mmask16 m = _mm512_cmpge_epi32_mask(col, _mm512_setzero_si512()) &
-                        _mm512_cmplt_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(W))) &
-                        static_cast<__mmask16>(lane_range(0, lanes));
-    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, col, row, 4);
-  }
-}
-
-// y[n, o, oh, :] for one image row and one block of <= 16 output channels.
-// wpack: [C_in * KH * KW][oc_padded] (tap-major, zero-filled to a multiple of 16 channels).
-template <int SW>
-__attribute__((target("avx512f"))) void direct_row_avx512(const Geometry& g, const float* x, const float* wpack,
-                                                          int64_t oc_padded, const float* P, const float* bias,
-                                                          float* y, int64_t n, int64_t oh, int64_t oc0) {
-  const int64_t H = g.padded[1], W = g.padded[2], OH = g.out[1], OW = g.out[2];
-  const int64_t KH = g.kernel[1], KW = g.kernel[2], C = g.c_in;
-  const int64_t sw = g.stride[2], dw = g.dil[2], pw = g.pad[2];
-  const int64_t on = g.c_out - oc0 < kOcBlock ? g.c_out - oc0 : kOcBlock;
-  for (int64_t j0 = 0; j0 < OW; j0 += kLanes) {
-    const int64_t lanes = OW - j0 < kLanes ? OW - j0 : kLanes;
-    const __mmask16 store = static_cast<__mmask16>(lane_range(0, lanes));
-    // 16 named accumulators: held in an array, GCC stored all 16 to the stack after every tap.
-#define COORDCONV_REPEAT16(M) M(0) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13) M(14) M(15)
-    // start: P + bias (channels past C_out in the last block compute a copy of channel oc0, never stored)
-#define COORDCONV_OC(o) (oc0 + (o < on ? o : 0))
-#define COORDCONV_INIT(o)                                                                        \
-  __m512 acc##o = _mm512_add_ps(_mm512_maskz_loadu_ps(store, P + (COORDCONV_OC(o) * OH + oh) * OW + j0), \
-                                _mm512_set1_ps(bias ? bias[COORDCONV_OC(o)] : 0.0f));
-#define COORDCONV_FMA(o) acc##o = _mm512_fmadd_ps(_mm512_set1_ps(wt[o]), v, acc##o);
-#define COORDCONV_STORE(o) \
-  if (o < on) _mm512_mask_storeu_ps(y + ((n * g.c_out + oc0 + o) * OH + oh) * OW + j0, store, acc##o);
-    COORDCONV_REPEAT16(COORDCONV_INIT)
-    const int64_t col0 = j0 * sw - pw;
-    for (int64_t ci = 0; ci < C; ++ci) {
-      for (int64_t th = 0; th < KH; ++th) {
-        const int64_t ih = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
-        if (ih < 0 || ih >= H) continue;  // a zero-padding row
-        const float* row = x + ((n * C + ci) * H + ih) * W;
-        const float* wt = wpack + ((ci * KH + th) * KW) * oc_padded + oc0;
-        for (int64_t tw = 0; tw < KW; ++tw, wt += oc_padded) {
-          const __m512 v = load_taps<SW>(row, col0 + tw * dw, sw, W, lanes);
-          COORDCONV_REPEAT16(COORDCONV_FMA)
+// Pass 1: xs[(n * C + c) * H + ih] = the phase rows of x[n, c, ih, :].
+inline void split_input(const Geometry& g, const SplitLayout& s, const float* x, float* xs) {
+  const int64_t W = g.padded[2], rows = g.n * g.c_in * g.padded[1];
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* src = x + r * W;
+      float* dst = xs + r * s.floats_per_row();
+      std::memset(dst, 0, sizeof(float) * s.floats_per_row());
+      if (s.stride == 1) {
+        std::memcpy(dst + s.margin, src, sizeof(float) * W);
+      } else {
+        for (int64_t p = 0; p < s.stride && p < W; ++p) {
+          float* phase = dst + p * s.row_len + s.margin;
+          const int64_t len = (W - p + s.stride - 1) / s.stride;
+          for (int64_t q = 0; q < len; ++q) phase[q] = src[q * s.stride + p];
         }
       }
     }
-    COORDCONV_REPEAT16(COORDCONV_STORE)
-#undef COORDCONV_STORE
-#undef COORDCONV_FMA
-#undef COORDCONV_INIT
-#undef COORDCONV_OC
-#undef COORDCONV_REPEAT16
+  });
+}
+
+// One register tile: output channels oc0 .. oc0 + kOcBlock - 1 (those >= C_out computed from zero
+// weights and not stored), columns j0 .. j0 + 16 * VECS - 1 of output row oh of sample n; `tail`
+// masks the last vector's lanes.
+// wpack: [C_in * KH * KW][oc_padded], tap-major, zero-filled past C_out.
+template <int VECS>
+__attribute__((target("avx512f"), always_inline)) inline void direct_tile(
+    const Geometry& g, const SplitLayout& s, const int64_t* tap_offsets, const float* xs, const float* wpack,
+    int64_t oc_padded, const float* P, const float* bias, float* y, int64_t n, int64_t oh, int64_t oc0, int64_t j0,
+    __mmask16 tail) {
+  const int64_t H = g.padded[1], OH = g.out[1], OW = g.out[2];
+  const int64_t KH = g.kernel[1], KW = g.kernel[2], C = g.c_in;
+  const int64_t on = g.c_out - oc0 < kOcBlock ? g.c_out - oc0 : kOcBlock;
+  // Start from the bias; P is added at the end, its lines prefetched now (read first, a P line from
+  // L3 would hold up every FMA chain of the tile).
+  __m512 acc[kOcBlock][VECS];
+  const float* prow[kOcBlock];
+#pragma GCC unroll 4
+  for (int o = 0; o < kOcBlock; ++o) {
+    const int64_t oc = oc0 + (o < on ? o : 0);
+    prow[o] = P + (oc * OH + oh) * OW + j0;
+    const __m512 b = _mm512_set1_ps(bias ? bias[oc] : 0.0f);
+#pragma GCC unroll 4
+    for (int v = 0; v < VECS; ++v) {
+      _mm_prefetch(reinterpret_cast<const char*>(prow[o] + kLanes * v), _MM_HINT_T0);
+      acc[o][v] = b;
+    }
+  }
+  for (int64_t ci = 0; ci < C; ++ci) {
+    for (int64_t th = 0; th < KH; ++th) {
+      const int64_t ih = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
+      if (ih < 0 || ih >= H) continue;  // a zero-padding row
+      const float* rows = xs + ((n * C + ci) * H + ih) * s.floats_per_row() + j0;
+      const float* wt = wpack + ((ci * KH + th) * KW) * oc_padded + oc0;
+      for (int64_t tw = 0; tw < KW; ++tw, wt += oc_padded) {
+        const float* row = rows + tap_offsets[tw];
+        __m512 xv[VECS];
+#pragma GCC unroll 4
+        for (int v = 0; v < VECS; ++v) xv[v] = _mm512_loadu_ps(row + kLanes * v);
+#pragma GCC unroll 4
+        for (int o = 0; o < kOcBlock; ++o) {
+          const __m512 w = _mm512_set1_ps(wt[o]);
+#pragma GCC unroll 4
+          for (int v = 0; v < VECS; ++v) acc[o][v] = _mm512_fmadd_ps(w, xv[v], acc[o][v]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < kOcBlock; ++o) {
+    if (o >= on) break;
+    float* yrow = y + ((n * g.c_out + oc0 + o) * OH + oh) * OW + j0;
+#pragma GCC unroll 4
+    for (int v = 0; v < VECS; ++v) {
+      const __mmask16 m = v == VECS - 1 ? tail : __mmask16(0xffff);
+      _mm512_mask_storeu_ps(yrow + kLanes * v, m, _mm512_add_ps(acc[o][v], _mm512_maskz_loadu_ps(m, prow[o] + kLanes * v)));
+    }
   }
 }
 
-// The whole output: rows x output-channel blocks in parallel.
-inline void direct_forward_avx512(const Geometry& g, const float* x, const float* wpack, int64_t oc_padded,
-                                  const float* P, const float* bias, float* y) {
-  const int64_t blocks = oc_padded / kOcBlock, OH = g.out[1];
-  auto row = g.stride[2] == 1 ? &direct_row_avx512<1> : g.stride[2] == 2 ? &direct_row_avx512<2> : &direct_row_avx512<0>;
-  at::parallel_for(0, g.n * OH * blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item % blocks, oh = (item / blocks) % OH, n = item / (blocks * OH);
-      row(g, x, wpack, oc_padded, P, bias, y, n, oh, b * kOcBlock);
+// Items [begin, end) of (sample, channel block, output row), each: full tiles along the row, then
+// one narrower tile for the rest.
+__attribute__((target("avx512f"))) inline void direct_items(const Geometry& g, const SplitLayout& s,
+                                                            const int64_t* tap_offsets, const float* xs,
+                                                            const float* wpack, int64_t oc_padded, const float* P,
+                                                            const float* bias, float* y, int64_t begin, int64_t end) {
+  const int64_t blocks = (g.c_out + kOcBlock - 1) / kOcBlock, OH = g.out[1], OW = g.out[2];
+  static_assert(kVecs == 4, "the switch below covers rests of 1 to kVecs vectors");
+  const int64_t full = OW / (kVecs * kLanes) * (kVecs * kLanes), rest = OW - full;
+  const __mmask16 tail = static_cast<__mmask16>((1u << ((rest + kLanes - 1) % kLanes + 1)) - 1);
+  for (int64_t item = begin; item < end; ++item) {
+    // rows innermost: a thread streams through kOcBlock output planes (and the same planes of P) at a time
+    const int64_t oh = item % OH, oc0 = (item / OH) % blocks * kOcBlock, n = item / (blocks * OH);
+    for (int64_t j0 = 0; j0 < full; j0 += kVecs * kLanes)
+      direct_tile<kVecs>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, j0, __mmask16(0xffff));
+    switch ((rest + kLanes - 1) / kLanes) {
+      case 0: break;
+      case 1: direct_tile<1>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
+      case 2: direct_tile<2>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
+      case 3: direct_tile<3>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
+      default: direct_tile<4>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
     }
+  }
+}
+
+// Calls of direct_forward_avx512 since load (tests check that their cases really take the kernel).
+inline std::atomic<int64_t>& avx512_direct_calls() {
+  static std::atomic<int64_t> calls{0};
+  return calls;
+}
+
+// The whole output: (sample, channel block, row) items in parallel. xs: the pass-1 buffer.
+inline void direct_forward_avx512(const Geometry& g, const SplitLayout& s, const float* x, float* xs,
+                                  const float* wpack, int64_t oc_padded, const float* P, const float* bias, float* y) {
+  avx512_direct_calls() += 1;
+  split_input(g, s, x, xs);
+  std::vector<int64_t> tap_offsets(g.kernel[2]);
+  for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
+  const int64_t items = g.n * g.out[1] * ((g.c_out + kOcBlock - 1) / kOcBlock);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    direct_items(g, s, tap_offsets.data(), xs, wpack, oc_padded, P, bias, y, begin, end);
   });
 }
 
@@ -144,8 +222,13 @@ inline void direct_forward_avx512(const Geometry& g, const float* x, const float
 
 inline bool avx512_supported() { return false; }
 
-inline void direct_forward_avx512(const Geometry&, const float*, const float*, int64_t, const float*, const float*,
-                                  float*) {}
+inline std::atomic<int64_t>& avx512_direct_calls() {
+  static std::atomic<int64_t> calls{0};
+  return calls;
+}
+
+inline void direct_forward_avx512(const Geometry&, const SplitLayout&, const float*, float*, const float*, int64_t,
+                                  const float*, const float*, float*) {}
 
 #endif
 
