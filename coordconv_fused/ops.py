@@ -78,21 +78,40 @@ def _grad_fake(grad_sum, input, weight, coord_weight, *args):
     return torch.empty_like(coord_weight, memory_format=torch.contiguous_format)
 
 
-def _make_backward(coord_weight_grad: CoordGradFn):
+# input_grad(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups)
+# -> the data convolution's input gradient, or None to leave it to convolution_backward
+InputGradFn = Callable[..., "Tensor | None"]
+
+
+def _make_backward(coord_weight_grad: CoordGradFn, input_grad: InputGradFn | None = None):
     def backward(ctx, grad):
         input, weight, coord_weight = ctx.saved_tensors
         stride, padding, dilation, transposed, output_padding, groups = ctx.args[:6]
         need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]
+        need_b = need_b and ctx.has_bias
         grad_in = grad_w = grad_cw = grad_b = None
-        if need_in or need_w or (need_b and ctx.has_bias):
-            c_out = weight.shape[1] * groups if transposed else weight.shape[0]
-            grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, input, weight, [c_out] if ctx.has_bias else None, stride, padding, dilation,
-                transposed, output_padding, groups, [need_in, need_w, need_b and ctx.has_bias])
+        grad_sum = None
         if need_cw:
-            # The coordinate term is the same for every sample: only the batch sum of grad matters.
-            grad_sum = grad.sum(0, keepdim=True)
-            grad_cw = coord_weight_grad(grad_sum, input, weight, coord_weight, *ctx.args)
+            # The coordinate term is the same for every sample: only the batch sum of grad matters
+            # (accumulated in float32 for half types). The bias gradient is its sum over the
+            # points, so convolution_backward need not read grad once more for it.
+            acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+            grad_sum = grad if grad.shape[0] == 1 and grad.dtype == acc else grad.sum(0, keepdim=True, dtype=acc)
+        if need_in and input_grad is not None:
+            grad_in = input_grad(grad, input, weight, *ctx.args[:6])
+        in_conv = need_in and grad_in is None
+        bias_in_conv = need_b and grad_sum is None
+        if in_conv or need_w or bias_in_conv:
+            c_out = weight.shape[1] * groups if transposed else weight.shape[0]
+            conv_in, grad_w, conv_b = torch.ops.aten.convolution_backward(
+                grad, input, weight, [c_out] if bias_in_conv else None, stride, padding, dilation,
+                transposed, output_padding, groups, [in_conv, need_w, bias_in_conv])
+            grad_in = conv_in if in_conv else grad_in
+            grad_b = conv_b if bias_in_conv else grad_b
+        if grad_sum is not None:
+            if need_b:
+                grad_b = grad_sum.sum([0] + list(range(2, grad_sum.dim()))).to(grad.dtype)
+            grad_cw = coord_weight_grad(grad_sum.to(grad.dtype), input, weight, coord_weight, *ctx.args)
         return (grad_in, grad_w, grad_cw, grad_b) + (None,) * 10
 
     return backward
@@ -119,14 +138,29 @@ def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: Coord
     return op
 
 
-def register_native_coord_conv_op(name: str) -> None:
+def _input_grad_fake(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups):
+    return torch.ops.aten.convolution_backward(grad, input, weight, None, stride, padding, dilation, transposed,
+                                               output_padding, groups, [True, False, False])[0]
+
+
+def register_native_coord_conv_op(name: str, input_grad_devices: Sequence[str] = ()) -> None:
     """Add the fake kernels and autograd to ``coordconv_fused::<name>`` and its
-    ``<name>_coord_weight_grad`` op, both declared in C++ (csrc/ops.cpp) with the same schemas."""
+    ``<name>_coord_weight_grad`` op, both declared in C++ (csrc/ops.cpp) with the same schemas.
+    On ``input_grad_devices`` the input gradient comes from ``<name>_input_grad`` (also declared
+    there), elsewhere from ATen's ``convolution_backward``."""
     qual = f"coordconv_fused::{name}"
     torch.library.register_fake(qual, _fake)
     torch.library.register_fake(f"{qual}_coord_weight_grad", _grad_fake)
     grad_op = getattr(torch.ops.coordconv_fused, f"{name}_coord_weight_grad").default
-    torch.library.register_autograd(qual, _make_backward(grad_op), setup_context=_setup_context)
+    input_grad = None
+    if input_grad_devices:
+        torch.library.register_fake(f"{qual}_input_grad", _input_grad_fake)
+        input_grad_op = getattr(torch.ops.coordconv_fused, f"{name}_input_grad").default
+
+        def input_grad(grad, input, *args):
+            return input_grad_op(grad, input, *args) if input.device.type in input_grad_devices else None
+
+    torch.library.register_autograd(qual, _make_backward(grad_op, input_grad), setup_context=_setup_context)
 
 
 def op_arguments(input: Tensor, spec: ConvSpec) -> tuple[Tensor, list]:

@@ -22,6 +22,9 @@ TORCH_LIBRARY(coordconv_fused, m) {
   // Backends `cpp` (CPU implementation) and `cuda` (CUDA implementation).
   m.def("coord_conv_ext(" COORD_CONV_ARGS ") -> Tensor");
   m.def("coord_conv_ext_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");
+  // The data convolution's input gradient (CPU: a direct kernel for stride-1 layers on few channels).
+  m.def("coord_conv_ext_input_grad(Tensor grad, Tensor input, Tensor weight, SymInt[] stride, SymInt[] padding, "
+        "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups) -> Tensor");
   // The CUDA backend's host code and kernel bodies, emulated on the CPU (for tests).
   m.def("coord_conv_cuda_emulated(" COORD_CONV_ARGS ") -> Tensor");
   m.def("coord_conv_cuda_emulated_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");

@@ -174,6 +174,39 @@ def test_opcheck_grad_ops(name):
     torch.library.opcheck(getattr(torch.ops.coordconv_fused, name).default, args)
 
 
+@pytest.mark.parametrize("no_avx512", [False, True], ids=["kernel", "aten"])
+@pytest.mark.parametrize("shape", [
+    # (N, C_in, spatial, C_out, kernel, padding, dilation, stride)
+    (2, 3, (9, 21), 5, 3, 1, 1, 1),
+    (1, 2, (8, 70), 8, (3, 5), (0, 2), (2, 1), 1),
+    (3, 1, (37,), 6, 5, 4, 1, 1),           # 1-D, padding = dil * (k - 1): the transposed pad is 0
+    (2, 3, (10, 10), 4, 3, 1, 1, 2),        # stride 2: convolution_backward
+    (2, 16, (6, 50), 40, 3, 1, 1, 1),       # 16 channels, deep transposed problem: convolution_backward
+], ids=str)
+def test_input_grad_op(shape, no_avx512, monkeypatch):
+    """The cpp backend's input gradient (a direct kernel for stride-1 layers on few channels) against
+    ATen's convolution_backward, opcheck'ed; the kernel runs exactly where avx512_input_grad_pays."""
+    if no_avx512:
+        monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
+    else:
+        monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
+    n, c_in, spatial, c_out, k, pad, dil, stride = shape
+    nd = len(spatial)
+    k, pad, dil = ((v,) * nd if isinstance(v, int) else v for v in (k, pad, dil))
+    torch.manual_seed(0)
+    x, w = torch.randn(n, c_in, *spatial), torch.randn(c_out, c_in, *k)
+    args = [[stride] * nd, list(pad), list(dil), False, [0] * nd, 1]
+    out_sizes = [(s + 2 * p - d * (kk - 1) - 1) // stride + 1 for s, p, d, kk in zip(spatial, pad, dil, k)]
+    g = torch.randn(n, c_out, *out_sizes)
+    calls = extension._C.avx512_direct_calls()
+    got = torch.ops.coordconv_fused.coord_conv_ext_input_grad(g, x, w, *args)
+    expected = torch.ops.aten.convolution_backward(g, x, w, None, *args, [True, False, False])[0]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    ran = extension._C.avx512_direct_calls() > calls
+    assert ran == (extension.avx512_direct_available() and not no_avx512 and stride == 1 and c_in <= 8)
+    torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_input_grad.default, (g, x, w, *args))
+
+
 def test_cached_coordinate_term_follows_coord_weight():
     torch.manual_seed(0)
     m = CoordConv2d(3, 4, 3, padding=1, with_r=True, backend="cpp").eval()

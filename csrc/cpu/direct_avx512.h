@@ -115,7 +115,7 @@ inline void split_input(const Geometry& g, const SplitLayout& s, const float* x,
   });
 }
 
-// One register tile: output channels oc0 .. oc0 + kOcBlock - 1 (those >= C_out computed from zero
+// One register tile (P may be null: no coordinate term, e.g. for an input gradient): output channels oc0 .. oc0 + kOcBlock - 1 (those >= C_out computed from zero
 // weights and not stored), columns j0 .. j0 + 16 * VECS - 1 of output row oh of sample n; `tail`
 // masks the last vector's lanes.
 // wpack: [C_in * KH * KW][oc_padded], tap-major, zero-filled past C_out.
@@ -134,11 +134,11 @@ __attribute__((target("avx512f"), always_inline)) inline void direct_tile(
 #pragma GCC unroll 4
   for (int o = 0; o < kOcBlock; ++o) {
     const int64_t oc = oc0 + (o < on ? o : 0);
-    prow[o] = P + (oc * OH + oh) * OW + j0;
+    prow[o] = P ? P + (oc * OH + oh) * OW + j0 : nullptr;
     const __m512 b = _mm512_set1_ps(bias ? bias[oc] : 0.0f);
 #pragma GCC unroll 4
     for (int v = 0; v < VECS; ++v) {
-      _mm_prefetch(reinterpret_cast<const char*>(prow[o] + kLanes * v), _MM_HINT_T0);
+      if (P) _mm_prefetch(reinterpret_cast<const char*>(prow[o] + kLanes * v), _MM_HINT_T0);
       acc[o][v] = b;
     }
   }
@@ -169,7 +169,8 @@ __attribute__((target("avx512f"), always_inline)) inline void direct_tile(
 #pragma GCC unroll 4
     for (int v = 0; v < VECS; ++v) {
       const __mmask16 m = v == VECS - 1 ? tail : __mmask16(0xffff);
-      _mm512_mask_storeu_ps(yrow + kLanes * v, m, _mm512_add_ps(acc[o][v], _mm512_maskz_loadu_ps(m, prow[o] + kLanes * v)));
+      if (P) acc[o][v] = _mm512_add_ps(acc[o][v], _mm512_maskz_loadu_ps(m, prow[o] + kLanes * v));
+      _mm512_mask_storeu_ps(yrow + kLanes * v, m, acc[o][v]);
     }
   }
 }
