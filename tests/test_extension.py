@@ -180,11 +180,16 @@ def test_opcheck_grad_ops(name):
     (2, 3, (9, 21), 5, 3, 1, 1, 1),
     (1, 2, (8, 70), 8, (3, 5), (0, 2), (2, 1), 1),
     (3, 1, (37,), 6, 5, 4, 1, 1),           # 1-D, padding = dil * (k - 1): the transposed pad is 0
-    (2, 3, (10, 10), 4, 3, 1, 1, 2),        # stride 2: convolution_backward
+    (2, 3, (10, 10), 4, 3, 1, 1, 2),        # stride 2: four phases
+    (1, 3, (23, 30), 8, 7, 3, 1, 2),        # a ResNet stem, odd height
+    (2, 2, (11, 20), 5, 3, (2, 1), 2, 3),   # stride 3 with dilation 2
+    (2, 3, (9, 12), 4, 1, 0, 1, 2),         # 1x1 stride 2: the odd positions get no tap (zero)
+    (2, 3, (21,), 4, 4, 1, 1, 2),           # 1-D, even kernel
     (2, 16, (6, 50), 40, 3, 1, 1, 1),       # 16 channels, deep transposed problem: convolution_backward
+    (2, 8, (10, 40), 6, 3, 1, 1, 2),        # strided on 8 channels: convolution_backward
 ], ids=str)
 def test_input_grad_op(shape, no_avx512, monkeypatch):
-    """The cpp backend's input gradient (a direct kernel for stride-1 layers on few channels) against
+    """The cpp backend's input gradient (a direct kernel per stride phase for layers on few channels) against
     ATen's convolution_backward, opcheck'ed; the kernel runs exactly where avx512_input_grad_pays."""
     if no_avx512:
         monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
@@ -203,7 +208,7 @@ def test_input_grad_op(shape, no_avx512, monkeypatch):
     expected = torch.ops.aten.convolution_backward(g, x, w, None, *args, [True, False, False])[0]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     ran = extension._C.avx512_direct_calls() > calls
-    assert ran == (extension.avx512_direct_available() and not no_avx512 and stride == 1 and c_in <= 8)
+    assert ran == (extension.avx512_direct_available() and not no_avx512 and c_in <= (8 if stride == 1 else 4))
     torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_input_grad.default, (g, x, w, *args))
 
 

@@ -20,8 +20,10 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <numeric>
 #include <cstring>
 #include <type_traits>
 #include <mutex>
@@ -344,14 +346,41 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
 
 // ---- gradient of the input ---------------------------------------------------------------------
 
-// For a stride-1 layer on few input channels (a network's first layer), the input gradient is a
-// convolution of grad_output with the flipped, transposed weight onto those few channels, where
-// oneDNN's backward-data is slow. Measured on the 2-core Zen 4 CI machine, 2 threads, this kernel
+// For a layer on few input channels (a network's first layer), the input gradient is a convolution
+// of grad_output with the flipped, transposed weight onto those few channels (per stride phase),
+// where oneDNN's backward-data is slow. Measured on the 2-core Zen 4 CI machine, 2 threads, this kernel
 // against convolution_backward (median of paired runs): 3x3 3 -> 32 on 64^2 (N=32) 5.65 vs 18.15 ms;
 // 1x1 3 -> 8 on 224^2 2.65 vs 8.88 ms; 7x7 3 -> 64 on 112^2 4.15 vs 13.40 ms; 3x3 4 -> 128 on
-// 56^2 3.30 vs 8.18 ms; 3x3 8 -> 32 on 64^2 0.56x; 3x3 16 -> 32 0.86x; 3x3 16 -> 64 0.97x.
-inline bool avx512_input_grad_pays(int64_t c_in, int64_t c_out, int64_t taps) {
+// 56^2 3.30 vs 8.18 ms; 3x3 8 -> 32 on 64^2 0.56x; 3x3 16 -> 32 0.86x; 3x3 16 -> 64 0.97x. Strided:
+// the 7x7/2 3 -> 64 ResNet stem on 224^2 2.80 vs 6.65 ms (N=1), 25.6 vs 51.2 ms (N=8); 3x3/2
+// 3 -> 32 on 64^2 0.83x; 3x3/2 8 -> 32 0.95x.
+inline bool avx512_input_grad_pays(int64_t c_in, int64_t c_out, int64_t taps, bool strided) {
+  if (strided) return c_in <= 4;
   return c_in <= 8 || (c_in <= 16 && c_out * taps <= 300);
+}
+
+// One stride phase r of one axis of the input gradient: the input positions r, r + s, r + 2s, ...
+// receive the taps t with (r + pad - t * dil) divisible by s, from grad_output positions
+// a + (r + pad - t * dil) / s: a stride-1 correlation with the sub-kernel of those taps taken in
+// descending order (`first_tap`, then every `step`-th below it), dilation `dil`, padding `pad`.
+struct AxisPhase {
+  int64_t out = 0, taps = 0, first_tap = 0, step = 1, dil = 1, pad = 0;
+};
+
+inline AxisPhase axis_phase(int64_t r, int64_t size, int64_t s, int64_t pad, int64_t dil, int64_t kernel) {
+  AxisPhase ph;
+  ph.out = r < size ? (size - r + s - 1) / s : 0;
+  ph.first_tap = -1;
+  for (int64_t t = kernel - 1; t >= 0; --t) {
+    if (((r + pad - t * dil) % s + s) % s != 0) continue;
+    if (ph.first_tap < 0) ph.first_tap = t;
+    ++ph.taps;
+  }
+  if (ph.taps == 0) return ph;
+  ph.step = s / std::gcd(dil, s);
+  ph.dil = dil / std::gcd(dil, s);
+  ph.pad = -((r + pad - ph.first_tap * dil) / s);  // exact: divisible by s
+  return ph;
 }
 
 at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
@@ -359,40 +388,66 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
                           at::IntArrayRef output_padding, int64_t groups) {
   const AutocastOff autocast_off;
   const int64_t nd = input.dim() - 2;
-  bool kernel = avx512_supported() && !avx512_disabled() && !transposed && groups == 1 &&
-                input.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat &&
-                weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
-                avx512_input_grad_pays(input.size(1), weight.size(0), weight[0][0].numel()) &&
-                conv_output_format(input, weight) == at::MemoryFormat::Contiguous && input.numel() > 0;
-  for (int64_t k = 0; kernel && k < nd; ++k)
-    kernel = stride[k] == 1 && padding[k] <= dilation[k] * (weight.size(2 + k) - 1);
+  const bool kernel = avx512_supported() && !avx512_disabled() && !transposed && groups == 1 &&
+                      input.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat &&
+                      weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
+                      avx512_input_grad_pays(input.size(1), weight.size(0), weight[0][0].numel(),
+                                             std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; })) &&
+                      conv_output_format(input, weight) == at::MemoryFormat::Contiguous && input.numel() > 0;
   if (!kernel) {
     return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
                                                 output_padding, groups, {true, false, false}));
   }
-  // The transposed problem: grad_output (C_out channels) -> grad_input (C_in), flipped kernel,
-  // padding dil * (k - 1) - pad, stride 1.
-  Geometry g{};
-  g.n = input.size(0);
-  g.c_in = weight.size(0);
-  g.c_out = weight.size(1);
-  g.groups = 1;
-  g.ndim = static_cast<int32_t>(nd);
-  for (int ax = 0; ax < 3; ++ax) {
-    const int64_t k = ax - (3 - nd);
-    const bool real = k >= 0;
-    g.padded[ax] = g.image[ax] = real ? grad.size(2 + k) : 1;
-    g.kernel[ax] = real ? weight.size(2 + k) : 1;
-    g.dil[ax] = real ? dilation[k] : 1;
-    g.stride[ax] = 1;
-    g.pad[ax] = real ? dilation[k] * (g.kernel[ax] - 1) - padding[k] : 0;
-    g.out[ax] = real ? input.size(2 + k) : 1;
-  }
-  std::vector<int64_t> spatial(nd);
-  for (int64_t k = 0; k < nd; ++k) spatial[k] = 2 + k;
-  const at::Tensor w = weight.transpose(0, 1).flip(spatial);  // [C_in, C_out, (kh,) kw]
+  // The transposed problem, one stride phase (rh, rw) at a time: grad_output (C_out channels) ->
+  // those input positions (C_in channels), the phase's taps flipped.
+  const int64_t sh = nd == 2 ? stride[0] : 1, sw = stride[nd - 1];
   at::Tensor out = at::empty(input.sizes(), input.options());
-  run_avx512_direct(g, grad, w, nullptr, at::Tensor(), out);
+  const at::Tensor grad_c = grad.contiguous();
+  const at::Tensor wt = weight.transpose(0, 1);  // [C_in, C_out, (kh,) kw]
+  for (int64_t rh = 0; rh < sh; ++rh) {
+    for (int64_t rw = 0; rw < sw; ++rw) {
+      AxisPhase ph[3];  // D (unused), H, W as in Geometry
+      ph[0].out = ph[0].taps = 1;
+      ph[1] = nd == 2 ? axis_phase(rh, input.size(2), sh, padding[0], dilation[0], weight.size(2)) : AxisPhase{1, 1, 0, 1, 1, 0};
+      ph[2] = axis_phase(rw, input.size(nd + 1), sw, padding[nd - 1], dilation[nd - 1], weight.size(nd + 1));
+      if (ph[1].out == 0 || ph[2].out == 0) continue;
+      at::Tensor target = out;  // this phase's positions of the input gradient
+      if (nd == 2) target = target.slice(2, rh, c10::nullopt, sh);
+      target = target.slice(nd + 1, rw, c10::nullopt, sw);
+      if (ph[1].taps == 0 || ph[2].taps == 0) {
+        target.zero_();
+        continue;
+      }
+      Geometry g{};
+      g.n = input.size(0);
+      g.c_in = weight.size(0);
+      g.c_out = weight.size(1);
+      g.groups = 1;
+      g.ndim = static_cast<int32_t>(nd);
+      at::Tensor w = wt;
+      for (int ax = 0; ax < 3; ++ax) {
+        const int64_t k = ax - (3 - nd);  // index among the op's spatial axes, < 0 for lifted ones
+        g.padded[ax] = g.image[ax] = k >= 0 ? grad.size(2 + k) : 1;
+        g.kernel[ax] = ph[ax].taps;
+        g.dil[ax] = ph[ax].dil;
+        g.stride[ax] = 1;
+        g.pad[ax] = ph[ax].pad;
+        g.out[ax] = ph[ax].out;
+        if (k >= 0) {  // the phase's taps, in descending order
+          const at::Tensor taps = at::arange(ph[ax].first_tap, -1, -ph[ax].step, weight.options().dtype(at::kLong))
+                                      .narrow(0, 0, ph[ax].taps);
+          w = w.index_select(2 + k, taps);
+        }
+      }
+      if (sh == 1 && sw == 1) {
+        run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), out);
+      } else {
+        at::Tensor part = at::empty(target.sizes(), input.options());
+        run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), part);
+        target.copy_(part);
+      }
+    }
+  }
   return out;
 }
 
