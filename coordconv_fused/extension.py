@@ -77,7 +77,7 @@ def coord_conv_cuda_emulated(input: Tensor, weight: Tensor, coord_weight: Tensor
 
 
 if LOAD_ERROR is None:
-    register_native_coord_conv_op("coord_conv_ext", input_grad_devices=("cpu",))
+    register_native_coord_conv_op("coord_conv_ext", fused_backward_devices=("cpu",))
     register_native_coord_conv_op("coord_conv_cuda_emulated")
 
 register_backend(Backend("cpp", coord_conv_cpp, devices=frozenset({"cpu"}), unavailable_reason=_cpp_unavailable,

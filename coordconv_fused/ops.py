@@ -78,12 +78,7 @@ def _grad_fake(grad_sum, input, weight, coord_weight, *args):
     return torch.empty_like(coord_weight, memory_format=torch.contiguous_format)
 
 
-# input_grad(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups)
-# -> the data convolution's input gradient, or None to leave it to convolution_backward
-InputGradFn = Callable[..., "Tensor | None"]
-
-
-def _make_backward(coord_weight_grad: CoordGradFn, input_grad: InputGradFn | None = None):
+def _make_backward(coord_weight_grad: CoordGradFn):
     def backward(ctx, grad):
         input, weight, coord_weight = ctx.saved_tensors
         stride, padding, dilation, transposed, output_padding, groups = ctx.args[:6]
@@ -97,17 +92,12 @@ def _make_backward(coord_weight_grad: CoordGradFn, input_grad: InputGradFn | Non
             # points, so convolution_backward need not read grad once more for it.
             acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
             grad_sum = grad if grad.shape[0] == 1 and grad.dtype == acc else grad.sum(0, keepdim=True, dtype=acc)
-        if need_in and input_grad is not None:
-            grad_in = input_grad(grad, input, weight, *ctx.args[:6])
-        in_conv = need_in and grad_in is None
         bias_in_conv = need_b and grad_sum is None
-        if in_conv or need_w or bias_in_conv:
+        if need_in or need_w or bias_in_conv:
             c_out = weight.shape[1] * groups if transposed else weight.shape[0]
-            conv_in, grad_w, conv_b = torch.ops.aten.convolution_backward(
+            grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad, input, weight, [c_out] if bias_in_conv else None, stride, padding, dilation,
-                transposed, output_padding, groups, [in_conv, need_w, bias_in_conv])
-            grad_in = conv_in if in_conv else grad_in
-            grad_b = conv_b if bias_in_conv else grad_b
+                transposed, output_padding, groups, [need_in, need_w, bias_in_conv])
         if grad_sum is not None:
             if need_b:
                 grad_b = grad_sum.sum([0] + list(range(2, grad_sum.dim()))).to(grad.dtype)
@@ -143,27 +133,47 @@ def _input_grad_fake(grad, input, weight, stride, padding, dilation, transposed,
                                                output_padding, groups, [True, False, False])[0]
 
 
-def register_native_coord_conv_op(name: str, input_grad_devices: Sequence[str] = ()) -> None:
+def _backward_fake(grad, input, weight, coord_weight, stride, padding, dilation, transposed, output_padding,
+                   groups, coord_pad, coord_pad_mode, with_r, separate, output_mask):
+    need_in, need_w, need_cw, need_b = output_mask
+    grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad, input, weight, None, stride, padding, dilation, transposed, output_padding, groups,
+        [need_in, need_w, False])
+    grad_cw = torch.empty_like(coord_weight, memory_format=torch.contiguous_format) if need_cw else None
+    grad_b = grad.new_empty(grad.shape[1]) if need_b else None
+    return grad_in, grad_w, grad_cw, grad_b
+
+
+def register_native_coord_conv_op(name: str, fused_backward_devices: Sequence[str] = ()) -> None:
     """Add the fake kernels and autograd to ``coordconv_fused::<name>`` and its
     ``<name>_coord_weight_grad`` op, both declared in C++ (csrc/ops.cpp) with the same schemas.
-    On ``input_grad_devices`` the input gradient comes from ``<name>_input_grad`` (also declared
-    there), elsewhere from ATen's ``convolution_backward``."""
+    On ``fused_backward_devices`` the backward is the single op ``<name>_backward`` (also declared
+    there: all four gradients in one call); elsewhere the coordinate gradient comes from
+    ``<name>_coord_weight_grad`` and the others from ATen's ``convolution_backward``."""
     qual = f"coordconv_fused::{name}"
+    namespace = torch.ops.coordconv_fused
     torch.library.register_fake(qual, _fake)
     torch.library.register_fake(f"{qual}_coord_weight_grad", _grad_fake)
-    grad_op = getattr(torch.ops.coordconv_fused, f"{name}_coord_weight_grad").default
-    input_grad = None
-    if input_grad_devices:
+    backward = _make_backward(getattr(namespace, f"{name}_coord_weight_grad").default)
+    if fused_backward_devices:
         torch.library.register_fake(f"{qual}_input_grad", _input_grad_fake)
-        input_grad_op = getattr(torch.ops.coordconv_fused, f"{name}_input_grad").default
-
-        def input_grad(grad, input, *args):
-            return input_grad_op(grad, input, *args) if input.device.type in input_grad_devices else None
-
-    backward = _make_backward(grad_op, input_grad)
+        torch.library.register_fake(f"{qual}_backward", _backward_fake)
+        backward = _fused_backward(getattr(namespace, f"{name}_backward").default, fused_backward_devices, backward)
     torch.library.register_autograd(qual, backward, setup_context=_setup_context)
-    op = getattr(torch.ops.coordconv_fused, name)
+    op = getattr(namespace, name)
     _EAGER_AUTOGRAD[op] = _eager_function(op, backward)
+
+
+def _fused_backward(backward_op, devices: Sequence[str], fallback):
+    def backward(ctx, grad):
+        if grad.device.type not in devices:
+            return fallback(ctx, grad)
+        input, weight, coord_weight = ctx.saved_tensors
+        need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]
+        grads = backward_op(grad, input, weight, coord_weight, *ctx.args, [need_in, need_w, need_cw, need_b and ctx.has_bias])
+        return tuple(grads) + (None,) * 10
+
+    return backward
 
 
 # Eager autograd for the ops declared in C++: the same backward as the registered autograd, as a
@@ -180,7 +190,10 @@ def _eager_function(op, backward):
         def forward(ctx, input, weight, coord_weight, bias, *args):
             # (forward with ctx: a separate setup_context makes apply() bind arguments through
             # inspect.signature, ~0.1 ms a call)
-            output = op(input, weight, coord_weight, bias, *args)
+            # (below autograd: grad mode is off here, but torch.library's autograd wrapper would
+            # still run and redispatch, ~40 us)
+            with torch._C._AutoDispatchBelowAutograd():
+                output = op(input, weight, coord_weight, bias, *args)
             _setup_context(ctx, (input, weight, coord_weight, bias, *args), output)
             return output
 

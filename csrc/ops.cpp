@@ -25,6 +25,12 @@ TORCH_LIBRARY(coordconv_fused, m) {
   // The data convolution's input gradient (CPU: a direct kernel for stride-1 layers on few channels).
   m.def("coord_conv_ext_input_grad(Tensor grad, Tensor input, Tensor weight, SymInt[] stride, SymInt[] padding, "
         "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups) -> Tensor");
+  // The whole backward of coord_conv_ext on the CPU: the gradients of (input, weight, coord_weight,
+  // bias) where output_mask asks, undefined (None) elsewhere, like aten::convolution_backward.
+  m.def("coord_conv_ext_backward(Tensor grad, Tensor input, Tensor weight, Tensor coord_weight, SymInt[] stride, "
+        "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
+        "SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate, bool[4] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   // The CUDA backend's host code and kernel bodies, emulated on the CPU (for tests).
   m.def("coord_conv_cuda_emulated(" COORD_CONV_ARGS ") -> Tensor");
   m.def("coord_conv_cuda_emulated_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");

@@ -12,7 +12,9 @@
 //  * direct kernel (small C_in * taps, e.g. a network's first layer): data taps + P + bias in a
 //    single pass over the output, vectorised along output rows; or
 //  * ATen/oneDNN convolution for the data, and P added in one parallel in-place pass.
-// The gradient of coord_weight is the transposed contraction of grad_output.sum(0) with the tables.
+// Backward: the gradients of coord_weight and of the bias in one pass over grad_output (per output
+// channel: its batch sum, contracted with the same tables), the input gradient of shallow layers by
+// the direct kernel, the rest by ATen's convolution_backward.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -123,31 +125,6 @@ at::Tensor axis_coord_term(const Geometry& g, const AxisTables& t, const at::Ten
     f1.push_back(f[1]);
   }
   return at::matmul(at::cat(f1, 1), at::cat(e, 2)).contiguous();  // [OH, c KH] x [O, OD, c KH, OW]
-}
-
-// Its transpose, the gradient of the axis channels' weights from grad_sum [O, OD, OH, OW]:
-// G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k gs[o,i,j,k] F2_c[k,v], as two GEMMs over all
-// channels at once (the first reads gs once; the cross-channel blocks of the second are dropped)
-// and a small batched product over D.
-void axis_coord_weight_grad(const Geometry& g, const AxisTables& t, const at::Tensor& gs, at::Tensor& grad) {
-  const int64_t O = g.c_out, OD = g.out[0], OH = g.out[1], nc = g.ndim;
-  const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
-  std::vector<at::Tensor> f0, f1, f2;
-  for (int64_t c = 0; c < nc; ++c) {
-    const auto f = factors(g, t, c);
-    f0.push_back(f[0]);
-    f1.push_back(f[1]);
-    f2.push_back(f[2]);
-  }
-  // [c KW, OW] x [OW, O OD OH] (BLAS runs this orientation of the skinny product ~1.6x faster)
-  const at::Tensor a = at::mm(at::cat(f2, 1).t(), gs.reshape({-1, g.out[2]}).t());
-  // [c KW O OD, OH] x [OH, c KH] -> [c KW, O, OD, c KH]
-  const at::Tensor b = at::mm(a.view({-1, OH}), at::cat(f1, 1)).view({nc, KW, O, OD, nc, KH});
-  for (int64_t c = 0; c < nc; ++c) {
-    // [O, KH, KW, OD] x [OD, KD] -> [O, KH, KW, KD] -> grad[o, c, (KD, KH, KW)]
-    const at::Tensor bc = b.select(4, c).select(0, c).permute({1, 3, 0, 2});  // [O, KH, KW, OD]
-    grad.select(1, c).view({O, KD, KH, KW}).copy_(at::matmul(bc, f0[c]).permute({0, 3, 1, 2}));
-  }
 }
 
 // P = the coordinate term, [C_out, OD, OH, OW] in the accumulation dtype.
@@ -383,27 +360,48 @@ inline AxisPhase axis_phase(int64_t r, int64_t size, int64_t s, int64_t pad, int
   return ph;
 }
 
-at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                          at::IntArrayRef output_padding, int64_t groups) {
-  const AutocastOff autocast_off;
+// Whether the input gradient of this layer is taken by the direct kernel (float32, 1-D/2-D, groups
+// 1, NCHW, where avx512_input_grad_pays) rather than by convolution_backward.
+bool input_grad_by_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, bool transposed, int64_t groups) {
   const int64_t nd = input.dim() - 2;
-  const bool kernel = avx512_supported() && !avx512_disabled() && !transposed && groups == 1 &&
-                      input.scalar_type() == at::kFloat && grad.scalar_type() == at::kFloat &&
-                      weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
-                      avx512_input_grad_pays(input.size(1), weight.size(0), weight[0][0].numel(),
-                                             std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; })) &&
-                      conv_output_format(input, weight) == at::MemoryFormat::Contiguous && input.numel() > 0;
-  if (!kernel) {
-    return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
-                                                output_padding, groups, {true, false, false}));
+  const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; });
+  return avx512_supported() && !avx512_disabled() && !transposed && groups == 1 && input.scalar_type() == at::kFloat &&
+         grad.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
+         input.numel() > 0 && avx512_input_grad_pays(input.size(1), weight.size(0), weight[0][0].numel(), strided) &&
+         conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
+}
+
+// The stride-1 correlation of one stride phase (ph[ax] per axis D, H, W as in Geometry) of the input
+// gradient: grad_output [N, C_out, *out] -> those input positions [N, C_in, *phase].
+Geometry phase_geometry(const at::Tensor& grad, const at::Tensor& weight, const AxisPhase ph[3]) {
+  const int64_t nd = grad.dim() - 2;
+  Geometry g{};
+  g.n = grad.size(0);
+  g.c_in = weight.size(0);
+  g.c_out = weight.size(1);
+  g.groups = 1;
+  g.ndim = static_cast<int32_t>(nd);
+  for (int ax = 0; ax < 3; ++ax) {
+    const int64_t k = ax - (3 - nd);  // index among the op's spatial axes, < 0 for lifted ones
+    g.padded[ax] = g.image[ax] = k >= 0 ? grad.size(2 + k) : 1;
+    g.kernel[ax] = ph[ax].taps;
+    g.dil[ax] = ph[ax].dil;
+    g.stride[ax] = 1;
+    g.pad[ax] = ph[ax].pad;
+    g.out[ax] = ph[ax].out;
   }
-  // The transposed problem, one stride phase (rh, rw) at a time: grad_output (C_out channels) ->
-  // those input positions (C_in channels), the phase's taps flipped.
+  return g;
+}
+
+// The input gradient by the direct kernel, one stride phase (rh, rw) at a time: grad_output
+// (C_out channels) -> those input positions (C_in channels), the phase's taps flipped.
+at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t nd = input.dim() - 2;
   const int64_t sh = nd == 2 ? stride[0] : 1, sw = stride[nd - 1];
   at::Tensor out = at::empty(input.sizes(), input.options());
   const at::Tensor grad_c = grad.contiguous();
-  const at::Tensor wt = weight.transpose(0, 1);  // [C_in, C_out, (kh,) kw]
   for (int64_t rh = 0; rh < sh; ++rh) {
     for (int64_t rw = 0; rw < sw; ++rw) {
       AxisPhase ph[3];  // D (unused), H, W as in Geometry
@@ -418,27 +416,12 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
         target.zero_();
         continue;
       }
-      Geometry g{};
-      g.n = input.size(0);
-      g.c_in = weight.size(0);
-      g.c_out = weight.size(1);
-      g.groups = 1;
-      g.ndim = static_cast<int32_t>(nd);
-      at::Tensor w = wt;
-      for (int ax = 0; ax < 3; ++ax) {
-        const int64_t k = ax - (3 - nd);  // index among the op's spatial axes, < 0 for lifted ones
-        g.padded[ax] = g.image[ax] = k >= 0 ? grad.size(2 + k) : 1;
-        g.kernel[ax] = ph[ax].taps;
-        g.dil[ax] = ph[ax].dil;
-        g.stride[ax] = 1;
-        g.pad[ax] = ph[ax].pad;
-        g.out[ax] = ph[ax].out;
-        if (k >= 0) {  // the phase's taps, in descending order
-          const at::Tensor taps = at::arange(ph[ax].first_tap, -1, -ph[ax].step, weight.options().dtype(at::kLong))
-                                      .narrow(0, 0, ph[ax].taps);
-          w = w.index_select(2 + k, taps);
-        }
+      at::Tensor w = weight.transpose(0, 1);  // [C_in, C_out, (kh,) kw], then the phase's taps, descending
+      for (int64_t k = 0; k < nd; ++k) {
+        const AxisPhase& p = ph[3 - nd + k];
+        w = w.index_select(2 + k, at::arange(p.first_tap, -1, -p.step, weight.options().dtype(at::kLong)).narrow(0, 0, p.taps));
       }
+      const Geometry g = phase_geometry(grad, weight, ph);
       if (sh == 1 && sw == 1) {
         run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), out);
       } else {
@@ -451,7 +434,144 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
   return out;
 }
 
-// ---- gradient of coord_weight -----------------------------------------------------------------
+at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                          at::IntArrayRef output_padding, int64_t groups) {
+  const AutocastOff autocast_off;
+  if (input_grad_by_kernel(grad, input, weight, stride, transposed, groups)) {
+    return input_grad_kernel(grad, input, weight, stride, padding, dilation);
+  }
+  return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
+                                              output_padding, groups, {true, false, false}));
+}
+
+// ---- gradient of coord_weight (and of the bias) ---------------------------------------------------
+
+// The gradients of coord_weight and of the bias from grad_output, in one parallel pass over the
+// output channels: channel o's planes are summed over the batch into a buffer (the coordinate term
+// is the same for every sample), whose sum is the bias gradient and whose contraction with the
+// per-axis tables is the coordinate gradient:
+//   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k buf[i,j,k] F2_c[k,v]
+// (innermost axis first: its two possible tables, mask and coordinate, are shared by the channels),
+// the radius channel against its [points x taps] table, the separate-filter variant against the
+// [points x coords] table of the centre coordinates. grad [N, C_out, *out]; either output may be
+// skipped (undefined).
+template <typename scalar_t, typename acc_t>
+void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor* coord_grad, at::Tensor* bias_grad) {
+  const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor gc = grad.contiguous();
+  const int64_t O = g.c_out, N = g.n, points = g.out_points();
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps;
+  const bool want_cw = coord_grad != nullptr;
+  AxisTables t;
+  at::Tensor R, C;
+  if (want_cw && g.separate) C = centre_table<scalar_t, acc_t>(g, acc_opts);
+  if (want_cw && !g.separate) {
+    t = axis_tables<scalar_t, acc_t>(g, acc_opts);
+    if (g.with_r) R = radius_table<scalar_t, acc_t>(g, t, acc_opts);
+  }
+  at::Tensor cw = want_cw ? at::empty({O, per_o}, acc_opts) : at::Tensor();
+  at::Tensor b = bias_grad != nullptr ? at::empty({O}, acc_opts) : at::Tensor();
+  const scalar_t* gp = gc.data_ptr<scalar_t>();
+  acc_t* cwp = want_cw ? cw.data_ptr<acc_t>() : nullptr;
+  acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
+  auto ptr = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
+  const acc_t* value[3] = {ptr(t.value[0]), ptr(t.value[1]), ptr(t.value[2])};
+  const acc_t* mask[3] = {ptr(t.mask[0]), ptr(t.mask[1]), ptr(t.mask[2])};
+  const acc_t* rp = ptr(R);
+  const acc_t* cp = ptr(C);
+  // The innermost axis's tables transposed to [kernel, out], for reductions along output rows.
+  std::vector<acc_t> mask_w_t, value_w_t;
+  if (want_cw && !g.separate) {
+    mask_w_t.resize(KW * OW);
+    value_w_t.resize(KW * OW);
+    for (int64_t k = 0; k < OW; ++k)
+      for (int64_t v = 0; v < KW; ++v) {
+        mask_w_t[v * OW + k] = mask[2][k * KW + v];
+        value_w_t[v * OW + k] = value[2][k * KW + v];
+      }
+  }
+  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(points), inner(2 * OD * OH * KW), mid(OD * KH * KW);
+    for (int64_t o = begin; o < end; ++o) {
+      std::fill(buf.begin(), buf.end(), acc_t(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* src = gp + (n * O + o) * points;
+        acc_t* dst = buf.data();
+#pragma omp simd
+        for (int64_t p = 0; p < points; ++p) dst[p] += static_cast<acc_t>(src[p]);
+      }
+      if (bp != nullptr) {
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t p = 0; p < points; ++p) s += buf[p];
+        bp[o] = s;
+      }
+      if (cwp == nullptr) continue;
+      acc_t* out = cwp + o * per_o;
+      if (g.separate) {
+        for (int64_t c = 0; c < nc; ++c) {
+          acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t p = 0; p < points; ++p) s += buf[p] * cp[p * nc + c];
+          out[c] = s;
+        }
+        continue;
+      }
+      // inner[f][i, j, v] = sum_k buf[i, j, k] F2_f[k, v], f = 0: mask, 1: coordinate (vectorised
+      // reductions along the output row, against the transposed table)
+      for (int f = 0; f < 2; ++f) {
+        const acc_t* F2t = f == 0 ? mask_w_t.data() : value_w_t.data();
+        acc_t* dst = inner.data() + f * OD * OH * KW;
+        for (int64_t r = 0; r < OD * OH; ++r) {
+          const acc_t* row = buf.data() + r * OW;
+          for (int64_t v = 0; v < KW; ++v) {
+            const acc_t* col = F2t + v * OW;
+            acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < OW; ++k) s += row[k] * col[k];
+            dst[r * KW + v] = s;
+          }
+        }
+      }
+      for (int64_t c = 0; c < g.ndim; ++c) {
+        const int axis = channel_axis(g, c);
+        const acc_t* F0 = axis == 0 ? value[0] : mask[0];
+        const acc_t* F1 = axis == 1 ? value[1] : mask[1];
+        const acc_t* src = inner.data() + (axis == 2 ? OD * OH * KW : 0);
+        // mid[i, u, v] = sum_j F1[j, u] src[i, j, v]
+        std::fill(mid.begin(), mid.end(), acc_t(0));
+        for (int64_t i = 0; i < OD; ++i)
+          for (int64_t j = 0; j < OH; ++j)
+            for (int64_t u = 0; u < KH; ++u) {
+              const acc_t f = F1[j * KH + u];
+              if (f == acc_t(0)) continue;
+              for (int64_t v = 0; v < KW; ++v) mid[(i * KH + u) * KW + v] += f * src[(i * OH + j) * KW + v];
+            }
+        // out[c, t, u, v] = sum_i F0[i, t] mid[i, u, v]
+        acc_t* dst = out + c * taps;
+        for (int64_t tt = 0; tt < KD; ++tt)
+          for (int64_t uv = 0; uv < KH * KW; ++uv) {
+            acc_t s = 0;
+            for (int64_t i = 0; i < OD; ++i) s += F0[i * KD + tt] * mid[i * KH * KW + uv];
+            dst[tt * KH * KW + uv] = s;
+          }
+      }
+      if (g.with_r) {
+        acc_t* dst = out + g.ndim * taps;
+        for (int64_t tap = 0; tap < taps; ++tap) dst[tap] = 0;
+        for (int64_t p = 0; p < points; ++p) {
+          const acc_t bv = buf[p];
+          const acc_t* row = rp + p * taps;
+          for (int64_t tap = 0; tap < taps; ++tap) dst[tap] += bv * row[tap];
+        }
+      }
+    }
+  });
+  if (coord_grad != nullptr) *coord_grad = cw;
+  if (bias_grad != nullptr) *bias_grad = b;
+}
 
 at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -461,22 +581,47 @@ at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& i
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
   Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
                              coord_pad_mode, with_r, separate);
+  g.n = grad_sum.size(0);
   at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_weight_grad_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_sum.scalar_type(), "coord_weight_grad_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_opts = coord_weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    const at::Tensor gs = grad_sum.to(acc_opts.dtype_opt()->toScalarType()).reshape({g.c_out, -1});
-    at::Tensor grad = at::empty({g.c_out, g.num_coords, separate ? 1 : g.taps()}, acc_opts);
-    if (separate) {
-      grad.select(2, 0).copy_(at::mm(gs, centre_table<scalar_t, acc_t>(g, acc_opts)));
-    } else {
-      const AxisTables t = axis_tables<scalar_t, acc_t>(g, acc_opts);
-      axis_coord_weight_grad(g, t, gs, grad);
-      if (with_r) grad.select(1, g.ndim).copy_(at::mm(gs, radius_table<scalar_t, acc_t>(g, t, acc_opts)));
-    }
-    out = grad.view(coord_weight.sizes()).to(coord_weight.scalar_type());
+    coord_and_bias_grads<scalar_t, acc_t>(g, grad_sum, &out, nullptr);
   });
-  return out;
+  return out.view(coord_weight.sizes()).to(coord_weight.scalar_type());
+}
+
+// ---- the whole backward ---------------------------------------------------------------------------
+
+// Gradients of (input, weight, coord_weight, bias), each only where output_mask asks (else
+// undefined): the coordinate and bias gradients in the one pass above, the input gradient by the
+// direct kernel where it pays, the rest by ATen's convolution_backward in a single call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
+    bool with_r, bool separate, std::array<bool, 4> output_mask) {
+  const AutocastOff autocast_off;
+  const auto [need_in, need_w, need_cw, need_b] = output_mask;
+  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
+                             coord_pad_mode, with_r, separate);
+  at::Tensor grad_in, grad_w, grad_cw, grad_b;
+  if (need_cw || need_b) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "coord_conv_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      coord_and_bias_grads<scalar_t, acc_t>(g, grad, need_cw ? &grad_cw : nullptr, need_b ? &grad_b : nullptr);
+    });
+    if (need_cw) grad_cw = grad_cw.view(coord_weight.sizes()).to(coord_weight.scalar_type());
+    if (need_b) grad_b = grad_b.to(grad.scalar_type());
+  }
+  const bool kernel_in = need_in && input_grad_by_kernel(grad, input, weight, stride, transposed, groups);
+  if (kernel_in) grad_in = input_grad_kernel(grad, input, weight, stride, padding, dilation);
+  if ((need_in && !kernel_in) || need_w) {
+    auto res = at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
+                                        output_padding, groups, {need_in && !kernel_in, need_w, false});
+    if (need_in && !kernel_in) grad_in = std::get<0>(res);
+    grad_w = std::get<1>(res);
+  }
+  return {grad_in, grad_w, grad_cw, grad_b};
 }
 
 }  // namespace
@@ -485,6 +630,7 @@ TORCH_LIBRARY_IMPL(coordconv_fused, CPU, m) {
   m.impl("coord_conv_ext", &forward_cpu);
   m.impl("coord_conv_ext_coord_weight_grad", &coord_weight_grad_cpu);
   m.impl("coord_conv_ext_input_grad", &input_grad_cpu);
+  m.impl("coord_conv_ext_backward", &backward_cpu);
 }
 
 }  // namespace coordconv
