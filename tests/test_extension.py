@@ -195,6 +195,24 @@ def test_backward_op(kwargs, mask):
     torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_backward.default, args)
 
 
+def test_backward_op_grad_layouts():
+    """A channels_last or expanded (y.sum().backward()) grad gives the gradients a contiguous one gives."""
+    x, w, cw, b, *rest = _op_args()
+    x = torch.randn(3, *x.shape[1:])
+    args = [t.detach() for t in (x, w, cw)]
+    g = torch.randn(3, 4, 7, 6)
+    mask = [True, True, True, True]
+    want = torch.ops.coordconv_fused.coord_conv_ext_backward(g, *args, *rest, mask)
+    got = torch.ops.coordconv_fused.coord_conv_ext_backward(g.to(memory_format=torch.channels_last), *args, *rest, mask)
+    for r, e in zip(got, want):
+        torch.testing.assert_close(r, e, atol=1e-5, rtol=1e-5)
+    ones = torch.ones(()).expand(3, 4, 7, 6)
+    got = torch.ops.coordconv_fused.coord_conv_ext_backward(ones, *args, *rest, mask)
+    want = torch.ops.coordconv_fused.coord_conv_ext_backward(ones.contiguous(), *args, *rest, mask)
+    for r, e in zip(got, want):
+        torch.testing.assert_close(r, e, atol=1e-5, rtol=1e-5)
+
+
 def test_backward_op_half_and_batch():
     """bfloat16 and a batch of 5: the coordinate and bias gradients sum the batch in float32."""
     x, w, cw, b, *rest = _op_args()

@@ -459,8 +459,11 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
 template <typename scalar_t, typename acc_t>
 void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor* coord_grad, at::Tensor* bias_grad) {
   const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  const at::Tensor gc = grad.contiguous();
-  const int64_t O = g.c_out, N = g.n, points = g.out_points();
+  // A grad in another layout (channels_last, or the expanded one of y.sum().backward()) is summed
+  // over the batch by ATen first (accumulated in acc_t, rounded once): no output-sized copy.
+  const bool dense = grad.is_contiguous();
+  const at::Tensor gc = dense ? grad : grad.sum(0, /*keepdim=*/true).contiguous();
+  const int64_t O = g.c_out, N = dense ? g.n : 1, points = g.out_points();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps;
   const bool want_cw = coord_grad != nullptr;
