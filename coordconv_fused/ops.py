@@ -4,7 +4,8 @@ A backend supplies two functions over the op's arguments — ``forward`` (the wh
 ``coord_weight_grad`` (the gradient of ``coord_weight`` from ``grad_output.sum(0)``) — and
 :func:`define_coord_conv_op` registers a ``torch.library`` custom op with them. The gradients of
 ``input``, ``weight`` and ``bias`` are those of the data convolution, computed by ATen's
-``convolution_backward``.
+``convolution_backward`` (the bias's from the same batch sum). Ops declared in C++ may instead bring
+their whole backward as one op (:func:`register_native_coord_conv_op`, ``fused_backward_devices``).
 
 Schema (mirrors ``aten::convolution``)::
 
