@@ -480,19 +480,29 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   acc_t* cwp = want_cw ? cw.data_ptr<acc_t>() : nullptr;
   acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
   auto ptr = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
-  const acc_t* value[3] = {ptr(t.value[0]), ptr(t.value[1]), ptr(t.value[2])};
-  const acc_t* mask[3] = {ptr(t.mask[0]), ptr(t.mask[1]), ptr(t.mask[2])};
   const acc_t* rp = ptr(R);
   const acc_t* cp = ptr(C);
+  // Each axis channel's factor tables (see factors()) and whether its innermost one is the coordinate.
+  std::array<std::array<const acc_t*, 2>, 3> outer{};
+  std::array<bool, 3> coord_inner{};
+  if (want_cw && !g.separate) {
+    for (int64_t c = 0; c < g.ndim; ++c) {
+      const auto f = factors(g, t, c);
+      outer[c] = {f[0].data_ptr<acc_t>(), f[1].data_ptr<acc_t>()};
+      coord_inner[c] = f[2].is_same(t.value[2]);
+    }
+  }
   // The innermost axis's tables transposed to [kernel, out], for reductions along output rows.
   std::vector<acc_t> mask_w_t, value_w_t;
   if (want_cw && !g.separate) {
     mask_w_t.resize(KW * OW);
     value_w_t.resize(KW * OW);
+    const acc_t* m2 = t.mask[2].data_ptr<acc_t>();
+    const acc_t* v2 = t.value[2].data_ptr<acc_t>();
     for (int64_t k = 0; k < OW; ++k)
       for (int64_t v = 0; v < KW; ++v) {
-        mask_w_t[v * OW + k] = mask[2][k * KW + v];
-        value_w_t[v * OW + k] = value[2][k * KW + v];
+        mask_w_t[v * OW + k] = m2[k * KW + v];
+        value_w_t[v * OW + k] = v2[k * KW + v];
       }
   }
   // Per-thread scratch, allocated here rather than in the workers (a worker's first malloc would
@@ -545,10 +555,8 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
         }
       }
       for (int64_t c = 0; c < g.ndim; ++c) {
-        const int axis = channel_axis(g, c);
-        const acc_t* F0 = axis == 0 ? value[0] : mask[0];
-        const acc_t* F1 = axis == 1 ? value[1] : mask[1];
-        const acc_t* src = inner + (axis == 2 ? OD * OH * KW : 0);
+        const auto [F0, F1] = outer[c];
+        const acc_t* src = inner + (coord_inner[c] ? OD * OH * KW : 0);
         // mid[i, u, v] = sum_j F1[j, u] src[i, j, v]
         std::fill(mid, mid + OD * KH * KW, acc_t(0));
         for (int64_t i = 0; i < OD; ++i)
