@@ -8,8 +8,9 @@ preference list. Later backends (``triton``, ``cpp``, ``cuda``) plug in here.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -18,7 +19,8 @@ from .decomposed import coord_conv_decomposed
 from .reference import coord_conv_ref
 from .spec import ConvSpec
 
-__all__ = ["Backend", "register_backend", "available_backends", "resolve_backend", "dispatch"]
+__all__ = ["Backend", "register_backend", "unregister_backend", "temporary_backend", "available_backends",
+           "backend_names", "get_backend", "resolve_backend", "dispatch"]
 
 BackendFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", ConvSpec], Tensor]
 
@@ -58,6 +60,36 @@ def register_backend(backend: Backend, *, prefer_on: dict[str, int] | None = Non
         order = [n for n in AUTO_PREFERENCE.get(device, ()) if n != backend.name]
         order.insert(position, backend.name)
         AUTO_PREFERENCE[device] = tuple(order)
+
+
+def unregister_backend(name: str) -> None:
+    """Remove the backend ``name`` (and its place in ``auto``'s order)."""
+    del _BACKENDS[name]
+    for device, order in AUTO_PREFERENCE.items():
+        AUTO_PREFERENCE[device] = tuple(n for n in order if n != name)
+
+
+@contextlib.contextmanager
+def temporary_backend(backend: Backend) -> Iterator[str]:
+    """Register ``backend`` for the duration of a ``with`` block (tests, experiments); yields its
+    name. ``auto`` never picks it."""
+    if backend.name in _BACKENDS:
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    _BACKENDS[backend.name] = backend
+    try:
+        yield backend.name
+    finally:
+        _BACKENDS.pop(backend.name, None)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend ``name`` (``KeyError`` if there is none)."""
+    return _BACKENDS[name]
+
+
+def backend_names() -> list[str]:
+    """Names of every registered backend, usable here or not (see :func:`available_backends`)."""
+    return sorted(_BACKENDS)
 
 
 def _usable(backend: Backend, device_type: str | None) -> bool:

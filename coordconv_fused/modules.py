@@ -30,10 +30,9 @@ IntOrTuple = int | Sequence[int]
 
 
 def _check_backend_name(backend: str) -> str:
-    if backend != "auto" and backend not in backends._BACKENDS:
-        raise ValueError(
-            f"unknown backend {backend!r}; expected 'auto' or one of {sorted(backends._BACKENDS)}"
-        )
+    names = backends.backend_names()
+    if backend != "auto" and backend not in names:
+        raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {names}")
     return backend
 
 

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import coord_term
+from .geometry import image_sizes, pairs  # noqa: F401  (re-exported: older import path)
 from .spec import ConvSpec
 
 __all__ = ["SCHEMA", "define_coord_conv_op", "register_native_coord_conv_op", "call_coord_conv_op",
-           "op_arguments", "pairs", "image_sizes"]
+           "differentiable_backward", "op_arguments"]
 
 SCHEMA = (
     "(Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, "
@@ -42,16 +44,6 @@ SCHEMA = (
 ForwardFn = Callable[..., Tensor]
 # coord_weight_grad(grad_sum [1, C_out, *out], input, weight, coord_weight, *args) -> grad
 CoordGradFn = Callable[..., Tensor]
-
-
-def pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
-    """``[b0, a0, b1, a1, ...]`` -> ``[(b0, a0), (b1, a1), ...]``."""
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-
-
-def image_sizes(input: Tensor, coord_pad: Sequence[int]) -> list[int]:
-    """Spatial size of the image before the explicit padding that ``input`` already carries."""
-    return [n - b - a for n, (b, a) in zip(input.shape[2:], pairs(coord_pad))]
 
 
 def _fake(input, weight, coord_weight, bias, stride, padding, dilation, transposed, output_padding,
@@ -79,31 +71,47 @@ def _grad_fake(grad_sum, input, weight, coord_weight, *args):
     return torch.empty_like(coord_weight, memory_format=torch.contiguous_format)
 
 
+def _generic_backward(ctx, grad, coord_weight_grad: CoordGradFn):
+    """The gradients of (input, weight, coord_weight, bias): ATen's ``convolution_backward`` for
+    the data convolution, ``coord_weight_grad`` on the batch sum of ``grad`` for the coordinates."""
+    input, weight, coord_weight = ctx.saved_tensors
+    stride, padding, dilation, transposed, output_padding, groups = ctx.args[:6]
+    need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]
+    need_b = need_b and ctx.has_bias
+    grad_in = grad_w = grad_cw = grad_b = None
+    grad_sum = None
+    if need_cw:
+        # The coordinate term is the same for every sample: only the batch sum of grad matters
+        # (accumulated in float32 for half types). The bias gradient is its sum over the
+        # points, so convolution_backward need not read grad once more for it.
+        acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
+        grad_sum = grad if grad.shape[0] == 1 and grad.dtype == acc else grad.sum(0, keepdim=True, dtype=acc)
+    bias_in_conv = need_b and grad_sum is None
+    if need_in or need_w or bias_in_conv:
+        c_out = weight.shape[1] * groups if transposed else weight.shape[0]
+        grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, input, weight, [c_out] if bias_in_conv else None, stride, padding, dilation,
+            transposed, output_padding, groups, [need_in, need_w, bias_in_conv])
+    if grad_sum is not None:
+        if need_b:
+            grad_b = grad_sum.sum([0] + list(range(2, grad_sum.dim()))).to(grad.dtype)
+        grad_cw = coord_weight_grad(grad_sum.to(grad.dtype), input, weight, coord_weight, *ctx.args)
+    return (grad_in, grad_w, grad_cw, grad_b) + (None,) * 10
+
+
+def differentiable_backward(ctx, grad):
+    """The backward as differentiable ATen ops (``convolution_backward``, sums, and the coordinate
+    gradient of :mod:`coordconv_fused.coord_term`): what every backend runs when autograd records a
+    graph of the gradients (``create_graph=True``: gradient penalties, double backward), so that
+    second-order gradients are exact. The fused kernels and opaque ops are first-order only."""
+    return _generic_backward(ctx, grad, coord_term.coord_weight_grad)
+
+
 def _make_backward(coord_weight_grad: CoordGradFn):
     def backward(ctx, grad):
-        input, weight, coord_weight = ctx.saved_tensors
-        stride, padding, dilation, transposed, output_padding, groups = ctx.args[:6]
-        need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]
-        need_b = need_b and ctx.has_bias
-        grad_in = grad_w = grad_cw = grad_b = None
-        grad_sum = None
-        if need_cw:
-            # The coordinate term is the same for every sample: only the batch sum of grad matters
-            # (accumulated in float32 for half types). The bias gradient is its sum over the
-            # points, so convolution_backward need not read grad once more for it.
-            acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-            grad_sum = grad if grad.shape[0] == 1 and grad.dtype == acc else grad.sum(0, keepdim=True, dtype=acc)
-        bias_in_conv = need_b and grad_sum is None
-        if need_in or need_w or bias_in_conv:
-            c_out = weight.shape[1] * groups if transposed else weight.shape[0]
-            grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, input, weight, [c_out] if bias_in_conv else None, stride, padding, dilation,
-                transposed, output_padding, groups, [need_in, need_w, bias_in_conv])
-        if grad_sum is not None:
-            if need_b:
-                grad_b = grad_sum.sum([0] + list(range(2, grad_sum.dim()))).to(grad.dtype)
-            grad_cw = coord_weight_grad(grad_sum.to(grad.dtype), input, weight, coord_weight, *ctx.args)
-        return (grad_in, grad_w, grad_cw, grad_b) + (None,) * 10
+        if torch.is_grad_enabled():  # a graph of the gradients is being recorded
+            return differentiable_backward(ctx, grad)
+        return _generic_backward(ctx, grad, coord_weight_grad)
 
     return backward
 
@@ -167,7 +175,7 @@ def register_native_coord_conv_op(name: str, fused_backward_devices: Sequence[st
 
 def _fused_backward(backward_op, devices: Sequence[str], fallback):
     def backward(ctx, grad):
-        if grad.device.type not in devices:
+        if torch.is_grad_enabled() or grad.device.type not in devices:
             return fallback(ctx, grad)
         input, weight, coord_weight = ctx.saved_tensors
         need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]

@@ -15,17 +15,12 @@ import torch
 from torch import Tensor
 
 from .coords import num_coord_channels
+from .geometry import conv_output_size
 
 __all__ = ["ConvSpec", "PaddingArg", "make_spec", "check_tensors", "conv_output_size", "PADDING_MODES"]
 
 PaddingArg = Union[str, int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
-                     dilation: int) -> int:
-    """Output length of a convolution along one axis (as ``nn.Conv``; may be <= 0 if too small)."""
-    return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:

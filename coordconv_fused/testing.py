@@ -18,7 +18,59 @@ from . import functional as CF
 from .coords import num_coord_channels
 from .spec import ConvSpec, make_spec
 
-__all__ = ["Case", "assert_matches_reference", "default_tolerances", "supported"]
+__all__ = ["Case", "assert_matches_reference", "default_tolerances", "supported", "BACKENDS_UNDER_TEST",
+           "why_backend_may_be_missing", "torch_ships_triton"]
+
+# The backends a test run exercises per device type, named explicitly: a backend that should be
+# there (see why_backend_may_be_missing) and is not fails the tests that name it, never skips them.
+BACKENDS_UNDER_TEST: dict[str, tuple[str, ...]] = {
+    "cpu": ("reference", "torch", "cpp", "triton", "auto"),
+    "cuda": ("reference", "torch", "cuda", "triton", "auto"),
+}
+
+
+def torch_ships_triton() -> bool:
+    """Whether the installed torch declares Triton as a dependency on this platform (its CUDA builds
+    for Linux do): then Triton is expected to be importable."""
+    import importlib.metadata
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # packaging missing: judge by the requirement's name alone
+        Requirement = None
+    try:
+        requirements = importlib.metadata.requires("torch") or []
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    for text in requirements:
+        if Requirement is None:
+            if text.split(";")[0].strip().lower().startswith("triton"):
+                return True
+            continue
+        req = Requirement(text)
+        if req.name.lower() == "triton" and (req.marker is None or req.marker.evaluate({"extra": ""})):
+            return True
+    return False
+
+
+def why_backend_may_be_missing(name: str, device: str = "cpu") -> str | None:
+    """``None`` if backend ``name`` must be usable on ``device`` in this environment (a test run
+    without it is a failure), or the reason it may legitimately be missing (its tests skip)."""
+    import os
+
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    if name == "cpp" and os.environ.get("COORDCONV_NO_EXTENSION") == "1":
+        return "the package was installed with COORDCONV_NO_EXTENSION=1 (no C++ extension)"
+    if name == "cuda" and os.environ.get("COORDCONV_NO_EXTENSION") == "1":
+        return "the package was installed with COORDCONV_NO_EXTENSION=1 (no C++/CUDA extension)"
+    if name == "triton":
+        if not torch_ships_triton():
+            return "this torch does not ship Triton"
+        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
+    return None
+
 
 _CONV_FN = {1: CF.coord_conv1d, 2: CF.coord_conv2d, 3: CF.coord_conv3d}
 _CONV_T_FN = {1: CF.coord_conv_transpose1d, 2: CF.coord_conv_transpose2d, 3: CF.coord_conv_transpose3d}
@@ -96,7 +148,7 @@ class Case:
 
 def supported(backend: str, case: Case) -> bool:
     """Whether ``backend`` implements ``case`` (e.g. the Triton kernels have no transposed form)."""
-    return backend == "auto" or backends._BACKENDS[backend].supports(case.spec()) is None
+    return backend == "auto" or backends.get_backend(backend).supports(case.spec()) is None
 
 
 def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:

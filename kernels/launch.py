@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from coordconv_fused.ops import image_sizes, pairs
-from coordconv_fused.spec import conv_output_size
+from coordconv_fused.geometry import conv_output_size, image_sizes, pairs
 
 from .coord_conv_fwd import coord_conv_fwd_kernel
 from .coord_tile import PAD_MODES

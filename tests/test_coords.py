@@ -55,10 +55,17 @@ def test_1d_and_3d_layout():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_is_rounded_float32(dtype):
+def test_low_precision_is_the_rounded_formula(dtype):
     c = coord_channels((13, 11), with_r=True, dtype=dtype)
     assert c.dtype == dtype
-    assert torch.equal(c, coord_channels((13, 11), with_r=True, dtype=torch.float32).to(dtype))
+    ei, ej = _expected_axis(13), _expected_axis(11)
+    # Axis channels: the formula's float64 value rounded once to dtype (double rounding through
+    # float32 is innocuous for a division).
+    assert torch.equal(c[0], torch.tensor(ei, dtype=torch.float64).to(dtype)[:, None].expand(13, 11))
+    assert torch.equal(c[1], torch.tensor(ej, dtype=torch.float64).to(dtype)[None, :].expand(13, 11))
+    radius = torch.tensor([[math.hypot(a, b) for b in ej] for a in ei], dtype=torch.float64)
+    ulp = torch.finfo(dtype).eps * radius.clamp(min=2 ** -10)
+    assert (c[2].double() - radius).abs().le(ulp).all()
 
 
 def test_add_coords_concatenates():
@@ -119,7 +126,134 @@ def test_reference_is_cat_then_conv(backend):
 
 
 def test_radius_is_correctly_rounded_in_float32():
-    # sqrt of the float32 sum of squares, rounded once (computed in float64 as the oracle).
+    # The radius is sqrt of the float32 sum of squares, rounded once: no other float32 lies closer
+    # to the exact square root (checked with exact rational arithmetic, not with the expression
+    # the implementation uses).
+    from fractions import Fraction
+
     c = coord_channels((37, 53), with_r=True, dtype=torch.float32)
-    squares = c[0] * c[0] + c[1] * c[1]
-    assert torch.equal(c[2], squares.double().sqrt().float())
+    squares = (c[0] * c[0] + c[1] * c[1]).flatten().tolist()
+    radius = c[2].flatten()
+    below = torch.nextafter(radius, torch.tensor(-1.0)).tolist()
+    above = torch.nextafter(radius, torch.tensor(2.0)).tolist()
+    for s, r, lo, hi in zip(squares, radius.tolist(), below, above):
+        err = abs(Fraction(r) ** 2 - Fraction(s))
+        assert err <= abs(Fraction(lo) ** 2 - Fraction(s)) and err <= abs(Fraction(hi) ** 2 - Fraction(s)), (s, r)
+
+
+# ---- padded coordinates and receptive-field centres, written out by hand ---------------------------
+# An axis of 4 positions has coordinates [-1, -1/3, 1/3, 1]. Padded by (2, 1) with each mode:
+T = 1 / 3
+PADDED_4 = {
+    "zeros": [0, 0, -1, -T, T, 1, 0],
+    "reflect": [T, -T, -1, -T, T, 1, T],        # indices 2 1 | 0 1 2 3 | 2
+    "replicate": [-1, -1, -1, -T, T, 1, 1],
+    "circular": [T, 1, -1, -T, T, 1, -1],       # indices 2 3 | 0 1 2 3 | 0
+}
+
+
+@pytest.mark.parametrize("mode", list(PADDED_4))
+def test_padded_coordinates_by_hand(mode):
+    from coordconv_fused.coords import padded_coord_channels
+
+    got = padded_coord_channels((4,), False, [(2, 1)], mode, dtype=torch.float64, device="cpu")
+    torch.testing.assert_close(got[0], torch.tensor(PADDED_4[mode], dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+def test_padded_radius_2d_reflect_by_hand():
+    from coordconv_fused.coords import padded_coord_channels
+
+    # rows [-1, 0, 1] reflect-padded by 1 -> [0, -1, 0, 1, 0]; columns [-1, 1] -> [1, -1, 1, -1]
+    got = padded_coord_channels((3, 2), True, [(1, 1), (1, 1)], "reflect", dtype=torch.float64, device="cpu")
+    rows, cols = [0, -1, 0, 1, 0], [1, -1, 1, -1]
+    for y, a in enumerate(rows):
+        for x, b in enumerate(cols):
+            assert got[:, y, x].tolist() == pytest.approx([a, b, math.hypot(a, b)], abs=1e-15)
+
+
+@pytest.mark.parametrize("name,n,kwargs,expected", [
+    # 'same' with an even kernel (k=4): padding (1, 2), centres at o + 0.5 -> (2o - 4) / 5, not clipped
+    ("same-even", 6, dict(kernel=4, stride=1, pad_before=1, dilation=1, out=6), [-0.8, -0.4, 0, 0.4, 0.8, 1.2]),
+    # k=3, stride 2, padding 1 (explicit, e.g. reflect): centres at 2o -> (4o - 6) / 6
+    ("strided", 7, dict(kernel=3, stride=2, pad_before=1, dilation=1, out=4), [-1, -T, T, 1]),
+    # dilation 2, k=3, no padding: centres at o + 2 -> (2o + 4 - 6) / 6
+    ("dilated", 7, dict(kernel=3, stride=1, pad_before=0, dilation=2, out=3), [-T, 0, T]),
+    # a one-position axis has coordinate 0 everywhere
+    ("size-1", 1, dict(kernel=3, stride=1, pad_before=1, dilation=1, out=1), [0]),
+])
+def test_centres_by_hand(name, n, kwargs, expected):
+    out = kwargs.pop("out")
+    c = centre_coord_channels((out,), (n,), False, stride=(kwargs["stride"],), pad_before=(kwargs["pad_before"],),
+                              dilation=(kwargs["dilation"],), kernel_size=(kwargs["kernel"],),
+                              dtype=torch.float64, device="cpu")
+    torch.testing.assert_close(c[0], torch.tensor(expected, dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+def test_3d_with_r_by_hand():
+    c = coord_channels((2, 3, 5), with_r=True, dtype=torch.float64)
+    # D: [-1, 1]; H: [-1, 0, 1]; W: [-1, -0.5, 0, 0.5, 1]
+    assert c[:, 0, 1, 3].tolist() == pytest.approx([-1, 0, 0.5, math.sqrt(1.25)], abs=1e-15)
+    assert c[:, 1, 2, 0].tolist() == pytest.approx([1, 1, -1, math.sqrt(3)], abs=1e-15)
+
+
+# ---- every backend, end to end, against the same hand-written values --------------------------------
+# With weight = 0 and a one-hot coordinate filter, the layer's output is the coordinate that one tap
+# (or, for the separate filter, the receptive-field centre) sees: no shared code in the expectation.
+
+BACKENDS = ["reference", "torch", "cpp", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", list(PADDED_4))
+def test_backend_sees_padded_coordinates(backend, mode):
+    # 1-D, n = 4, k = 3, padding 2 on both sides -> padded axis of 8 positions, out = 6; tap 0 of
+    # output o reads padded position o, tap 2 reads o + 2.
+    padded = {  # PADDED_4 with a second position after the image
+        "zeros": [0, 0, -1, -T, T, 1, 0, 0],
+        "reflect": [T, -T, -1, -T, T, 1, T, -T],      # indices 2 1 | 0 1 2 3 | 2 1
+        "replicate": [-1, -1, -1, -T, T, 1, 1, 1],
+        "circular": [T, 1, -1, -T, T, 1, -1, -T],     # indices 2 3 | 0 1 2 3 | 0 1
+    }[mode]
+    x = torch.zeros(1, 1, 4, dtype=torch.float64)
+    w = torch.zeros(1, 1, 3, dtype=torch.float64)
+    for tap in (0, 2):
+        cw = torch.zeros(1, 1, 3, dtype=torch.float64)
+        cw[0, 0, tap] = 1
+        y = coord_conv1d(x, w, cw, None, 1, 2, 1, 1, mode, False, backend)
+        torch.testing.assert_close(y[0, 0], torch.tensor(padded[tap:tap + 6], dtype=torch.float64),
+                                   atol=1e-15, rtol=0, msg=lambda m, t=tap: f"tap {t}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_sees_receptive_field_centres(backend):
+    # 'same', even kernel 4 on 6 positions (the 'same-even' row above), and stride 2 with reflect.
+    x = torch.zeros(1, 1, 6, dtype=torch.float64)
+    y = coord_conv1d(x, torch.zeros(1, 1, 4, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64),
+                     None, 1, "same", 1, 1, "zeros", False, backend, coord_kernel_size=1)
+    torch.testing.assert_close(y[0, 0], torch.tensor([-0.8, -0.4, 0, 0.4, 0.8, 1.2], dtype=torch.float64),
+                               atol=1e-15, rtol=0)
+    x = torch.zeros(1, 1, 7, dtype=torch.float64)
+    y = coord_conv1d(x, torch.zeros(1, 1, 3, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64),
+                     None, 2, 1, 1, 1, "reflect", False, backend, coord_kernel_size=1)
+    torch.testing.assert_close(y[0, 0], torch.tensor([-1, -T, T, 1], dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_sees_2d_radius_and_3d_axes(backend):
+    # 2-D, 3x2 image, reflect padding 1, radius channel, kernel 3: the centre tap of output (y, x)
+    # reads image position (y, x) -> radius hypot(row, col); tap (0, 0) reads padded (y, x).
+    x = torch.zeros(1, 1, 3, 2, dtype=torch.float64)
+    w = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    cw = torch.zeros(1, 3, 3, 3, dtype=torch.float64)
+    cw[0, 2, 0, 0] = 1  # radius channel, tap (0, 0)
+    y = coord_conv2d(x, w, cw, None, 1, 1, 1, 1, "reflect", True, backend)
+    rows, cols = [0, -1, 0, 1, 0], [1, -1, 1, -1]
+    expected = [[math.hypot(rows[i], cols[j]) for j in range(2)] for i in range(3)]
+    torch.testing.assert_close(y[0, 0], torch.tensor(expected, dtype=torch.float64), atol=1e-15, rtol=0)
+    # 3-D: the W channel (index 2) through a 1x1x1 kernel is the W coordinate itself.
+    from coordconv_fused import coord_conv3d
+
+    y = coord_conv3d(torch.zeros(1, 1, 2, 3, 5, dtype=torch.float64), torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64),
+                     torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1, 1), None, backend=backend)
+    torch.testing.assert_close(y[0, 0, 1, 2], torch.tensor([-1, -0.5, 0, 0.5, 1], dtype=torch.float64),
+                               atol=1e-15, rtol=0)

@@ -59,23 +59,20 @@ def test_meta_device_mismatch_is_named():
         coord_conv2d(X, W.to("meta"), CW, B)
 
 
-def test_unavailable_backend_is_actionable(monkeypatch):
+def test_unavailable_backend_is_actionable():
     from coordconv_fused import backends
 
-    monkeypatch.setitem(
-        backends._BACKENDS, "fake_gpu",
-        backends.Backend("fake_gpu", backends.coord_conv_decomposed, devices=frozenset({"cuda"}),
-                         unavailable_reason=lambda: "build the extension with FORCE_CUDA=1"),
-    )
-    with pytest.raises(RuntimeError, match="backend 'fake_gpu' is not available: build the extension"):
-        coord_conv2d(X, W, CW, B, backend="fake_gpu")
-    assert "fake_gpu" not in backends.available_backends()
-    monkeypatch.setitem(
-        backends._BACKENDS, "fake_gpu",
-        backends.Backend("fake_gpu", backends.coord_conv_decomposed, devices=frozenset({"cuda"})),
-    )
-    with pytest.raises(RuntimeError, match=r"runs on \['cuda'\] tensors, but the input is on cpu"):
-        coord_conv2d(X, W, CW, B, backend="fake_gpu")
+    fake = backends.Backend("fake_gpu", backends.coord_conv_decomposed, devices=frozenset({"cuda"}),
+                            unavailable_reason=lambda: "build the extension with FORCE_CUDA=1")
+    with backends.temporary_backend(fake):
+        with pytest.raises(RuntimeError, match="backend 'fake_gpu' is not available: build the extension"):
+            coord_conv2d(X, W, CW, B, backend="fake_gpu")
+        assert "fake_gpu" not in backends.available_backends()
+    assert "fake_gpu" not in backends.backend_names()
+    with backends.temporary_backend(backends.Backend("fake_gpu", backends.coord_conv_decomposed,
+                                                     devices=frozenset({"cuda"}))):
+        with pytest.raises(RuntimeError, match=r"runs on \['cuda'\] tensors, but the input is on cpu"):
+            coord_conv2d(X, W, CW, B, backend="fake_gpu")
 
 
 def test_transposed_errors():

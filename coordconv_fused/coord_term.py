@@ -1,0 +1,66 @@
+"""The coordinate term as ATen ops: ``P = conv(coords, coord_weight)`` for a batch of one.
+
+``y = conv(x, weight, bias) + P``: the term does not depend on the sample, so it is computed once
+per call, and the gradient of ``coord_weight`` needs only ``grad_output.sum(0)``. These functions
+take the op's arguments (see :mod:`coordconv_fused.ops`) and use only differentiable ATen ops, so
+they serve the ``torch`` backend, the exporters, and every backend's backward when a graph of the
+gradients is recorded (second-order gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .coords import centre_coord_channels, padded_coord_channels
+from .geometry import image_sizes, pairs
+
+__all__ = ["coord_input", "coordinate_term", "coord_weight_grad"]
+
+
+def coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride, padding, dilation,
+                coord_pad, coord_pad_mode, with_r: bool, separate: bool) -> Tensor:
+    """The ``[1, d, ...]`` coordinate tensor the coordinate filter is applied to (batch of one).
+
+    Full filter: the image's coordinates, padded like the input (explicit part here; the symmetric
+    zero part is applied by the convolution). Separate filter: the receptive-field centres of the
+    ``out_sizes`` outputs.
+    """
+    sizes = image_sizes(input, coord_pad)
+    if not separate:
+        coords = padded_coord_channels(sizes, with_r, pairs(coord_pad), coord_pad_mode,
+                                       dtype=input.dtype, device=input.device)
+    else:
+        pad_before = [b + p for (b, _), p in zip(pairs(coord_pad), padding)]
+        coords = centre_coord_channels(out_sizes, sizes, with_r, stride=stride, pad_before=pad_before,
+                                       dilation=dilation, kernel_size=weight.shape[2:],
+                                       dtype=input.dtype, device=input.device)
+    return coords.unsqueeze(0)
+
+
+def coordinate_term(input, weight, coord_weight, out_sizes, stride, padding, dilation, transposed,
+                    output_padding, coord_pad, coord_pad_mode, with_r, separate) -> Tensor:
+    """The batch-independent coordinate term ``P``: a ``[1, C_out, *out_sizes]`` tensor."""
+    coords = coord_input(input, weight, out_sizes, stride, padding, dilation, coord_pad,
+                         coord_pad_mode, with_r, separate)
+    ndim = input.dim() - 2
+    if separate:
+        return torch.ops.aten.convolution(coords, coord_weight, None, [1] * ndim, [0] * ndim,
+                                          [1] * ndim, False, [0] * ndim, 1)
+    return torch.ops.aten.convolution(coords, coord_weight, None, stride, padding, dilation, transposed,
+                                      output_padding, 1)
+
+
+def coord_weight_grad(grad_sum, input, weight, coord_weight, stride, padding, dilation, transposed,
+                      output_padding, groups, coord_pad, coord_pad_mode, with_r, separate) -> Tensor:
+    """Gradient of ``coord_weight`` from ``grad_sum = grad_output.sum(0, keepdim=True)``
+    (linear in ``grad_sum``, and differentiable)."""
+    coords = coord_input(input, weight, grad_sum.shape[2:], stride, padding, dilation, coord_pad,
+                         coord_pad_mode, with_r, separate)
+    if separate:
+        return (grad_sum.flatten(2)[0] @ coords.flatten(2)[0].transpose(0, 1)).reshape(coord_weight.shape)
+    return torch.ops.aten.convolution_backward(
+        grad_sum, coords, coord_weight, None, stride, padding, dilation, transposed, output_padding, 1,
+        [False, True, False])[1]
