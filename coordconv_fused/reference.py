@@ -3,9 +3,9 @@
 This is the oracle every backend is tested against, so it shares nothing with the code under test
 but the argument checks: the coordinates are computed here from their definition, in float64, in a
 few lines of their own (not by :mod:`coordconv_fused.coords`), the padding (modes, 'same', the
-receptive-field centres) is resolved here, and the convolution is PyTorch's own ``nn.Conv{1,2,3}d``
-/ ``nn.ConvTranspose{1,2,3}d`` module applied to the explicit concatenation, as the popular
-cat-then-conv ports do. It materialises ``[N, d, *sizes]`` coordinates: slow, and meant to be.
+receptive-field centres) is resolved here, and the explicit concatenation is convolved exactly as
+``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` convolve (``F.pad`` for the non-zero padding
+modes, then ``F.conv``), as the popular cat-then-conv ports do. It materialises ``[N, d, *sizes]`` coordinates: slow, and meant to be.
 
 Definition (``docs/semantics.md``): along an axis of ``n`` positions, position ``i`` has coordinate
 ``2*i/(n-1) - 1`` (0 when ``n == 1``); the radius is ``sqrt`` of the sum of the squared axis
@@ -18,51 +18,50 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
 from .spec import ConvSpec
 
 __all__ = ["coord_conv_ref", "reference_coords"]
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _coordinate(position: float, n: int) -> float:
-    """Coordinate of a (possibly fractional) position along an axis of ``n`` positions."""
-    return 0.0 if n == 1 else (2 * position - (n - 1)) / (n - 1)
+def _coordinates(positions: Tensor, n) -> Tensor:
+    """Coordinates of (possibly fractional) ``positions`` along an axis of ``n`` positions:
+    ``(2*position - (n-1)) / (n-1)``, 0 when ``n == 1`` (float64; exact for integer numerators)."""
+    return (2 * positions - (n - 1)) / torch.sym_max(n - 1, 1)
 
 
-def reference_coords(axes: Sequence[Sequence[float]], with_r: bool, dtype: torch.dtype,
-                     device: torch.device | str | None = None) -> Tensor:
-    """``[d, *sizes]`` coordinate channels from per-axis coordinate values (float64), the radius
+def reference_coords(axes: Sequence[Tensor], with_r: bool, dtype: torch.dtype) -> Tensor:
+    """``[d, *sizes]`` coordinate channels from per-axis float64 coordinate vectors, the radius
     last, rounded once to ``dtype``."""
-    grids = torch.meshgrid(*[torch.tensor(list(a), dtype=torch.float64) for a in axes], indexing="ij")
+    grids = torch.meshgrid(*axes, indexing="ij")
     channels = list(grids)
     if with_r:
         channels.append(torch.sqrt(sum(c * c for c in grids)))
-    return torch.stack(channels).to(dtype=dtype, device=device)
+    return torch.stack(channels).to(dtype)
 
 
-def _pad_before(spec: ConvSpec) -> list[int]:
-    """Padding before the first element of each axis, as ``nn.Conv`` resolves it."""
+def _side_pads(spec: ConvSpec) -> list[tuple[int, int]]:
+    """(before, after) padding of each axis, resolved as ``nn.Conv`` resolves it."""
     if spec.padding == "valid":
-        return [0] * spec.ndim
+        return [(0, 0)] * spec.ndim
     if spec.padding == "same":  # nn.Conv puts the smaller half first
-        return [d * (k - 1) // 2 for d, k in zip(spec.dilation, spec.kernel_size)]
-    return list(spec.padding)
+        return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(spec.dilation, spec.kernel_size)]
+    return [(p, p) for p in spec.padding]
 
 
-def _conv(cls, in_channels: int, out_channels: int, spec: ConvSpec, groups: int, x: Tensor, weight: Tensor,
-          bias: Tensor | None, **kwargs) -> Tensor:
-    """``x`` through a freshly built ``cls`` module (on the meta device) with ``weight`` and
-    ``bias`` as its parameters: the module's own padding and convolution."""
-    module = cls(in_channels, out_channels, spec.kernel_size, spec.stride, padding=spec.padding,
-                 dilation=spec.dilation, groups=groups, bias=bias is not None, device="meta", **kwargs)
-    params = {"weight": weight} | ({"bias": bias} if bias is not None else {})
-    return functional_call(module, params, (x,))
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec, groups: int) -> Tensor:
+    """A convolution as ``nn.ConvNd.forward`` performs it: zero padding inside the convolution,
+    other modes by ``F.pad`` first."""
+    if spec.padding_mode == "zeros":
+        return _CONV[spec.ndim](x, weight, bias, spec.stride, spec.padding, spec.dilation, groups)
+    pads = [p for pair in reversed(_side_pads(spec)) for p in pair]
+    return _CONV[spec.ndim](F.pad(x, pads, mode=spec.padding_mode), weight, bias, spec.stride, 0, spec.dilation,
+                            groups)
 
 
 def coord_conv_ref(
@@ -75,36 +74,29 @@ def coord_conv_ref(
     * separate filter: ``conv(x, weight, bias) + conv1x1(centre_coords, coord_weight)``;
     * transposed: ``conv_transpose(cat([x, coords]), cat([weight, coord_weight], 0), bias)``.
     """
-    n, c_in, sizes = input.shape[0], input.shape[1], list(input.shape[2:])
-    d = coord_weight.shape[0] if spec.transposed else coord_weight.shape[1]
-    coords = reference_coords([[_coordinate(i, s) for i in range(s)] for s in sizes], spec.with_r,
-                              input.dtype, input.device)
+    n, sizes = input.shape[0], input.shape[2:]
+    f64 = {"dtype": torch.float64, "device": input.device}
+    coords = reference_coords([_coordinates(torch.arange(s, **f64), s) for s in sizes], spec.with_r, input.dtype)
     coords = coords.unsqueeze(0).expand(n, *coords.shape)
 
     if spec.transposed:
-        c_out = weight.shape[1] * spec.groups
-        kw = {"output_padding": spec.output_padding}
+        conv_t = _CONV_T[spec.ndim]
+        args = (spec.stride, spec.padding, spec.output_padding)
         if spec.groups == 1:
-            return _conv(_CONV_T[spec.ndim], c_in + d, c_out, spec, 1, _cat(input, coords),
-                         torch.cat([weight, coord_weight], 0), bias, **kw)
-        return (_conv(_CONV_T[spec.ndim], c_in, c_out, spec, spec.groups, input, weight, bias, **kw)
-                + _conv(_CONV_T[spec.ndim], d, c_out, spec, 1, coords, coord_weight, None, **kw))
+            return conv_t(_cat(input, coords), torch.cat([weight, coord_weight], 0), bias, *args, 1, spec.dilation)
+        return (conv_t(input, weight, bias, *args, spec.groups, spec.dilation)
+                + conv_t(coords, coord_weight, None, *args, 1, spec.dilation))
 
-    c_out = weight.shape[0]
-    kw = {"padding_mode": spec.padding_mode}
     if spec.separate:
-        data = _conv(_CONV[spec.ndim], c_in, c_out, spec, spec.groups, input, weight, bias, **kw)
-        axes = [[_coordinate(o * s - p + dil * (k - 1) / 2, size) for o in range(out)]
-                for out, size, s, p, dil, k in zip(data.shape[2:], sizes, spec.stride, _pad_before(spec),
-                                                    spec.dilation, spec.kernel_size)]
-        centres = reference_coords(axes, spec.with_r, input.dtype, input.device)
-        coord_part = torch.einsum("od,d...->o...", coord_weight.flatten(1), centres)
-        return data + coord_part.unsqueeze(0)
+        data = _conv(input, weight, bias, spec, spec.groups)
+        axes = [_coordinates(torch.arange(out, **f64) * s - b + dil * (k - 1) / 2, size)
+                for out, size, s, (b, _), dil, k in zip(data.shape[2:], sizes, spec.stride, _side_pads(spec),
+                                                         spec.dilation, spec.kernel_size)]
+        centres = reference_coords(axes, spec.with_r, input.dtype)
+        return data + _CONV[spec.ndim](centres.unsqueeze(0).expand(n, *centres.shape), coord_weight)
     if spec.groups == 1:
-        return _conv(_CONV[spec.ndim], c_in + d, c_out, spec, 1, _cat(input, coords),
-                     torch.cat([weight, coord_weight], 1), bias, **kw)
-    return (_conv(_CONV[spec.ndim], c_in, c_out, spec, spec.groups, input, weight, bias, **kw)
-            + _conv(_CONV[spec.ndim], d, c_out, spec, 1, coords, coord_weight, None, **kw))
+        return _conv(_cat(input, coords), torch.cat([weight, coord_weight], 1), bias, spec, 1)
+    return _conv(input, weight, bias, spec, spec.groups) + _conv(coords, coord_weight, None, spec, 1)
 
 
 def _cat(input: Tensor, coords: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ with the same inputs and the same upstream gradient, and compares the output and
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import torch
@@ -19,7 +20,8 @@ from .coords import num_coord_channels
 from .spec import ConvSpec, make_spec
 
 __all__ = ["Case", "assert_matches_reference", "default_tolerances", "supported", "BACKENDS_UNDER_TEST",
-           "why_backend_may_be_missing", "torch_ships_triton"]
+           "why_backend_may_be_missing", "torch_ships_triton", "assert_low_precision_matches_float64",
+           "assert_autocast_grads_match_float64"]
 
 # The backends a test run exercises per device type, named explicitly: a backend that should be
 # there (see why_backend_may_be_missing) and is not fails the tests that name it, never skips them.
@@ -203,3 +205,103 @@ def assert_matches_reference(backend: str, case: Case, dtype: torch.dtype = torc
         scale = max(1.0, float(ref.numel() / max(1, ref.shape[1])) ** 0.5) if name != "input" else 1.0
         torch.testing.assert_close(g, rg, atol=atol * scale, rtol=rtol,
                                    msg=lambda m, n=name: f"{backend} grad of {n}: {m}")
+
+
+# ---- low precision against a float64 oracle, with error bounds derived from the dtype ------------
+
+def _bound_scale(dtype: torch.dtype, reduction: int) -> float:
+    """Relative error bound of a bf16/fp16 CoordConv result against its float64 value, as a
+    multiple of the sum of the magnitudes of its terms: a few roundings to ``dtype`` (inputs,
+    coordinates, intermediate and final results: ``4u``) plus float32 accumulation over
+    ``reduction`` terms."""
+    u = torch.finfo(dtype).eps / 2
+    return 4 * u + reduction * 2.0 ** -24
+
+
+def _magnitudes(case: Case, t64: dict[str, Tensor | None], grad64: Tensor) -> dict[str, Tensor]:
+    """Sums of the magnitudes of the terms of the output and of every gradient, in float64:
+    the reference on |input|, |weight|, |bias| and |grad| (the data part), plus ``max|coordinate|``
+    times the coordinate filter's or the upstream gradient's magnitudes (the coordinate part)."""
+    abs_t = {n: (t.detach().abs().requires_grad_() if t is not None else None) for n, t in t64.items()}
+    abs_t["coord_weight"] = torch.zeros_like(abs_t["coord_weight"], requires_grad=True)
+    out = case.run("reference", abs_t)
+    ndim = case.ndim
+    cmax = ndim ** 0.5 if case.with_r else 1.0
+    cw = t64["coord_weight"].detach().abs()
+    if case.transposed:
+        coord_out = cmax * cw.sum(dim=[0] + list(range(2, cw.dim())))
+    else:
+        coord_out = cmax * cw.flatten(1).sum(1)
+    mags = {"output": out.detach() + coord_out.reshape(1, -1, *([1] * ndim))}
+    names = [n for n in ("input", "weight", "bias") if abs_t[n] is not None]
+    grads = torch.autograd.grad(out, [abs_t[n] for n in names], grad64.abs(), allow_unused=True)
+    mags.update({n: (g if g is not None else torch.zeros_like(abs_t[n])) for n, g in zip(names, grads)})
+    g_sum = grad64.abs().sum(dim=[0] + list(range(2, grad64.dim())))  # per output channel
+    shape = (-1,) + (1,) * (t64["coord_weight"].dim() - 1)
+    if case.transposed:
+        mags["coord_weight"] = (cmax * g_sum.reshape(1, -1, *([1] * ndim))).expand_as(t64["coord_weight"])
+    else:
+        mags["coord_weight"] = (cmax * g_sum.reshape(shape)).expand_as(t64["coord_weight"])
+    return mags
+
+
+def assert_low_precision_matches_float64(backend: str, case: Case, dtype: torch.dtype = torch.bfloat16,
+                                         device: str | torch.device = "cpu", seed: int = 0) -> None:
+    """``backend`` run in ``dtype`` against the float64 reference on the same (``dtype``-exact)
+    values: the output and every gradient within the bound of :func:`_bound_scale` times the
+    magnitudes of their terms, element by element."""
+    tensors = case.make_tensors(dtype, device, seed)
+    t64 = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in tensors.items()}
+    out = case.run(backend, tensors)
+    ref = case.run("reference", t64)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    g = g.to(dtype=dtype, device=device)
+    names = [n for n, t in tensors.items() if t is not None]
+    got = dict(zip(names, torch.autograd.grad(out, [tensors[n] for n in names], g, allow_unused=True)))
+    want = dict(zip(names, torch.autograd.grad(ref, [t64[n] for n in names], g.double(), allow_unused=True)))
+    mags = _magnitudes(case, t64, g.double())
+    taps = math.prod(case._kernel())
+    n_points = ref.shape[0] * math.prod(ref.shape[2:])
+    reduction = max((case.in_channels // case.groups + case.ndim + 1) * taps, n_points,
+                    case.out_channels * taps)
+    scale = _bound_scale(dtype, reduction)
+    checks = [("output", out, ref)] + [(n, got[n], want[n]) for n in names]
+    for name, value, expected in checks:
+        if expected is None:
+            expected = torch.zeros_like(t64[name])
+        if value is None:
+            value = torch.zeros_like(expected)
+        err = (value.double() - expected).abs()
+        bound = scale * mags[name] + torch.finfo(dtype).tiny
+        worst = (err / bound).max().item() if err.numel() else 0.0
+        assert worst <= 1.0, f"{backend} {name} in {dtype}: error {worst:.2f}x the derived bound"
+
+
+def assert_autocast_grads_match_float64(module: torch.nn.Module, x: Tensor, dtype: torch.dtype) -> None:
+    """The parameter gradients of a CoordConv ``module`` run under ``torch.autocast(dtype)`` (loss:
+    the output's sum) against the float64 reference, within the derived bound."""
+    import copy
+
+    module.zero_grad()
+    with torch.autocast(x.device.type, dtype=dtype):
+        out = module(x)
+    out.float().sum().backward()
+    got = {n: p.grad for n, p in module.named_parameters()}
+    ref = copy.deepcopy(module).double()
+    ref.backend = "reference"
+    ref.zero_grad()
+    ref(x.double()).sum().backward()
+    mag = copy.deepcopy(ref)
+    with torch.no_grad():
+        mag.coord_weight.zero_()
+    mag.zero_grad()
+    mag(x.double().abs()).sum().backward()
+    n_points = out.shape[0] * math.prod(out.shape[2:])
+    cmax = module._ndim ** 0.5 if module.with_r else 1.0
+    bounds = {"weight": mag.weight.grad, "bias": torch.full_like(ref.bias, n_points) if ref.bias is not None else None,
+              "coord_weight": torch.full_like(ref.coord_weight, cmax * n_points)}
+    scale = _bound_scale(dtype, n_points)
+    for name, p in ref.named_parameters():
+        err = (got[name].double() - p.grad).abs()
+        worst = (err / (scale * bounds[name] + torch.finfo(dtype).tiny)).max().item()
+        assert worst <= 1.0, f"{name} under autocast({dtype}): error {worst:.2f}x the derived bound"

@@ -61,3 +61,17 @@ def test_dynamic_shapes_do_not_recompile():
         x = torch.randn(2, 2, h, w)
         torch.testing.assert_close(compiled(x), m(x))
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compile_inductor_backward(backend):
+    """Inductor (the default torch.compile backend) in forward and backward: outputs and every
+    gradient equal eager's."""
+    torch._dynamo.reset()
+    model = _model(backend)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 3, 12, 10)
+    g = torch.randn(2, 2, 12, 10)
+    expected = _fwd_bwd(model, model, x, g)
+    got = _fwd_bwd(compiled, model, x, g)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

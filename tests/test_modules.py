@@ -130,8 +130,16 @@ def test_convert_to_coordconv_keeps_outputs_and_trains(backend):
     else:
         torch.testing.assert_close(after, before)
     after.square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    for m in model.modules():
+        if hasattr(m, "coord_weight"):
+            m.backend = "reference"
+    model(x).square().mean().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
     for m in (model.stem[0], model.down, model.head):
-        assert m.coord_weight.grad is not None and m.coord_weight.grad.abs().sum() > 0
+        assert m.coord_weight.grad.abs().max() > 1e-6
     # Converting twice changes nothing.
     assert convert_to_coordconv(model) is model and isinstance(model.down, CoordConv2d)
 
@@ -196,3 +204,48 @@ def test_readme_example_runs():
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})
+
+
+def test_loading_a_conv2d_state_dict():
+    """An nn.Conv2d checkpoint into a CoordConv2d: strict loading names the missing coord_weight; with
+    strict=False weight and bias load exactly, and a zeroed coord_weight reproduces the conv (or use
+    CoordConv2d.from_conv, which does both)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    layer = CoordConv2d(3, 5, 3, padding=1)
+    with pytest.raises(RuntimeError, match='Missing key\\(s\\) in state_dict: "coord_weight"'):
+        layer.load_state_dict(conv.state_dict())
+    result = layer.load_state_dict(conv.state_dict(), strict=False)
+    assert result.missing_keys == ["coord_weight"] and result.unexpected_keys == []
+    assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
+    with torch.no_grad():
+        layer.coord_weight.zero_()
+    x = torch.randn(2, 3, 7, 6)
+    torch.testing.assert_close(layer(x), conv(x))
+    torch.testing.assert_close(CoordConv2d.from_conv(conv)(x), conv(x))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton", "auto"])
+def test_non_contiguous_parameters(backend):
+    """weight and coord_weight as transposed views, channels_last and sliced tensors: outputs and
+    gradients equal the reference's on contiguous copies."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 7, 6)
+    weights = {
+        "transposed": (torch.randn(3, 4, 3, 3).transpose(0, 1), torch.randn(2, 4, 3, 3).transpose(0, 1)),
+        "channels_last": (torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last),
+                          torch.randn(4, 2, 3, 3).to(memory_format=torch.channels_last)),
+        "sliced": (torch.randn(8, 3, 3, 3)[::2], torch.randn(4, 4, 3, 3)[:, 1:3]),
+    }
+    for name, (w, cw) in weights.items():
+        assert not (w.is_contiguous() and cw.is_contiguous()), name
+        w, cw = w.requires_grad_(), cw.requires_grad_()
+        y = cc.coord_conv2d(x, w, cw, None, 1, 1, backend=backend)
+        w2, cw2 = w.detach().contiguous().requires_grad_(), cw.detach().contiguous().requires_grad_()
+        want = cc.coord_conv2d(x, w2, cw2, None, 1, 1, backend="reference")
+        torch.testing.assert_close(y, want, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+        g = torch.randn_like(y)
+        got_grads = torch.autograd.grad(y, (w, cw), g)
+        want_grads = torch.autograd.grad(want, (w2, cw2), g)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n} grad: {m}")

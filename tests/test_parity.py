@@ -4,7 +4,7 @@ and bias, over a grid of shapes and arguments."""
 import pytest
 import torch
 
-from coordconv_fused.testing import Case, assert_matches_reference, supported
+from coordconv_fused.testing import Case, assert_low_precision_matches_float64, assert_matches_reference, supported
 
 # Named explicitly: a backend that should be here and is not fails its cases (tests/conftest.py).
 BACKENDS = ["torch", "cpp", "triton", "auto"]
@@ -80,11 +80,23 @@ def test_backend_matches_reference(backend, case, dtype):
     assert_matches_reference(backend, case, dtype)
 
 
+LOW_PRECISION_CASES = [
+    Case((9, 8), in_channels=8, out_channels=8, padding=1, with_r=True),
+    Case((12, 10), batch=4, in_channels=16, out_channels=8, stride=2, padding=1, padding_mode="reflect",
+         separate=True),
+    Case((11,), in_channels=6, out_channels=6, groups=3, kernel_size=5, padding="same", with_r=True),
+    Case((6, 5), transposed=True, stride=2, with_r=True),
+]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision(backend, dtype):
-    case = Case((9, 8), in_channels=8, out_channels=8, padding=1, with_r=True)
-    assert_matches_reference(backend, case, dtype)
+    """Output and every gradient in bf16/fp16 against the float64 reference, element by element
+    within a bound derived from the dtype's epsilon and the reduction length."""
+    for case in LOW_PRECISION_CASES:
+        if supported(backend, case):
+            assert_low_precision_matches_float64(backend, case, dtype)
 
 
 GRADCHECK_CASES = [
