@@ -235,7 +235,7 @@ def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward
                 if progress:
                     progress(f"{shape.name}: memory of {name}")
     return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "machine": {"platform": platform.platform(), "processor": cpu_description(),
                     "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -245,8 +245,33 @@ def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward
     }
 
 
+def cpu_description() -> str:
+    """The CPU model and the widest x86 vector ISA it offers (from /proc/cpuinfo), e.g.
+    'AMD EPYC 9R14 (AVX-512)'; the AVX-512 kernels are off when COORDCONV_NO_AVX512=1."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    if isa == "AVX-512" and os.environ.get("COORDCONV_NO_AVX512") == "1":
+        isa = "AVX-512, kernels off: COORDCONV_NO_AVX512=1"
+    return f"{model} ({isa})" if isa else model
+
+
 def _mib(b: int | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+# Fewer interleaved rounds than this is a smoke run: the report states no verdict on the targets.
+MIN_JUDGED_ROUNDS = 3
 
 
 def _target_misses(report: dict) -> list[str]:
@@ -293,11 +318,15 @@ def format_report(report: dict) -> str:
                   "|---|---|---:|---:|"]
         for r in mem:
             lines.append(f"| {r['shape']} | {r['provider']} | {_mib(r['held_bytes'])} | {_mib(r['peak_bytes'])} |")
-    misses = _target_misses(report)
-    lines += ["", "Targets for `auto` (forward ≤ 1.10×, forward+backward ≤ 1.05× of nn.Conv2d, never slower "
-              "than the naive concatenation, no more held for backward than nn.Conv2d): "
-              + ("all met." if not misses else f"{len(misses)} missed:")]
-    lines += [f"- {m}" for m in misses]
+    targets = ("Targets for `auto` (forward ≤ 1.10×, forward+backward ≤ 1.05× of nn.Conv2d, never slower "
+               "than the naive concatenation, no more held for backward than nn.Conv2d): ")
+    if report["rounds"] < MIN_JUDGED_ROUNDS:
+        lines += ["", targets + f"not judged: {report['rounds']} round(s) is a smoke run, not a timing "
+                  f"(use --rounds {MIN_JUDGED_ROUNDS} or more)."]
+    else:
+        misses = _target_misses(report)
+        lines += ["", targets + ("all met." if not misses else f"{len(misses)} missed:")]
+        lines += [f"- {m}" for m in misses]
     m = report["machine"]
     lines.append("")
     lines.append(f"{report['date']}; {m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
@@ -335,7 +364,10 @@ def plot(report: dict, path: str) -> None:
                    [(v["paired_ratio_max"] if v else 0) - m for m, v in zip(med, vals)]]
             ax.barh(ys, med, height=height, xerr=err, label=prov, capsize=2)
         ax.axvline(1.0, color="k", lw=0.8)
-        ax.axvline(TARGETS.get(mode, 1.0), color="r", lw=0.8, ls="--", label=f"target {TARGETS.get(mode, 1.0)}×")
+        target = TARGETS.get(mode, 1.0)
+        ax.axvline(target, color="r", lw=0.8, ls="--")
+        ax.annotate(f"target ≤ {target:.2f}×", (target, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
+                    textcoords="offset points", color="r", fontsize=7)
         ax.set_yticks([j + 0.4 - height / 2 for j in range(len(shapes))], shapes)
         ax.invert_yaxis()
         ax.set_xlabel("time / nn.Conv2d time (median of paired rounds; whiskers min–max)")

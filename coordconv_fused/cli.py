@@ -16,11 +16,22 @@ import sys
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
+def _require(extra: str, *modules: str) -> None:
+    """Exit with the install command when a tool's optional dependencies are missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        sys.exit(f"coordconv-fused {extra} needs {', '.join(missing)}: "
+                 f"pip install 'coordconv-fused[{extra}]' (or pip install {' '.join(missing)})")
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.glibc_tunables and os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES and sys.platform == "linux":
         env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
         os.execve(sys.executable, [sys.executable, "-m", "coordconv_fused.cli", *sys.argv[1:]], env)
 
+    _require("bench", "tqdm", "matplotlib")
     import torch
     from tqdm import tqdm
 
@@ -49,6 +60,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _paper(args: argparse.Namespace) -> int:
+    _require("paper", "tqdm", "matplotlib")
     import torch
     from tqdm import tqdm
 
@@ -66,10 +78,20 @@ def _paper(args: argparse.Namespace) -> int:
     for task, split, model in runs:
         for seed in (args.seeds if model == "coordconv" else args.baseline_seeds):
             cfg = train.RunConfig(task=task, split=split, model=model, seed=seed, quick=args.quick,
-                                  lr=args.lr, max_epochs=args.epochs,
-                                  time_limit=args.time_limit if model == "coordconv" else args.baseline_time_limit)
-            with tqdm(desc=f"{task} {split} {model} seed {seed}", file=sys.stderr, leave=False) as bar:
-                result = train.run(cfg, progress=lambda m: (bar.set_postfix_str(m), bar.update(1)))
+                                  lr=args.lr, max_epochs=args.epochs, max_attempts=args.attempts,
+                                  baseline_epochs=args.baseline_epochs)
+            with tqdm(desc=f"{task} {split} {model} seed {seed}", file=sys.stderr, leave=False, unit="step",
+                      total=0) as bar:
+                def progress(message, total=None, bar=bar):
+                    if total is not None:  # a new attempt: its steps join the bar (the ETA follows)
+                        bar.total += total
+                        bar.refresh()
+                    elif message is None:
+                        bar.update(1)
+                    else:
+                        bar.set_postfix_str(message)
+
+                result = train.run(cfg, progress=progress)
             prefix = os.path.join(args.out, f"{task}-{split}-{model}-seed{seed}")
             result["figures"] = train.figures(result, prefix)
             results.append(result)
@@ -101,17 +123,24 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("task", choices=["classification", "regression", "rendering", "demo", "all"],
                        help="'demo': classification, CoordConv vs the deconv baseline on one split; 'all': "
                             "every task on both splits, CoordConv and baseline")
-    paper.add_argument("--split", choices=["uniform", "quadrant"], default="quadrant")
-    paper.add_argument("--model", choices=["coordconv", "baseline"], default="coordconv")
-    paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CoordConv seeds (default 0 1 2)")
-    paper.add_argument("--baseline-seeds", type=int, nargs="+", default=[0], help="baseline seeds (default 0)")
-    paper.add_argument("--lr", type=float, default=None, help="default: 5e-3 CoordConv, 1e-3 baseline")
-    paper.add_argument("--epochs", type=int, default=6)
-    paper.add_argument("--time-limit", type=float, default=170.0, help="seconds per CoordConv run")
-    paper.add_argument("--baseline-time-limit", type=float, default=75.0, help="seconds per baseline run")
-    paper.add_argument("--threads", type=int, default=2)
-    paper.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke run")
-    paper.add_argument("--out", default="results/paper")
+    paper.add_argument("--split", choices=["uniform", "quadrant"], default="quadrant",
+                       help="train/test split of the centres (default: %(default)s)")
+    paper.add_argument("--model", choices=["coordconv", "baseline"], default="coordconv",
+                       help="model for a single task (default: %(default)s)")
+    paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                       help="CoordConv seeds (default: %(default)s)")
+    paper.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
+                       help="baseline seeds (default: %(default)s)")
+    paper.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 CoordConv, 1e-3 baseline)")
+    paper.add_argument("--epochs", type=int, default=6,
+                       help="epochs of one CoordConv attempt, cosine-decayed (default: %(default)s)")
+    paper.add_argument("--attempts", type=int, default=3,
+                       help="CoordConv attempts at most: a restart while the validation block is not perfect "
+                            "(default: %(default)s)")
+    paper.add_argument("--baseline-epochs", type=int, default=10, help="epochs of a baseline run (default: %(default)s)")
+    paper.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
+    paper.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke run, not a result")
+    paper.add_argument("--out", default="results/paper", help="folder for results and figures (default: %(default)s)")
     paper.set_defaults(func=_paper)
     return parser
 

@@ -49,7 +49,13 @@ def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     """Under ``torch.autocast``, cast like a convolution (a lower-precision op): everything to the
     autocast dtype, so the output dtype follows ``nn.Conv2d``'s."""
     device_type = input.device.type
-    if not (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)):
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace torch._C._is_autocast_available before torch 2.12; a traced graph
+        # only runs on devices that support autocast anyway.
+        enabled = torch.is_autocast_enabled(device_type)
+    else:
+        enabled = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    if not enabled:
         return input, weight, coord_weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
@@ -69,8 +75,11 @@ def _run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | Non
     if isinstance(input, Tensor):
         input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     check_tensors(input, weight, coord_weight, bias, spec)
-    if _exporting():
-        # Exporters get plain ATen ops (standard ONNX operators), whatever the backend.
+    if _exporting() or (torch.compiler.is_compiling() and backend != "reference"):
+        # Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile: the
+        # data convolution plus the batch-of-one coordinate term, which inductor fuses into
+        # neighbouring pointwise ops and whose gradients AOT autograd derives. Eager calls keep the
+        # fused backends.
         out = coord_conv_composite(input, weight, coord_weight, bias, spec)
     else:
         out = dispatch(backend, input, weight, coord_weight, bias, spec)

@@ -14,7 +14,7 @@ from torch.nn import init
 from . import backends
 from .coords import coord_channels, num_coord_channels
 from .functional import _coord_conv, _coord_conv_transpose, is_separate_filter
-from .spec import PaddingArg, make_spec
+from .spec import PaddingArg, check_flag, make_spec
 
 __all__ = [
     "CoordConv1d",
@@ -47,7 +47,7 @@ class _CoordMixin:
 
     def _add_coord_weight(self, shape: Sequence[int], with_r: bool, backend: str,
                           factory_kwargs: dict) -> None:
-        self.with_r = bool(with_r)
+        self.with_r = with_r
         self.backend = _check_backend_name(backend)
         self.coord_weight = nn.Parameter(torch.empty(*shape, **factory_kwargs))
         self.reset_parameters()
@@ -122,6 +122,9 @@ class _CoordConvNd(_CoordMixin):
         backend: str = "auto",
     ) -> None:
         self.separate = is_separate_filter(coord_kernel_size, self._ndim)
+        # Validate every argument first, with the functional API's messages (nn.Conv accepts e.g.
+        # kernel_size=0 with a warning; the coordinate filter's initialisation would then divide by 0).
+        make_spec(self._ndim, kernel_size, stride, padding, dilation, groups, padding_mode, with_r, self.separate)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                          bias, padding_mode, device, dtype)
         ck = (1,) * self._ndim if self.separate else self.kernel_size
@@ -236,6 +239,8 @@ class _CoordConvTransposeNd(_CoordMixin):
         with_r: bool = False,
         backend: str = "auto",
     ) -> None:
+        make_spec(self._ndim, kernel_size, stride, padding, dilation, groups, padding_mode, with_r,
+                  transposed=True, output_padding=output_padding)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
                          groups, bias, dilation, padding_mode, device, dtype)
         d = num_coord_channels(self._ndim, with_r)
@@ -301,7 +306,7 @@ class AddCoords(nn.Module):
         if rank not in (1, 2, 3):
             raise ValueError(f"AddCoords: rank must be 1, 2 or 3, got {rank!r}")
         self.rank = rank
-        self.with_r = bool(with_r)
+        self.with_r = check_flag(with_r, "with_r")
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() not in (self.rank + 1, self.rank + 2):

@@ -32,7 +32,9 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 def _coordinates(positions: Tensor, n) -> Tensor:
     """Coordinates of (possibly fractional) ``positions`` along an axis of ``n`` positions:
     ``(2*position - (n-1)) / (n-1)``, 0 when ``n == 1`` (float64; exact for integer numerators)."""
-    return (2 * positions - (n - 1)) / torch.sym_max(n - 1, 1)
+    if n == 1:  # one position: coordinate 0, wherever the (padded) position lies
+        return torch.zeros_like(positions)
+    return (2 * positions - (n - 1)) / (n - 1)
 
 
 def reference_coords(axes: Sequence[Tensor], with_r: bool, dtype: torch.dtype) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor
 from .coords import num_coord_channels
 from .geometry import conv_output_size
 
-__all__ = ["ConvSpec", "PaddingArg", "make_spec", "check_tensors", "conv_output_size", "PADDING_MODES"]
+__all__ = ["ConvSpec", "PaddingArg", "make_spec", "check_flag", "check_tensors", "conv_output_size", "PADDING_MODES"]
 
 PaddingArg = Union[str, int, Sequence[int]]
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -37,6 +37,14 @@ def _tuple(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
     if len(out) != ndim or not all(isinstance(v, int) and not isinstance(v, bool) for v in out):
         raise ValueError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}")
     return out
+
+
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is a bool; a ``ValueError`` naming ``name`` otherwise (``'yes'``, ``None``,
+    ``2`` are refused rather than read as truthy)."""
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +131,7 @@ def make_spec(
     output_padding: int | Sequence[int] = 0,
 ) -> ConvSpec:
     """Validate ``nn.Conv``-style arguments and return the normalised :class:`ConvSpec`."""
+    with_r = check_flag(with_r, "with_r")
     kernel = _tuple(kernel_size, ndim, "kernel_size")
     stride_t = _tuple(stride, ndim, "stride")
     dilation_t = _tuple(dilation, ndim, "dilation")
@@ -174,7 +183,7 @@ def make_spec(
         dilation=dilation_t,
         groups=groups,
         padding_mode=padding_mode,
-        with_r=bool(with_r),
+        with_r=with_r,
         separate=bool(separate),
         transposed=transposed,
         output_padding=out_pad,

@@ -46,6 +46,9 @@ def pytest_runtest_setup(item):
     backend should be usable here and is not, and skips, saying why, where it legitimately is not
     (no GPU visible, an install without the extension, a torch without Triton)."""
     for name, device in _needed_backends(item):
+        if device == "cuda" and not torch.cuda.is_available():
+            _SKIPPED_BACKENDS[(name, device)] = "no CUDA GPU is visible"
+            pytest.skip(f"backend {name!r} on cuda: no CUDA GPU is visible")
         if (name in ("auto", "reference", "torch") and device == "cpu") or name not in _registered():
             continue  # always there, or a backend the test registers itself
         reason = why_backend_may_be_missing(name, device)

@@ -81,7 +81,7 @@ def test_transposed_errors():
         coord_conv_transpose2d(x, w, cw, None, 1, 0, 1)
     with pytest.raises(ValueError, match=r"coord_weight must have shape \[2, 4, 3, 3\]"):
         coord_conv_transpose2d(x, w, _t(4, 2, 3, 3))
-    with pytest.raises(ValueError, match='Only "zeros" padding mode is supported'):
+    with pytest.raises(ValueError, match="only padding_mode='zeros' is supported for transposed"):
         CoordConvTranspose2d(3, 4, 3, padding_mode="reflect")
     with pytest.raises(ValueError, match="weight of shape .* expects 3 input channels"):
         coord_conv_transpose2d(_t(2, 5, 5, 5), w, cw)
@@ -102,3 +102,21 @@ def test_edge_shapes_work():
     x = _t(2, 3, 1, 9)
     out = coord_conv2d(x, W, CW, B, padding=1)
     assert out.shape == (2, 4, 1, 9)
+
+
+@pytest.mark.parametrize("value", ["yes", None, 2, "1", 0])
+@pytest.mark.parametrize("make", [
+    lambda v: CoordConv2d(3, 4, 3, with_r=v),
+    lambda v: CoordConvTranspose2d(3, 4, 3, with_r=v),
+    lambda v: coord_conv2d(X, W, CW, B, with_r=v),
+], ids=["CoordConv2d", "CoordConvTranspose2d", "coord_conv2d"])
+def test_with_r_must_be_a_bool(make, value):
+    with pytest.raises(ValueError, match=f"with_r must be True or False, got {value!r}"):
+        make(value)
+
+
+@pytest.mark.parametrize("kernel_size", [0, (3, 0)])
+@pytest.mark.parametrize("cls", [CoordConv2d, CoordConvTranspose2d])
+def test_zero_kernel_size_is_named(cls, kernel_size):
+    with pytest.raises(ValueError, match="kernel_size must be positive"):
+        cls(3, 4, kernel_size)

@@ -1,0 +1,71 @@
+"""No host-device synchronisation on the CUDA code path: where no GPU is visible, the path runs on
+fake CUDA tensors (no data: any .item(), .tolist(), value comparison or data-dependent shape
+raises); where one is, forward and backward run under torch.cuda.set_sync_debug_mode("error")."""
+
+import types
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from coordconv_fused import coord_conv1d, coord_conv2d, coord_conv3d, ops
+from coordconv_fused.coord_term import coord_weight_grad
+
+VARIANTS = [
+    (coord_conv2d, (2, 3, 8, 7), dict(padding=1, with_r=True)),
+    (coord_conv2d, (2, 3, 9, 8), dict(padding=1, padding_mode="reflect", stride=2, coord_kernel_size=1)),
+    (coord_conv2d, (2, 3, 8, 8), dict(padding="same", padding_mode="circular")),
+    (coord_conv1d, (2, 3, 11), dict(padding=2, dilation=2, with_r=True)),
+    (coord_conv3d, (1, 3, 4, 5, 6), dict(padding=1, padding_mode="replicate")),
+]
+
+
+def _tensors(fn, shape, kwargs, device):
+    nd = len(shape) - 2
+    k = (3,) * nd
+    d = nd + int(kwargs.get("with_r", False))
+    ck = (1,) * nd if kwargs.get("coord_kernel_size") == 1 else k
+    return (torch.randn(*shape, device=device), torch.randn(4, shape[1], *k, device=device),
+            torch.randn(4, d, *ck, device=device), torch.randn(4, device=device))
+
+
+IDS = ["2d-with_r", "2d-separate-reflect-stride2", "2d-same-circular", "1d-dilated", "3d-replicate"]
+
+
+@pytest.mark.parametrize("fn,shape,kwargs", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_cuda_path_reads_no_data_on_fake_tensors(fn, shape, kwargs, backend):
+    with FakeTensorMode():
+        x, w, cw, b = _tensors(fn, shape, kwargs, "cuda")
+        y = fn(x, w, cw, b, backend=backend, **kwargs)
+        assert y.device.type == "cuda"
+        # The backward code (the autograd engine itself needs a real device: called directly).
+        args = ops.op_arguments(x, _spec_of(fn, w, kwargs))[1]
+        ctx = types.SimpleNamespace(saved_tensors=(x, w, cw), needs_input_grad=(True,) * 4, has_bias=True,
+                                    args=args)
+        grads = ops.differentiable_backward(ctx, torch.randn_like(y))
+        assert [g.shape for g in grads[:4]] == [x.shape, w.shape, cw.shape, b.shape]
+        assert coord_weight_grad(torch.randn_like(y[:1]), x, w, cw, *args).shape == cw.shape
+
+
+def _spec_of(fn, w, kwargs):
+    from coordconv_fused.spec import make_spec
+
+    nd = w.dim() - 2
+    return make_spec(nd, tuple(w.shape[2:]), kwargs.get("stride", 1), kwargs.get("padding", 0),
+                     kwargs.get("dilation", 1), 1, kwargs.get("padding_mode", "zeros"), kwargs.get("with_r", False),
+                     kwargs.get("coord_kernel_size") == 1)
+
+
+@pytest.mark.parametrize("fn,shape,kwargs", VARIANTS, ids=IDS)
+@pytest.mark.parametrize("backend", ["torch", "cuda", "triton", "auto"])
+@pytest.mark.parametrize("device", ["cuda"])
+def test_cuda_forward_backward_never_syncs(fn, shape, kwargs, backend, device):
+    x, w, cw, b = (t.requires_grad_() for t in _tensors(fn, shape, kwargs, device))
+    fn(x, w, cw, b, backend=backend, **kwargs).sum().backward()  # warm-up: caches, autotuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn(x, w, cw, b, backend=backend, **kwargs).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
