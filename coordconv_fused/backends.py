@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .decomposed import coord_conv_decomposed
+from .ops import prepare_call
 from .reference import coord_conv_ref
 from .spec import ConvSpec
 
@@ -33,6 +34,8 @@ class Backend:
     when the backend can run on this machine, or a sentence telling the user how to make it run.
     ``supports``: returns ``None`` if the backend handles this spec, or the reason it does not.
     ``auto_ok``: whether ``auto`` should pick it for these tensors (a performance heuristic).
+    ``prepare``: optionally, ``prepare(spec)`` returns ``fn(input, weight, coord_weight, bias)`` with
+    the work that depends on ``spec`` alone done once (the per-call path reuses it).
     """
 
     name: str
@@ -41,9 +44,23 @@ class Backend:
     unavailable_reason: Callable[[], str | None] = lambda: None
     supports: Callable[[ConvSpec], str | None] = lambda spec: None
     auto_ok: Callable[[Tensor, Tensor, ConvSpec], bool] = lambda input, weight, spec: True
+    prepare: Callable[[ConvSpec], Callable[..., Tensor]] | None = None
+
+    def bind(self, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
+        """``fn(input, weight, coord_weight, bias)`` running this backend for ``spec``."""
+        if self.prepare is not None:
+            return self.prepare(spec)
+        fn = self.fn
+        return lambda input, weight, coord_weight, bias: fn(input, weight, coord_weight, bias, spec)
 
 
 _BACKENDS: dict[str, Backend] = {}
+_GENERATION = [0]  # bumped by every change of the registry (resolved calls are cached per generation)
+
+
+def generation() -> int:
+    """A number that changes whenever a backend is registered or removed."""
+    return _GENERATION[0]
 
 # ``auto``'s order of preference by device type; names not registered or not available are skipped.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -56,6 +73,7 @@ _AUTO_FALLBACK = "torch"
 def register_backend(backend: Backend, *, prefer_on: dict[str, int] | None = None) -> None:
     """Register ``backend``; ``prefer_on={"cuda": 0}`` inserts it into ``auto``'s order there."""
     _BACKENDS[backend.name] = backend
+    _GENERATION[0] += 1
     for device, position in (prefer_on or {}).items():
         order = [n for n in AUTO_PREFERENCE.get(device, ()) if n != backend.name]
         order.insert(position, backend.name)
@@ -65,6 +83,7 @@ def register_backend(backend: Backend, *, prefer_on: dict[str, int] | None = Non
 def unregister_backend(name: str) -> None:
     """Remove the backend ``name`` (and its place in ``auto``'s order)."""
     del _BACKENDS[name]
+    _GENERATION[0] += 1
     for device, order in AUTO_PREFERENCE.items():
         AUTO_PREFERENCE[device] = tuple(n for n in order if n != name)
 
@@ -76,10 +95,12 @@ def temporary_backend(backend: Backend) -> Iterator[str]:
     if backend.name in _BACKENDS:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     _BACKENDS[backend.name] = backend
+    _GENERATION[0] += 1
     try:
         yield backend.name
     finally:
         _BACKENDS.pop(backend.name, None)
+        _GENERATION[0] += 1
 
 
 def get_backend(name: str) -> Backend:
@@ -142,6 +163,7 @@ def dispatch(name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bia
 
 
 register_backend(Backend("reference", coord_conv_ref))
-register_backend(Backend("torch", coord_conv_decomposed))
+register_backend(Backend("torch", coord_conv_decomposed,
+                         prepare=lambda spec: prepare_call(torch.ops.coordconv_fused.coord_conv, spec)))
 from . import triton_backend  # noqa: E402,F401  (registers "triton")
 from . import extension  # noqa: E402,F401  (registers "cpp" and "cuda")

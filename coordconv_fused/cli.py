@@ -11,6 +11,12 @@ import json
 import os
 import sys
 
+DESCRIPTION = """\
+CoordConv layers at the cost of a plain convolution: tools.
+
+  coordconv-fused bench   time CoordConv against nn.Conv2d and the naive torch.cat port
+  coordconv-fused paper   the paper's coordinate classification, regression and rendering tasks"""
+
 # glibc returns large freed buffers to the OS and faults them in again on every call, which
 # inflates small convolutions several-fold; benchmarks re-run themselves with these settings.
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
@@ -105,18 +111,21 @@ def _paper(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coordconv-fused", description=__doc__,
+    parser = argparse.ArgumentParser(prog="coordconv-fused", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time CoordConv providers side by side against nn.Conv2d")
-    bench.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
-    bench.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    bench.add_argument("--rounds", type=int, default=7,
+                       help="interleaved rounds; fewer than 3 is a smoke run, judged against no target "
+                            "(default: %(default)s)")
+    bench.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     bench.add_argument("--all-shapes", action="store_true", help="all standard shapes, not the quick three")
     bench.add_argument("--quick", action="store_true", help="one shape, one round: a smoke run, not a timing")
     bench.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
     bench.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     bench.add_argument("--no-glibc-tunables", dest="glibc_tunables", action="store_false",
-                       help=f"do not re-run with GLIBC_TUNABLES={GLIBC_TUNABLES}")
+                       help="do not re-run with glibc's malloc tunables set (by default the benchmark re-runs "
+                            "itself so that large freed buffers stay mapped)")
     bench.set_defaults(func=_bench)
 
     paper = sub.add_parser("paper", help="the paper's coordinate-transform tasks on Not-so-Clevr")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, register_backend
-from .ops import call_coord_conv_op, register_native_coord_conv_op
+from .ops import call_coord_conv_op, prepare_call, register_native_coord_conv_op
 from .spec import ConvSpec
 
 __all__ = ["LOAD_ERROR", "avx512_direct_available", "has_cuda_kernels", "coord_conv_cpp", "coord_conv_cuda_emulated"]
@@ -80,7 +80,11 @@ if LOAD_ERROR is None:
     register_native_coord_conv_op("coord_conv_ext", fused_backward_devices=("cpu",))
     register_native_coord_conv_op("coord_conv_cuda_emulated")
 
+def _prepare(spec: ConvSpec):
+    return prepare_call(torch.ops.coordconv_fused.coord_conv_ext, spec)
+
+
 register_backend(Backend("cpp", coord_conv_cpp, devices=frozenset({"cpu"}), unavailable_reason=_cpp_unavailable,
-                         supports=_supports), prefer_on={"cpu": 0})
+                         supports=_supports, prepare=_prepare), prefer_on={"cpu": 0})
 register_backend(Backend("cuda", coord_conv_cpp, devices=frozenset({"cuda"}), unavailable_reason=_cuda_unavailable,
-                         supports=_supports))
+                         supports=_supports, prepare=_prepare))

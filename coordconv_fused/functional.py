@@ -7,12 +7,13 @@ and ``coord_weight``, the filter applied to the implicit coordinate channels. In
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .backends import dispatch
+from .backends import dispatch, resolve_backend
+from .backends import generation as backends_generation
 from .decomposed import coord_conv_composite
 from .spec import ConvSpec, PaddingArg, check_tensors, make_spec
 
@@ -63,27 +64,81 @@ def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     return tuple(cast)
 
 
-def _exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+def _composite_wanted(backend: str) -> bool:
+    """Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile: the data
+    convolution plus the batch-of-one coordinate term, which inductor fuses into neighbouring
+    pointwise ops and whose gradients AOT autograd derives. Eager calls keep the fused backends."""
+    if torch.compiler.is_compiling():
+        return backend != "reference"
+    return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()  # the TorchScript-based exporter
 
 
 def _run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec,
          backend: str) -> Tensor:
+    """Validate, dispatch and run (the path of a first call, and of every call while compiling)."""
     unbatched = isinstance(input, Tensor) and input.dim() == spec.ndim + 1
     if unbatched:
         input = input.unsqueeze(0)
     if isinstance(input, Tensor):
         input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     check_tensors(input, weight, coord_weight, bias, spec)
-    if _exporting() or (torch.compiler.is_compiling() and backend != "reference"):
-        # Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile: the
-        # data convolution plus the batch-of-one coordinate term, which inductor fuses into
-        # neighbouring pointwise ops and whose gradients AOT autograd derives. Eager calls keep the
-        # fused backends.
+    if _composite_wanted(backend):
         out = coord_conv_composite(input, weight, coord_weight, bias, spec)
     else:
         out = dispatch(backend, input, weight, coord_weight, bias, spec)
     return out.squeeze(0) if unbatched else out
+
+
+# ---- the per-call fast path -----------------------------------------------------------------------
+# A call is validated and resolved once per (arguments, input signature): the normalised spec, the
+# checks of the tensors against it, the backend's choice and its prepared argument list are kept in
+# a plan, and later calls with the same signature (shapes, dtypes and devices of every tensor, the
+# arguments, the backend registry's state) run the plan directly. Grad mode, tracing and autocast
+# are looked at on every call (autocast before the signature is taken: it changes the dtypes).
+
+_PLANS: dict[tuple, tuple] = {}
+_MAX_PLANS = 4096
+
+
+def clear_plan_cache() -> None:
+    """Forget every resolved call (e.g. after changing what a backend's availability depends on)."""
+    _PLANS.clear()
+
+
+def _signature(t) -> tuple | None:
+    return None if t is None else (t.shape, t.dtype, t.device)
+
+
+def _cached_call(key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias,
+                 backend: str) -> Tensor:
+    """Run a call through its plan (built by the validating path on the first call)."""
+    if torch.compiler.is_compiling() or not isinstance(input, Tensor):
+        return _run(input, weight, coord_weight, bias, make(), backend)
+    input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
+    if not (isinstance(weight, Tensor) and isinstance(coord_weight, Tensor) and (bias is None or isinstance(bias, Tensor))):
+        return _run(input, weight, coord_weight, bias, make(), backend)
+    key = (key_args, backend, backends_generation(), _signature(input), _signature(weight),
+           _signature(coord_weight), _signature(bias))
+    try:
+        plan = _PLANS.get(key)
+    except TypeError:  # an unhashable argument (e.g. a list): no plan
+        return _run(input, weight, coord_weight, bias, make(), backend)
+    if plan is None:
+        spec = make()
+        out = _run(input, weight, coord_weight, bias, spec, backend)  # validates, raises on bad input
+        unbatched = input.dim() == spec.ndim + 1
+        batched = input.unsqueeze(0) if unbatched else input
+        fn = resolve_backend(backend, batched, weight, spec).bind(spec)
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = (spec, unbatched, fn)
+        return out
+    spec, unbatched, fn = plan
+    if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+        return _run(input, weight, coord_weight, bias, spec, backend)
+    if unbatched:
+        return fn(input.unsqueeze(0), weight, coord_weight, bias).squeeze(0)
+    return fn(input, weight, coord_weight, bias)
 
 
 def _kernel_of(weight: Tensor, ndim: int, name: str) -> tuple[int, ...]:
@@ -105,19 +160,24 @@ def _infer_separate(coord_kernel_size, kernel: tuple[int, ...], coord_weight: Te
 
 def _coord_conv(ndim, input, weight, coord_weight, bias, stride, padding, dilation, groups,
                 padding_mode, with_r, backend, coord_kernel_size=None, separate=None):
-    kernel = _kernel_of(weight, ndim, f"coord_conv{ndim}d")
-    if separate is None:
-        separate = _infer_separate(coord_kernel_size, kernel, coord_weight, ndim)
-    spec = make_spec(ndim, kernel, stride, padding, dilation, groups, padding_mode, with_r, separate)
-    return _run(input, weight, coord_weight, bias, spec, backend)
+    def make() -> ConvSpec:
+        kernel = _kernel_of(weight, ndim, f"coord_conv{ndim}d")
+        sep = _infer_separate(coord_kernel_size, kernel, coord_weight, ndim) if separate is None else separate
+        return make_spec(ndim, kernel, stride, padding, dilation, groups, padding_mode, with_r, sep)
+
+    key = (ndim, stride, padding, dilation, groups, padding_mode, with_r, coord_kernel_size, separate)
+    return _cached_call(key, make, input, weight, coord_weight, bias, backend)
 
 
 def _coord_conv_transpose(ndim, input, weight, coord_weight, bias, stride, padding, output_padding,
                           groups, dilation, with_r, backend):
-    kernel = _kernel_of(weight, ndim, f"coord_conv_transpose{ndim}d")
-    spec = make_spec(ndim, kernel, stride, padding, dilation, groups, "zeros", with_r, False,
-                     transposed=True, output_padding=output_padding)
-    return _run(input, weight, coord_weight, bias, spec, backend)
+    def make() -> ConvSpec:
+        kernel = _kernel_of(weight, ndim, f"coord_conv_transpose{ndim}d")
+        return make_spec(ndim, kernel, stride, padding, dilation, groups, "zeros", with_r, False,
+                         transposed=True, output_padding=output_padding)
+
+    key = ("transposed", ndim, stride, padding, output_padding, groups, dilation, with_r)
+    return _cached_call(key, make, input, weight, coord_weight, bias, backend)
 
 
 def coord_conv2d(

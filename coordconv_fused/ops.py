@@ -32,7 +32,7 @@ from .geometry import image_sizes, pairs  # noqa: F401  (re-exported: older impo
 from .spec import ConvSpec
 
 __all__ = ["SCHEMA", "define_coord_conv_op", "register_native_coord_conv_op", "call_coord_conv_op",
-           "differentiable_backward", "op_arguments"]
+           "differentiable_backward", "op_arguments", "prepare_call"]
 
 SCHEMA = (
     "(Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, "
@@ -216,29 +216,55 @@ def _eager_function(op, backward):
 def op_arguments(input: Tensor, spec: ConvSpec) -> tuple[Tensor, list]:
     """The op's view of a call: ``input`` with the explicit part of the padding applied (the
     data's; the op pads the coordinates by the same rule), and the op's non-tensor arguments."""
+    pads, mode, args = _static_arguments(spec)
+    return _pre_pad(input, pads, mode), list(args)
+
+
+def _static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:
+    """What :func:`op_arguments` derives from ``spec`` alone: the explicit pre-pad (``F.pad``'s
+    list, or None), its mode, and the op's non-tensor arguments."""
     if spec.transposed:
         pre = ((0, 0),) * spec.ndim
         conv_padding = spec.padding
     else:
         pre, conv_padding = spec.split_padding()
-    if any(b or a for b, a in pre):
-        pads = [p for pair in reversed(pre) for p in pair]
-        mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-        # Autocast runs reflection/replication padding in float32; keep the input's dtype.
-        with torch.autocast(input.device.type, enabled=False):
-            input = F.pad(input, pads, mode=mode)
-    args = [list(spec.stride), list(conv_padding), list(spec.dilation), spec.transposed,
+    pads = [p for pair in reversed(pre) for p in pair] if any(b or a for b, a in pre) else None
+    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
+    args = (list(spec.stride), list(conv_padding), list(spec.dilation), spec.transposed,
             list(spec.output_padding), spec.groups, [p for pair in pre for p in pair], spec.padding_mode,
-            spec.with_r, spec.separate]
-    return input, args
+            spec.with_r, spec.separate)
+    return pads, mode, args
+
+
+def _pre_pad(input: Tensor, pads: list[int] | None, mode: str) -> Tensor:
+    if pads is None:
+        return input
+    # Autocast runs reflection/replication padding in float32; keep the input's dtype.
+    with torch.autocast(input.device.type, enabled=False):
+        return F.pad(input, pads, mode=mode)
+
+
+def prepare_call(op, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]:
+    """``fn(input, weight, coord_weight, bias)`` calling ``op`` for ``spec`` on batched, validated
+    tensors, with everything that depends on ``spec`` alone (padding split, argument list, which
+    autograd to use) worked out once, here: the per-call path of every op-backed backend."""
+    pads, mode, args = _static_arguments(spec)
+    eager = _EAGER_AUTOGRAD.get(op)
+    overload = getattr(op, "default", op)
+
+    def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
+        input = _pre_pad(input, pads, mode)
+        if (eager is not None and torch.is_grad_enabled()
+                and (input.requires_grad or weight.requires_grad or coord_weight.requires_grad
+                     or (bias is not None and bias.requires_grad))
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+            return eager.apply(input, weight, coord_weight, bias, *args)
+        return overload(input, weight, coord_weight, bias, *args)
+
+    return call
 
 
 def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
                        spec: ConvSpec) -> Tensor:
     """Call a CoordConv op on a batched, validated input."""
-    input, args = op_arguments(input, spec)
-    eager = _EAGER_AUTOGRAD.get(op)
-    if (eager is not None and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing() and any(t is not None and t.requires_grad for t in (input, weight, coord_weight, bias))):
-        return eager.apply(input, weight, coord_weight, bias, *args)
-    return op(input, weight, coord_weight, bias, *args)
+    return prepare_call(op, spec)(input, weight, coord_weight, bias)

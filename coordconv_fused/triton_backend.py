@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .backends import Backend, register_backend
-from .ops import call_coord_conv_op, define_coord_conv_op
+from .ops import call_coord_conv_op, define_coord_conv_op, prepare_call
 from .spec import ConvSpec
 
 __all__ = ["coord_conv_triton", "AUTO_MAX_K"]
@@ -77,6 +77,7 @@ def coord_conv_triton(input: Tensor, weight: Tensor, coord_weight: Tensor, bias:
 register_backend(
     Backend("triton", coord_conv_triton,
             devices=frozenset({"cuda", "cpu"}) if _interpret() else frozenset({"cuda"}),
-            unavailable_reason=_unavailable_reason, supports=_supports, auto_ok=_auto_ok),
+            unavailable_reason=_unavailable_reason, supports=_supports, auto_ok=_auto_ok,
+            prepare=lambda spec: prepare_call(torch.ops.coordconv_fused.coord_conv_triton, spec)),
     prefer_on={"cuda": 0},
 )

@@ -306,7 +306,10 @@ def test_transposed_refused_and_cuda_unavailable_is_actionable():
 
 
 def test_missing_extension_message(monkeypatch):
+    from coordconv_fused.functional import clear_plan_cache
+
     monkeypatch.setattr(extension, "LOAD_ERROR", "No module named 'coordconv_fused._C'")
+    clear_plan_cache()  # calls resolved while the extension was there would keep it
     with pytest.raises(RuntimeError, match="not built .* `pip install --no-build-isolation -e .`"):
         coord_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4, 2, 3, 3), backend="cpp")
     assert "cpp" not in available_backends()

@@ -249,3 +249,29 @@ def test_non_contiguous_parameters(backend):
         want_grads = torch.autograd.grad(want, (w2, cw2), g)
         for a, b in zip(got_grads, want_grads):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=lambda m, n=name: f"{n} grad: {m}")
+
+
+def test_calls_are_validated_once_per_signature(monkeypatch):
+    """The per-call path: a layer's call is validated and resolved once per input signature; a new
+    shape, dtype or registry change is validated again, and bad input still raises every time."""
+    from coordconv_fused import backends, functional
+
+    calls = []
+    original = functional.check_tensors
+    monkeypatch.setattr(functional, "check_tensors", lambda *a: calls.append(1) or original(*a))
+    functional.clear_plan_cache()
+    layer = CoordConv2d(3, 4, 3, padding=1, backend="torch")
+    x = torch.randn(2, 3, 6, 5)
+    first = layer(x)
+    for _ in range(3):
+        torch.testing.assert_close(layer(x), first)
+    assert len(calls) == 1
+    layer(torch.randn(2, 3, 7, 5))  # another shape
+    layer(torch.randn(3, 6, 5))  # unbatched
+    assert len(calls) == 3
+    with backends.temporary_backend(backends.Backend("extra", backends.coord_conv_decomposed)):
+        layer(x)  # the registry changed
+    assert len(calls) == 4
+    for _ in range(2):
+        with pytest.raises(ValueError, match="expects 3 input channels"):
+            layer(torch.randn(2, 4, 6, 5))
