@@ -30,11 +30,21 @@ setup() {
   hash=$({ echo "${FORCE_CUDA:-} ${TORCH_CUDA_ARCH_LIST:-} ${COORDCONV_NO_EXTENSION:-}";
            "$PY" -c 'import torch; print(torch.__version__)';
            cat setup.py pyproject.toml; find csrc -type f | sort | xargs cat; } | sha256sum | cut -d' ' -f1)
-  if [ -f "$stamp_file" ] && [ "$(head -n 1 "$stamp_file")" = "$hash" ]; then
+  if [ -f "$stamp_file" ] && [ "$(head -n 1 "$stamp_file")" = "$hash" ] \
+      && "$PY" -c 'import os, sys, coordconv_fused.extension as e; sys.exit(e.LOAD_ERROR is not None and os.environ.get("COORDCONV_NO_EXTENSION") != "1")' 2>/dev/null; then
     installed=$(tail -n +2 "$stamp_file" | tr '\n' ' ')
-    if { [ -z "$extras" ] || grep -qx "$extras" <(tail -n +2 "$stamp_file"); } \
-        && "$PY" -c 'import os, sys, coordconv_fused.extension as e; sys.exit(e.LOAD_ERROR is not None and os.environ.get("COORDCONV_NO_EXTENSION") != "1")' 2>/dev/null; then
+    if [ -z "$extras" ] || grep -qx "$extras" <(tail -n +2 "$stamp_file"); then
       say "coordconv-fused is installed and up to date (no rebuild)"
+      return
+    fi
+    # Built and current, only an extra is missing: install its requirements, without a rebuild.
+    local reqs
+    if reqs=$("$PY" -c 'import sys, tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' "$extras" 2>/dev/null); then
+      say "installing the requirements of the [$extras] extra (no rebuild)"
+      mapfile -t reqs <<< "$reqs"
+      "$PY" -m pip install --progress-bar off "${reqs[@]}" > build/pip-install.log 2>&1 \
+        || { tail -n 30 build/pip-install.log >&2; say "the install failed; the whole log is build/pip-install.log"; exit 1; }
+      echo "$extras" >> "$stamp_file"
       return
     fi
   fi

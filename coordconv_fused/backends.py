@@ -15,8 +15,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from .decomposed import coord_conv_decomposed
-from .ops import prepare_call
+from .decomposed import coord_conv_decomposed, prepare_eager
 from .reference import coord_conv_ref
 from .spec import ConvSpec
 
@@ -163,7 +162,6 @@ def dispatch(name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bia
 
 
 register_backend(Backend("reference", coord_conv_ref))
-register_backend(Backend("torch", coord_conv_decomposed,
-                         prepare=lambda spec: prepare_call(torch.ops.coordconv_fused.coord_conv, spec)))
+register_backend(Backend("torch", coord_conv_decomposed, prepare=prepare_eager))
 from . import triton_backend  # noqa: E402,F401  (registers "triton")
 from . import extension  # noqa: E402,F401  (registers "cpp" and "cuda")

@@ -41,27 +41,48 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import benchmark
+    from . import benchmark, call_cost
 
     torch.set_num_threads(args.threads)
     shapes = benchmark.STANDARD_SHAPES if args.all_shapes else benchmark.QUICK_SHAPES
     rounds = args.rounds
     if args.quick:
         shapes, rounds = shapes[:1], 1
+    if args.call_cost_only:
+        shapes = []
     modes = ("forward", "forward+backward")
     steps = len(shapes) * (len(modes) * rounds + (0 if args.no_memory else 2 + len(benchmark.default_backends())))
+    steps += 0 if args.no_call_cost else 2 + (0 if args.quick else 1)
     with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr, leave=False) as bar:
         def progress(message: str) -> None:
             bar.set_postfix_str(message)
             bar.update(1)
 
         report = benchmark.run(shapes, modes, rounds=rounds, memory=not args.no_memory, progress=progress)
-    print(benchmark.format_report(report))
+        if not args.no_call_cost:
+            # a smoke run takes one short round; torch.compile (tens of seconds of compilation) only in full runs
+            report["host_overhead"] = call_cost.host_overhead(
+                benchmark.default_backends(), rounds=1 if args.quick else max(rounds, 5),
+                per_round=5 if args.quick else 200, progress=progress)
+            if not args.quick:
+                report["compiled"] = call_cost.compiled_ratio(rounds=max(rounds, 5), progress=progress)
+    if shapes:
+        print(benchmark.format_report(report))
+    for key, fmt in (("host_overhead", call_cost.format_host_overhead), ("compiled", call_cost.format_compiled)):
+        if key in report:
+            print()
+            print(fmt(report[key]))
+    if not shapes:
+        m = report["machine"]
+        print(f"\n{report['date']}; {m['processor']}, {m['cpus']} CPUs, torch {m['torch']}.")
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "bench.json"), os.path.join(args.out, "bench.png")
     benchmark.save(report, json_path)
-    benchmark.plot(report, png_path)
-    print(f"\nwrote {json_path} and {png_path}")
+    if shapes:
+        benchmark.plot(report, png_path)
+        print(f"\nwrote {json_path} and {png_path}")
+    else:
+        print(f"\nwrote {json_path}")
     return 0
 
 
@@ -123,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="one shape, one round: a smoke run, not a timing")
     bench.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
     bench.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    bench.add_argument("--no-call-cost", action="store_true",
+                       help="skip the per-call host time (tiny input) and the torch.compile comparison")
+    bench.add_argument("--call-cost-only", action="store_true",
+                       help="only the per-call host time and the torch.compile comparison")
     bench.add_argument("--no-glibc-tunables", dest="glibc_tunables", action="store_false",
                        help="do not re-run with glibc's malloc tunables set (by default the benchmark re-runs "
                             "itself so that large freed buffers stay mapped)")

@@ -9,6 +9,7 @@ gradients is recorded (second-order gradients).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -20,14 +21,38 @@ from .geometry import image_sizes, pairs
 __all__ = ["coord_input", "coordinate_term", "coord_weight_grad"]
 
 
+# Coordinate tensors of recent geometries (they depend on sizes, padding, dtype and device only, never
+# on data): eager calls reuse them instead of building them again from a dozen small ops.
+_CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
+_CACHE_SIZE = 64
+
+
 def coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride, padding, dilation,
-                coord_pad, coord_pad_mode, with_r: bool, separate: bool) -> Tensor:
+                coord_pad, coord_pad_mode, with_r: bool, separate: bool, cache: bool = False) -> Tensor:
     """The ``[1, d, ...]`` coordinate tensor the coordinate filter is applied to (batch of one).
 
     Full filter: the image's coordinates, padded like the input (explicit part here; the symmetric
     zero part is applied by the convolution). Separate filter: the receptive-field centres of the
-    ``out_sizes`` outputs.
+    ``out_sizes`` outputs. With ``cache`` (eager calls only: the result is shared, never write to it)
+    the tensor is kept for the next call with the same geometry.
     """
+    if not cache or torch.compiler.is_compiling():
+        return _coord_input(input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r,
+                            separate)
+    key = (tuple(input.shape[2:]), tuple(weight.shape[2:]), tuple(out_sizes), tuple(stride), tuple(padding),
+           tuple(dilation), tuple(coord_pad), coord_pad_mode, with_r, separate, input.dtype, input.device)
+    coords = _CACHE.get(key)
+    if coords is None:
+        coords = _coord_input(input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r,
+                              separate)
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        _CACHE[key] = coords
+    return coords
+
+
+def _coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride, padding, dilation,
+                 coord_pad, coord_pad_mode, with_r: bool, separate: bool) -> Tensor:
     sizes = image_sizes(input, coord_pad)
     if not separate:
         coords = padded_coord_channels(sizes, with_r, pairs(coord_pad), coord_pad_mode,
@@ -41,10 +66,10 @@ def coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride,
 
 
 def coordinate_term(input, weight, coord_weight, out_sizes, stride, padding, dilation, transposed,
-                    output_padding, coord_pad, coord_pad_mode, with_r, separate) -> Tensor:
+                    output_padding, coord_pad, coord_pad_mode, with_r, separate, cache: bool = False) -> Tensor:
     """The batch-independent coordinate term ``P``: a ``[1, C_out, *out_sizes]`` tensor."""
     coords = coord_input(input, weight, out_sizes, stride, padding, dilation, coord_pad,
-                         coord_pad_mode, with_r, separate)
+                         coord_pad_mode, with_r, separate, cache)
     ndim = input.dim() - 2
     if separate:
         return torch.ops.aten.convolution(coords, coord_weight, None, [1] * ndim, [0] * ndim,
@@ -58,7 +83,7 @@ def coord_weight_grad(grad_sum, input, weight, coord_weight, stride, padding, di
     """Gradient of ``coord_weight`` from ``grad_sum = grad_output.sum(0, keepdim=True)``
     (linear in ``grad_sum``, and differentiable)."""
     coords = coord_input(input, weight, grad_sum.shape[2:], stride, padding, dilation, coord_pad,
-                         coord_pad_mode, with_r, separate)
+                         coord_pad_mode, with_r, separate, cache=True)
     if separate:
         return (grad_sum.flatten(2)[0] @ coords.flatten(2)[0].transpose(0, 1)).reshape(coord_weight.shape)
     return torch.ops.aten.convolution_backward(

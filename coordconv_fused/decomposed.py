@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from .coord_term import coord_weight_grad, coordinate_term
-from .ops import call_coord_conv_op, define_coord_conv_op, op_arguments
+from .ops import call_coord_conv_op, define_coord_conv_op, op_arguments, pre_pad, static_arguments
 from .spec import ConvSpec
 
-__all__ = ["coord_conv_decomposed", "coord_conv_composite", "coordinate_term"]
+__all__ = ["coord_conv_decomposed", "coord_conv_composite", "coordinate_term", "prepare_eager"]
 
 
 def _forward(input, weight, coord_weight, bias, stride, padding, dilation, transposed, output_padding,
@@ -24,11 +24,29 @@ def _forward(input, weight, coord_weight, bias, stride, padding, dilation, trans
     out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed,
                                      output_padding, groups)
     out.add_(coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
-                             transposed, output_padding, coord_pad, coord_pad_mode, with_r, separate))
+                             transposed, output_padding, coord_pad, coord_pad_mode, with_r, separate, cache=True))
     return out
 
 
 coord_conv_op = define_coord_conv_op("coord_conv", _forward, coord_weight_grad)
+
+
+def prepare_eager(spec: ConvSpec):
+    """The ``torch`` backend's eager per-call path for ``spec``: the same computation as the op,
+    written as ATen calls (so autograd is ATen's, in C++, and second order comes for free), with
+    the batch-of-one coordinate tensor reused from the last call of the same geometry."""
+    pads, mode, args = static_arguments(spec)
+    stride, padding, dilation, transposed, output_padding, groups, coord_pad, coord_pad_mode, with_r, separate = args
+    convolution = torch.ops.aten.convolution.default
+
+    def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
+        input = pre_pad(input, pads, mode)
+        out = convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        return out.add_(coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
+                                        transposed, output_padding, coord_pad, coord_pad_mode, with_r, separate,
+                                        cache=True))
+
+    return call
 
 
 def coord_conv_decomposed(

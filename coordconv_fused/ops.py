@@ -32,7 +32,8 @@ from .geometry import image_sizes, pairs  # noqa: F401  (re-exported: older impo
 from .spec import ConvSpec
 
 __all__ = ["SCHEMA", "define_coord_conv_op", "register_native_coord_conv_op", "call_coord_conv_op",
-           "differentiable_backward", "op_arguments", "prepare_call"]
+           "differentiable_backward", "op_arguments", "prepare_call", "static_arguments",
+           "pre_pad"]
 
 SCHEMA = (
     "(Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, "
@@ -216,11 +217,11 @@ def _eager_function(op, backward):
 def op_arguments(input: Tensor, spec: ConvSpec) -> tuple[Tensor, list]:
     """The op's view of a call: ``input`` with the explicit part of the padding applied (the
     data's; the op pads the coordinates by the same rule), and the op's non-tensor arguments."""
-    pads, mode, args = _static_arguments(spec)
-    return _pre_pad(input, pads, mode), list(args)
+    pads, mode, args = static_arguments(spec)
+    return pre_pad(input, pads, mode), list(args)
 
 
-def _static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:
+def static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:
     """What :func:`op_arguments` derives from ``spec`` alone: the explicit pre-pad (``F.pad``'s
     list, or None), its mode, and the op's non-tensor arguments."""
     if spec.transposed:
@@ -236,7 +237,7 @@ def _static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:
     return pads, mode, args
 
 
-def _pre_pad(input: Tensor, pads: list[int] | None, mode: str) -> Tensor:
+def pre_pad(input: Tensor, pads: list[int] | None, mode: str) -> Tensor:
     if pads is None:
         return input
     # Autocast runs reflection/replication padding in float32; keep the input's dtype.
@@ -248,12 +249,12 @@ def prepare_call(op, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, "Tenso
     """``fn(input, weight, coord_weight, bias)`` calling ``op`` for ``spec`` on batched, validated
     tensors, with everything that depends on ``spec`` alone (padding split, argument list, which
     autograd to use) worked out once, here: the per-call path of every op-backed backend."""
-    pads, mode, args = _static_arguments(spec)
+    pads, mode, args = static_arguments(spec)
     eager = _EAGER_AUTOGRAD.get(op)
     overload = getattr(op, "default", op)
 
     def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
-        input = _pre_pad(input, pads, mode)
+        input = pre_pad(input, pads, mode)
         if (eager is not None and torch.is_grad_enabled()
                 and (input.requires_grad or weight.requires_grad or coord_weight.requires_grad
                      or (bias is not None and bias.requires_grad))

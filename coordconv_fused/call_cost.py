@@ -1,0 +1,136 @@
+"""Per-call cost: host time of one call on a tiny input, and torch.compile against nn.Conv2d.
+
+* :func:`host_overhead`: a ``(1, 3, 8, 8)`` input, where the arithmetic is negligible and the time
+  is what a call costs the host (argument handling, dispatch, autograd bookkeeping, kernel launch
+  or tiny kernel). ``nn.Conv2d`` and a ``CoordConv2d`` per backend, forward under ``no_grad`` and
+  forward+backward, each timed over a batch of calls, in interleaved rotated rounds; medians and
+  ratios to ``nn.Conv2d`` of the same round.
+* :func:`compiled_ratio`: ``torch.compile`` of ``CoordConv2d + ReLU`` against ``torch.compile`` of
+  ``Conv2d + ReLU`` on a mid-sized layer, forward, interleaved rounds (inductor on CPU, or on the
+  device given).
+
+Both feed ``coordconv-fused bench`` (table and JSON); nothing here asserts a target.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .modules import CoordConv2d
+
+__all__ = ["host_overhead", "compiled_ratio", "format_host_overhead", "format_compiled"]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _rounds(calls: dict[str, Callable[[], None]], rounds: int, per_round: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each callable, one batch of ``per_round`` calls per round, interleaved in a
+    rotated order."""
+    names = list(calls)
+    for fn in calls.values():  # warm-up: plans, caches, autotuning, compilation
+        for _ in range(3):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = calls[name]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) / per_round)
+    return times
+
+
+def _summary(times: dict[str, list[float]], floor: str) -> dict[str, dict]:
+    out = {}
+    for name, t in times.items():
+        ratios = [a / b for a, b in zip(t, times[floor])]
+        out[name] = {"median_us": 1e6 * statistics.median(t), "min_us": 1e6 * min(t), "max_us": 1e6 * max(t),
+                     "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    return out
+
+
+def host_overhead(backends: Sequence[str], device: str = "cpu", rounds: int = 9, per_round: int = 200,
+                  progress: Callable[[str], None] | None = None) -> dict:
+    """Per-call time on a tiny ``(1, 3, 8, 8)`` input, forward (no grad) and forward+backward, for
+    ``nn.Conv2d`` and a ``CoordConv2d(3, 8, 3, padding=1)`` per backend."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8, device=device)
+    xg = x.clone().requires_grad_()
+    layers: dict[str, nn.Module] = {"nn.Conv2d": nn.Conv2d(3, 8, 3, padding=1).to(device)}
+    for b in backends:
+        layers[f"coordconv[{b}]"] = CoordConv2d(3, 8, 3, padding=1, backend=b).to(device)
+    result = {"input": [1, 3, 8, 8], "layer": "3 -> 8, 3x3, padding 1", "device": device,
+              "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": per_round}
+    for mode in ("forward", "forward+backward"):
+        def make(layer):
+            if mode == "forward":
+                def fwd():
+                    with torch.no_grad():
+                        layer(x)
+                return fwd
+            return lambda: layer(xg).sum().backward()
+
+        times = _rounds({n: make(m) for n, m in layers.items()}, rounds, per_round, device)
+        result[mode] = _summary(times, "nn.Conv2d")
+        if progress:
+            progress(f"host overhead: {mode}")
+    return result
+
+
+def compiled_ratio(device: str = "cpu", shape: tuple[int, int, int, int] = (8, 64, 56, 56), rounds: int = 9,
+                   per_round: int = 5, progress: Callable[[str], None] | None = None) -> dict:
+    """``torch.compile(CoordConv2d + ReLU)`` against ``torch.compile(Conv2d + ReLU)`` (forward,
+    inference), 3x3, ``C -> C`` channels."""
+    torch.manual_seed(0)
+    c = shape[1]
+    x = torch.randn(*shape, device=device)
+    models = {
+        "Conv2d + ReLU": nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()),
+        "CoordConv2d + ReLU": nn.Sequential(CoordConv2d(c, c, 3, padding=1), nn.ReLU()),
+    }
+    calls = {}
+    for name, model in models.items():
+        compiled = torch.compile(model.to(device).eval())
+
+        def call(compiled=compiled):
+            with torch.no_grad():
+                compiled(x)
+        calls[name] = call
+    times = _rounds(calls, rounds, per_round, device)
+    if progress:
+        progress("compiled CoordConv2d + ReLU")
+    return {"shape": list(shape), "device": device, "torch": torch.__version__, "rounds": rounds,
+            "results": _summary(times, "Conv2d + ReLU")}
+
+
+def format_host_overhead(result: dict) -> str:
+    lines = [f"Per-call host time on a tiny input {tuple(result['input'])} ({result['layer']}, {result['device']}, "
+             f"{result['threads']} thread(s); median of {result['rounds']} interleaved rounds of "
+             f"{result['calls_per_round']} calls):", "",
+             "| provider | forward (no grad) µs | × nn.Conv2d | forward+backward µs | × nn.Conv2d |",
+             "|---|---:|---:|---:|---:|"]
+    for name in result["forward"]:
+        f, b = result["forward"][name], result["forward+backward"][name]
+        lines.append(f"| {name} | {f['median_us']:.1f} | {f['ratio']:.2f}× | {b['median_us']:.1f} | {b['ratio']:.2f}× |")
+    return "\n".join(lines)
+
+
+def format_compiled(result: dict) -> str:
+    r = result["results"]
+    ours = r["CoordConv2d + ReLU"]
+    return (f"torch.compile, forward, {tuple(result['shape'])} 3x3 on {result['device']} (torch {result['torch']}): "
+            f"Conv2d + ReLU {r['Conv2d + ReLU']['median_us'] / 1e3:.3f} ms, CoordConv2d + ReLU "
+            f"{ours['median_us'] / 1e3:.3f} ms: {ours['ratio']:.3f}× (paired rounds {ours['ratio_min']:.3f}–"
+            f"{ours['ratio_max']:.3f}×).")
