@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .backends import available_backends
+from .malloc_tunables import GLIBC_TUNABLES
 from .modules import CoordConv2d
 
 __all__ = ["Shape", "STANDARD_SHAPES", "QUICK_SHAPES", "TARGETS", "NaiveCoordConv", "make_providers",
@@ -182,8 +183,6 @@ def rss_bytes(field: str) -> int:
 def peak_bytes(shape: Shape, provider: str, threads: int = 2) -> int | None:
     """Growth of the peak resident set over one forward+backward, in a fresh process (Linux; glibc
     malloc tunables keep freed memory mapped, so growth means new memory). ``None`` if unsupported."""
-    from .cli import GLIBC_TUNABLES
-
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
     for _ in range(2):  # one retry: a measurement process can die of an unrelated hiccup
         proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, shape.name, provider, str(threads)],

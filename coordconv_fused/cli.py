@@ -17,9 +17,7 @@ CoordConv layers at the cost of a plain convolution: tools.
   coordconv-fused bench   time CoordConv against nn.Conv2d and the naive torch.cat port
   coordconv-fused paper   the paper's coordinate classification, regression and rendering tasks"""
 
-# glibc returns large freed buffers to the OS and faults them in again on every call, which
-# inflates small convolutions several-fold; benchmarks re-run themselves with these settings.
-GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+from .malloc_tunables import GLIBC_TUNABLES
 
 
 def _require(extra: str, *modules: str) -> None:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .backends import dispatch, resolve_backend
 from .backends import generation as backends_generation
-from .decomposed import coord_conv_composite
+from .ops.aten import composite as coord_conv_composite
 from .spec import ConvSpec, PaddingArg, check_tensors, make_spec
 
 __all__ = [

@@ -1,83 +1,8 @@
-"""The ``triton`` backend: fused implicit-GEMM kernels with in-kernel coordinates (``kernels/``).
+"""Deprecated import path: use :mod:`coordconv_fused.backends.triton`."""
 
-Registered as the custom op ``coordconv_fused::coord_conv_triton``. Triton is imported only when
-the op first runs, so importing this library never pays for it. The kernels run on CUDA tensors,
-and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before the first
-import (that is how the test suite proves them on a machine without a GPU).
+import warnings
 
-``auto`` heuristic on CUDA (untuned: no GPU has measured it yet): the fused kernel saves the extra
-pass over the output that cuDNN + coordinate term needs, which matters most when the data GEMM is
-small, so ``auto`` picks ``triton`` when ``C_in/groups * prod(kernel) <= 576`` (e.g. up to 64
-channels with a 3x3 kernel) and ``torch`` (cuDNN) above.
-"""
+from .backends.triton import *  # noqa: F401,F403
+from .backends.triton import __all__  # noqa: F401
 
-from __future__ import annotations
-
-import importlib.util
-import math
-import os
-
-import torch
-from torch import Tensor
-
-from .backends import Backend, register_backend
-from .ops import call_coord_conv_op, define_coord_conv_op, prepare_call
-from .spec import ConvSpec
-
-__all__ = ["coord_conv_triton", "AUTO_MAX_K"]
-
-AUTO_MAX_K = 576
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _forward(*args):
-    from coordconv_fused.kernels.launch import coord_conv_forward
-
-    return coord_conv_forward(*args)
-
-
-def _coord_weight_grad(*args):
-    from coordconv_fused.kernels.launch import coord_weight_grad
-
-    return coord_weight_grad(*args)
-
-
-define_coord_conv_op("coord_conv_triton", _forward, _coord_weight_grad, opaque_grad=True)
-
-
-def _unavailable_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton; it ships with CUDA builds of torch)"
-    if _interpret() or torch.cuda.is_available():
-        return None
-    return ("the Triton kernels need a CUDA GPU (set TRITON_INTERPRET=1 before importing to run them "
-            "on CPU tensors in Triton's slow interpreter, for testing)")
-
-
-def _supports(spec: ConvSpec) -> str | None:
-    if spec.transposed:
-        return "transposed CoordConv is not implemented in the Triton kernels; use backend='torch'"
-    return None
-
-
-def _auto_ok(input: Tensor, weight: Tensor, spec: ConvSpec) -> bool:
-    return weight.shape[1] * math.prod(spec.kernel_size) <= AUTO_MAX_K
-
-
-def coord_conv_triton(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-                      spec: ConvSpec) -> Tensor:
-    """Run the ``triton`` backend on a batched, validated input."""
-    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_triton, input, weight, coord_weight,
-                              bias, spec)
-
-
-register_backend(
-    Backend("triton", coord_conv_triton,
-            devices=frozenset({"cuda", "cpu"}) if _interpret() else frozenset({"cuda"}),
-            unavailable_reason=_unavailable_reason, supports=_supports, auto_ok=_auto_ok,
-            prepare=lambda spec: prepare_call(torch.ops.coordconv_fused.coord_conv_triton, spec)),
-    prefer_on={"cuda": 0},
-)
+warnings.warn("coordconv_fused.triton_backend moved to coordconv_fused.backends.triton", DeprecationWarning, stacklevel=2)

@@ -1,40 +1,13 @@
-// The schemas of the C++/CUDA ops, declared once. Implementations: cpu/ (CPU) and cuda/ (CUDA);
-// fake kernels and autograd are registered from Python (coordconv_fused/extension.py).
+// The Python module coordconv_fused._C: loading it registers the CPU (cpu/) and CUDA (cuda/) kernels
+// of the coord_conv_ext ops (TORCH_LIBRARY_IMPL). Their schemas are declared once, in Python
+// (coordconv_fused/ops/schema.py, before this library is loaded); fake kernels and autograd are
+// registered there too (coordconv_fused/backends/native.py).
 #include <Python.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <atomic>
 
 #include "cpu/direct_avx512.h"
-
-// The same argument list as the Python-defined ops (see coordconv_fused/ops.py).
-#define COORD_CONV_ARGS                                                                                  \
-  "Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, SymInt[] padding, " \
-  "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "     \
-  "str coord_pad_mode, bool with_r, bool separate"
-#define COORD_GRAD_ARGS                                                                                       \
-  "Tensor grad_sum, Tensor input, Tensor weight, Tensor coord_weight, SymInt[] stride, SymInt[] padding, " \
-  "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "        \
-  "str coord_pad_mode, bool with_r, bool separate"
-
-TORCH_LIBRARY(coordconv_fused, m) {
-  // Backends `cpp` (CPU implementation) and `cuda` (CUDA implementation).
-  m.def("coord_conv_ext(" COORD_CONV_ARGS ") -> Tensor");
-  m.def("coord_conv_ext_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");
-  // The data convolution's input gradient (CPU: a direct kernel for stride-1 layers on few channels).
-  m.def("coord_conv_ext_input_grad(Tensor grad, Tensor input, Tensor weight, SymInt[] stride, SymInt[] padding, "
-        "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups) -> Tensor");
-  // The whole backward of coord_conv_ext on the CPU: the gradients of (input, weight, coord_weight,
-  // bias) where output_mask asks, undefined (None) elsewhere, like aten::convolution_backward.
-  m.def("coord_conv_ext_backward(Tensor grad, Tensor input, Tensor weight, Tensor coord_weight, SymInt[] stride, "
-        "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
-        "SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate, bool[4] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor)");
-  // The CUDA backend's host code and kernel bodies, emulated on the CPU (for tests).
-  m.def("coord_conv_cuda_emulated(" COORD_CONV_ARGS ") -> Tensor");
-  m.def("coord_conv_cuda_emulated_coord_weight_grad(" COORD_GRAD_ARGS ") -> Tensor");
-}
 
 namespace {
 // Whether the CPU backend's AVX-512 direct kernel can run on this CPU (for tests and reports).

@@ -4,7 +4,8 @@ bodies run by the CPU emulation harness (coord_conv_cuda_emulated), against the 
 import pytest
 import torch
 
-from coordconv_fused import CoordConv2d, available_backends, backends, coord_conv2d, extension
+from coordconv_fused import CoordConv2d, available_backends, backends, coord_conv2d
+from coordconv_fused.backends import native as extension
 from coordconv_fused.testing import Case, assert_matches_reference
 
 # A build without the extension fails these tests unless it was asked for (COORDCONV_NO_EXTENSION=1):
@@ -315,12 +316,14 @@ def test_missing_extension_message(monkeypatch):
     assert "cpp" not in available_backends()
 
 
-def test_schemas_match_the_python_ops():
-    from coordconv_fused.ops import SCHEMA
+def test_native_ops_have_their_cpu_kernels():
+    """The schemas are declared once (coordconv_fused/ops/schema.py); the extension registers a CPU
+    kernel for every one of them."""
+    from coordconv_fused.ops.schema import NATIVE_OPS
 
-    for name in ("coord_conv_ext", "coord_conv_cuda_emulated"):
-        schema = str(getattr(torch.ops.coordconv_fused, name).default._schema)
-        assert schema == f"coordconv_fused::{name}{SCHEMA}"
+    for name, schema in NATIVE_OPS.items():
+        assert str(getattr(torch.ops.coordconv_fused, name).default._schema) == f"coordconv_fused::{name}{schema}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CPU"), name
 
 
 @pytest.mark.skipif(__import__("os").environ.get("COORDCONV_EXPECT_CUDA") != "1",

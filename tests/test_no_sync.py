@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from coordconv_fused import coord_conv1d, coord_conv2d, coord_conv3d, ops
-from coordconv_fused.coord_term import coord_weight_grad
+from coordconv_fused.ops.aten import coord_weight_grad
 
 VARIANTS = [
     (coord_conv2d, (2, 3, 8, 7), dict(padding=1, with_r=True)),

@@ -1,22 +1,14 @@
-"""The plumbing every fused CoordConv op shares: schema, fake kernel, autograd, and the call.
+"""Fake kernels and autograd of the CoordConv ops, and the eager autograd Function.
 
-A backend supplies two functions over the op's arguments — ``forward`` (the whole output) and
-``coord_weight_grad`` (the gradient of ``coord_weight`` from ``grad_output.sum(0)``) — and
-:func:`define_coord_conv_op` registers a ``torch.library`` custom op with them. The gradients of
-``input``, ``weight`` and ``bias`` are those of the data convolution, computed by ATen's
-``convolution_backward`` (the bias's from the same batch sum). Ops declared in C++ may instead bring
-their whole backward as one op (:func:`register_native_coord_conv_op`, ``fused_backward_devices``).
-
-Schema (mirrors ``aten::convolution``)::
-
-    (Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride,
-     SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups,
-     SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate) -> Tensor
-
-``padding`` is the convolution's symmetric zero padding. ``coord_pad`` (``[before0, after0,
-before1, ...]``) says how much of ``input`` is already explicit padding (for 'reflect',
-'replicate', 'circular' and the asymmetric part of 'same'), and ``coord_pad_mode`` by which rule,
-so that kernels pad the coordinates exactly like the data.
+A Python-implemented op supplies two functions over the op's arguments — ``forward`` (the whole
+output) and ``coord_weight_grad`` (the gradient of ``coord_weight`` from ``grad_output.sum(0)``) —
+and :func:`define_coord_conv_op` creates it as a ``torch.library`` custom op with them. The
+gradients of ``input``, ``weight`` and ``bias`` are those of the data convolution, computed by
+ATen's ``convolution_backward`` (the bias's from the same batch sum). Ops implemented in C++ get
+their fake kernels and autograd from :func:`register_native_coord_conv_op`, and may bring their whole
+backward as one op (``fused_backward_devices``). Whatever the op, a backward run while autograd
+records a graph of the gradients (``create_graph=True``) is :func:`differentiable_backward`: ATen
+ops only, so second-order gradients are exact.
 """
 
 from __future__ import annotations
@@ -24,22 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import coord_term
-from .geometry import image_sizes, pairs  # noqa: F401  (re-exported: older import path)
-from .spec import ConvSpec
+from . import aten
+from .schema import GRAD_SCHEMA, SCHEMA
 
-__all__ = ["SCHEMA", "define_coord_conv_op", "register_native_coord_conv_op", "call_coord_conv_op",
-           "differentiable_backward", "op_arguments", "prepare_call", "static_arguments",
-           "pre_pad"]
-
-SCHEMA = (
-    "(Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, "
-    "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
-    "SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate) -> Tensor"
-)
+__all__ = ["define_coord_conv_op", "register_native_coord_conv_op", "differentiable_backward", "eager_function"]
 
 # forward(input, weight, coord_weight, bias, *args) -> output
 ForwardFn = Callable[..., Tensor]
@@ -59,13 +41,6 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(input, weight, coord_weight)
     ctx.has_bias = bias is not None
     ctx.args = args
-
-
-_GRAD_SCHEMA = (
-    "(Tensor grad_sum, Tensor input, Tensor weight, Tensor coord_weight, SymInt[] stride, "
-    "SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, "
-    "SymInt[] coord_pad, str coord_pad_mode, bool with_r, bool separate) -> Tensor"
-)
 
 
 def _grad_fake(grad_sum, input, weight, coord_weight, *args):
@@ -102,10 +77,10 @@ def _generic_backward(ctx, grad, coord_weight_grad: CoordGradFn):
 
 def differentiable_backward(ctx, grad):
     """The backward as differentiable ATen ops (``convolution_backward``, sums, and the coordinate
-    gradient of :mod:`coordconv_fused.coord_term`): what every backend runs when autograd records a
+    gradient of :mod:`coordconv_fused.ops.aten`): what every backend runs when autograd records a
     graph of the gradients (``create_graph=True``: gradient penalties, double backward), so that
     second-order gradients are exact. The fused kernels and opaque ops are first-order only."""
-    return _generic_backward(ctx, grad, coord_term.coord_weight_grad)
+    return _generic_backward(ctx, grad, aten.coord_weight_grad)
 
 
 def _make_backward(coord_weight_grad: CoordGradFn):
@@ -130,7 +105,7 @@ def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: Coord
     op.register_fake(_fake)
     if opaque_grad:
         grad_op = torch.library.custom_op(f"coordconv_fused::{name}_coord_weight_grad",
-                                          coord_weight_grad, mutates_args=(), schema=_GRAD_SCHEMA,
+                                          coord_weight_grad, mutates_args=(), schema=GRAD_SCHEMA,
                                           device_types=device_types)
         grad_op.register_fake(_grad_fake)
         coord_weight_grad = grad_op
@@ -156,7 +131,7 @@ def _backward_fake(grad, input, weight, coord_weight, stride, padding, dilation,
 
 def register_native_coord_conv_op(name: str, fused_backward_devices: Sequence[str] = ()) -> None:
     """Add the fake kernels and autograd to ``coordconv_fused::<name>`` and its
-    ``<name>_coord_weight_grad`` op, both declared in C++ (csrc/ops.cpp) with the same schemas.
+    ``<name>_coord_weight_grad`` op, implemented in C++ (schemas: :mod:`coordconv_fused.ops.schema`).
     On ``fused_backward_devices`` the backward is the single op ``<name>_backward`` (also declared
     there: all four gradients in one call); elsewhere the coordinate gradient comes from
     ``<name>_coord_weight_grad`` and the others from ATen's ``convolution_backward``."""
@@ -187,15 +162,24 @@ def _fused_backward(backward_op, devices: Sequence[str], fallback):
 
 
 # Eager autograd for the ops declared in C++: the same backward as the registered autograd, as a
-# torch.autograd.Function. torch.library's autograd wrapper costs ~0.3 ms of Python per forward +
-# backward on ops of this many arguments (measured: 670 us against 190 us for nn.Conv2d on a tiny
-# layer), which is a few percent of a mid-sized layer; torch.compile and torch.jit.trace keep the
-# registered op.
+# torch.autograd.Function (the flash-attention pattern). torch.library's autograd wrapper costs
+# ~0.3 ms of Python per forward + backward on ops of this many arguments (measured: 670 us against
+# 190 us for nn.Conv2d on a tiny layer); torch.jit.trace keeps the registered op.
 _EAGER_AUTOGRAD: dict = {}
 
 
+def eager_function(op) -> type[torch.autograd.Function] | None:
+    """The ``torch.autograd.Function`` that eager calls of ``op`` (a C++ op) go through, or None
+    for ops whose registered autograd is used directly."""
+    return _EAGER_AUTOGRAD.get(op)
+
+
 def _eager_function(op, backward):
-    class NativeCoordConv(torch.autograd.Function):
+    class EagerCoordConv(torch.autograd.Function):
+        """``op`` with the backward of its registered autograd, applied from Python: forward calls
+        the op's kernel directly (below the autograd dispatch key), backward is the same function
+        as the registered one (fused where the device has it, differentiable under create_graph)."""
+
         @staticmethod
         def forward(ctx, input, weight, coord_weight, bias, *args):
             # (forward with ctx: a separate setup_context makes apply() bind arguments through
@@ -211,61 +195,4 @@ def _eager_function(op, backward):
         def backward(ctx, grad):
             return backward(ctx, grad)[:14]
 
-    return NativeCoordConv
-
-
-def op_arguments(input: Tensor, spec: ConvSpec) -> tuple[Tensor, list]:
-    """The op's view of a call: ``input`` with the explicit part of the padding applied (the
-    data's; the op pads the coordinates by the same rule), and the op's non-tensor arguments."""
-    pads, mode, args = static_arguments(spec)
-    return pre_pad(input, pads, mode), list(args)
-
-
-def static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:
-    """What :func:`op_arguments` derives from ``spec`` alone: the explicit pre-pad (``F.pad``'s
-    list, or None), its mode, and the op's non-tensor arguments."""
-    if spec.transposed:
-        pre = ((0, 0),) * spec.ndim
-        conv_padding = spec.padding
-    else:
-        pre, conv_padding = spec.split_padding()
-    pads = [p for pair in reversed(pre) for p in pair] if any(b or a for b, a in pre) else None
-    mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-    args = (list(spec.stride), list(conv_padding), list(spec.dilation), spec.transposed,
-            list(spec.output_padding), spec.groups, [p for pair in pre for p in pair], spec.padding_mode,
-            spec.with_r, spec.separate)
-    return pads, mode, args
-
-
-def pre_pad(input: Tensor, pads: list[int] | None, mode: str) -> Tensor:
-    if pads is None:
-        return input
-    # Autocast runs reflection/replication padding in float32; keep the input's dtype.
-    with torch.autocast(input.device.type, enabled=False):
-        return F.pad(input, pads, mode=mode)
-
-
-def prepare_call(op, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]:
-    """``fn(input, weight, coord_weight, bias)`` calling ``op`` for ``spec`` on batched, validated
-    tensors, with everything that depends on ``spec`` alone (padding split, argument list, which
-    autograd to use) worked out once, here: the per-call path of every op-backed backend."""
-    pads, mode, args = static_arguments(spec)
-    eager = _EAGER_AUTOGRAD.get(op)
-    overload = getattr(op, "default", op)
-
-    def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
-        input = pre_pad(input, pads, mode)
-        if (eager is not None and torch.is_grad_enabled()
-                and (input.requires_grad or weight.requires_grad or coord_weight.requires_grad
-                     or (bias is not None and bias.requires_grad))
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
-            return eager.apply(input, weight, coord_weight, bias, *args)
-        return overload(input, weight, coord_weight, bias, *args)
-
-    return call
-
-
-def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-                       spec: ConvSpec) -> Tensor:
-    """Call a CoordConv op on a batched, validated input."""
-    return prepare_call(op, spec)(input, weight, coord_weight, bias)
+    return EagerCoordConv

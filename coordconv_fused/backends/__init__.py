@@ -1,57 +1,39 @@
-"""Backend registry and the single dispatch point every CoordConv call goes through.
+"""The backends: the registry, the single dispatch point every CoordConv call goes through, and
+``auto``.
 
-A backend is a function ``fn(input, weight, coord_weight, bias, spec) -> Tensor`` taking a batched,
-validated input and a :class:`~coordconv_fused.spec.ConvSpec`. Backends register themselves with
-:func:`register_backend`; ``backend="auto"`` takes the first available backend in the device's
-preference list. Later backends (``triton``, ``cpp``, ``cuda``) plug in here.
+A backend is a :class:`Backend` record: a function ``fn(input, weight, coord_weight, bias, spec)``
+on a batched, validated input and a :class:`~coordconv_fused.spec.ConvSpec`, where it runs and what it
+supports. One module per backend, named for what it is, all registered at the end of this file:
+
+=============  =====================  =========================================================
+backend        module                 what
+=============  =====================  =========================================================
+``reference``  :mod:`.reference`      the explicit concatenation: the oracle
+``torch``      :mod:`.aten`           the ATen decomposition (op ``coordconv_fused::coord_conv``)
+``cpp``        :mod:`.native`         the C++ extension on CPU tensors (op ``coord_conv_ext``)
+``cuda``       :mod:`.native`         the same op's CUDA kernels
+``triton``     :mod:`.triton`         the Triton kernels (op ``coord_conv_triton``)
+=============  =====================  =========================================================
+
+``backend="auto"`` takes the first usable backend of the device's preference list
+(:data:`AUTO_PREFERENCE`). Tests and experiments register their own with :func:`temporary_backend`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-from .decomposed import coord_conv_decomposed, prepare_eager
-from .reference import coord_conv_ref
-from .spec import ConvSpec
+from ..spec import ConvSpec
+from . import aten, native, reference, triton
+from .base import Backend, BackendFn
 
-__all__ = ["Backend", "register_backend", "unregister_backend", "temporary_backend", "available_backends",
-           "backend_names", "get_backend", "resolve_backend", "dispatch"]
-
-BackendFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", ConvSpec], Tensor]
-
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    """A registered implementation.
-
-    ``devices``: device types it runs on (``None``: any). ``unavailable_reason``: returns ``None``
-    when the backend can run on this machine, or a sentence telling the user how to make it run.
-    ``supports``: returns ``None`` if the backend handles this spec, or the reason it does not.
-    ``auto_ok``: whether ``auto`` should pick it for these tensors (a performance heuristic).
-    ``prepare``: optionally, ``prepare(spec)`` returns ``fn(input, weight, coord_weight, bias)`` with
-    the work that depends on ``spec`` alone done once (the per-call path reuses it).
-    """
-
-    name: str
-    fn: BackendFn
-    devices: frozenset[str] | None = None
-    unavailable_reason: Callable[[], str | None] = lambda: None
-    supports: Callable[[ConvSpec], str | None] = lambda spec: None
-    auto_ok: Callable[[Tensor, Tensor, ConvSpec], bool] = lambda input, weight, spec: True
-    prepare: Callable[[ConvSpec], Callable[..., Tensor]] | None = None
-
-    def bind(self, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
-        """``fn(input, weight, coord_weight, bias)`` running this backend for ``spec``."""
-        if self.prepare is not None:
-            return self.prepare(spec)
-        fn = self.fn
-        return lambda input, weight, coord_weight, bias: fn(input, weight, coord_weight, bias, spec)
-
+__all__ = ["Backend", "BackendFn", "register_backend", "unregister_backend", "temporary_backend",
+           "available_backends", "backend_names", "get_backend", "resolve_backend", "dispatch", "generation",
+           "AUTO_PREFERENCE"]
 
 _BACKENDS: dict[str, Backend] = {}
 _GENERATION = [0]  # bumped by every change of the registry (resolved calls are cached per generation)
@@ -161,7 +143,12 @@ def dispatch(name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bia
     return resolve_backend(name, input, weight, spec).fn(input, weight, coord_weight, bias, spec)
 
 
-register_backend(Backend("reference", coord_conv_ref))
-register_backend(Backend("torch", coord_conv_decomposed, prepare=prepare_eager))
-from . import triton_backend  # noqa: E402,F401  (registers "triton")
-from . import extension  # noqa: E402,F401  (registers "cpp" and "cuda")
+register_backend(reference.backend)
+register_backend(aten.backend)
+register_backend(triton.backend, prefer_on={"cuda": 0})
+register_backend(native.cpp_backend, prefer_on={"cpu": 0})
+register_backend(native.cuda_backend)
+
+# (older import paths)
+coord_conv_decomposed = aten.coord_conv_decomposed
+coord_conv_ref = reference.coord_conv_ref

@@ -1,0 +1,64 @@
+"""The ``torch`` backend: CoordConv decomposed into the data convolution plus a coordinate term.
+
+``y = conv(x, weight, bias) + P``, where ``P = conv(coords, coord_weight)`` is computed once for a
+batch of one and broadcast: the coordinate term does not depend on the sample, so nothing of size
+``N*d*H*W`` is ever allocated, and backward needs only ``grad_output.sum(0)`` for ``coord_weight``.
+The custom op ``coordconv_fused::coord_conv`` (what TorchScript calls, and ``torch.library.opcheck``
+tests); eager calls run the same ATen calls directly (:func:`prepare_eager`), and ``torch.compile``
+sees them as ATen ops (:func:`coordconv_fused.ops.aten.composite`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import call_coord_conv_op, define_coord_conv_op, pre_pad, static_arguments
+from ..ops.aten import composite, coord_weight_grad, coordinate_term
+from ..spec import ConvSpec
+from .base import Backend
+
+__all__ = ["coord_conv_decomposed", "prepare_eager", "backend"]
+
+
+def _forward(input, weight, coord_weight, bias, stride, padding, dilation, transposed, output_padding,
+             groups, coord_pad, coord_pad_mode, with_r, separate):
+    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed,
+                                     output_padding, groups)
+    out.add_(coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
+                             transposed, output_padding, coord_pad, coord_pad_mode, with_r, separate, cache=True))
+    return out
+
+
+coord_conv_op = define_coord_conv_op("coord_conv", _forward, coord_weight_grad)
+
+
+def prepare_eager(spec: ConvSpec):
+    """The ``torch`` backend's eager per-call path for ``spec``: the same computation as the op,
+    written as ATen calls (so autograd is ATen's, in C++, and second order comes for free), with
+    the batch-of-one coordinate tensor reused from the last call of the same geometry."""
+    pads, mode, args = static_arguments(spec)
+    stride, padding, dilation, transposed, output_padding, groups, coord_pad, coord_pad_mode, with_r, separate = args
+    convolution = torch.ops.aten.convolution.default
+
+    def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
+        input = pre_pad(input, pads, mode)
+        out = convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        return out.add_(coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
+                                        transposed, output_padding, coord_pad, coord_pad_mode, with_r, separate,
+                                        cache=True))
+
+    return call
+
+
+def coord_conv_decomposed(
+    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
+) -> Tensor:
+    """Run the ``torch`` backend on a batched, validated input."""
+    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv, input, weight, coord_weight, bias,
+                              spec)
+
+
+coord_conv_composite = composite  # (older name)
+
+backend = Backend("torch", coord_conv_decomposed, prepare=prepare_eager)

@@ -1,0 +1,92 @@
+"""The C++/CUDA extension ``coordconv_fused._C``: backends ``cpp`` (CPU) and ``cuda``.
+
+Both run the op ``coordconv_fused::coord_conv_ext``, declared in :mod:`coordconv_fused.ops.schema`,
+with a CPU implementation (csrc/cpu/) and, when built with CUDA, a CUDA one (csrc/cuda/); fake
+kernels and autograd are added here. ``coord_conv_cuda_emulated`` runs the CUDA backend's host code and kernel
+bodies on the CPU, for tests. If the extension is not built, the pure-PyTorch backends still work
+and asking for ``cpp``/``cuda`` raises an error that says how to build it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..ops import call_coord_conv_op, define_native_ops, prepare_call, register_native_coord_conv_op
+from ..spec import ConvSpec
+from .base import Backend
+
+__all__ = ["LOAD_ERROR", "avx512_direct_available", "has_cuda_kernels", "coord_conv_cpp", "coord_conv_cuda_emulated",
+           "cpp_backend", "cuda_backend"]
+
+define_native_ops()  # the schemas; the extension brings the kernels
+try:
+    from .. import _C  # noqa: F401  (registers the CPU and CUDA kernels)
+
+    LOAD_ERROR: str | None = None
+except ImportError as e:  # not built, or built against another torch
+    LOAD_ERROR = str(e)
+
+_BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` (add FORCE_CUDA=1 and CUDA_HOME for "
+               "the CUDA kernels)")
+
+
+def has_cuda_kernels() -> bool:
+    """Whether the extension was compiled with its CUDA kernels."""
+    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "coordconv_fused::coord_conv_ext", "CUDA")
+
+
+def avx512_direct_available() -> bool:
+    """Whether the ``cpp`` backend's AVX-512 direct kernel (shallow float32 layers, e.g. a network's
+    first layer) runs on this CPU; elsewhere those layers take oneDNN plus the coordinate epilogue."""
+    return LOAD_ERROR is None and _C.avx512_direct_available()
+
+
+def _cpp_unavailable() -> str | None:
+    if LOAD_ERROR is not None:
+        return f"the C++ extension coordconv_fused._C is not built ({LOAD_ERROR}); {_BUILD_HINT}"
+    return None
+
+
+def _cuda_unavailable() -> str | None:
+    if LOAD_ERROR is not None:
+        return _cpp_unavailable()
+    if not has_cuda_kernels():
+        return f"the extension was built without CUDA kernels; {_BUILD_HINT}"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    return None
+
+
+def _supports(spec: ConvSpec) -> str | None:
+    if spec.transposed:
+        return "transposed CoordConv is not implemented in the C++/CUDA kernels; use backend='torch'"
+    return None
+
+
+def coord_conv_cpp(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
+                   spec: ConvSpec) -> Tensor:
+    """Run the ``cpp``/``cuda`` backends (the op dispatches on the input's device)."""
+    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_ext, input, weight, coord_weight, bias, spec)
+
+
+def coord_conv_cuda_emulated(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
+                             spec: ConvSpec) -> Tensor:
+    """The CUDA backend's code run on the CPU by the emulation harness (for tests)."""
+    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_cuda_emulated, input, weight, coord_weight,
+                              bias, spec)
+
+
+if LOAD_ERROR is None:
+    register_native_coord_conv_op("coord_conv_ext", fused_backward_devices=("cpu",))
+    register_native_coord_conv_op("coord_conv_cuda_emulated")
+
+def _prepare(spec: ConvSpec):
+    return prepare_call(torch.ops.coordconv_fused.coord_conv_ext, spec)
+
+
+cpp_backend = Backend("cpp", coord_conv_cpp, devices=frozenset({"cpu"}), unavailable_reason=_cpp_unavailable,
+                      supports=_supports, prepare=_prepare)
+cuda_backend = Backend("cuda", coord_conv_cpp, devices=frozenset({"cuda"}), unavailable_reason=_cuda_unavailable,
+                       supports=_supports, prepare=_prepare)

@@ -1,0 +1,64 @@
+"""The schema of every op of the library, declared once, here.
+
+Python-implemented ops (``coord_conv``, the ATen decomposition; ``coord_conv_triton``) are created
+from these strings by :mod:`coordconv_fused.ops.autograd`; the ops implemented in C++ (the ``cpp`` and
+``cuda`` backends' ``coord_conv_ext`` family) are defined here by :func:`define_native_ops`, and the
+extension ``coordconv_fused._C`` only registers their CPU and CUDA kernels
+(``TORCH_LIBRARY_IMPL``).
+
+The arguments mirror ``aten::convolution``. ``padding`` is the convolution's own symmetric zero
+padding; ``coord_pad`` (``[before0, after0, before1, ...]``) is the part of the padding already
+applied explicitly to ``input`` (the non-zero padding modes, and the asymmetric part of 'same'), by
+the rule ``coord_pad_mode``, so that kernels pad the coordinates exactly like the data;
+``separate`` selects the separate 1x1 coordinate filter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["NAMESPACE", "SCHEMA", "GRAD_SCHEMA", "INPUT_GRAD_SCHEMA", "BACKWARD_SCHEMA", "NATIVE_OPS",
+           "define_native_ops"]
+
+NAMESPACE = "coordconv_fused"
+
+_CONV_ARGS = ("Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
+              "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "
+              "str coord_pad_mode, bool with_r, bool separate")
+_GEOMETRY_ARGS = ("SymInt[] stride, SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, "
+                  "SymInt groups")
+
+# The forward: the whole CoordConv output.
+SCHEMA = f"({_CONV_ARGS}) -> Tensor"
+# The gradient of coord_weight from grad_sum = grad_output.sum(0, keepdim=True).
+GRAD_SCHEMA = SCHEMA.replace("Tensor input, ", "Tensor grad_sum, Tensor input, ").replace(
+    "Tensor coord_weight, Tensor? bias, ", "Tensor coord_weight, ")
+# The data convolution's input gradient (CPU: a direct kernel for layers on few channels).
+INPUT_GRAD_SCHEMA = f"(Tensor grad, Tensor input, Tensor weight, {_GEOMETRY_ARGS}) -> Tensor"
+# The whole backward in one call: the gradients of (input, weight, coord_weight, bias) where
+# output_mask asks, undefined (None) elsewhere, like aten::convolution_backward.
+BACKWARD_SCHEMA = (GRAD_SCHEMA.replace("Tensor grad_sum, ", "Tensor grad, ")
+                   .replace(") -> Tensor", ", bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"))
+
+# The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA); `coord_conv_cuda_emulated`
+# runs the CUDA backend's host code and kernel bodies on the CPU, for tests.
+NATIVE_OPS = {
+    "coord_conv_ext": SCHEMA,
+    "coord_conv_ext_coord_weight_grad": GRAD_SCHEMA,
+    "coord_conv_ext_input_grad": INPUT_GRAD_SCHEMA,
+    "coord_conv_ext_backward": BACKWARD_SCHEMA,
+    "coord_conv_cuda_emulated": SCHEMA,
+    "coord_conv_cuda_emulated_coord_weight_grad": GRAD_SCHEMA,
+}
+
+_LIBRARY: list[torch.library.Library] = []
+
+
+def define_native_ops() -> None:
+    """Define the C++ ops' schemas (once; their kernels come with ``coordconv_fused._C``)."""
+    if _LIBRARY:
+        return
+    lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+    for name, schema in NATIVE_OPS.items():
+        lib.define(name + schema)
+    _LIBRARY.append(lib)
