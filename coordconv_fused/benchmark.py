@@ -300,7 +300,8 @@ def _target_misses(report: dict) -> list[str]:
 def format_report(report: dict) -> str:
     """Markdown: timing table, memory table, target check, machine line."""
     lines = [
-        "| shape | mode | provider | median ms | min–max ms | ratio to nn.Conv2d (medians) | paired ratio median (min–max) | vs naive |",
+        "| shape | mode | provider | median ms | min–max ms | ratio to nn.Conv2d (medians) "
+        "| paired ratio median (min–max) | vs naive |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
@@ -355,7 +356,7 @@ def plot(report: dict, path: str) -> None:
     for ax, mode in zip(axes[0], modes):
         height = 0.8 / len(providers)
         for i, prov in enumerate(providers):
-            vals = [next((r for r in rows if r["mode"] == mode and r["shape_name"] == s and r["provider"] == prov), None)
+            vals = [next((r for r in rows if (r["mode"], r["shape_name"], r["provider"]) == (mode, s, prov)), None)
                     for s in shapes]
             ys = [j + i * height for j in range(len(shapes))]
             med = [v["paired_ratio_median"] if v else 0 for v in vals]

@@ -74,7 +74,7 @@ def host_overhead(backends: Sequence[str], device: str = "cpu", rounds: int = 9,
     result = {"input": [1, 3, 8, 8], "layer": "3 -> 8, 3x3, padding 1", "device": device,
               "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": per_round}
     for mode in ("forward", "forward+backward"):
-        def make(layer):
+        def make(layer, mode=mode):
             if mode == "forward":
                 def fwd():
                     with torch.no_grad():
@@ -123,7 +123,8 @@ def format_host_overhead(result: dict) -> str:
              "|---|---:|---:|---:|---:|"]
     for name in result["forward"]:
         f, b = result["forward"][name], result["forward+backward"][name]
-        lines.append(f"| {name} | {f['median_us']:.1f} | {f['ratio']:.2f}× | {b['median_us']:.1f} | {b['ratio']:.2f}× |")
+        lines.append(f"| {name} | {f['median_us']:.1f} | {f['ratio']:.2f}× | {b['median_us']:.1f} "
+                     f"| {b['ratio']:.2f}× |")
     return "\n".join(lines)
 
 

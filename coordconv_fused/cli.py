@@ -7,17 +7,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
+
+from .malloc_tunables import GLIBC_TUNABLES
 
 DESCRIPTION = """\
 CoordConv layers at the cost of a plain convolution: tools.
 
   coordconv-fused bench   time CoordConv against nn.Conv2d and the naive torch.cat port
   coordconv-fused paper   the paper's coordinate classification, regression and rendering tasks"""
-
-from .malloc_tunables import GLIBC_TUNABLES
 
 
 def _require(extra: str, *modules: str) -> None:
@@ -169,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     paper.add_argument("--attempts", type=int, default=3,
                        help="CoordConv attempts at most: a restart while the validation block is not perfect "
                             "(default: %(default)s)")
-    paper.add_argument("--baseline-epochs", type=int, default=10, help="epochs of a baseline run (default: %(default)s)")
+    paper.add_argument("--baseline-epochs", type=int, default=10,
+                       help="epochs of a baseline run (default: %(default)s)")
     paper.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     paper.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke run, not a result")
     paper.add_argument("--out", default="results/paper", help="folder for results and figures (default: %(default)s)")

@@ -7,7 +7,8 @@ Convention (see ``docs/semantics.md``): along an axis of size ``n`` the coordina
 ``(2*i - (n-1)) / (n-1)``, i.e. ``2*i/(n-1) - 1`` evaluated with an exact integer numerator and a
 single rounding, so the first index is exactly -1, the last exactly +1 and the middle exactly 0.
 An axis of size 1 has coordinate 0. The optional radius channel is the correctly rounded
-``sqrt(sum of squares)`` of the axis coordinates. Values are computed in float32 (float64 for float64 tensors) and rounded to the
+``sqrt(sum of squares)`` of the axis coordinates. Values are computed in float32 (float64 for
+float64 tensors) and rounded to the
 tensor's dtype at the end.
 """
 

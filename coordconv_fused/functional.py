@@ -115,7 +115,8 @@ def _cached_call(key_args: tuple, make: Callable[[], ConvSpec], input, weight, c
     if torch.compiler.is_compiling() or not isinstance(input, Tensor):
         return _run(input, weight, coord_weight, bias, make(), backend)
     input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
-    if not (isinstance(weight, Tensor) and isinstance(coord_weight, Tensor) and (bias is None or isinstance(bias, Tensor))):
+    if not (isinstance(weight, Tensor) and isinstance(coord_weight, Tensor)
+            and (bias is None or isinstance(bias, Tensor))):
         return _run(input, weight, coord_weight, bias, make(), backend)
     key = (key_args, backend, backends_generation(), _signature(input), _signature(weight),
            _signature(coord_weight), _signature(bias))

@@ -2,7 +2,11 @@
 
 import warnings
 
-from .backends.reference import *  # noqa: F401,F403
+from .backends.reference import *  # noqa: F403
 from .backends.reference import __all__  # noqa: F401
 
-warnings.warn("coordconv_fused.reference moved to coordconv_fused.backends.reference", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "coordconv_fused.reference moved to coordconv_fused.backends.reference",
+    DeprecationWarning,
+    stacklevel=2,
+)

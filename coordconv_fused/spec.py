@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Union
 
-import torch
 from torch import Tensor
 
 from .coords import num_coord_channels
@@ -19,7 +18,7 @@ from .geometry import conv_output_size
 
 __all__ = ["ConvSpec", "PaddingArg", "make_spec", "check_flag", "check_tensors", "conv_output_size", "PADDING_MODES"]
 
-PaddingArg = Union[str, int, Sequence[int]]
+PaddingArg = Union[str, int, Sequence[int]]  # noqa: UP007  (a runtime alias: `|` needs Python 3.10's types)
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 

@@ -2,7 +2,6 @@
 (script and trace), autocast, channels_last, DistributedDataParallel, and model conversion of a
 real torchvision ResNet."""
 
-import os
 
 import numpy as np
 import onnxruntime as ort
@@ -20,7 +19,6 @@ from coordconv_fused import (
     CoordConvTranspose2d,
     convert_to_coordconv,
 )
-
 from coordconv_fused.testing import assert_autocast_grads_match_float64
 
 EAGER_BACKENDS = ["torch", "cpp", "auto"]  # (triton: tests/test_triton.py)

@@ -190,7 +190,7 @@ def test_backward_op(kwargs, mask):
     got = torch.ops.coordconv_fused.coord_conv_ext_backward(*args)
     for name, want, e, r in zip(("input", "weight", "coord_weight", "bias"), mask, expected, got):
         if want:
-            torch.testing.assert_close(r, e, atol=1e-4, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(r, e, atol=1e-4, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
         else:
             assert r is None, name
     torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_backward.default, args)

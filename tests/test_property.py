@@ -5,11 +5,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from coordconv_fused.testing import BACKENDS_UNDER_TEST, Case, assert_matches_reference, supported, why_backend_may_be_missing
+from coordconv_fused.testing import (
+    BACKENDS_UNDER_TEST,
+    Case,
+    assert_matches_reference,
+    supported,
+    why_backend_may_be_missing,
+)
 
 # Every backend expected here (a missing one fails: assert_matches_reference raises); those that may
 # legitimately be absent (tests/conftest.py reports them) are left out.
-BACKENDS = [b for b in BACKENDS_UNDER_TEST["cpu"] if b not in ("reference", "auto") and why_backend_may_be_missing(b) is None]
+BACKENDS = [b for b in BACKENDS_UNDER_TEST["cpu"]
+            if b not in ("reference", "auto") and why_backend_may_be_missing(b) is None]
 
 
 @st.composite

@@ -21,7 +21,7 @@ __all__ = ["LOAD_ERROR", "avx512_direct_available", "has_cuda_kernels", "coord_c
 
 define_native_ops()  # the schemas; the extension brings the kernels
 try:
-    from .. import _C  # noqa: F401  (registers the CPU and CUDA kernels)
+    from .. import _C
 
     LOAD_ERROR: str | None = None
 except ImportError as e:  # not built, or built against another torch

@@ -5,7 +5,8 @@ but the argument checks: the coordinates are computed here from their definition
 few lines of their own (not by :mod:`coordconv_fused.coords`), the padding (modes, 'same', the
 receptive-field centres) is resolved here, and the explicit concatenation is convolved exactly as
 ``nn.Conv{1,2,3}d`` / ``nn.ConvTranspose{1,2,3}d`` convolve (``F.pad`` for the non-zero padding
-modes, then ``F.conv``), as the popular cat-then-conv ports do. It materialises ``[N, d, *sizes]`` coordinates: slow, and meant to be.
+modes, then ``F.conv``), as the popular cat-then-conv ports do. It materialises ``[N, d, *sizes]``
+coordinates: slow, and meant to be.
 
 Definition (``docs/semantics.md``): along an axis of ``n`` positions, position ``i`` has coordinate
 ``2*i/(n-1) - 1`` (0 when ``n == 1``); the radius is ``sqrt`` of the sum of the squared axis

@@ -155,7 +155,8 @@ def _fused_backward(backward_op, devices: Sequence[str], fallback):
             return fallback(ctx, grad)
         input, weight, coord_weight = ctx.saved_tensors
         need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]
-        grads = backward_op(grad, input, weight, coord_weight, *ctx.args, [need_in, need_w, need_cw, need_b and ctx.has_bias])
+        mask = [need_in, need_w, need_cw, need_b and ctx.has_bias]
+        grads = backward_op(grad, input, weight, coord_weight, *ctx.args, mask)
         return tuple(grads) + (None,) * 10
 
     return backward

@@ -14,7 +14,7 @@ from .autograd import eager_function
 __all__ = ["prepare_call", "call_coord_conv_op"]
 
 
-def prepare_call(op, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, "Tensor | None"], Tensor]:
+def prepare_call(op, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
     """``fn(input, weight, coord_weight, bias)`` calling ``op`` for ``spec`` on batched, validated
     tensors, with everything that depends on ``spec`` alone (padding split, argument list, which
     autograd to use) worked out once, here: the per-call path of every op-backed backend."""

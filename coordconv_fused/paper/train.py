@@ -24,8 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data import CANVAS, SQUARE, NotSoClevr, make_dataset, split
-from .models import (ConvRegressor, CoordConvClassifier, CoordConvRegressor, CoordConvRenderer, DeconvClassifier,
-                     num_parameters)
+from .models import (
+    ConvRegressor,
+    CoordConvClassifier,
+    CoordConvRegressor,
+    CoordConvRenderer,
+    DeconvClassifier,
+    num_parameters,
+)
 
 HALF_PIXEL = 0.5 * 2 / (CANVAS - 1)  # half a pixel in the [-1, 1] coordinate scale
 
@@ -364,7 +370,8 @@ def summary_table(results: list[dict]) -> str:
     for r in results:
         c = r["config"]
         groups.setdefault((c["task"], c["split"], c["model"]), []).append(r)
-    lines = ["| task | split | model | params | test (seeds) | time per run | paper |", "|---|---|---|---:|---|---:|---|"]
+    lines = ["| task | split | model | params | test (seeds) | time per run | paper |",
+             "|---|---|---|---:|---|---:|---|"]
     for (task, split_, model), rs in groups.items():
         if task == "rendering":
             metric = " / ".join(f"IoU {r['test']['iou']:.3f}" for r in rs)
