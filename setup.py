@@ -59,8 +59,13 @@ ext_modules, cmdclass = _extensions()
 setup(
     # The Triton kernels live in the top-level kernels/ (the project's layout) and install as
     # coordconv_fused.kernels.
-    packages=["coordconv_fused", "coordconv_fused.backends", "coordconv_fused.ops", "coordconv_fused.paper",
-              "coordconv_fused.kernels"],
+    packages=[
+        "coordconv_fused",
+        "coordconv_fused.backends",
+        "coordconv_fused.ops",
+        "coordconv_fused.paper",
+        "coordconv_fused.kernels",
+    ],
     package_dir={"coordconv_fused": "coordconv_fused", "coordconv_fused.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -27,6 +27,7 @@ def test_coordconv_speed(benchmark, shape, mode, provider):
     benchmark.group = f"{shape} | {mode}"
     benchmark.extra_info["held_bytes"] = held_bytes(fn, x)
     if mode == "forward":
+
         def run():
             with torch.no_grad():
                 fn(x)
@@ -36,4 +37,5 @@ def test_coordconv_speed(benchmark, shape, mode, provider):
         def run():
             out = fn(xg)
             out.backward(torch.ones_like(out))
+
     benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=2)

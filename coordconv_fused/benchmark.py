@@ -26,8 +26,21 @@ from .backends import available_backends
 from .malloc_tunables import GLIBC_TUNABLES
 from .modules import CoordConv2d
 
-__all__ = ["Shape", "STANDARD_SHAPES", "QUICK_SHAPES", "TARGETS", "NaiveCoordConv", "make_providers",
-           "held_bytes", "peak_bytes", "rss_bytes", "run", "format_report", "plot", "ForeignLoad"]
+__all__ = [
+    "Shape",
+    "STANDARD_SHAPES",
+    "QUICK_SHAPES",
+    "TARGETS",
+    "NaiveCoordConv",
+    "make_providers",
+    "held_bytes",
+    "peak_bytes",
+    "rss_bytes",
+    "run",
+    "format_report",
+    "plot",
+    "ForeignLoad",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +58,7 @@ class Shape:
     pad: int
 
     def __str__(self) -> str:
-        return (f"{self.name} ({self.n},{self.c},{self.h},{self.w})→{self.c_out} "
-                f"k{self.k} s{self.stride} p{self.pad}")
+        return f"{self.name} ({self.n},{self.c},{self.h},{self.w})→{self.c_out} k{self.k} s{self.stride} p{self.pad}"
 
 
 STANDARD_SHAPES = [
@@ -185,16 +197,25 @@ def peak_bytes(shape: Shape, provider: str, threads: int = 2) -> int | None:
     malloc tunables keep freed memory mapped, so growth means new memory). ``None`` if unsupported."""
     env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
     for _ in range(2):  # one retry: a measurement process can die of an unrelated hiccup
-        proc = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, shape.name, provider, str(threads)],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_SCRIPT, shape.name, provider, str(threads)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode == 0 and proc.stdout.strip():
             return int(proc.stdout.strip())
     return None
 
 
-def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward", "forward+backward"),
-        rounds: int = 7, backends: Sequence[str] | None = None, memory: bool = True,
-        progress: Callable[[str], None] | None = None) -> dict:
+def run(
+    shapes: Sequence[Shape] = QUICK_SHAPES,
+    modes: Sequence[str] = ("forward", "forward+backward"),
+    rounds: int = 7,
+    backends: Sequence[str] | None = None,
+    memory: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Time (and measure the memory of) every provider on every shape and mode."""
     backends = list(backends) if backends is not None else default_backends()
     load = ForeignLoad()
@@ -208,7 +229,7 @@ def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward
                 _time_once(providers[name], x.detach().clone(), mode)
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds):
-                order = names[r % len(names):] + names[: r % len(names)]
+                order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
                     for p in getattr(providers[name], "parameters", lambda: [])():
                         p.grad = None
@@ -219,24 +240,43 @@ def run(shapes: Sequence[Shape] = QUICK_SHAPES, modes: Sequence[str] = ("forward
                 t = times[name]
                 ratios = [a / b for a, b in zip(t, times[FLOOR])]
                 vs_naive = [a / b for a, b in zip(t, times[NAIVE])]
-                results.append({
-                    "shape": str(shape), "shape_name": shape.name, "mode": mode, "provider": name,
-                    "median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t),
-                    "max_ms": 1e3 * max(t), "ratio": statistics.median(t) / statistics.median(times[FLOOR]),
-                    "paired_ratio_median": statistics.median(ratios), "paired_ratio_min": min(ratios),
-                    "paired_ratio_max": max(ratios), "vs_naive": statistics.median(vs_naive),
-                })
+                results.append(
+                    {
+                        "shape": str(shape),
+                        "shape_name": shape.name,
+                        "mode": mode,
+                        "provider": name,
+                        "median_ms": 1e3 * statistics.median(t),
+                        "min_ms": 1e3 * min(t),
+                        "max_ms": 1e3 * max(t),
+                        "ratio": statistics.median(t) / statistics.median(times[FLOOR]),
+                        "paired_ratio_median": statistics.median(ratios),
+                        "paired_ratio_min": min(ratios),
+                        "paired_ratio_max": max(ratios),
+                        "vs_naive": statistics.median(vs_naive),
+                    }
+                )
         if memory:
             for name in names:
-                entry = {"shape": str(shape), "shape_name": shape.name, "provider": name,
-                         "held_bytes": held_bytes(providers[name], x), "peak_bytes": peak_bytes(shape, name)}
+                entry = {
+                    "shape": str(shape),
+                    "shape_name": shape.name,
+                    "provider": name,
+                    "held_bytes": held_bytes(providers[name], x),
+                    "peak_bytes": peak_bytes(shape, name),
+                }
                 results.append(dict(entry, mode="memory"))
                 if progress:
                     progress(f"{shape.name}: memory of {name}")
     return {
-        "machine": {"platform": platform.platform(), "processor": cpu_description(),
-                    "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": cpu_description(),
+            "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rounds": rounds,
         "foreign_load": load.fraction(),
@@ -283,17 +323,21 @@ def _target_misses(report: dict) -> list[str]:
         if r["mode"] in TARGETS:
             target = TARGETS[r["mode"]]
             if r["ratio"] > target:
-                misses.append(f"{r['shape']} {r['mode']}: {r['ratio']:.3f}× > {target:.2f}× "
-                              f"(over by {100 * (r['ratio'] / target - 1):.1f}%)")
+                misses.append(
+                    f"{r['shape']} {r['mode']}: {r['ratio']:.3f}× > {target:.2f}× "
+                    f"(over by {100 * (r['ratio'] / target - 1):.1f}%)"
+                )
             if r["vs_naive"] > 1.0:
-                misses.append(f"{r['shape']} {r['mode']}: slower than the naive concatenation "
-                              f"({r['vs_naive']:.2f}×)")
+                misses.append(f"{r['shape']} {r['mode']}: slower than the naive concatenation ({r['vs_naive']:.2f}×)")
         elif r["mode"] == "memory":
-            floor = next(f for f in rows if f["mode"] == "memory" and f["shape"] == r["shape"]
-                         and f["provider"] == FLOOR)
+            floor = next(
+                f for f in rows if f["mode"] == "memory" and f["shape"] == r["shape"] and f["provider"] == FLOOR
+            )
             if r["held_bytes"] > floor["held_bytes"]:
-                misses.append(f"{r['shape']}: holds {_mib(r['held_bytes'] - floor['held_bytes'])} MiB more "
-                              f"than nn.Conv2d for backward")
+                misses.append(
+                    f"{r['shape']}: holds {_mib(r['held_bytes'] - floor['held_bytes'])} MiB more "
+                    f"than nn.Conv2d for backward"
+                )
     return misses
 
 
@@ -314,28 +358,41 @@ def format_report(report: dict) -> str:
         )
     mem = [r for r in report["results"] if r["mode"] == "memory"]
     if mem:
-        lines += ["", "| shape | provider | held for backward (MiB) | peak RSS growth, fwd+bwd (MiB) |",
-                  "|---|---|---:|---:|"]
+        lines += [
+            "",
+            "| shape | provider | held for backward (MiB) | peak RSS growth, fwd+bwd (MiB) |",
+            "|---|---|---:|---:|",
+        ]
         for r in mem:
             lines.append(f"| {r['shape']} | {r['provider']} | {_mib(r['held_bytes'])} | {_mib(r['peak_bytes'])} |")
-    targets = ("Targets for `auto` (forward ≤ 1.10×, forward+backward ≤ 1.05× of nn.Conv2d, never slower "
-               "than the naive concatenation, no more held for backward than nn.Conv2d): ")
+    targets = (
+        "Targets for `auto` (forward ≤ 1.10×, forward+backward ≤ 1.05× of nn.Conv2d, never slower "
+        "than the naive concatenation, no more held for backward than nn.Conv2d): "
+    )
     if report["rounds"] < MIN_JUDGED_ROUNDS:
-        lines += ["", targets + f"not judged: {report['rounds']} round(s) is a smoke run, not a timing "
-                  f"(use --rounds {MIN_JUDGED_ROUNDS} or more)."]
+        lines += [
+            "",
+            targets + f"not judged: {report['rounds']} round(s) is a smoke run, not a timing "
+            f"(use --rounds {MIN_JUDGED_ROUNDS} or more).",
+        ]
     else:
         misses = _target_misses(report)
         lines += ["", targets + ("all met." if not misses else f"{len(misses)} missed:")]
         lines += [f"- {m}" for m in misses]
     m = report["machine"]
     lines.append("")
-    lines.append(f"{report['date']}; {m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
-                 f"{m['torch']}; {report['rounds']} interleaved rounds; GLIBC_TUNABLES="
-                 f"{m['glibc_tunables'] or '(unset)'}.")
+    lines.append(
+        f"{report['date']}; {m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
+        f"{m['torch']}; {report['rounds']} interleaved rounds; GLIBC_TUNABLES="
+        f"{m['glibc_tunables'] or '(unset)'}."
+    )
     load = report.get("foreign_load")
     if load is not None:
-        verdict = ("WARNING: other processes used the CPU during the run, the figures are unreliable"
-                   if load > 0.1 else "quiet")
+        verdict = (
+            "WARNING: other processes used the CPU during the run, the figures are unreliable"
+            if load > 0.1
+            else "quiet"
+        )
         lines.append(f"Foreign CPU load during the run: {100 * load:.0f}% ({verdict}).")
     return "\n".join(lines)
 
@@ -351,31 +408,45 @@ def plot(report: dict, path: str) -> None:
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     shapes = list(dict.fromkeys(r["shape_name"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 0.6 * len(shapes) * len(providers) / 2 + 2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(modes), figsize=(6 * len(modes), 0.6 * len(shapes) * len(providers) / 2 + 2), squeeze=False
+    )
     for ax, mode in zip(axes[0], modes):
         height = 0.8 / len(providers)
         for i, prov in enumerate(providers):
-            vals = [next((r for r in rows if (r["mode"], r["shape_name"], r["provider"]) == (mode, s, prov)), None)
-                    for s in shapes]
+            vals = [
+                next((r for r in rows if (r["mode"], r["shape_name"], r["provider"]) == (mode, s, prov)), None)
+                for s in shapes
+            ]
             ys = [j + i * height for j in range(len(shapes))]
             med = [v["paired_ratio_median"] if v else 0 for v in vals]
-            err = [[m - (v["paired_ratio_min"] if v else 0) for m, v in zip(med, vals)],
-                   [(v["paired_ratio_max"] if v else 0) - m for m, v in zip(med, vals)]]
+            err = [
+                [m - (v["paired_ratio_min"] if v else 0) for m, v in zip(med, vals)],
+                [(v["paired_ratio_max"] if v else 0) - m for m, v in zip(med, vals)],
+            ]
             ax.barh(ys, med, height=height, xerr=err, label=prov, capsize=2)
         ax.axvline(1.0, color="k", lw=0.8)
         target = TARGETS.get(mode, 1.0)
         ax.axvline(target, color="r", lw=0.8, ls="--")
-        ax.annotate(f"target ≤ {target:.2f}×", (target, 0), xycoords=("data", "axes fraction"), xytext=(3, 3),
-                    textcoords="offset points", color="r", fontsize=7)
+        ax.annotate(
+            f"target ≤ {target:.2f}×",
+            (target, 0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 3),
+            textcoords="offset points",
+            color="r",
+            fontsize=7,
+        )
         ax.set_yticks([j + 0.4 - height / 2 for j in range(len(shapes))], shapes)
         ax.invert_yaxis()
         ax.set_xlabel("time / nn.Conv2d time (median of paired rounds; whiskers min–max)")
         ax.set_title(mode)
     axes[0][0].legend(fontsize=7, loc="lower right")
     m = report["machine"]
-    fig.suptitle(f"CoordConv vs nn.Conv2d — {m['processor']}, {m['threads']} threads, torch {m['torch']}, "
-                 f"{report['date']}", fontsize=9)
+    fig.suptitle(
+        f"CoordConv vs nn.Conv2d — {m['processor']}, {m['threads']} threads, torch {m['torch']}, {report['date']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,7 +31,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _rounds(calls: dict[str, Callable[[], None]], rounds: int, per_round: int, device: str) -> dict[str, list[float]]:
+def _rounds(
+    calls: Mapping[str, Callable[[], object]], rounds: int, per_round: int, device: str
+) -> dict[str, list[float]]:
     """Seconds per call of each callable, one batch of ``per_round`` calls per round, interleaved in a
     rotated order."""
     names = list(calls)
@@ -41,7 +43,7 @@ def _rounds(calls: dict[str, Callable[[], None]], rounds: int, per_round: int, d
     _sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             fn = calls[name]
             _sync(device)
             t0 = time.perf_counter()
@@ -56,13 +58,24 @@ def _summary(times: dict[str, list[float]], floor: str) -> dict[str, dict]:
     out = {}
     for name, t in times.items():
         ratios = [a / b for a, b in zip(t, times[floor])]
-        out[name] = {"median_us": 1e6 * statistics.median(t), "min_us": 1e6 * min(t), "max_us": 1e6 * max(t),
-                     "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios)}
+        out[name] = {
+            "median_us": 1e6 * statistics.median(t),
+            "min_us": 1e6 * min(t),
+            "max_us": 1e6 * max(t),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
     return out
 
 
-def host_overhead(backends: Sequence[str], device: str = "cpu", rounds: int = 9, per_round: int = 200,
-                  progress: Callable[[str], None] | None = None) -> dict:
+def host_overhead(
+    backends: Sequence[str],
+    device: str = "cpu",
+    rounds: int = 9,
+    per_round: int = 200,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """Per-call time on a tiny ``(1, 3, 8, 8)`` input, forward (no grad) and forward+backward, for
     ``nn.Conv2d`` and a ``CoordConv2d(3, 8, 3, padding=1)`` per backend."""
     torch.manual_seed(0)
@@ -71,14 +84,23 @@ def host_overhead(backends: Sequence[str], device: str = "cpu", rounds: int = 9,
     layers: dict[str, nn.Module] = {"nn.Conv2d": nn.Conv2d(3, 8, 3, padding=1).to(device)}
     for b in backends:
         layers[f"coordconv[{b}]"] = CoordConv2d(3, 8, 3, padding=1, backend=b).to(device)
-    result = {"input": [1, 3, 8, 8], "layer": "3 -> 8, 3x3, padding 1", "device": device,
-              "threads": torch.get_num_threads(), "rounds": rounds, "calls_per_round": per_round}
+    result = {
+        "input": [1, 3, 8, 8],
+        "layer": "3 -> 8, 3x3, padding 1",
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "rounds": rounds,
+        "calls_per_round": per_round,
+    }
     for mode in ("forward", "forward+backward"):
+
         def make(layer, mode=mode):
             if mode == "forward":
+
                 def fwd():
                     with torch.no_grad():
                         layer(x)
+
                 return fwd
             return lambda: layer(xg).sum().backward()
 
@@ -89,8 +111,13 @@ def host_overhead(backends: Sequence[str], device: str = "cpu", rounds: int = 9,
     return result
 
 
-def compiled_ratio(device: str = "cpu", shape: tuple[int, int, int, int] = (8, 64, 56, 56), rounds: int = 9,
-                   per_round: int = 5, progress: Callable[[str], None] | None = None) -> dict:
+def compiled_ratio(
+    device: str = "cpu",
+    shape: tuple[int, int, int, int] = (8, 64, 56, 56),
+    rounds: int = 9,
+    per_round: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
     """``torch.compile(CoordConv2d + ReLU)`` against ``torch.compile(Conv2d + ReLU)`` (forward,
     inference), 3x3, ``C -> C`` channels."""
     torch.manual_seed(0)
@@ -107,31 +134,43 @@ def compiled_ratio(device: str = "cpu", shape: tuple[int, int, int, int] = (8, 6
         def call(compiled=compiled):
             with torch.no_grad():
                 compiled(x)
+
         calls[name] = call
     times = _rounds(calls, rounds, per_round, device)
     if progress:
         progress("compiled CoordConv2d + ReLU")
-    return {"shape": list(shape), "device": device, "torch": torch.__version__, "rounds": rounds,
-            "results": _summary(times, "Conv2d + ReLU")}
+    return {
+        "shape": list(shape),
+        "device": device,
+        "torch": torch.__version__,
+        "rounds": rounds,
+        "results": _summary(times, "Conv2d + ReLU"),
+    }
 
 
 def format_host_overhead(result: dict) -> str:
-    lines = [f"Per-call host time on a tiny input {tuple(result['input'])} ({result['layer']}, {result['device']}, "
-             f"{result['threads']} thread(s); median of {result['rounds']} interleaved rounds of "
-             f"{result['calls_per_round']} calls):", "",
-             "| provider | forward (no grad) µs | × nn.Conv2d | forward+backward µs | × nn.Conv2d |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Per-call host time on a tiny input {tuple(result['input'])} ({result['layer']}, {result['device']}, "
+        f"{result['threads']} thread(s); median of {result['rounds']} interleaved rounds of "
+        f"{result['calls_per_round']} calls):",
+        "",
+        "| provider | forward (no grad) µs | × nn.Conv2d | forward+backward µs | × nn.Conv2d |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in result["forward"]:
         f, b = result["forward"][name], result["forward+backward"][name]
-        lines.append(f"| {name} | {f['median_us']:.1f} | {f['ratio']:.2f}× | {b['median_us']:.1f} "
-                     f"| {b['ratio']:.2f}× |")
+        lines.append(
+            f"| {name} | {f['median_us']:.1f} | {f['ratio']:.2f}× | {b['median_us']:.1f} | {b['ratio']:.2f}× |"
+        )
     return "\n".join(lines)
 
 
 def format_compiled(result: dict) -> str:
     r = result["results"]
     ours = r["CoordConv2d + ReLU"]
-    return (f"torch.compile, forward, {tuple(result['shape'])} 3x3 on {result['device']} (torch {result['torch']}): "
-            f"Conv2d + ReLU {r['Conv2d + ReLU']['median_us'] / 1e3:.3f} ms, CoordConv2d + ReLU "
-            f"{ours['median_us'] / 1e3:.3f} ms: {ours['ratio']:.3f}× (paired rounds {ours['ratio_min']:.3f}–"
-            f"{ours['ratio_max']:.3f}×).")
+    return (
+        f"torch.compile, forward, {tuple(result['shape'])} 3x3 on {result['device']} (torch {result['torch']}): "
+        f"Conv2d + ReLU {r['Conv2d + ReLU']['median_us'] / 1e3:.3f} ms, CoordConv2d + ReLU "
+        f"{ours['median_us'] / 1e3:.3f} ms: {ours['ratio']:.3f}× (paired rounds {ours['ratio_min']:.3f}–"
+        f"{ours['ratio_max']:.3f}×)."
+    )

@@ -25,8 +25,10 @@ def _require(extra: str, *modules: str) -> None:
 
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        sys.exit(f"coordconv-fused {extra} needs {', '.join(missing)}: "
-                 f"pip install 'coordconv-fused[{extra}]' (or pip install {' '.join(missing)})")
+        sys.exit(
+            f"coordconv-fused {extra} needs {', '.join(missing)}: "
+            f"pip install 'coordconv-fused[{extra}]' (or pip install {' '.join(missing)})"
+        )
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -51,6 +53,7 @@ def _bench(args: argparse.Namespace) -> int:
     steps = len(shapes) * (len(modes) * rounds + (0 if args.no_memory else 2 + len(benchmark.default_backends())))
     steps += 0 if args.no_call_cost else 2 + (0 if args.quick else 1)
     with tqdm(total=steps, desc="bench", unit="step", file=sys.stderr, leave=False) as bar:
+
         def progress(message: str) -> None:
             bar.set_postfix_str(message)
             bar.update(1)
@@ -59,8 +62,11 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.no_call_cost:
             # a smoke run takes one short round; torch.compile (tens of seconds of compilation) only in full runs
             report["host_overhead"] = call_cost.host_overhead(
-                benchmark.default_backends(), rounds=1 if args.quick else max(rounds, 5),
-                per_round=5 if args.quick else 200, progress=progress)
+                benchmark.default_backends(),
+                rounds=1 if args.quick else max(rounds, 5),
+                per_round=5 if args.quick else 200,
+                progress=progress,
+            )
             if not args.quick:
                 report["compiled"] = call_cost.compiled_ratio(rounds=max(rounds, 5), progress=progress)
     if shapes:
@@ -100,12 +106,22 @@ def _paper(args: argparse.Namespace) -> int:
     results = []
     os.makedirs(args.out, exist_ok=True)
     for task, split, model in runs:
-        for seed in (args.seeds if model == "coordconv" else args.baseline_seeds):
-            cfg = train.RunConfig(task=task, split=split, model=model, seed=seed, quick=args.quick,
-                                  lr=args.lr, max_epochs=args.epochs, max_attempts=args.attempts,
-                                  baseline_epochs=args.baseline_epochs)
-            with tqdm(desc=f"{task} {split} {model} seed {seed}", file=sys.stderr, leave=False, unit="step",
-                      total=0) as bar:
+        for seed in args.seeds if model == "coordconv" else args.baseline_seeds:
+            cfg = train.RunConfig(
+                task=task,
+                split=split,
+                model=model,
+                seed=seed,
+                quick=args.quick,
+                lr=args.lr,
+                max_epochs=args.epochs,
+                max_attempts=args.attempts,
+                baseline_epochs=args.baseline_epochs,
+            )
+            with tqdm(
+                desc=f"{task} {split} {model} seed {seed}", file=sys.stderr, leave=False, unit="step", total=0
+            ) as bar:
+
                 def progress(message, total=None, bar=bar):
                     if total is not None:  # a new attempt: its steps join the bar (the ETA follows)
                         bar.total += total
@@ -129,47 +145,75 @@ def _paper(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coordconv-fused", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="coordconv-fused", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="time CoordConv providers side by side against nn.Conv2d")
-    bench.add_argument("--rounds", type=int, default=7,
-                       help="interleaved rounds; fewer than 3 is a smoke run, judged against no target "
-                            "(default: %(default)s)")
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=7,
+        help="interleaved rounds; fewer than 3 is a smoke run, judged against no target (default: %(default)s)",
+    )
     bench.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     bench.add_argument("--all-shapes", action="store_true", help="all standard shapes, not the quick three")
     bench.add_argument("--quick", action="store_true", help="one shape, one round: a smoke run, not a timing")
     bench.add_argument("--out", default="results", help="folder for bench.json and bench.png (default: results)")
     bench.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
-    bench.add_argument("--no-call-cost", action="store_true",
-                       help="skip the per-call host time (tiny input) and the torch.compile comparison")
-    bench.add_argument("--call-cost-only", action="store_true",
-                       help="only the per-call host time and the torch.compile comparison")
-    bench.add_argument("--no-glibc-tunables", dest="glibc_tunables", action="store_false",
-                       help="do not re-run with glibc's malloc tunables set (by default the benchmark re-runs "
-                            "itself so that large freed buffers stay mapped)")
+    bench.add_argument(
+        "--no-call-cost",
+        action="store_true",
+        help="skip the per-call host time (tiny input) and the torch.compile comparison",
+    )
+    bench.add_argument(
+        "--call-cost-only", action="store_true", help="only the per-call host time and the torch.compile comparison"
+    )
+    bench.add_argument(
+        "--no-glibc-tunables",
+        dest="glibc_tunables",
+        action="store_false",
+        help="do not re-run with glibc's malloc tunables set (by default the benchmark re-runs "
+        "itself so that large freed buffers stay mapped)",
+    )
     bench.set_defaults(func=_bench)
 
     paper = sub.add_parser("paper", help="the paper's coordinate-transform tasks on Not-so-Clevr")
-    paper.add_argument("task", choices=["classification", "regression", "rendering", "demo", "all"],
-                       help="'demo': classification, CoordConv vs the deconv baseline on one split; 'all': "
-                            "every task on both splits, CoordConv and baseline")
-    paper.add_argument("--split", choices=["uniform", "quadrant"], default="quadrant",
-                       help="train/test split of the centres (default: %(default)s)")
-    paper.add_argument("--model", choices=["coordconv", "baseline"], default="coordconv",
-                       help="model for a single task (default: %(default)s)")
-    paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                       help="CoordConv seeds (default: %(default)s)")
-    paper.add_argument("--baseline-seeds", type=int, nargs="+", default=[0],
-                       help="baseline seeds (default: %(default)s)")
+    paper.add_argument(
+        "task",
+        choices=["classification", "regression", "rendering", "demo", "all"],
+        help="'demo': classification, CoordConv vs the deconv baseline on one split; 'all': "
+        "every task on both splits, CoordConv and baseline",
+    )
+    paper.add_argument(
+        "--split",
+        choices=["uniform", "quadrant"],
+        default="quadrant",
+        help="train/test split of the centres (default: %(default)s)",
+    )
+    paper.add_argument(
+        "--model",
+        choices=["coordconv", "baseline"],
+        default="coordconv",
+        help="model for a single task (default: %(default)s)",
+    )
+    paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CoordConv seeds (default: %(default)s)")
+    paper.add_argument(
+        "--baseline-seeds", type=int, nargs="+", default=[0], help="baseline seeds (default: %(default)s)"
+    )
     paper.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 CoordConv, 1e-3 baseline)")
-    paper.add_argument("--epochs", type=int, default=6,
-                       help="epochs of one CoordConv attempt, cosine-decayed (default: %(default)s)")
-    paper.add_argument("--attempts", type=int, default=3,
-                       help="CoordConv attempts at most: a restart while the validation block is not perfect "
-                            "(default: %(default)s)")
-    paper.add_argument("--baseline-epochs", type=int, default=10,
-                       help="epochs of a baseline run (default: %(default)s)")
+    paper.add_argument(
+        "--epochs", type=int, default=6, help="epochs of one CoordConv attempt, cosine-decayed (default: %(default)s)"
+    )
+    paper.add_argument(
+        "--attempts",
+        type=int,
+        default=3,
+        help="CoordConv attempts at most: a restart while the validation block is not perfect (default: %(default)s)",
+    )
+    paper.add_argument(
+        "--baseline-epochs", type=int, default=10, help="epochs of a baseline run (default: %(default)s)"
+    )
     paper.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     paper.add_argument("--quick", action="store_true", help="a few steps on a subset: a smoke run, not a result")
     paper.add_argument("--out", default="results/paper", help="folder for results and figures (default: %(default)s)")

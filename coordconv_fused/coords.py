@@ -47,7 +47,7 @@ def _axis_values(numerators: Tensor, size: int) -> Tensor:
     keeps the size-1 case instead of specialising on it.
     """
     den = torch.sym_max(size - 1, 1)
-    return numerators / den * torch.sym_min(size - 1, 1)
+    return numerators / den * torch.sym_min(size - 1, 1)  # type: ignore[return-value]
 
 
 def axis_coords(size: int, *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
@@ -97,7 +97,7 @@ def _grid(axes: Sequence[Tensor], with_r: bool, dtype: torch.dtype) -> Tensor:
         # Squares summed in the compute dtype, then a correctly rounded square root. (ATen's
         # vectorised float32 sqrt is not always correctly rounded on CPU; a float64 sqrt rounded to
         # float32 is, so every backend can reproduce this value exactly.)
-        squares = sum(c * c for c in channels)
+        squares = torch.stack([c * c for c in channels]).sum(0)
         channels.append(torch.sqrt(squares.double()).to(squares.dtype))
     return torch.stack(channels, 0).to(dtype)
 
@@ -161,8 +161,7 @@ def centre_coord_channels(
     of size ``in_sizes`` (see :func:`centre_axis_coords`), with the radius computed from them.
     """
     axes = [
-        centre_axis_coords(o, n, stride=s, pad_before=p, dilation=d, kernel=k, dtype=dtype,
-                           device=device)
+        centre_axis_coords(o, n, stride=s, pad_before=p, dilation=d, kernel=k, dtype=dtype, device=device)
         for o, n, s, p, d, k in zip(out_sizes, in_sizes, stride, pad_before, dilation, kernel_size)
     ]
     return _grid(axes, with_r, dtype)

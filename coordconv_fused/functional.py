@@ -36,7 +36,8 @@ def is_separate_filter(coord_kernel_size: int | Sequence[int] | None, ndim: int)
     if coord_kernel_size is None:
         return False
     if coord_kernel_size == 1 or (
-        isinstance(coord_kernel_size, (tuple, list)) and len(coord_kernel_size) == ndim
+        isinstance(coord_kernel_size, (tuple, list))
+        and len(coord_kernel_size) == ndim
         and all(k == 1 for k in coord_kernel_size)
     ):
         return True
@@ -59,8 +60,10 @@ def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     if not enabled:
         return input, weight, coord_weight, bias
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in (input, weight, coord_weight, bias)]
+    cast = [
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+        for t in (input, weight, coord_weight, bias)
+    ]
     return tuple(cast)
 
 
@@ -73,8 +76,9 @@ def _composite_wanted(backend: str) -> bool:
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()  # the TorchScript-based exporter
 
 
-def _run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec,
-         backend: str) -> Tensor:
+def _run(
+    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec, backend: str
+) -> Tensor:
     """Validate, dispatch and run (the path of a first call, and of every call while compiling)."""
     unbatched = isinstance(input, Tensor) and input.dim() == spec.ndim + 1
     if unbatched:
@@ -109,17 +113,26 @@ def _signature(t) -> tuple | None:
     return None if t is None else (t.shape, t.dtype, t.device)
 
 
-def _cached_call(key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias,
-                 backend: str) -> Tensor:
+def _cached_call(
+    key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias, backend: str
+) -> Tensor:
     """Run a call through its plan (built by the validating path on the first call)."""
     if torch.compiler.is_compiling() or not isinstance(input, Tensor):
         return _run(input, weight, coord_weight, bias, make(), backend)
     input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
-    if not (isinstance(weight, Tensor) and isinstance(coord_weight, Tensor)
-            and (bias is None or isinstance(bias, Tensor))):
+    if not (
+        isinstance(weight, Tensor) and isinstance(coord_weight, Tensor) and (bias is None or isinstance(bias, Tensor))
+    ):
         return _run(input, weight, coord_weight, bias, make(), backend)
-    key = (key_args, backend, backends_generation(), _signature(input), _signature(weight),
-           _signature(coord_weight), _signature(bias))
+    key = (
+        key_args,
+        backend,
+        backends_generation(),
+        _signature(input),
+        _signature(weight),
+        _signature(coord_weight),
+        _signature(bias),
+    )
     try:
         plan = _PLANS.get(key)
     except TypeError:  # an unhashable argument (e.g. a list): no plan
@@ -155,12 +168,27 @@ def _infer_separate(coord_kernel_size, kernel: tuple[int, ...], coord_weight: Te
     # Infer the variant from the shapes: a 1x1 coordinate kernel beside a larger data kernel is the
     # separate filter. (For a 1x1 data kernel both readings coincide unless padded; pass
     # coord_kernel_size=1 to ask for the separate filter there.)
-    return (isinstance(coord_weight, Tensor) and all(k == 1 for k in coord_weight.shape[2:])
-            and any(k != 1 for k in kernel))
+    return (
+        isinstance(coord_weight, Tensor) and all(k == 1 for k in coord_weight.shape[2:]) and any(k != 1 for k in kernel)
+    )
 
 
-def _coord_conv(ndim, input, weight, coord_weight, bias, stride, padding, dilation, groups,
-                padding_mode, with_r, backend, coord_kernel_size=None, separate=None):
+def _coord_conv(
+    ndim,
+    input,
+    weight,
+    coord_weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    groups,
+    padding_mode,
+    with_r,
+    backend,
+    coord_kernel_size=None,
+    separate=None,
+):
     def make() -> ConvSpec:
         kernel = _kernel_of(weight, ndim, f"coord_conv{ndim}d")
         sep = _infer_separate(coord_kernel_size, kernel, coord_weight, ndim) if separate is None else separate
@@ -170,12 +198,24 @@ def _coord_conv(ndim, input, weight, coord_weight, bias, stride, padding, dilati
     return _cached_call(key, make, input, weight, coord_weight, bias, backend)
 
 
-def _coord_conv_transpose(ndim, input, weight, coord_weight, bias, stride, padding, output_padding,
-                          groups, dilation, with_r, backend):
+def _coord_conv_transpose(
+    ndim, input, weight, coord_weight, bias, stride, padding, output_padding, groups, dilation, with_r, backend
+):
     def make() -> ConvSpec:
         kernel = _kernel_of(weight, ndim, f"coord_conv_transpose{ndim}d")
-        return make_spec(ndim, kernel, stride, padding, dilation, groups, "zeros", with_r, False,
-                         transposed=True, output_padding=output_padding)
+        return make_spec(
+            ndim,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            "zeros",
+            with_r,
+            False,
+            transposed=True,
+            output_padding=output_padding,
+        )
 
     key = ("transposed", ndim, stride, padding, output_padding, groups, dilation, with_r)
     return _cached_call(key, make, input, weight, coord_weight, bias, backend)
@@ -214,8 +254,21 @@ def coord_conv2d(
         coord_kernel_size: ``None`` infers the variant from ``coord_weight``'s shape; ``1`` forces
             the separate filter.
     """
-    return _coord_conv(2, input, weight, coord_weight, bias, stride, padding, dilation, groups,
-                       padding_mode, with_r, backend, coord_kernel_size)
+    return _coord_conv(
+        2,
+        input,
+        weight,
+        coord_weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        with_r,
+        backend,
+        coord_kernel_size,
+    )
 
 
 def coord_conv1d(
@@ -235,8 +288,21 @@ def coord_conv1d(
 ) -> Tensor:
     """1-D CoordConv (one coordinate channel along the length, plus ``|c0|`` with ``with_r``).
     Arguments as :func:`coord_conv2d` with 1-D shapes."""
-    return _coord_conv(1, input, weight, coord_weight, bias, stride, padding, dilation, groups,
-                       padding_mode, with_r, backend, coord_kernel_size)
+    return _coord_conv(
+        1,
+        input,
+        weight,
+        coord_weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        with_r,
+        backend,
+        coord_kernel_size,
+    )
 
 
 def coord_conv3d(
@@ -256,8 +322,21 @@ def coord_conv3d(
 ) -> Tensor:
     """3-D CoordConv (coordinates along D, H, W, plus the radius with ``with_r``).
     Arguments as :func:`coord_conv2d` with 3-D shapes."""
-    return _coord_conv(3, input, weight, coord_weight, bias, stride, padding, dilation, groups,
-                       padding_mode, with_r, backend, coord_kernel_size)
+    return _coord_conv(
+        3,
+        input,
+        weight,
+        coord_weight,
+        bias,
+        stride,
+        padding,
+        dilation,
+        groups,
+        padding_mode,
+        with_r,
+        backend,
+        coord_kernel_size,
+    )
 
 
 def coord_conv_transpose2d(
@@ -276,8 +355,9 @@ def coord_conv_transpose2d(
     """2-D transposed CoordConv: the coordinates of the *input* are appended, then
     ``conv_transpose2d`` is applied. Arguments in ``F.conv_transpose2d``'s order;
     ``weight`` is ``[C_in, C_out / groups, kH, kW]`` and ``coord_weight`` ``[d, C_out, kH, kW]``."""
-    return _coord_conv_transpose(2, input, weight, coord_weight, bias, stride, padding,
-                                 output_padding, groups, dilation, with_r, backend)
+    return _coord_conv_transpose(
+        2, input, weight, coord_weight, bias, stride, padding, output_padding, groups, dilation, with_r, backend
+    )
 
 
 def coord_conv_transpose1d(
@@ -294,8 +374,9 @@ def coord_conv_transpose1d(
     backend: str = "auto",
 ) -> Tensor:
     """1-D transposed CoordConv; see :func:`coord_conv_transpose2d`."""
-    return _coord_conv_transpose(1, input, weight, coord_weight, bias, stride, padding,
-                                 output_padding, groups, dilation, with_r, backend)
+    return _coord_conv_transpose(
+        1, input, weight, coord_weight, bias, stride, padding, output_padding, groups, dilation, with_r, backend
+    )
 
 
 def coord_conv_transpose3d(
@@ -312,5 +393,6 @@ def coord_conv_transpose3d(
     backend: str = "auto",
 ) -> Tensor:
     """3-D transposed CoordConv; see :func:`coord_conv_transpose2d`."""
-    return _coord_conv_transpose(3, input, weight, coord_weight, bias, stride, padding,
-                                 output_padding, groups, dilation, with_r, backend)
+    return _coord_conv_transpose(
+        3, input, weight, coord_weight, bias, stride, padding, output_padding, groups, dilation, with_r, backend
+    )

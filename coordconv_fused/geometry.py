@@ -16,8 +16,7 @@ from torch import Tensor
 __all__ = ["conv_output_size", "pairs", "image_sizes"]
 
 
-def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int,
-                     dilation: int) -> int:
+def conv_output_size(size: int, kernel: int, stride: int, pad_before: int, pad_after: int, dilation: int) -> int:
     """Output length of a convolution along one axis (as ``nn.Conv``; may be <= 0 if too small)."""
     return (size + pad_before + pad_after - dilation * (kernel - 1) - 1) // stride + 1
 

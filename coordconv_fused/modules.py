@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -36,17 +37,26 @@ def _check_backend_name(backend: str) -> str:
     return backend
 
 
-class _CoordMixin:
+if TYPE_CHECKING:  # what the mixins are mixed into (at run time: object, so the MRO stays nn.Conv's)
+    _ConvBase = nn.modules.conv._ConvNd
+    _ConvTransposeBase = nn.modules.conv._ConvTransposeNd
+else:
+    _ConvBase = _ConvTransposeBase = object
+
+
+class _CoordMixin(_ConvBase):
     """Shared coordinate-parameter handling of the CoordConv modules.
 
     Subclasses set ``_ndim`` (spatial rank) and, for forward convolutions, ``_base`` (the
-    ``nn.Conv`` class). (No class annotations here: TorchScript would try to type them.)
+    ``nn.Conv`` class). (No class annotations at run time: TorchScript would try to type them.)
     """
+
+    if TYPE_CHECKING:
+        _ndim: int
 
     __jit_unused_properties__ = ["num_coords", "coord_kernel_size"]
 
-    def _add_coord_weight(self, shape: Sequence[int], with_r: bool, backend: str,
-                          factory_kwargs: dict) -> None:
+    def _add_coord_weight(self, shape: Sequence[int], with_r: bool, backend: str, factory_kwargs: dict) -> None:
         self.with_r = with_r
         self.backend = _check_backend_name(backend)
         self.coord_weight = nn.Parameter(torch.empty(*shape, **factory_kwargs))
@@ -75,8 +85,18 @@ class _CoordMixin:
         """Called by ``torch.jit.script``: precompute the op's arguments as plain attributes, so
         that the scripted forward calls ``coordconv_fused::coord_conv`` directly."""
         transposed = isinstance(self, _CoordConvTransposeNd)
-        spec = make_spec(self._ndim, self.kernel_size, self.stride, self.padding, self.dilation, self.groups,
-                         self.padding_mode, self.with_r, getattr(self, "separate", False), transposed)
+        spec = make_spec(
+            self._ndim,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.with_r,
+            getattr(self, "separate", False),
+            transposed,
+        )
         pre, conv_padding = (((0, 0),) * self._ndim, spec.padding) if transposed else spec.split_padding()
         self._script_ndim = self._ndim
         self._script_stride = list(spec.stride)
@@ -94,13 +114,28 @@ class _CoordMixin:
         if any(p != 0 for p in self._script_fpad):
             x = F.pad(x, self._script_fpad, mode=self._script_fpad_mode)
         out = torch.ops.coordconv_fused.coord_conv(
-            x, self.weight, self.coord_weight, self.bias, self._script_stride, self._script_conv_padding,
-            self._script_dilation, transposed, output_padding, self.groups, self._script_coord_pad,
-            self.padding_mode, self.with_r, self._script_separate)
+            x,
+            self.weight,
+            self.coord_weight,
+            self.bias,
+            self._script_stride,
+            self._script_conv_padding,
+            self._script_dilation,
+            transposed,
+            output_padding,
+            self.groups,
+            self._script_coord_pad,
+            self.padding_mode,
+            self.with_r,
+            self._script_separate,
+        )
         return out.squeeze(0) if unbatched else out
 
 
 class _CoordConvNd(_CoordMixin):
+    if TYPE_CHECKING:
+        _base: type[nn.modules.conv._ConvNd]
+
     """CoordConv over ``_ndim`` spatial dims; mixed into ``nn.Conv{1,2,3}d``."""
 
     def __init__(
@@ -125,12 +160,12 @@ class _CoordConvNd(_CoordMixin):
         # Validate every argument first, with the functional API's messages (nn.Conv accepts e.g.
         # kernel_size=0 with a warning; the coordinate filter's initialisation would then divide by 0).
         make_spec(self._ndim, kernel_size, stride, padding, dilation, groups, padding_mode, with_r, self.separate)
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-                         bias, padding_mode, device, dtype)
+        # (the MRO's next class is nn.Conv{1,2,3}d, whose signature is not _ConvNd's)
+        conv_args: tuple[Any, ...] = (in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
+        super().__init__(*conv_args, bias, padding_mode, device, dtype)  # type: ignore[call-arg]
         ck = (1,) * self._ndim if self.separate else self.kernel_size
         d = num_coord_channels(self._ndim, with_r)
-        self._add_coord_weight((out_channels, d, *ck), with_r, backend,
-                               {"device": device, "dtype": dtype})
+        self._add_coord_weight((out_channels, d, *ck), with_r, backend, {"device": device, "dtype": dtype})
 
     @property
     def coord_kernel_size(self) -> int | None:
@@ -147,17 +182,32 @@ class _CoordConvNd(_CoordMixin):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        return _coord_conv(self._ndim, input, self.weight, self.coord_weight, self.bias, self.stride,
-                           self.padding, self.dilation, self.groups, self.padding_mode, self.with_r,
-                           self.backend, separate=self.separate)
+        return _coord_conv(
+            self._ndim,
+            input,
+            self.weight,
+            self.coord_weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.with_r,
+            self.backend,
+            separate=self.separate,
+        )
 
     def extra_repr(self) -> str:
-        return (super().extra_repr() + f", with_r={self.with_r}, coord_kernel_size="
-                f"{self.coord_kernel_size}, backend={self.backend!r}")
+        return (
+            super().extra_repr() + f", with_r={self.with_r}, coord_kernel_size="
+            f"{self.coord_kernel_size}, backend={self.backend!r}"
+        )
 
     @classmethod
-    def from_conv(cls, conv: nn.Module, with_r: bool = False, coord_kernel_size: int | None = None,
-                  backend: str = "auto"):
+    def from_conv(
+        cls, conv: nn.Module, with_r: bool = False, coord_kernel_size: int | None = None, backend: str = "auto"
+    ):
         """A CoordConv layer computing exactly what ``conv`` computes until it is trained.
 
         Copies ``conv``'s configuration, ``weight`` and ``bias`` (same device and dtype) and sets
@@ -166,17 +216,29 @@ class _CoordConvNd(_CoordMixin):
         base = cls._base
         if not isinstance(conv, base) or isinstance(conv, _CoordConvNd):
             raise TypeError(f"{cls.__name__}.from_conv expects an nn.{base.__name__}, got {type(conv).__name__}")
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                  conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                  device=conv.weight.device, dtype=conv.weight.dtype, with_r=with_r,
-                  coord_kernel_size=coord_kernel_size, backend=backend)
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            with_r=with_r,
+            coord_kernel_size=coord_kernel_size,
+            backend=backend,
+        )
         with torch.no_grad():
             new.weight.copy_(conv.weight)
             new.coord_weight.zero_()
-            if conv.bias is not None:
+            if conv.bias is not None and new.bias is not None:
                 new.bias.copy_(conv.bias)
         new.weight.requires_grad_(conv.weight.requires_grad)
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.requires_grad_(conv.bias.requires_grad)
         new.train(conv.training)
         return new
@@ -217,7 +279,7 @@ class CoordConv3d(_CoordConvNd, nn.Conv3d):
     _base = nn.Conv3d
 
 
-class _CoordConvTransposeNd(_CoordMixin):
+class _CoordConvTransposeNd(_CoordMixin, _ConvTransposeBase):
     """Transposed CoordConv: appends the coordinates of its *input*; mixed into
     ``nn.ConvTranspose{1,2,3}d``. Only ``padding_mode='zeros'``, as for ``nn.ConvTranspose``."""
 
@@ -239,13 +301,36 @@ class _CoordConvTransposeNd(_CoordMixin):
         with_r: bool = False,
         backend: str = "auto",
     ) -> None:
-        make_spec(self._ndim, kernel_size, stride, padding, dilation, groups, padding_mode, with_r,
-                  transposed=True, output_padding=output_padding)
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, output_padding,
-                         groups, bias, dilation, padding_mode, device, dtype)
+        make_spec(
+            self._ndim,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            groups,
+            padding_mode,
+            with_r,
+            transposed=True,
+            output_padding=output_padding,
+        )
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            padding,
+            output_padding,
+            groups,
+            bias,
+            dilation,
+            padding_mode,
+            device,
+            dtype,
+        )
         d = num_coord_channels(self._ndim, with_r)
-        self._add_coord_weight((d, out_channels, *self.kernel_size), with_r, backend,
-                               {"device": device, "dtype": dtype})
+        self._add_coord_weight(
+            (d, out_channels, *self.kernel_size), with_r, backend, {"device": device, "dtype": dtype}
+        )
 
     def _fan_in(self) -> int:
         # nn.ConvTranspose's fan-in (dimension 1 of its weight), which the extra input
@@ -254,19 +339,36 @@ class _CoordConvTransposeNd(_CoordMixin):
 
     def forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         if torch.jit.is_scripting():
-            output_padding = self._output_padding(input, output_size, self._script_stride,
-                                                  self._script_conv_padding, self.kernel_size,
-                                                  self._script_ndim, self._script_dilation)
+            output_padding = self._output_padding(
+                input,
+                output_size,
+                self._script_stride,
+                self._script_conv_padding,
+                list(self.kernel_size),
+                self._script_ndim,
+                self._script_dilation,
+            )
             return self._scripted_call(input, output_padding, True)
         return self._eager_forward(input, output_size)
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
-        output_padding = self._output_padding(input, output_size, self.stride, self.padding,
-                                              self.kernel_size, self._ndim, self.dilation)
-        return _coord_conv_transpose(self._ndim, input, self.weight, self.coord_weight, self.bias,
-                                     self.stride, self.padding, output_padding, self.groups,
-                                     self.dilation, self.with_r, self.backend)
+        geometry: tuple[Any, ...] = (self.stride, self.padding, self.kernel_size, self._ndim, self.dilation)
+        output_padding = self._output_padding(input, output_size, *geometry)
+        return _coord_conv_transpose(
+            self._ndim,
+            input,
+            self.weight,
+            self.coord_weight,
+            self.bias,
+            self.stride,
+            self.padding,
+            output_padding,
+            self.groups,
+            self.dilation,
+            self.with_r,
+            self.backend,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", with_r={self.with_r}, backend={self.backend!r}"
@@ -316,9 +418,9 @@ class AddCoords(nn.Module):
             )
         if not input.is_floating_point():
             raise ValueError(f"AddCoords: input must be a floating-point tensor, got {input.dtype}")
-        sizes = input.shape[-self.rank:]
+        sizes = input.shape[-self.rank :]
         coords = coord_channels(sizes, self.with_r, dtype=input.dtype, device=input.device)
-        coords = coords.expand(*input.shape[:-self.rank - 1], *coords.shape)
+        coords = coords.expand(*input.shape[: -self.rank - 1], *coords.shape)
         return torch.cat([input, coords], dim=-self.rank - 1)
 
     def extra_repr(self) -> str:

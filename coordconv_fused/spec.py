@@ -83,7 +83,7 @@ class ConvSpec:
                 total = d * (k - 1)
                 out.append((total // 2, total - total // 2))
             return tuple(out)
-        return tuple((p, p) for p in self.padding)
+        return tuple((p, p) for p in self.padding if isinstance(p, int))
 
     @property
     def pad_before(self) -> tuple[int, ...]:
@@ -106,19 +106,19 @@ class ConvSpec:
         if self.transposed:
             return tuple(
                 (n - 1) * s - 2 * p + d * (k - 1) + op + 1
-                for n, s, p, d, k, op in zip(in_sizes, self.stride, self.padding, self.dilation,
-                                             self.kernel_size, self.output_padding)
+                for n, s, p, d, k, op in zip(
+                    in_sizes, self.stride, self.padding, self.dilation, self.kernel_size, self.output_padding
+                )
             )
         return tuple(
             conv_output_size(n, k, s, b, a, d)
-            for n, (b, a), s, d, k in zip(in_sizes, self.side_pads, self.stride, self.dilation,
-                                          self.kernel_size)
+            for n, (b, a), s, d, k in zip(in_sizes, self.side_pads, self.stride, self.dilation, self.kernel_size)
         )
 
 
 def make_spec(
     ndim: int,
-    kernel_size: Sequence[int],
+    kernel_size: int | Sequence[int],
     stride: int | Sequence[int] = 1,
     padding: PaddingArg = 0,
     dilation: int | Sequence[int] = 1,
@@ -144,9 +144,7 @@ def make_spec(
     if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     if padding_mode not in PADDING_MODES:
-        raise ValueError(
-            f"padding_mode must be one of {', '.join(map(repr, PADDING_MODES))}, got {padding_mode!r}"
-        )
+        raise ValueError(f"padding_mode must be one of {', '.join(map(repr, PADDING_MODES))}, got {padding_mode!r}")
     if isinstance(padding, str):
         if padding not in ("same", "valid"):
             raise ValueError(f"padding must be 'same', 'valid', an int or a tuple of ints, got {padding!r}")
@@ -193,9 +191,7 @@ def _fmt(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(s) for s in shape) + "]"
 
 
-def check_tensors(
-    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
-) -> None:
+def check_tensors(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> None:
     """Check a batched input and the parameters against ``spec``; raise ``ValueError`` if wrong."""
     n = spec.ndim
     kind = f"conv_transpose{n}d" if spec.transposed else f"conv{n}d"
@@ -214,8 +210,7 @@ def check_tensors(
             continue
         if t.device != input.device:
             raise ValueError(
-                f"coord_{kind}: {name} is on {t.device} but input is on {input.device}; "
-                f"move them to the same device"
+                f"coord_{kind}: {name} is on {t.device} but input is on {input.device}; move them to the same device"
             )
         if t.dtype != input.dtype:
             raise ValueError(

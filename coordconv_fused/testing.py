@@ -19,9 +19,17 @@ from . import functional as CF
 from .coords import num_coord_channels
 from .spec import ConvSpec, make_spec
 
-__all__ = ["Case", "assert_matches_reference", "default_tolerances", "supported", "BACKENDS_UNDER_TEST",
-           "why_backend_may_be_missing", "torch_ships_triton", "assert_low_precision_matches_float64",
-           "assert_autocast_grads_match_float64"]
+__all__ = [
+    "Case",
+    "assert_matches_reference",
+    "default_tolerances",
+    "supported",
+    "BACKENDS_UNDER_TEST",
+    "why_backend_may_be_missing",
+    "torch_ships_triton",
+    "assert_low_precision_matches_float64",
+    "assert_autocast_grads_match_float64",
+]
 
 # The backends a test run exercises per device type, named explicitly: a backend that should be
 # there (see why_backend_may_be_missing) and is not fails the tests that name it, never skips them.
@@ -107,12 +115,23 @@ class Case:
         return (k,) * self.ndim if isinstance(k, int) else tuple(k)
 
     def spec(self) -> ConvSpec:
-        return make_spec(self.ndim, self._kernel(), self.stride, self.padding, self.dilation, self.groups,
-                         self.padding_mode, self.with_r, self.separate, self.transposed,
-                         self.output_padding)
+        return make_spec(
+            self.ndim,
+            self._kernel(),
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.with_r,
+            self.separate,
+            self.transposed,
+            self.output_padding,
+        )
 
-    def make_tensors(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                     seed: int = 0) -> dict[str, Tensor | None]:
+    def make_tensors(
+        self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0
+    ) -> dict[str, Tensor | None]:
         """Random input and parameters (leaf tensors requiring grad)."""
         g = torch.Generator().manual_seed(seed)
         d = num_coord_channels(self.ndim, self.with_r)
@@ -139,13 +158,33 @@ class Case:
         """Call the functional API on ``backend``."""
         t = tensors
         if self.transposed:
-            return _CONV_T_FN[self.ndim](t["input"], t["weight"], t["coord_weight"], t["bias"],
-                                         self.stride, self.padding, self.output_padding, self.groups,
-                                         self.dilation, self.with_r, backend)
-        return _CONV_FN[self.ndim](t["input"], t["weight"], t["coord_weight"], t["bias"], self.stride,
-                                   self.padding, self.dilation, self.groups, self.padding_mode,
-                                   self.with_r, backend,
-                                   coord_kernel_size=1 if self.separate else None)
+            return _CONV_T_FN[self.ndim](
+                t["input"],
+                t["weight"],
+                t["coord_weight"],
+                t["bias"],
+                self.stride,
+                self.padding,
+                self.output_padding,
+                self.groups,
+                self.dilation,
+                self.with_r,
+                backend,
+            )
+        return _CONV_FN[self.ndim](
+            t["input"],
+            t["weight"],
+            t["coord_weight"],
+            t["bias"],
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.padding_mode,
+            self.with_r,
+            backend,
+            coord_kernel_size=1 if self.separate else None,
+        )
 
 
 def supported(backend: str, case: Case) -> bool:
@@ -169,10 +208,16 @@ def _grads(out: Tensor, grad_out: Tensor, tensors: dict[str, Tensor | None]) -> 
     return dict(zip(names, grads))
 
 
-def assert_matches_reference(backend: str, case: Case, dtype: torch.dtype = torch.float32,
-                             device: str | torch.device = "cpu", atol: float | None = None,
-                             rtol: float | None = None, seed: int = 0,
-                             check: Sequence[str] = ("input", "weight", "coord_weight", "bias")) -> None:
+def assert_matches_reference(
+    backend: str,
+    case: Case,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    atol: float | None = None,
+    rtol: float | None = None,
+    seed: int = 0,
+    check: Sequence[str] = ("input", "weight", "coord_weight", "bias"),
+) -> None:
     """Assert ``backend`` matches the reference on the output and every gradient of ``case``.
 
     Tolerances scale with the number of terms summed per output (so large reductions in low
@@ -182,15 +227,15 @@ def assert_matches_reference(backend: str, case: Case, dtype: torch.dtype = torc
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
     tensors = case.make_tensors(dtype, device, seed)
-    ref_tensors = {n: (t.detach().clone().requires_grad_() if t is not None else None)
-                   for n, t in tensors.items()}
+    ref_tensors = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in tensors.items()}
     out = case.run(backend, tensors)
     ref = case.run("reference", ref_tensors)
     assert out.shape == ref.shape, f"{backend}: output shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
     assert out.dtype == ref.dtype and out.device == ref.device
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol, msg=lambda m: f"{backend} output: {m}")
-    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1),
-                           dtype=torch.float64).to(dtype=dtype, device=device)
+    grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(
+        dtype=dtype, device=device
+    )
     grads = _grads(out, grad_out, tensors)
     ref_grads = _grads(ref, grad_out, ref_tensors)
     for name in check:
@@ -203,11 +248,13 @@ def assert_matches_reference(backend: str, case: Case, dtype: torch.dtype = torc
             g = torch.zeros_like(tensors[name])
         # Gradients of parameters sum over the batch and the output: scale the tolerance with it.
         scale = max(1.0, float(ref.numel() / max(1, ref.shape[1])) ** 0.5) if name != "input" else 1.0
-        torch.testing.assert_close(g, rg, atol=atol * scale, rtol=rtol,
-                                   msg=lambda m, n=name: f"{backend} grad of {n}: {m}")
+        torch.testing.assert_close(
+            g, rg, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{backend} grad of {n}: {m}"
+        )
 
 
 # ---- low precision against a float64 oracle, with error bounds derived from the dtype ------------
+
 
 def _bound_scale(dtype: torch.dtype, reduction: int) -> float:
     """Relative error bound of a bf16/fp16 CoordConv result against its float64 value, as a
@@ -215,7 +262,7 @@ def _bound_scale(dtype: torch.dtype, reduction: int) -> float:
     coordinates, intermediate and final results: ``4u``) plus float32 accumulation over
     ``reduction`` terms."""
     u = torch.finfo(dtype).eps / 2
-    return 4 * u + reduction * 2.0 ** -24
+    return 4 * u + reduction * 2.0**-24
 
 
 def _magnitudes(case: Case, t64: dict[str, Tensor | None], grad64: Tensor) -> dict[str, Tensor]:
@@ -226,7 +273,7 @@ def _magnitudes(case: Case, t64: dict[str, Tensor | None], grad64: Tensor) -> di
     abs_t["coord_weight"] = torch.zeros_like(abs_t["coord_weight"], requires_grad=True)
     out = case.run("reference", abs_t)
     ndim = case.ndim
-    cmax = ndim ** 0.5 if case.with_r else 1.0
+    cmax = ndim**0.5 if case.with_r else 1.0
     cw = t64["coord_weight"].detach().abs()
     if case.transposed:
         coord_out = cmax * cw.sum(dim=[0] + list(range(2, cw.dim())))
@@ -245,8 +292,9 @@ def _magnitudes(case: Case, t64: dict[str, Tensor | None], grad64: Tensor) -> di
     return mags
 
 
-def assert_low_precision_matches_float64(backend: str, case: Case, dtype: torch.dtype = torch.bfloat16,
-                                         device: str | torch.device = "cpu", seed: int = 0) -> None:
+def assert_low_precision_matches_float64(
+    backend: str, case: Case, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0
+) -> None:
     """``backend`` run in ``dtype`` against the float64 reference on the same (``dtype``-exact)
     values: the output and every gradient within the bound of :func:`_bound_scale` times the
     magnitudes of their terms, element by element."""
@@ -262,8 +310,7 @@ def assert_low_precision_matches_float64(backend: str, case: Case, dtype: torch.
     mags = _magnitudes(case, t64, g.double())
     taps = math.prod(case._kernel())
     n_points = ref.shape[0] * math.prod(ref.shape[2:])
-    reduction = max((case.in_channels // case.groups + case.ndim + 1) * taps, n_points,
-                    case.out_channels * taps)
+    reduction = max((case.in_channels // case.groups + case.ndim + 1) * taps, n_points, case.out_channels * taps)
     scale = _bound_scale(dtype, reduction)
     checks = [("output", out, ref)] + [(n, got[n], want[n]) for n in names]
     for name, value, expected in checks:
@@ -297,9 +344,12 @@ def assert_autocast_grads_match_float64(module: torch.nn.Module, x: Tensor, dtyp
     mag.zero_grad()
     mag(x.double().abs()).sum().backward()
     n_points = out.shape[0] * math.prod(out.shape[2:])
-    cmax = module._ndim ** 0.5 if module.with_r else 1.0
-    bounds = {"weight": mag.weight.grad, "bias": torch.full_like(ref.bias, n_points) if ref.bias is not None else None,
-              "coord_weight": torch.full_like(ref.coord_weight, cmax * n_points)}
+    cmax = module._ndim**0.5 if module.with_r else 1.0
+    bounds = {
+        "weight": mag.weight.grad,
+        "bias": torch.full_like(ref.bias, n_points) if ref.bias is not None else None,
+        "coord_weight": torch.full_like(ref.coord_weight, cmax * n_points),
+    }
     scale = _bound_scale(dtype, n_points)
     for name, p in ref.named_parameters():
         err = (got[name].double() - p.grad).abs()

@@ -24,16 +24,16 @@ enum PadMode : int32_t { kZeros = 0, kReflect = 1, kReplicate = 2, kCircular = 3
 // The index arithmetic of one call, lifted to 3 spatial axes (index 0 = D, 1 = H, 2 = W).
 struct Geometry {
   int64_t n, c_in, c_out, groups;
-  int64_t padded[3];  // spatial size of the (explicitly pre-padded) input
-  int64_t image[3];   // spatial size of the image before that padding
-  int64_t before[3];  // explicit pre-padding before the first element
-  int64_t out[3];     // output spatial size
+  int64_t padded[3];                             // spatial size of the (explicitly pre-padded) input
+  int64_t image[3];                              // spatial size of the image before that padding
+  int64_t before[3];                             // explicit pre-padding before the first element
+  int64_t out[3];                                // output spatial size
   int64_t stride[3], pad[3], dil[3], kernel[3];  // pad: the convolution's symmetric zero padding
-  int32_t ndim;       // 1, 2 or 3 (number of coordinate axes)
-  int32_t num_coords; // ndim (+1 with the radius)
-  int32_t pad_mode;   // PadMode of the explicit pre-padding
+  int32_t ndim;                                  // 1, 2 or 3 (number of coordinate axes)
+  int32_t num_coords;                            // ndim (+1 with the radius)
+  int32_t pad_mode;                              // PadMode of the explicit pre-padding
   bool with_r, separate, has_bias;
-  int64_t ystride[5]; // strides of the output, lifted to [N, C, D, H, W]
+  int64_t ystride[5];  // strides of the output, lifted to [N, C, D, H, W]
 
   CC_HD int64_t taps() const { return kernel[0] * kernel[1] * kernel[2]; }
   CC_HD int64_t out_points() const { return out[0] * out[1] * out[2]; }
@@ -50,10 +50,16 @@ CC_HD acc_t axis_coord(int64_t num, int64_t n) {
 // The image index that padded index i (possibly outside [0, n)) reads under a padding mode.
 CC_HD int64_t map_index(int64_t i, int64_t n, int32_t mode) {
   switch (mode) {
-    case kReflect: if (i < 0) i = -i; if (i >= n) i = 2 * (n - 1) - i; return i;
-    case kReplicate: return i < 0 ? 0 : (i >= n ? n - 1 : i);
-    case kCircular: return ((i % n) + n) % n;
-    default: return i;
+    case kReflect:
+      if (i < 0) i = -i;
+      if (i >= n) i = 2 * (n - 1) - i;
+      return i;
+    case kReplicate:
+      return i < 0 ? 0 : (i >= n ? n - 1 : i);
+    case kCircular:
+      return ((i % n) + n) % n;
+    default:
+      return i;
   }
 }
 
@@ -148,10 +154,14 @@ CC_HD acc_t coord_term_body(const Geometry& g, const scalar_t* cw, int64_t co, i
 // Flat index over [N, C_out, OD, OH, OW] -> indices, and the element's offset in the output.
 CC_HD int64_t unflatten_output(const Geometry& g, int64_t idx, int64_t* n, int64_t* co, int64_t* od, int64_t* oh,
                                int64_t* ow) {
-  *ow = idx % g.out[2]; idx /= g.out[2];
-  *oh = idx % g.out[1]; idx /= g.out[1];
-  *od = idx % g.out[0]; idx /= g.out[0];
-  *co = idx % g.c_out; *n = idx / g.c_out;
+  *ow = idx % g.out[2];
+  idx /= g.out[2];
+  *oh = idx % g.out[1];
+  idx /= g.out[1];
+  *od = idx % g.out[0];
+  idx /= g.out[0];
+  *co = idx % g.c_out;
+  *n = idx / g.c_out;
   return *n * g.ystride[0] + *co * g.ystride[1] + *od * g.ystride[2] + *oh * g.ystride[3] + *ow * g.ystride[4];
 }
 

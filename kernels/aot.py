@@ -50,9 +50,11 @@ class Variant:
 
     def name(self) -> str:
         cfg = ",".join(f"{k}={v}" for k, v in self.config.items())
-        return (f"{self.kernel}[{self.dtype},{self.precision},ndim={self.ndim},with_r={self.with_r},"
-                f"separate={self.separate},bias={self.bias},pad_mode={self.pad_mode},{cfg},"
-                f"warps={self.num_warps},stages={self.num_stages}]")
+        return (
+            f"{self.kernel}[{self.dtype},{self.precision},ndim={self.ndim},with_r={self.with_r},"
+            f"separate={self.separate},bias={self.bias},pad_mode={self.pad_mode},{cfg},"
+            f"warps={self.num_warps},stages={self.num_stages}]"
+        )
 
 
 _FWD_DEFAULT = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}
@@ -72,18 +74,44 @@ def variants() -> list[Variant]:
         prec = "tf32" if dtype == "fp32" else "ieee"
         out.append(Variant("coord_weight_grad", dtype, with_r, separate, precision=prec, config=_GRAD_DEFAULT))
     for cfg in _FWD_CONFIGS:
-        out.append(Variant("fwd", "fp16", True, False, True, config=dict(cfg.kwargs),
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append(
+            Variant(
+                "fwd",
+                "fp16",
+                True,
+                False,
+                True,
+                config=dict(cfg.kwargs),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+        )
     for cfg in _GRAD_CONFIGS:
-        out.append(Variant("coord_weight_grad", "fp16", True, False, config=dict(cfg.kwargs),
-                           num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+        out.append(
+            Variant(
+                "coord_weight_grad",
+                "fp16",
+                True,
+                False,
+                config=dict(cfg.kwargs),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+        )
     return out
 
 
 def _source(v: Variant) -> ASTSource:
     ct = tl.float64 if v.dtype == "fp64" else tl.float32
-    common = dict(NDIM=v.ndim, WITH_R=v.with_r, SEPARATE=v.separate, PAD_MODE=v.pad_mode, CT=ct,
-                  INPUT_PRECISION=v.precision, **v.config)
+    common = dict(
+        NDIM=v.ndim,
+        WITH_R=v.with_r,
+        SEPARATE=v.separate,
+        PAD_MODE=v.pad_mode,
+        CT=ct,
+        INPUT_PRECISION=v.precision,
+        **v.config,
+    )
     if v.kernel == "fwd":
         kernel = coord_conv_fwd_kernel
         pointers = {n: _PTR[v.dtype] for n in ("X", "W", "CW", "B", "Y")}
@@ -92,21 +120,26 @@ def _source(v: Variant) -> ASTSource:
         kernel = coord_weight_grad_kernel
         pointers = {"GS": "*fp64" if v.dtype == "fp64" else "*fp32", "GCW": _PTR[v.dtype]}
         constexprs = dict(common, IN_DTYPE=_TL[v.dtype])
-    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32")
-                 for p in kernel.params}
+    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
     return ASTSource(kernel, signature, constexprs=constexprs)
 
 
 def compile_variant(v: Variant, arch: int) -> dict:
     """Compile one variant for ``sm_<arch>``; returns a summary (raises if compilation fails)."""
     t0 = time.perf_counter()
-    compiled = triton.compile(_source(v), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    compiled = triton.compile(
+        _source(v), target=GPUTarget("cuda", arch, 32), options={"num_warps": v.num_warps, "num_stages": v.num_stages}
+    )
     cubin = compiled.asm["cubin"]
-    return {"variant": v.name(), "arch": arch, "seconds": round(time.perf_counter() - t0, 2),
-            "cubin_bytes": len(cubin), "shared_bytes": compiled.metadata.shared,
-            "shared_limit": SHARED_LIMIT.get(arch), "ok": bool(cubin)
-            and compiled.metadata.shared <= SHARED_LIMIT.get(arch, 48 * 1024)}
+    return {
+        "variant": v.name(),
+        "arch": arch,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "cubin_bytes": len(cubin),
+        "shared_bytes": compiled.metadata.shared,
+        "shared_limit": SHARED_LIMIT.get(arch),
+        "ok": bool(cubin) and compiled.metadata.shared <= SHARED_LIMIT.get(arch, 48 * 1024),
+    }
 
 
 def _compile_one(args):

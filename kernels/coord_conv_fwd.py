@@ -22,17 +22,61 @@ from .coord_tile import coord_tile
 
 @triton.jit
 def coord_conv_fwd_kernel(
-    X, W, CW, B, Y,
-    M, C_G, COUT_G, DP, HP, WP,
-    sxn, sxc, sxd, sxh, sxw,
-    syn, syc, syd, syh, syw,
-    DO, HO, WO,
-    ID, IH, IW, BD, BH, BW,
-    SD, SH, SW, PD, PH, PW, DD, DH, DW, KD, KH, KW,
-    K_DATA, K_COORD,
-    NDIM: tl.constexpr, WITH_R: tl.constexpr, SEPARATE: tl.constexpr, PAD_MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, CT: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    X,
+    W,
+    CW,
+    B,
+    Y,
+    M,
+    C_G,
+    COUT_G,
+    DP,
+    HP,
+    WP,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syd,
+    syh,
+    syw,
+    DO,
+    HO,
+    WO,
+    ID,
+    IH,
+    IW,
+    BD,
+    BH,
+    BW,
+    SD,
+    SH,
+    SW,
+    PD,
+    PH,
+    PW,
+    DD,
+    DH,
+    DW,
+    KD,
+    KH,
+    KW,
+    K_DATA,
+    K_COORD,
+    NDIM: tl.constexpr,
+    WITH_R: tl.constexpr,
+    SEPARATE: tl.constexpr,
+    PAD_MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    CT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -67,10 +111,8 @@ def coord_conv_fwd_kernel(
         pd = od[:, None] * SD - PD + (tk // (KH * KW))[None, :] * DD
         ph = oh[:, None] * SH - PH + ((tk // KW) % KH)[None, :] * DH
         pw = ow[:, None] * SW - PW + (tk % KW)[None, :] * DW
-        a_ok = (m_ok[:, None] & k_ok[None, :] & (pd >= 0) & (pd < DP) & (ph >= 0) & (ph < HP)
-                & (pw >= 0) & (pw < WP))
-        a = tl.load(x_rows + ci[None, :].to(tl.int64) * sxc + pd * sxd + ph * sxh + pw * sxw,
-                    mask=a_ok, other=0.0)
+        a_ok = m_ok[:, None] & k_ok[None, :] & (pd >= 0) & (pd < DP) & (ph >= 0) & (ph < HP) & (pw >= 0) & (pw < WP)
+        a = tl.load(x_rows + ci[None, :].to(tl.int64) * sxc + pd * sxd + ph * sxh + pw * sxw, mask=a_ok, other=0.0)
         b = tl.load(w_cols + kk[:, None], mask=k_ok[:, None] & co_ok[None, :], other=0.0)
         if DOT_F32:
             a, b = a.to(tl.float32), b.to(tl.float32)
@@ -80,9 +122,39 @@ def coord_conv_fwd_kernel(
     cw_cols = CW + co[None, :] * K_COORD
     for k0 in range(0, K_COORD, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        a = coord_tile(od[:, None], oh[:, None], ow[:, None], kk[None, :], K_COORD, DP, HP, WP,
-                       ID, IH, IW, BD, BH, BW, SD, SH, SW, PD, PH, PW, DD, DH, DW, KD, KH, KW,
-                       NDIM, WITH_R, SEPARATE, PAD_MODE, CT).to(dtype)
+        a = coord_tile(
+            od[:, None],
+            oh[:, None],
+            ow[:, None],
+            kk[None, :],
+            K_COORD,
+            DP,
+            HP,
+            WP,
+            ID,
+            IH,
+            IW,
+            BD,
+            BH,
+            BW,
+            SD,
+            SH,
+            SW,
+            PD,
+            PH,
+            PW,
+            DD,
+            DH,
+            DW,
+            KD,
+            KH,
+            KW,
+            NDIM,
+            WITH_R,
+            SEPARATE,
+            PAD_MODE,
+            CT,
+        ).to(dtype)
         b = tl.load(cw_cols + kk[:, None], mask=(kk < K_COORD)[:, None] & co_ok[None, :], other=0.0)
         if DOT_F32:
             a, b = a.to(tl.float32), b.to(tl.float32)

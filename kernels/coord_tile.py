@@ -46,14 +46,36 @@ def _map_index(i, n, PAD_MODE: tl.constexpr):
 
 @triton.jit
 def coord_tile(
-    od, oh, ow,  # [P, 1] output position
+    od,
+    oh,
+    ow,  # [P, 1] output position
     kc,  # [1, K] coordinate-kernel index
     K_COORD,  # number of valid kc
-    DP, HP, WP,  # spatial size of the (explicitly pre-padded) input tensor
-    ID, IH, IW,  # spatial size of the image (before the explicit pre-padding)
-    BD, BH, BW,  # explicit pre-padding before the first element
-    SD, SH, SW, PD, PH, PW, DD, DH, DW, KD, KH, KW,  # stride, conv zero padding, dilation, kernel
-    NDIM: tl.constexpr, WITH_R: tl.constexpr, SEPARATE: tl.constexpr, PAD_MODE: tl.constexpr,
+    DP,
+    HP,
+    WP,  # spatial size of the (explicitly pre-padded) input tensor
+    ID,
+    IH,
+    IW,  # spatial size of the image (before the explicit pre-padding)
+    BD,
+    BH,
+    BW,  # explicit pre-padding before the first element
+    SD,
+    SH,
+    SW,
+    PD,
+    PH,
+    PW,
+    DD,
+    DH,
+    DW,
+    KD,
+    KH,
+    KW,  # stride, conv zero padding, dilation, kernel
+    NDIM: tl.constexpr,
+    WITH_R: tl.constexpr,
+    SEPARATE: tl.constexpr,
+    PAD_MODE: tl.constexpr,
     CT: tl.constexpr,
 ):
     if SEPARATE:

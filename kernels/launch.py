@@ -25,21 +25,29 @@ __all__ = ["INTERPRET", "coord_conv_forward", "coord_weight_grad", "input_precis
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-             torch.float64: tl.float64}
+TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float64: tl.float64,
+}
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bm, bn, bk, w, s in [(128, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 128, 32, 8, 3),
-                             (64, 32, 32, 4, 4), (128, 32, 64, 4, 3), (32, 32, 16, 2, 2)]
+    for bm, bn, bk, w, s in [
+        (128, 64, 32, 4, 3),
+        (64, 64, 32, 4, 3),
+        (128, 128, 32, 8, 3),
+        (64, 32, 32, 4, 4),
+        (128, 32, 64, 4, 3),
+        (32, 32, 16, 2, 2),
+    ]
 ]
 _GRAD_CONFIGS = [
     triton.Config({"BLOCK_CO": bc, "BLOCK_P": bp, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bc, bp, bk, w, s in [(64, 64, 32, 4, 3), (32, 128, 32, 4, 3), (64, 128, 16, 4, 3),
-                             (16, 64, 16, 2, 2)]
+    for bc, bp, bk, w, s in [(64, 64, 32, 4, 3), (32, 128, 32, 4, 3), (64, 128, 16, 4, 3), (16, 64, 16, 2, 2)]
 ]
-_fwd_autotuned = triton.autotune(_FWD_CONFIGS, key=["C_G", "COUT_G", "K_DATA", "K_COORD"])(
-    coord_conv_fwd_kernel)
+_fwd_autotuned = triton.autotune(_FWD_CONFIGS, key=["C_G", "COUT_G", "K_DATA", "K_COORD"])(coord_conv_fwd_kernel)
 _grad_autotuned = triton.autotune(_GRAD_CONFIGS, key=["COUT", "K_COORD"])(coord_weight_grad_kernel)
 
 
@@ -75,10 +83,13 @@ class _Geometry:
 
 def _geometry(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, coord_pad) -> _Geometry:
     kernel = weight.shape[2:]
-    out = [conv_output_size(n, k, s, p, p, d)
-           for n, k, s, p, d in zip(input.shape[2:], kernel, stride, padding, dilation)]
+    out = [
+        conv_output_size(n, k, s, p, p, d) for n, k, s, p, d in zip(input.shape[2:], kernel, stride, padding, dilation)
+    ]
     return _Geometry(
-        padded=_lift(input.shape[2:], 1), out=_lift(out, 1), image=_lift(image_sizes(input, coord_pad), 1),
+        padded=_lift(input.shape[2:], 1),
+        out=_lift(out, 1),
+        image=_lift(image_sizes(input, coord_pad), 1),
         before=_lift([b for b, _ in pairs(coord_pad)], 0),
         conv=_lift(stride, 1) + _lift(padding, 0) + _lift(dilation, 1) + _lift(kernel, 1),
     )
@@ -110,8 +121,22 @@ def _output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.me
     return torch.contiguous_format
 
 
-def coord_conv_forward(input, weight, coord_weight, bias, stride, padding, dilation, transposed,
-                       output_padding, groups, coord_pad, coord_pad_mode, with_r, separate):
+def coord_conv_forward(
+    input,
+    weight,
+    coord_weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    coord_pad,
+    coord_pad_mode,
+    with_r,
+    separate,
+):
     """The fused forward (the op's arguments; see :mod:`coordconv_fused.ops`)."""
     if transposed:
         raise NotImplementedError("the Triton kernels do not implement transposed CoordConv")
@@ -119,8 +144,12 @@ def coord_conv_forward(input, weight, coord_weight, bias, stride, padding, dilat
     ndim = input.dim() - 2
     geo = _geometry(input, weight, stride, padding, dilation, coord_pad)
     n, c_out = input.shape[0], weight.shape[0]
-    out = torch.empty((n, c_out, *geo.out[3 - ndim:]), dtype=input.dtype, device=input.device,
-                      memory_format=_output_memory_format(input, weight))
+    out = torch.empty(
+        (n, c_out, *geo.out[3 - ndim :]),
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=_output_memory_format(input, weight),
+    )
     if out.numel() == 0:
         return out
     x5, y5 = _as_5d(input), _as_5d(out)
@@ -130,28 +159,63 @@ def coord_conv_forward(input, weight, coord_weight, bias, stride, padding, dilat
     m = n * geo.out[0] * geo.out[1] * geo.out[2]
     k_data = w[0].numel()
     k_coord = cw[0].numel()
-    args = [x5, w, cw, bias if bias is not None else w, y5, m, c_g, cout_g, *geo.padded,
-            *x5.stride(), *y5.stride(), *geo.args(), k_data, k_coord]
-    meta = dict(NDIM=ndim, WITH_R=bool(with_r), SEPARATE=bool(separate),
-                PAD_MODE=PAD_MODES[coord_pad_mode], HAS_BIAS=bias is not None,
-                CT=tl.float64 if input.dtype == torch.float64 else tl.float32,
-                INPUT_PRECISION=input_precision(input.dtype),
-                # Triton 3.8's interpreter computes garbage for a bfloat16 tl.dot.
-                DOT_F32=INTERPRET and input.dtype == torch.bfloat16)
+    args = [
+        x5,
+        w,
+        cw,
+        bias if bias is not None else w,
+        y5,
+        m,
+        c_g,
+        cout_g,
+        *geo.padded,
+        *x5.stride(),
+        *y5.stride(),
+        *geo.args(),
+        k_data,
+        k_coord,
+    ]
+    meta = dict(
+        NDIM=ndim,
+        WITH_R=bool(with_r),
+        SEPARATE=bool(separate),
+        PAD_MODE=PAD_MODES[coord_pad_mode],
+        HAS_BIAS=bias is not None,
+        CT=tl.float64 if input.dtype == torch.float64 else tl.float32,
+        INPUT_PRECISION=input_precision(input.dtype),
+        # Triton 3.8's interpreter computes garbage for a bfloat16 tl.dot.
+        DOT_F32=INTERPRET and input.dtype == torch.bfloat16,
+    )
     if INTERPRET:
         bm, bn = _block(m, 16, 128), _block(cout_g, 16, 64)
         bk = _block(max(k_data, k_coord), 16, 64)
         grid = (triton.cdiv(m, bm), triton.cdiv(cout_g, bn), groups)
         coord_conv_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
+
         def grid(cfg):
             return (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(cout_g, cfg["BLOCK_N"]), groups)
+
         _fwd_autotuned[grid](*args, **meta)
     return out
 
 
-def coord_weight_grad(grad_sum, input, weight, coord_weight, stride, padding, dilation, transposed,
-                      output_padding, groups, coord_pad, coord_pad_mode, with_r, separate):
+def coord_weight_grad(
+    grad_sum,
+    input,
+    weight,
+    coord_weight,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    coord_pad,
+    coord_pad_mode,
+    with_r,
+    separate,
+):
     """Gradient of ``coord_weight`` from ``grad_sum = grad_output.sum(0, keepdim=True)``."""
     if transposed:
         raise NotImplementedError("the Triton kernels do not implement transposed CoordConv")
@@ -163,17 +227,24 @@ def coord_weight_grad(grad_sum, input, weight, coord_weight, stride, padding, di
     k_coord = coord_weight[0].numel()
     out = torch.empty(coord_weight.shape, dtype=coord_weight.dtype, device=coord_weight.device)
     args = [gs, out, c_out, *geo.padded, *geo.args(), k_coord]
-    meta = dict(NDIM=input.dim() - 2, WITH_R=bool(with_r), SEPARATE=bool(separate),
-                PAD_MODE=PAD_MODES[coord_pad_mode], IN_DTYPE=TL_DTYPES[input.dtype],
-                CT=tl.float64 if ct == torch.float64 else tl.float32,
-                INPUT_PRECISION=input_precision(input.dtype))
+    meta = dict(
+        NDIM=input.dim() - 2,
+        WITH_R=bool(with_r),
+        SEPARATE=bool(separate),
+        PAD_MODE=PAD_MODES[coord_pad_mode],
+        IN_DTYPE=TL_DTYPES[input.dtype],
+        CT=tl.float64 if ct == torch.float64 else tl.float32,
+        INPUT_PRECISION=input_precision(input.dtype),
+    )
     if INTERPRET:
         bc, bk = _block(c_out, 16, 64), _block(k_coord, 16, 64)
         bp = _block(gs[0, 0].numel(), 16, 256)
         grid = (triton.cdiv(c_out, bc), triton.cdiv(k_coord, bk))
         coord_weight_grad_kernel[grid](*args, **meta, BLOCK_CO=bc, BLOCK_P=bp, BLOCK_K=bk)
     else:
+
         def grid(cfg):
             return (triton.cdiv(c_out, cfg["BLOCK_CO"]), triton.cdiv(k_coord, cfg["BLOCK_K"]))
+
         _grad_autotuned[grid](*args, **meta)
     return out

@@ -19,8 +19,10 @@ _SKIPPED_BACKENDS: dict[tuple[str, str], str] = {}
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "backend(name, device='cpu'): the test needs this backend; it fails (never skips) "
-                   "where the backend should be available")
+        "markers",
+        "backend(name, device='cpu'): the test needs this backend; it fails (never skips) "
+        "where the backend should be available",
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -8,8 +8,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, "coordconv_fused")
 KERNELS = os.path.join(ROOT, "kernels")
-SHIMS = {"coordconv_fused.reference", "coordconv_fused.decomposed", "coordconv_fused.extension",
-         "coordconv_fused.triton_backend", "coordconv_fused.coord_term"}  # deprecated re-exports
+SHIMS = {
+    "coordconv_fused.reference",
+    "coordconv_fused.decomposed",
+    "coordconv_fused.extension",
+    "coordconv_fused.triton_backend",
+    "coordconv_fused.coord_term",
+}  # deprecated re-exports
 
 
 EXTENSIONS = {"coordconv_fused._C"}  # compiled: imports nothing of the package
@@ -42,8 +47,10 @@ def _imports(name: str, path: str, modules: dict[str, str]) -> set[str]:
             else:
                 mod = node.module or ""
             # `from pkg import sub` depends on the submodule; `from mod import name` on mod
-            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules or f"{mod}.{a.name}" in EXTENSIONS else mod
-                       for a in node.names]
+            targets = [
+                f"{mod}.{a.name}" if f"{mod}.{a.name}" in modules or f"{mod}.{a.name}" in EXTENSIONS else mod
+                for a in node.names
+            ]
         else:
             continue
         for t in targets:
@@ -75,7 +82,7 @@ def test_no_import_cycles():
             if nxt in SHIMS or nxt not in graph:
                 continue
             if state.get(nxt) == 1:
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -92,18 +99,42 @@ LAYERS = [
     {"coordconv_fused.geometry", "coordconv_fused.malloc_tunables"},
     {"coordconv_fused.coords"},
     {"coordconv_fused.spec"},
-    {"coordconv_fused.kernels", "coordconv_fused.kernels.coord_tile", "coordconv_fused.kernels.coord_conv_fwd",
-     "coordconv_fused.kernels.coord_weight_grad", "coordconv_fused.kernels.launch", "coordconv_fused.kernels.aot"},
-    {"coordconv_fused.ops", "coordconv_fused.ops.schema", "coordconv_fused.ops.arguments", "coordconv_fused.ops.aten",
-     "coordconv_fused.ops.autograd", "coordconv_fused.ops.call"},
-    {"coordconv_fused.backends", "coordconv_fused.backends.base", "coordconv_fused.backends.reference",
-     "coordconv_fused.backends.aten", "coordconv_fused.backends.native", "coordconv_fused.backends.triton"},
+    {
+        "coordconv_fused.kernels",
+        "coordconv_fused.kernels.coord_tile",
+        "coordconv_fused.kernels.coord_conv_fwd",
+        "coordconv_fused.kernels.coord_weight_grad",
+        "coordconv_fused.kernels.launch",
+        "coordconv_fused.kernels.aot",
+    },
+    {
+        "coordconv_fused.ops",
+        "coordconv_fused.ops.schema",
+        "coordconv_fused.ops.arguments",
+        "coordconv_fused.ops.aten",
+        "coordconv_fused.ops.autograd",
+        "coordconv_fused.ops.call",
+    },
+    {
+        "coordconv_fused.backends",
+        "coordconv_fused.backends.base",
+        "coordconv_fused.backends.reference",
+        "coordconv_fused.backends.aten",
+        "coordconv_fused.backends.native",
+        "coordconv_fused.backends.triton",
+    },
     {"coordconv_fused.functional"},
     {"coordconv_fused.modules"},
     {"coordconv_fused.convert", "coordconv_fused.testing"},
     {"coordconv_fused"},
-    {"coordconv_fused.benchmark", "coordconv_fused.call_cost", "coordconv_fused.paper",
-     "coordconv_fused.paper.data", "coordconv_fused.paper.models", "coordconv_fused.paper.train"},
+    {
+        "coordconv_fused.benchmark",
+        "coordconv_fused.call_cost",
+        "coordconv_fused.paper",
+        "coordconv_fused.paper.data",
+        "coordconv_fused.paper.models",
+        "coordconv_fused.paper.train",
+    },
     {"coordconv_fused.cli"},
 ]
 
@@ -113,7 +144,12 @@ def test_layers_only_look_down():
     level = {m: i for i, layer in enumerate(LAYERS) for m in layer}
     unplaced = sorted(m for m in graph if m not in level and m != "coordconv_fused._C")
     assert not unplaced, f"modules missing from LAYERS: {unplaced}"
-    upward = [f"{m} imports {t}" for m, targets in graph.items() for t in targets
-              if t in level and level[t] > level[m] and not (m == "coordconv_fused.backends.triton"
-                                                             and t.startswith("coordconv_fused.kernels"))]
+    upward = [
+        f"{m} imports {t}"
+        for m, targets in graph.items()
+        for t in targets
+        if t in level
+        and level[t] > level[m]
+        and not (m == "coordconv_fused.backends.triton" and t.startswith("coordconv_fused.kernels"))
+    ]
     assert not upward, "upward imports:\n" + "\n".join(sorted(upward))

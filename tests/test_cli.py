@@ -10,7 +10,10 @@ def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "coordconv_fused.cli", "bench", "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
     )
     assert (tmp_path / "bench.png").stat().st_size > 10_000
@@ -18,8 +21,13 @@ def test_bench_quick_smoke(tmp_path):
     assert "GLIBC_TUNABLES=glibc.malloc.mmap_max=0" in proc.stdout  # re-ran itself with the tunables
     report = json.loads(out.read_text())
     providers = {r["provider"] for r in report["results"]}
-    assert {"nn.Conv2d (floor)", "naive cat", "coordconv[reference]", "coordconv[torch]",
-            "coordconv[auto]"} <= providers
+    assert {
+        "nn.Conv2d (floor)",
+        "naive cat",
+        "coordconv[reference]",
+        "coordconv[torch]",
+        "coordconv[auto]",
+    } <= providers
     timed = [r for r in report["results"] if r["mode"] != "memory"]
     assert {r["mode"] for r in timed} == {"forward", "forward+backward"}
     for r in timed:
@@ -39,8 +47,9 @@ def test_bench_quick_smoke(tmp_path):
 
 def test_cli_help_is_plain_text():
     for args in ([], ["bench"], ["paper"]):
-        proc = subprocess.run([sys.executable, "-m", "coordconv_fused.cli", *args, "--help"], capture_output=True,
-                              text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "coordconv_fused.cli", *args, "--help"], capture_output=True, text=True, check=True
+        )
         assert "``" not in proc.stdout
         if args == ["paper"]:
             for option in ("--epochs", "--attempts", "--baseline-epochs", "--threads", "--out", "--split"):

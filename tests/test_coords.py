@@ -64,7 +64,7 @@ def test_low_precision_is_the_rounded_formula(dtype):
     assert torch.equal(c[0], torch.tensor(ei, dtype=torch.float64).to(dtype)[:, None].expand(13, 11))
     assert torch.equal(c[1], torch.tensor(ej, dtype=torch.float64).to(dtype)[None, :].expand(13, 11))
     radius = torch.tensor([[math.hypot(a, b) for b in ej] for a in ei], dtype=torch.float64)
-    ulp = torch.finfo(dtype).eps * radius.clamp(min=2 ** -10)
+    ulp = torch.finfo(dtype).eps * radius.clamp(min=2**-10)
     assert (c[2].double() - radius).abs().le(ulp).all()
 
 
@@ -83,8 +83,17 @@ def test_add_coords_concatenates():
     [(5, 5, 1, 1, 1, 3), (3, 7, 2, 0, 1, 3), (4, 6, 2, 1, 1, 4), (6, 6, 1, 1, 2, 2), (3, 1, 1, 1, 1, 3)],
 )
 def test_centre_coordinates_formula(out_n, in_n, stride, pad, dil, k):
-    c = centre_coord_channels((out_n,), (in_n,), False, stride=(stride,), pad_before=(pad,),
-                              dilation=(dil,), kernel_size=(k,), dtype=torch.float64, device="cpu")
+    c = centre_coord_channels(
+        (out_n,),
+        (in_n,),
+        False,
+        stride=(stride,),
+        pad_before=(pad,),
+        dilation=(dil,),
+        kernel_size=(k,),
+        dtype=torch.float64,
+        device="cpu",
+    )
     for o in range(out_n):
         h = o * stride - pad + dil * (k - 1) / 2
         expected = 0.0 if in_n == 1 else 2 * h / (in_n - 1) - 1
@@ -120,8 +129,9 @@ def test_reference_is_cat_then_conv(backend):
     conv1 = torch.nn.Conv1d(2 + 2, 3, 3, padding="same", dtype=torch.float64)
     x1 = torch.randn(2, 2, 7, dtype=torch.float64)
     expected1 = conv1(AddCoords(1, with_r=True)(x1))
-    got1 = coord_conv1d(x1, conv1.weight[:, :2], conv1.weight[:, 2:], conv1.bias, 1, "same", 1, 1,
-                        "zeros", True, backend)
+    got1 = coord_conv1d(
+        x1, conv1.weight[:, :2], conv1.weight[:, 2:], conv1.bias, 1, "same", 1, 1, "zeros", True, backend
+    )
     torch.testing.assert_close(got1, expected1, atol=1e-12, rtol=1e-12)
 
 
@@ -146,9 +156,9 @@ def test_radius_is_correctly_rounded_in_float32():
 T = 1 / 3
 PADDED_4 = {
     "zeros": [0, 0, -1, -T, T, 1, 0],
-    "reflect": [T, -T, -1, -T, T, 1, T],        # indices 2 1 | 0 1 2 3 | 2
+    "reflect": [T, -T, -1, -T, T, 1, T],  # indices 2 1 | 0 1 2 3 | 2
     "replicate": [-1, -1, -1, -T, T, 1, 1],
-    "circular": [T, 1, -1, -T, T, 1, -1],       # indices 2 3 | 0 1 2 3 | 0
+    "circular": [T, 1, -1, -T, T, 1, -1],  # indices 2 3 | 0 1 2 3 | 0
 }
 
 
@@ -171,21 +181,32 @@ def test_padded_radius_2d_reflect_by_hand():
             assert got[:, y, x].tolist() == pytest.approx([a, b, math.hypot(a, b)], abs=1e-15)
 
 
-@pytest.mark.parametrize("name,n,kwargs,expected", [
-    # 'same' with an even kernel (k=4): padding (1, 2), centres at o + 0.5 -> (2o - 4) / 5, not clipped
-    ("same-even", 6, dict(kernel=4, stride=1, pad_before=1, dilation=1, out=6), [-0.8, -0.4, 0, 0.4, 0.8, 1.2]),
-    # k=3, stride 2, padding 1 (explicit, e.g. reflect): centres at 2o -> (4o - 6) / 6
-    ("strided", 7, dict(kernel=3, stride=2, pad_before=1, dilation=1, out=4), [-1, -T, T, 1]),
-    # dilation 2, k=3, no padding: centres at o + 2 -> (2o + 4 - 6) / 6
-    ("dilated", 7, dict(kernel=3, stride=1, pad_before=0, dilation=2, out=3), [-T, 0, T]),
-    # a one-position axis has coordinate 0 everywhere
-    ("size-1", 1, dict(kernel=3, stride=1, pad_before=1, dilation=1, out=1), [0]),
-])
+@pytest.mark.parametrize(
+    "name,n,kwargs,expected",
+    [
+        # 'same' with an even kernel (k=4): padding (1, 2), centres at o + 0.5 -> (2o - 4) / 5, not clipped
+        ("same-even", 6, dict(kernel=4, stride=1, pad_before=1, dilation=1, out=6), [-0.8, -0.4, 0, 0.4, 0.8, 1.2]),
+        # k=3, stride 2, padding 1 (explicit, e.g. reflect): centres at 2o -> (4o - 6) / 6
+        ("strided", 7, dict(kernel=3, stride=2, pad_before=1, dilation=1, out=4), [-1, -T, T, 1]),
+        # dilation 2, k=3, no padding: centres at o + 2 -> (2o + 4 - 6) / 6
+        ("dilated", 7, dict(kernel=3, stride=1, pad_before=0, dilation=2, out=3), [-T, 0, T]),
+        # a one-position axis has coordinate 0 everywhere
+        ("size-1", 1, dict(kernel=3, stride=1, pad_before=1, dilation=1, out=1), [0]),
+    ],
+)
 def test_centres_by_hand(name, n, kwargs, expected):
     out = kwargs.pop("out")
-    c = centre_coord_channels((out,), (n,), False, stride=(kwargs["stride"],), pad_before=(kwargs["pad_before"],),
-                              dilation=(kwargs["dilation"],), kernel_size=(kwargs["kernel"],),
-                              dtype=torch.float64, device="cpu")
+    c = centre_coord_channels(
+        (out,),
+        (n,),
+        False,
+        stride=(kwargs["stride"],),
+        pad_before=(kwargs["pad_before"],),
+        dilation=(kwargs["dilation"],),
+        kernel_size=(kwargs["kernel"],),
+        dtype=torch.float64,
+        device="cpu",
+    )
     torch.testing.assert_close(c[0], torch.tensor(expected, dtype=torch.float64), atol=1e-15, rtol=0)
 
 
@@ -210,9 +231,9 @@ def test_backend_sees_padded_coordinates(backend, mode):
     # output o reads padded position o, tap 2 reads o + 2.
     padded = {  # PADDED_4 with a second position after the image
         "zeros": [0, 0, -1, -T, T, 1, 0, 0],
-        "reflect": [T, -T, -1, -T, T, 1, T, -T],      # indices 2 1 | 0 1 2 3 | 2 1
+        "reflect": [T, -T, -1, -T, T, 1, T, -T],  # indices 2 1 | 0 1 2 3 | 2 1
         "replicate": [-1, -1, -1, -T, T, 1, 1, 1],
-        "circular": [T, 1, -1, -T, T, 1, -1, -T],     # indices 2 3 | 0 1 2 3 | 0 1
+        "circular": [T, 1, -1, -T, T, 1, -1, -T],  # indices 2 3 | 0 1 2 3 | 0 1
     }[mode]
     x = torch.zeros(1, 1, 4, dtype=torch.float64)
     w = torch.zeros(1, 1, 3, dtype=torch.float64)
@@ -220,21 +241,51 @@ def test_backend_sees_padded_coordinates(backend, mode):
         cw = torch.zeros(1, 1, 3, dtype=torch.float64)
         cw[0, 0, tap] = 1
         y = coord_conv1d(x, w, cw, None, 1, 2, 1, 1, mode, False, backend)
-        torch.testing.assert_close(y[0, 0], torch.tensor(padded[tap:tap + 6], dtype=torch.float64),
-                                   atol=1e-15, rtol=0, msg=lambda m, t=tap: f"tap {t}: {m}")
+        torch.testing.assert_close(
+            y[0, 0],
+            torch.tensor(padded[tap : tap + 6], dtype=torch.float64),
+            atol=1e-15,
+            rtol=0,
+            msg=lambda m, t=tap: f"tap {t}: {m}",
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_sees_receptive_field_centres(backend):
     # 'same', even kernel 4 on 6 positions (the 'same-even' row above), and stride 2 with reflect.
     x = torch.zeros(1, 1, 6, dtype=torch.float64)
-    y = coord_conv1d(x, torch.zeros(1, 1, 4, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64),
-                     None, 1, "same", 1, 1, "zeros", False, backend, coord_kernel_size=1)
-    torch.testing.assert_close(y[0, 0], torch.tensor([-0.8, -0.4, 0, 0.4, 0.8, 1.2], dtype=torch.float64),
-                               atol=1e-15, rtol=0)
+    y = coord_conv1d(
+        x,
+        torch.zeros(1, 1, 4, dtype=torch.float64),
+        torch.ones(1, 1, 1, dtype=torch.float64),
+        None,
+        1,
+        "same",
+        1,
+        1,
+        "zeros",
+        False,
+        backend,
+        coord_kernel_size=1,
+    )
+    torch.testing.assert_close(
+        y[0, 0], torch.tensor([-0.8, -0.4, 0, 0.4, 0.8, 1.2], dtype=torch.float64), atol=1e-15, rtol=0
+    )
     x = torch.zeros(1, 1, 7, dtype=torch.float64)
-    y = coord_conv1d(x, torch.zeros(1, 1, 3, dtype=torch.float64), torch.ones(1, 1, 1, dtype=torch.float64),
-                     None, 2, 1, 1, 1, "reflect", False, backend, coord_kernel_size=1)
+    y = coord_conv1d(
+        x,
+        torch.zeros(1, 1, 3, dtype=torch.float64),
+        torch.ones(1, 1, 1, dtype=torch.float64),
+        None,
+        2,
+        1,
+        1,
+        1,
+        "reflect",
+        False,
+        backend,
+        coord_kernel_size=1,
+    )
     torch.testing.assert_close(y[0, 0], torch.tensor([-1, -T, T, 1], dtype=torch.float64), atol=1e-15, rtol=0)
 
 
@@ -253,7 +304,13 @@ def test_backend_sees_2d_radius_and_3d_axes(backend):
     # 3-D: the W channel (index 2) through a 1x1x1 kernel is the W coordinate itself.
     from coordconv_fused import coord_conv3d
 
-    y = coord_conv3d(torch.zeros(1, 1, 2, 3, 5, dtype=torch.float64), torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64),
-                     torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1, 1), None, backend=backend)
-    torch.testing.assert_close(y[0, 0, 1, 2], torch.tensor([-1, -0.5, 0, 0.5, 1], dtype=torch.float64),
-                               atol=1e-15, rtol=0)
+    y = coord_conv3d(
+        torch.zeros(1, 1, 2, 3, 5, dtype=torch.float64),
+        torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64),
+        torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64).reshape(1, 3, 1, 1, 1),
+        None,
+        backend=backend,
+    )
+    torch.testing.assert_close(
+        y[0, 0, 1, 2], torch.tensor([-1, -0.5, 0, 0.5, 1], dtype=torch.float64), atol=1e-15, rtol=0
+    )

@@ -2,7 +2,6 @@
 (script and trace), autocast, channels_last, DistributedDataParallel, and model conversion of a
 real torchvision ResNet."""
 
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -27,16 +26,33 @@ EAGER_BACKENDS = ["torch", "cpp", "auto"]  # (triton: tests/test_triton.py)
 # ---- ONNX ----------------------------------------------------------------------------------------
 
 ONNX_MODELS = {
-    "1d": (lambda: nn.Sequential(CoordConv1d(2, 4, 3, padding=1, with_r=True), nn.ReLU(),
-                                 CoordConv1d(4, 3, 4, padding="same", padding_mode="reflect",
-                                             coord_kernel_size=1)), (2, 2, 11), [(1, 2, 5), (3, 2, 17)]),
-    "2d": (lambda: nn.Sequential(CoordConv2d(3, 8, 3, padding=1, with_r=True), nn.ReLU(),
-                                 CoordConv2d(8, 4, 3, stride=2, padding=1, padding_mode="replicate"),
-                                 CoordConv2d(4, 4, 4, padding="same", coord_kernel_size=1, with_r=True)),
-           (2, 3, 9, 7), [(1, 3, 5, 12), (4, 3, 1, 6), (3, 3, 16, 16)]),
-    "3d": (lambda: nn.Sequential(CoordConv3d(1, 2, 3, padding=1, with_r=True),
-                                 CoordConv3d(2, 2, 2, coord_kernel_size=1, padding_mode="replicate", padding=1)),
-           (1, 1, 4, 5, 6), [(2, 1, 3, 3, 3), (1, 1, 6, 2, 5), (1, 1, 1, 4, 3)]),
+    "1d": (
+        lambda: nn.Sequential(
+            CoordConv1d(2, 4, 3, padding=1, with_r=True),
+            nn.ReLU(),
+            CoordConv1d(4, 3, 4, padding="same", padding_mode="reflect", coord_kernel_size=1),
+        ),
+        (2, 2, 11),
+        [(1, 2, 5), (3, 2, 17)],
+    ),
+    "2d": (
+        lambda: nn.Sequential(
+            CoordConv2d(3, 8, 3, padding=1, with_r=True),
+            nn.ReLU(),
+            CoordConv2d(8, 4, 3, stride=2, padding=1, padding_mode="replicate"),
+            CoordConv2d(4, 4, 4, padding="same", coord_kernel_size=1, with_r=True),
+        ),
+        (2, 3, 9, 7),
+        [(1, 3, 5, 12), (4, 3, 1, 6), (3, 3, 16, 16)],
+    ),
+    "3d": (
+        lambda: nn.Sequential(
+            CoordConv3d(1, 2, 3, padding=1, with_r=True),
+            CoordConv3d(2, 2, 2, coord_kernel_size=1, padding_mode="replicate", padding=1),
+        ),
+        (1, 1, 4, 5, 6),
+        [(2, 1, 3, 3, 3), (1, 1, 6, 2, 5), (1, 1, 1, 4, 3)],
+    ),
 }
 
 
@@ -65,11 +81,15 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
 
 # ---- TorchScript ---------------------------------------------------------------------------------
 
+
 def _script_model():
     torch.manual_seed(0)
-    return nn.Sequential(CoordConv2d(3, 8, 3, padding=1, with_r=True), nn.ReLU(),
-                         CoordConv2d(8, 4, 4, padding="same", padding_mode="reflect", coord_kernel_size=1),
-                         CoordConvTranspose2d(4, 2, 2, stride=2, with_r=True))
+    return nn.Sequential(
+        CoordConv2d(3, 8, 3, padding=1, with_r=True),
+        nn.ReLU(),
+        CoordConv2d(8, 4, 4, padding="same", padding_mode="reflect", coord_kernel_size=1),
+        CoordConvTranspose2d(4, 2, 2, stride=2, with_r=True),
+    )
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -100,6 +120,7 @@ def test_torchscript_trace_matches_eager():
 
 # ---- autocast ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", EAGER_BACKENDS + ["reference"])
 @pytest.mark.parametrize("kwargs", [{"with_r": True}, {"padding_mode": "reflect", "coord_kernel_size": 1}], ids=str)
 def test_autocast_bfloat16_follows_conv2d(backend, kwargs):
@@ -121,6 +142,7 @@ def test_autocast_bfloat16_follows_conv2d(backend, kwargs):
 
 # ---- channels_last -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", EAGER_BACKENDS)
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
 def test_channels_last_follows_conv2d(backend, padding_mode):
@@ -140,11 +162,16 @@ def test_channels_last_follows_conv2d(backend, padding_mode):
 
 # ---- DistributedDataParallel ----------------------------------------------------------------------
 
+
 def _ddp_model(backend="auto"):
     torch.manual_seed(0)
-    return nn.Sequential(CoordConv2d(2, 8, 3, padding=1, with_r=True, backend=backend), nn.ReLU(),
-                         CoordConv2d(8, 4, 3, padding=1, coord_kernel_size=1, backend=backend), nn.Flatten(),
-                         nn.Linear(4 * 6 * 5, 3))
+    return nn.Sequential(
+        CoordConv2d(2, 8, 3, padding=1, with_r=True, backend=backend),
+        nn.ReLU(),
+        CoordConv2d(8, 4, 3, padding=1, coord_kernel_size=1, backend=backend),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 5, 3),
+    )
 
 
 def _ddp_data():
@@ -167,7 +194,7 @@ def _ddp_worker(rank, rendezvous, out_path):
     try:
         model = nn.parallel.DistributedDataParallel(_ddp_model())
         x, y = _ddp_data()
-        _train(model, x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])
+        _train(model, x[rank * 4 : (rank + 1) * 4], y[rank * 4 : (rank + 1) * 4])
         if rank == 0:
             torch.save(model.module.state_dict(), out_path)
     finally:
@@ -189,6 +216,7 @@ def test_ddp_two_processes_equals_single_process_reference(tmp_path):
 
 
 # ---- conversion of a real model -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_convert_torchvision_resnet18(backend):

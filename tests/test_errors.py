@@ -24,8 +24,16 @@ X, W, CW, B = _t(2, 3, 8, 8), _t(4, 3, 3, 3), _t(4, 2, 3, 3), _t(4)
         ({"coord_weight": _t(4, 2, 2, 2)}, "coord_weight must have shape"),
         ({"bias": _t(5)}, r"bias must have shape \[4\]"),
         ({"groups": 2}, "expects 6 input channels"),
-        ({"input": _t(2, 6, 8, 8), "weight": _t(5, 3, 3, 3), "coord_weight": _t(5, 2, 3, 3),
-          "bias": _t(5), "groups": 2}, "out_channels=5 is not divisible by groups=2"),
+        (
+            {
+                "input": _t(2, 6, 8, 8),
+                "weight": _t(5, 3, 3, 3),
+                "coord_weight": _t(5, 2, 3, 3),
+                "bias": _t(5),
+                "groups": 2,
+            },
+            "out_channels=5 is not divisible by groups=2",
+        ),
         ({"groups": 0}, "groups must be a positive int"),
         ({"padding_mode": "mirror"}, "padding_mode must be one of"),
         ({"padding": "full"}, "padding must be 'same', 'valid'"),
@@ -38,8 +46,10 @@ X, W, CW, B = _t(2, 3, 8, 8), _t(4, 3, 3, 3), _t(4, 2, 3, 3), _t(4)
         ({"backend": 3}, "backend must be a string"),
         ({"input": _t(2, 3, 2, 8)}, "too small for kernel_size"),
         ({"input": _t(2, 3, 3, 8), "padding": 3, "padding_mode": "reflect"}, "too large for padding_mode='reflect'"),
-        ({"input": _t(2, 3, 8, 8, dtype=torch.float64)},
-         "weight has dtype torch.float32 but input has dtype torch.float64"),
+        (
+            {"input": _t(2, 3, 8, 8, dtype=torch.float64)},
+            "weight has dtype torch.float32 but input has dtype torch.float64",
+        ),
         ({"coord_weight": _t(4, 2, 3, 3, dtype=torch.float64)}, "coord_weight has dtype"),
         ({"bias": _t(4, dtype=torch.float64)}, "bias has dtype"),
         ({"input": torch.ones(2, 3, 8, 8, dtype=torch.int64)}, "must be a floating-point tensor"),
@@ -63,15 +73,20 @@ def test_meta_device_mismatch_is_named():
 def test_unavailable_backend_is_actionable():
     from coordconv_fused import backends
 
-    fake = backends.Backend("fake_gpu", backends.coord_conv_decomposed, devices=frozenset({"cuda"}),
-                            unavailable_reason=lambda: "build the extension with FORCE_CUDA=1")
+    fake = backends.Backend(
+        "fake_gpu",
+        backends.coord_conv_decomposed,
+        devices=frozenset({"cuda"}),
+        unavailable_reason=lambda: "build the extension with FORCE_CUDA=1",
+    )
     with backends.temporary_backend(fake):
         with pytest.raises(RuntimeError, match="backend 'fake_gpu' is not available: build the extension"):
             coord_conv2d(X, W, CW, B, backend="fake_gpu")
         assert "fake_gpu" not in backends.available_backends()
     assert "fake_gpu" not in backends.backend_names()
-    with backends.temporary_backend(backends.Backend("fake_gpu", backends.coord_conv_decomposed,
-                                                     devices=frozenset({"cuda"}))):
+    with backends.temporary_backend(
+        backends.Backend("fake_gpu", backends.coord_conv_decomposed, devices=frozenset({"cuda"}))
+    ):
         with pytest.raises(RuntimeError, match=r"runs on \['cuda'\] tensors, but the input is on cpu"):
             coord_conv2d(X, W, CW, B, backend="fake_gpu")
 
@@ -106,11 +121,15 @@ def test_edge_shapes_work():
 
 
 @pytest.mark.parametrize("value", ["yes", None, 2, "1", 0])
-@pytest.mark.parametrize("make", [
-    lambda v: CoordConv2d(3, 4, 3, with_r=v),
-    lambda v: CoordConvTranspose2d(3, 4, 3, with_r=v),
-    lambda v: coord_conv2d(X, W, CW, B, with_r=v),
-], ids=["CoordConv2d", "CoordConvTranspose2d", "coord_conv2d"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: CoordConv2d(3, 4, 3, with_r=v),
+        lambda v: CoordConvTranspose2d(3, 4, 3, with_r=v),
+        lambda v: coord_conv2d(X, W, CW, B, with_r=v),
+    ],
+    ids=["CoordConv2d", "CoordConvTranspose2d", "coord_conv2d"],
+)
 def test_with_r_must_be_a_bool(make, value):
     with pytest.raises(ValueError, match=f"with_r must be True or False, got {value!r}"):
         make(value)

@@ -16,8 +16,12 @@ pytestmark = pytest.mark.backend("cpp")
 @pytest.fixture
 def emulated_backend():
     """Expose the emulated CUDA backend to the functional API for the duration of a test."""
-    b = backends.Backend("cuda_emulated", extension.coord_conv_cuda_emulated, devices=frozenset({"cpu"}),
-                         supports=lambda spec: "transposed" if spec.transposed else None)
+    b = backends.Backend(
+        "cuda_emulated",
+        extension.coord_conv_cuda_emulated,
+        devices=frozenset({"cpu"}),
+        supports=lambda spec: "transposed" if spec.transposed else None,
+    )
     with backends.temporary_backend(b) as name:
         yield name
 
@@ -66,18 +70,19 @@ def test_emulated_cuda_gradcheck(emulated_backend):
     case = Case((4, 3), batch=1, in_channels=2, out_channels=2, padding=1, with_r=True, padding_mode="reflect")
     tensors = case.make_tensors(torch.float64, seed=2)
     names = [n for n, t in tensors.items() if t is not None]
-    assert torch.autograd.gradcheck(lambda *a: case.run(emulated_backend, dict(zip(names, a))),
-                                    tuple(tensors[n] for n in names))
+    assert torch.autograd.gradcheck(
+        lambda *a: case.run(emulated_backend, dict(zip(names, a))), tuple(tensors[n] for n in names)
+    )
 
 
 CPP_CASES = [
     Case((64, 64), batch=4, in_channels=1, out_channels=8, kernel_size=1),  # the paper's 1x1 layer
     Case((9, 8), in_channels=1, out_channels=3, kernel_size=1, padding=2, with_r=True),
-    Case((9, 8), in_channels=1, out_channels=3, kernel_size=1, stride=2, separate=True, padding_mode="reflect",
-         padding=1),
+    Case(
+        (9, 8), in_channels=1, out_channels=3, kernel_size=1, stride=2, separate=True, padding_mode="reflect", padding=1
+    ),
     Case((30, 31), batch=2, in_channels=3, out_channels=7, kernel_size=7, stride=2, padding=3, with_r=True),
-    Case((12, 11), in_channels=4, out_channels=6, kernel_size=4, padding="same", padding_mode="circular",
-         with_r=True),
+    Case((12, 11), in_channels=4, out_channels=6, kernel_size=4, padding="same", padding_mode="circular", with_r=True),
 ]
 
 
@@ -108,8 +113,10 @@ AVX512_CASES = [
 ]
 
 
-@pytest.mark.skipif(extension.LOAD_ERROR is None and not extension.avx512_direct_available(),
-                    reason="the CPU has no AVX-512 (the kernel is not used there)")
+@pytest.mark.skipif(
+    extension.LOAD_ERROR is None and not extension.avx512_direct_available(),
+    reason="the CPU has no AVX-512 (the kernel is not used there)",
+)
 @pytest.mark.parametrize("case", AVX512_CASES, ids=str)
 def test_cpp_avx512_direct_kernel(case, monkeypatch):
     monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
@@ -118,8 +125,11 @@ def test_cpp_avx512_direct_kernel(case, monkeypatch):
     assert extension._C.avx512_direct_calls() > calls, "the case did not take the AVX-512 kernel"
 
 
-@pytest.mark.parametrize("case", AVX512_CASES[:4] + [Case((9, 130), batch=3, in_channels=1, out_channels=7,
-                                                          kernel_size=1, padding=1, with_r=True)], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    AVX512_CASES[:4] + [Case((9, 130), batch=3, in_channels=1, out_channels=7, kernel_size=1, padding=1, with_r=True)],
+    ids=str,
+)
 def test_cpp_without_avx512_kernel(case, monkeypatch):
     """The same layers through the paths other CPUs take: oneDNN + epilogue, or the row kernel at depth 1."""
     monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
@@ -138,17 +148,20 @@ def test_cpp_parallel_loops_use_threads():
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("case", [
-    Case((5, 4), padding=1, with_r=True),
-    Case((5, 4), in_channels=1, kernel_size=1, padding=1, with_r=True),
-    Case((6, 5), separate=True, kernel_size=2, padding="same", padding_mode="reflect", with_r=True),
-    Case((3, 3, 4), kernel_size=2, with_r=True, padding=1, padding_mode="replicate"),
-], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case((5, 4), padding=1, with_r=True),
+        Case((5, 4), in_channels=1, kernel_size=1, padding=1, with_r=True),
+        Case((6, 5), separate=True, kernel_size=2, padding="same", padding_mode="reflect", with_r=True),
+        Case((3, 3, 4), kernel_size=2, with_r=True, padding=1, padding_mode="replicate"),
+    ],
+    ids=str,
+)
 def test_cpp_gradcheck(case):
     tensors = case.make_tensors(torch.float64, seed=4)
     names = [n for n, t in tensors.items() if t is not None]
-    assert torch.autograd.gradcheck(lambda *a: case.run("cpp", dict(zip(names, a))),
-                                    tuple(tensors[n] for n in names))
+    assert torch.autograd.gradcheck(lambda *a: case.run("cpp", dict(zip(names, a))), tuple(tensors[n] for n in names))
 
 
 def _op_args(separate=False, mode="zeros", c_in=3, k=3):
@@ -175,8 +188,17 @@ def test_opcheck_grad_ops(name):
     torch.library.opcheck(getattr(torch.ops.coordconv_fused, name).default, args)
 
 
-@pytest.mark.parametrize("mask", [(True, True, True, True), (False, True, True, False), (True, False, False, True),
-                                  (False, False, True, False), (False, False, False, False)], ids=str)
+@pytest.mark.parametrize(
+    "mask",
+    [
+        (True, True, True, True),
+        (False, True, True, False),
+        (True, False, False, True),
+        (False, False, True, False),
+        (False, False, False, False),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("kwargs", [{}, {"separate": True}, {"mode": "reflect"}, {"c_in": 1, "k": 1}], ids=str)
 def test_backward_op(kwargs, mask):
     """coord_conv_ext_backward (the cpp backend's whole backward in one call) against autograd through the
@@ -223,26 +245,31 @@ def test_backward_op_half_and_batch():
     got = torch.ops.coordconv_fused.coord_conv_ext_backward(*args, *rest, [False, False, True, True])
     gs = g.to(torch.bfloat16).float().sum(0, keepdim=True)
     expected_cw = torch.ops.coordconv_fused.coord_conv_cuda_emulated_coord_weight_grad(
-        gs, x.float(), w.detach().float(), cw.detach().float(), *rest)
+        gs, x.float(), w.detach().float(), cw.detach().float(), *rest
+    )
     assert got[2].dtype == got[3].dtype == torch.bfloat16
     torch.testing.assert_close(got[2].float(), expected_cw, atol=0.1, rtol=0.01)
     torch.testing.assert_close(got[3].float(), gs.sum((0, 2, 3)), atol=0.1, rtol=0.01)
 
 
 @pytest.mark.parametrize("no_avx512", [False, True], ids=["kernel", "aten"])
-@pytest.mark.parametrize("shape", [
-    # (N, C_in, spatial, C_out, kernel, padding, dilation, stride)
-    (2, 3, (9, 21), 5, 3, 1, 1, 1),
-    (1, 2, (8, 70), 8, (3, 5), (0, 2), (2, 1), 1),
-    (3, 1, (37,), 6, 5, 4, 1, 1),           # 1-D, padding = dil * (k - 1): the transposed pad is 0
-    (2, 3, (10, 10), 4, 3, 1, 1, 2),        # stride 2: four phases
-    (1, 3, (23, 30), 8, 7, 3, 1, 2),        # a ResNet stem, odd height
-    (2, 2, (11, 20), 5, 3, (2, 1), 2, 3),   # stride 3 with dilation 2
-    (2, 3, (9, 12), 4, 1, 0, 1, 2),         # 1x1 stride 2: the odd positions get no tap (zero)
-    (2, 3, (21,), 4, 4, 1, 1, 2),           # 1-D, even kernel
-    (2, 16, (6, 50), 40, 3, 1, 1, 1),       # 16 channels, deep transposed problem: convolution_backward
-    (2, 8, (10, 40), 6, 3, 1, 1, 2),        # strided on 8 channels: convolution_backward
-], ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        # (N, C_in, spatial, C_out, kernel, padding, dilation, stride)
+        (2, 3, (9, 21), 5, 3, 1, 1, 1),
+        (1, 2, (8, 70), 8, (3, 5), (0, 2), (2, 1), 1),
+        (3, 1, (37,), 6, 5, 4, 1, 1),  # 1-D, padding = dil * (k - 1): the transposed pad is 0
+        (2, 3, (10, 10), 4, 3, 1, 1, 2),  # stride 2: four phases
+        (1, 3, (23, 30), 8, 7, 3, 1, 2),  # a ResNet stem, odd height
+        (2, 2, (11, 20), 5, 3, (2, 1), 2, 3),  # stride 3 with dilation 2
+        (2, 3, (9, 12), 4, 1, 0, 1, 2),  # 1x1 stride 2: the odd positions get no tap (zero)
+        (2, 3, (21,), 4, 4, 1, 1, 2),  # 1-D, even kernel
+        (2, 16, (6, 50), 40, 3, 1, 1, 1),  # 16 channels, deep transposed problem: convolution_backward
+        (2, 8, (10, 40), 6, 3, 1, 1, 2),  # strided on 8 channels: convolution_backward
+    ],
+    ids=str,
+)
 def test_input_grad_op(shape, no_avx512, monkeypatch):
     """The cpp backend's input gradient (a direct kernel per stride phase for layers on few channels) against
     ATen's convolution_backward, opcheck'ed; the kernel runs exactly where avx512_input_grad_pays."""
@@ -274,8 +301,10 @@ def test_cached_coordinate_term_follows_coord_weight():
     with torch.no_grad():
         first = m(x)
         assert torch.equal(m(x), first)  # served from the cache
-        for update in (lambda: m.coord_weight.mul_(2),  # in place: the version counter changes
-                       lambda: m.coord_weight.data.add_(1)):  # through .data: it does not
+        for update in (
+            lambda: m.coord_weight.mul_(2),  # in place: the version counter changes
+            lambda: m.coord_weight.data.add_(1),
+        ):  # through .data: it does not
             update()
             got = m(x)
             m.backend = "reference"
@@ -299,8 +328,7 @@ def test_transposed_refused_and_cuda_unavailable_is_actionable():
     from coordconv_fused import coord_conv_transpose2d
 
     with pytest.raises(ValueError, match="not implemented in the C\\+\\+/CUDA kernels"):
-        coord_conv_transpose2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3),
-                               backend="cpp")
+        coord_conv_transpose2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3), backend="cpp")
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
             coord_conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3), torch.randn(4, 2, 3, 3), backend="cuda")
@@ -326,8 +354,10 @@ def test_native_ops_have_their_cpu_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CPU"), name
 
 
-@pytest.mark.skipif(__import__("os").environ.get("COORDCONV_EXPECT_CUDA") != "1",
-                    reason="only where the build was asked for CUDA (CI sets COORDCONV_EXPECT_CUDA=1)")
+@pytest.mark.skipif(
+    __import__("os").environ.get("COORDCONV_EXPECT_CUDA") != "1",
+    reason="only where the build was asked for CUDA (CI sets COORDCONV_EXPECT_CUDA=1)",
+)
 def test_cuda_kernels_were_compiled():
     # CI builds with FORCE_CUDA=1: the CUDA sources compiled and their kernels are registered.
     assert extension.has_cuda_kernels()

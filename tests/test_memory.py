@@ -31,8 +31,16 @@ def test_fused_backends_save_no_more_than_conv(backend, padding_mode, with_r, co
     n, c, h, w = 16, 8, 32, 24
     x = torch.randn(n, c, h, w, requires_grad=True)
     conv = nn.Conv2d(c, 8, 3, padding=1, padding_mode=padding_mode)
-    cc = CoordConv2d(c, 8, 3, padding=1, padding_mode=padding_mode, with_r=with_r,
-                     coord_kernel_size=coord_kernel_size, backend=backend)
+    cc = CoordConv2d(
+        c,
+        8,
+        3,
+        padding=1,
+        padding_mode=padding_mode,
+        with_r=with_r,
+        coord_kernel_size=coord_kernel_size,
+        backend=backend,
+    )
     plain = _saved_bytes(conv, x)
     ours = _saved_bytes(cc, x)
     assert ours <= plain + cc.coord_weight.numel() * 4

@@ -22,8 +22,7 @@ from coordconv_fused import (
 
 
 def test_is_a_conv2d_with_coord_weight():
-    m = CoordConv2d(3, 8, 3, stride=2, padding=1, dilation=1, groups=1,
-                    bias=True, padding_mode="reflect", with_r=True)
+    m = CoordConv2d(3, 8, 3, stride=2, padding=1, dilation=1, groups=1, bias=True, padding_mode="reflect", with_r=True)
     assert isinstance(m, nn.Conv2d)
     assert m.coord_weight.shape == (8, 3, 3, 3)
     assert m.padding_mode == "reflect" and m.stride == (2, 2)
@@ -101,8 +100,7 @@ class SmallResNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(),
-                                   nn.Conv2d(8, 8, 1))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 8, 1))
         self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1, padding_mode="reflect")
         self.up = nn.ConvTranspose2d(16, 4, 2, stride=2)
         self.head = nn.Conv1d(4, 2, 3, padding=1)
@@ -157,11 +155,14 @@ def _roundtrip_state(m):
     return torch.load(buf)
 
 
-@pytest.mark.parametrize("make", [
-    lambda: CoordConv2d(3, 4, 3, padding=1, with_r=True),
-    lambda: CoordConv1d(3, 4, 3, coord_kernel_size=1),
-    lambda: CoordConvTranspose2d(3, 4, 3, stride=2, with_r=True),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: CoordConv2d(3, 4, 3, padding=1, with_r=True),
+        lambda: CoordConv1d(3, 4, 3, coord_kernel_size=1),
+        lambda: CoordConvTranspose2d(3, 4, 3, stride=2, with_r=True),
+    ],
+)
 def test_state_dict_deepcopy_pickle(make):
     torch.manual_seed(0)
     m = make()
@@ -177,8 +178,7 @@ def test_state_dict_deepcopy_pickle(make):
     assert torch.equal(m3(x), expected) and repr(m3) == repr(m)
 
 
-@pytest.mark.parametrize("cls,nd", [(CoordConvTranspose1d, 1), (CoordConvTranspose2d, 2),
-                                    (CoordConvTranspose3d, 3)])
+@pytest.mark.parametrize("cls,nd", [(CoordConvTranspose1d, 1), (CoordConvTranspose2d, 2), (CoordConvTranspose3d, 3)])
 def test_transposed_output_size_and_shapes(cls, nd):
     m = cls(4, 6, 3, stride=2, padding=1, groups=2, with_r=True)
     assert m.coord_weight.shape == (nd + 1, 6, *(3,) * nd)
@@ -190,9 +190,18 @@ def test_transposed_output_size_and_shapes(cls, nd):
 
 
 def test_public_api():
-    for name in ("CoordConv1d", "CoordConv2d", "CoordConv3d", "CoordConvTranspose2d", "AddCoords",
-                 "coord_conv1d", "coord_conv2d", "coord_conv3d", "convert_to_coordconv",
-                 "available_backends"):
+    for name in (
+        "CoordConv1d",
+        "CoordConv2d",
+        "CoordConv3d",
+        "CoordConvTranspose2d",
+        "AddCoords",
+        "coord_conv1d",
+        "coord_conv2d",
+        "coord_conv3d",
+        "convert_to_coordconv",
+        "available_backends",
+    ):
         assert hasattr(cc, name)
     assert {"reference", "torch"} <= set(cc.available_backends())
 
@@ -233,8 +242,10 @@ def test_non_contiguous_parameters(backend):
     x = torch.randn(2, 3, 7, 6)
     weights = {
         "transposed": (torch.randn(3, 4, 3, 3).transpose(0, 1), torch.randn(2, 4, 3, 3).transpose(0, 1)),
-        "channels_last": (torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last),
-                          torch.randn(4, 2, 3, 3).to(memory_format=torch.channels_last)),
+        "channels_last": (
+            torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last),
+            torch.randn(4, 2, 3, 3).to(memory_format=torch.channels_last),
+        ),
         "sliced": (torch.randn(8, 3, 3, 3)[::2], torch.randn(4, 4, 3, 3)[:, 1:3]),
     }
     for name, (w, cw) in weights.items():

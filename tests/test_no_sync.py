@@ -25,8 +25,12 @@ def _tensors(fn, shape, kwargs, device):
     k = (3,) * nd
     d = nd + int(kwargs.get("with_r", False))
     ck = (1,) * nd if kwargs.get("coord_kernel_size") == 1 else k
-    return (torch.randn(*shape, device=device), torch.randn(4, shape[1], *k, device=device),
-            torch.randn(4, d, *ck, device=device), torch.randn(4, device=device))
+    return (
+        torch.randn(*shape, device=device),
+        torch.randn(4, shape[1], *k, device=device),
+        torch.randn(4, d, *ck, device=device),
+        torch.randn(4, device=device),
+    )
 
 
 IDS = ["2d-with_r", "2d-separate-reflect-stride2", "2d-same-circular", "1d-dilated", "3d-replicate"]
@@ -41,8 +45,7 @@ def test_cuda_path_reads_no_data_on_fake_tensors(fn, shape, kwargs, backend):
         assert y.device.type == "cuda"
         # The backward code (the autograd engine itself needs a real device: called directly).
         args = ops.op_arguments(x, _spec_of(fn, w, kwargs))[1]
-        ctx = types.SimpleNamespace(saved_tensors=(x, w, cw), needs_input_grad=(True,) * 4, has_bias=True,
-                                    args=args)
+        ctx = types.SimpleNamespace(saved_tensors=(x, w, cw), needs_input_grad=(True,) * 4, has_bias=True, args=args)
         grads = ops.differentiable_backward(ctx, torch.randn_like(y))
         assert [g.shape for g in grads[:4]] == [x.shape, w.shape, cw.shape, b.shape]
         assert coord_weight_grad(torch.randn_like(y[:1]), x, w, cw, *args).shape == cw.shape
@@ -52,9 +55,17 @@ def _spec_of(fn, w, kwargs):
     from coordconv_fused.spec import make_spec
 
     nd = w.dim() - 2
-    return make_spec(nd, tuple(w.shape[2:]), kwargs.get("stride", 1), kwargs.get("padding", 0),
-                     kwargs.get("dilation", 1), 1, kwargs.get("padding_mode", "zeros"), kwargs.get("with_r", False),
-                     kwargs.get("coord_kernel_size") == 1)
+    return make_spec(
+        nd,
+        tuple(w.shape[2:]),
+        kwargs.get("stride", 1),
+        kwargs.get("padding", 0),
+        kwargs.get("dilation", 1),
+        1,
+        kwargs.get("padding_mode", "zeros"),
+        kwargs.get("with_r", False),
+        kwargs.get("coord_kernel_size") == 1,
+    )
 
 
 @pytest.mark.parametrize("fn,shape,kwargs", VARIANTS, ids=IDS)

@@ -9,9 +9,26 @@ import coordconv_fused  # noqa: F401  (registers the ops)
 OP = torch.ops.coordconv_fused.coord_conv.default
 
 
-def _args(n=2, c=3, cout=4, sizes=(6, 5), k=3, stride=1, padding=1, dilation=1, groups=1,
-          transposed=False, output_padding=0, coord_pad=None, mode="zeros", with_r=False,
-          separate=False, bias=True, dtype=torch.float32, channels_last=False):
+def _args(
+    n=2,
+    c=3,
+    cout=4,
+    sizes=(6, 5),
+    k=3,
+    stride=1,
+    padding=1,
+    dilation=1,
+    groups=1,
+    transposed=False,
+    output_padding=0,
+    coord_pad=None,
+    mode="zeros",
+    with_r=False,
+    separate=False,
+    bias=True,
+    dtype=torch.float32,
+    channels_last=False,
+):
     nd = len(sizes)
     d = nd + int(with_r)
     x = torch.randn(n, c, *sizes, dtype=dtype)
@@ -27,8 +44,22 @@ def _args(n=2, c=3, cout=4, sizes=(6, 5), k=3, stride=1, padding=1, dilation=1, 
     for t in (x, w, cw, b):
         if t is not None:
             t.requires_grad_()
-    return (x, w, cw, b, [stride] * nd, [padding] * nd, [dilation] * nd, transposed,
-            [output_padding] * nd, groups, coord_pad or [0] * (2 * nd), mode, with_r, separate)
+    return (
+        x,
+        w,
+        cw,
+        b,
+        [stride] * nd,
+        [padding] * nd,
+        [dilation] * nd,
+        transposed,
+        [output_padding] * nd,
+        groups,
+        coord_pad or [0] * (2 * nd),
+        mode,
+        with_r,
+        separate,
+    )
 
 
 CONFIGS = {

@@ -28,7 +28,7 @@ def test_not_so_clevr():
     assert torch.all(d.squares.flatten(1).sum(1) == 81)
     k = 1234
     i, j = d.centres[k].tolist()
-    assert d.squares[k, 0, i - 4:i + 5, j - 4:j + 5].sum() == 81
+    assert d.squares[k, 0, i - 4 : i + 5, j - 4 : j + 5].sum() == 81
     assert d.coords[:, 0].min() == 2 * 4 / 63 - 1 and d.coords[:, 0].max() == 2 * 59 / 63 - 1
 
 
@@ -92,8 +92,25 @@ def test_validation_block_is_held_out_of_training():
 
 def test_paper_cli_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "coordconv_fused.cli", "paper", "demo", "--quick", "--seeds", "0",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordconv_fused.cli",
+            "paper",
+            "demo",
+            "--quick",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
+    )
     assert "| classification | quadrant | coordconv | 7,553 |" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert [r["config"]["model"] for r in results] == ["coordconv", "baseline"]
@@ -104,12 +121,33 @@ def test_paper_cli_quick(tmp_path):
 
 def test_paper_cli_all_tasks_quick(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "coordconv_fused.cli", "paper", "all", "--quick", "--seeds", "0",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env, check=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coordconv_fused.cli",
+            "paper",
+            "all",
+            "--quick",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=True,
+    )
     results = json.loads((tmp_path / "results.json").read_text())
     runs = {(r["config"]["task"], r["config"]["split"], r["config"]["model"]) for r in results}
-    assert runs == {(t, s, m) for t in ("classification", "regression", "rendering")
-                    for s in ("uniform", "quadrant") for m in ("coordconv", "baseline")}
+    assert runs == {
+        (t, s, m)
+        for t in ("classification", "regression", "rendering")
+        for s in ("uniform", "quadrant")
+        for m in ("coordconv", "baseline")
+    }
     assert "| rendering | quadrant | coordconv | 7,635 |" in proc.stdout
     assert "| regression | uniform | coordconv | 906 |" in proc.stdout
     for r in results:

@@ -52,8 +52,16 @@ CASES = [
     # Transposed
     Case((5, 4), transposed=True),
     Case((5, 4), transposed=True, stride=2, padding=1, output_padding=1, with_r=True),
-    Case((4, 6), transposed=True, kernel_size=(2, 3), stride=(2, 1), dilation=(1, 2), groups=2,
-         in_channels=4, out_channels=6),
+    Case(
+        (4, 6),
+        transposed=True,
+        kernel_size=(2, 3),
+        stride=(2, 1),
+        dilation=(1, 2),
+        groups=2,
+        in_channels=4,
+        out_channels=6,
+    ),
     Case((6,), transposed=True, stride=3, padding=1, output_padding=2, bias=False),
     Case((3, 4, 2), transposed=True, stride=2, with_r=True),
     Case((1, 5), transposed=True, batch=0),
@@ -63,8 +71,22 @@ CASES = [
 def _id(case: Case) -> str:
     defaults = Case(case.sizes)
     parts = ["x".join(map(str, case.sizes))]
-    for f in ("batch", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
-              "groups", "padding_mode", "with_r", "separate", "bias", "transposed", "output_padding"):
+    for f in (
+        "batch",
+        "in_channels",
+        "out_channels",
+        "kernel_size",
+        "stride",
+        "padding",
+        "dilation",
+        "groups",
+        "padding_mode",
+        "with_r",
+        "separate",
+        "bias",
+        "transposed",
+        "output_padding",
+    ):
         v = getattr(case, f)
         if v != getattr(defaults, f):
             parts.append(f"{f}={v}")
@@ -72,7 +94,8 @@ def _id(case: Case) -> str:
 
 
 @pytest.mark.parametrize(
-    "backend,case", [(b, c) for c in CASES for b in BACKENDS if supported(b, c)],
+    "backend,case",
+    [(b, c) for c in CASES for b in BACKENDS if supported(b, c)],
     ids=[f"{b}-{_id(c)}" for c in CASES for b in BACKENDS if supported(b, c)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -82,8 +105,7 @@ def test_backend_matches_reference(backend, case, dtype):
 
 LOW_PRECISION_CASES = [
     Case((9, 8), in_channels=8, out_channels=8, padding=1, with_r=True),
-    Case((12, 10), batch=4, in_channels=16, out_channels=8, stride=2, padding=1, padding_mode="reflect",
-         separate=True),
+    Case((12, 10), batch=4, in_channels=16, out_channels=8, stride=2, padding=1, padding_mode="reflect", separate=True),
     Case((11,), in_channels=6, out_channels=6, groups=3, kernel_size=5, padding="same", with_r=True),
     Case((6, 5), transposed=True, stride=2, with_r=True),
 ]
@@ -109,8 +131,9 @@ GRADCHECK_CASES = [
 ]
 # Triton's interpreter is too slow for full gradcheck here: tests/test_triton.py gradchecks the
 # kernels on smaller problems.
-GRADCHECK_PAIRS = [(b, c) for c in GRADCHECK_CASES for b in ["reference"] + BACKENDS
-                   if b != "triton" and supported(b, c)]
+GRADCHECK_PAIRS = [
+    (b, c) for c in GRADCHECK_CASES for b in ["reference"] + BACKENDS if b != "triton" and supported(b, c)
+]
 
 
 @pytest.mark.parametrize("backend,case", GRADCHECK_PAIRS, ids=[f"{b}-{_id(c)}" for b, c in GRADCHECK_PAIRS])

@@ -15,8 +15,9 @@ from coordconv_fused.testing import (
 
 # Every backend expected here (a missing one fails: assert_matches_reference raises); those that may
 # legitimately be absent (tests/conftest.py reports them) are left out.
-BACKENDS = [b for b in BACKENDS_UNDER_TEST["cpu"]
-            if b not in ("reference", "auto") and why_backend_may_be_missing(b) is None]
+BACKENDS = [
+    b for b in BACKENDS_UNDER_TEST["cpu"] if b not in ("reference", "auto") and why_backend_may_be_missing(b) is None
+]
 
 
 @st.composite
@@ -36,8 +37,23 @@ def cases(draw):
     if transposed:
         padding = tuple(draw(st.integers(0, (d * (k - 1)) // 2)) for k, d in zip(kernel, dilation))
         output_padding = tuple(draw(st.integers(0, max(s, d) - 1)) for s, d in zip(stride, dilation))
-        return Case(sizes, batch, cin, cout, kernel, stride, padding, dilation, groups, "zeros",
-                    with_r, False, bias, True, output_padding)
+        return Case(
+            sizes,
+            batch,
+            cin,
+            cout,
+            kernel,
+            stride,
+            padding,
+            dilation,
+            groups,
+            "zeros",
+            with_r,
+            False,
+            bias,
+            True,
+            output_padding,
+        )
     mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
     padding_kind = draw(st.sampled_from(["int", "same", "valid"]))
     if padding_kind == "same":
@@ -57,8 +73,7 @@ def cases(draw):
     lo = [d * (k - 1) + 1 - 2 * p for k, d, p in zip(kernel, dilation, pads)]
     sizes = tuple(max(n, lower) for n, lower in zip(sizes, lo))
     separate = draw(st.booleans()) and draw(st.booleans())
-    return Case(sizes, batch, cin, cout, kernel, stride, padding, dilation, groups, mode, with_r,
-                separate, bias)
+    return Case(sizes, batch, cin, cout, kernel, stride, padding, dilation, groups, mode, with_r, separate, bias)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -33,8 +33,12 @@ CASES = [
 @pytest.fixture
 def emulated():
     """The CUDA backend's host code and kernel bodies, run on the CPU (same autograd as `cuda`)."""
-    b = backends.Backend("cuda_emulated", extension.coord_conv_cuda_emulated, devices=frozenset({"cpu"}),
-                         supports=lambda spec: "transposed" if spec.transposed else None)
+    b = backends.Backend(
+        "cuda_emulated",
+        extension.coord_conv_cuda_emulated,
+        devices=frozenset({"cpu"}),
+        supports=lambda spec: "transposed" if spec.transposed else None,
+    )
     with backends.temporary_backend(b) as name:
         yield name
 
@@ -70,7 +74,6 @@ def test_gradgradcheck_triton(case):
     _check("triton", case)
 
 
-
 @pytest.mark.parametrize("backend", ["torch", "cuda", "triton", "auto"])
 @pytest.mark.parametrize("device", ["cuda"])
 def test_gradgradcheck_cuda(backend, device):
@@ -98,17 +101,24 @@ def _gradient_penalty_step(layer_cls, backend, shape, device="cpu", **kwargs):
     penalty = ((grad_x.flatten(1).norm(dim=1) - 1) ** 2).mean()
     loss = critic(fake).mean() - critic(real).mean() + 10 * penalty
     loss.backward()
-    return {f"{part}.{name}": p.grad for part, module in (("layer", layer), ("head", head))
-            for name, p in module.named_parameters()}
+    return {
+        f"{part}.{name}": p.grad
+        for part, module in (("layer", layer), ("head", head))
+        for name, p in module.named_parameters()
+    }
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp", "auto"])
-@pytest.mark.parametrize("layer_cls,shape,kwargs", [
-    (CoordConv2d, (3, 2, 6, 5), {"with_r": True}),
-    (CoordConv2d, (2, 2, 6, 6), {"coord_kernel_size": 1, "padding_mode": "reflect", "stride": 2}),
-    (CoordConv1d, (3, 2, 9), {}),
-    (CoordConv3d, (2, 1, 3, 4, 3), {"with_r": True}),
-], ids=["2d-with_r", "2d-separate-reflect-stride2", "1d", "3d"])
+@pytest.mark.parametrize(
+    "layer_cls,shape,kwargs",
+    [
+        (CoordConv2d, (3, 2, 6, 5), {"with_r": True}),
+        (CoordConv2d, (2, 2, 6, 6), {"coord_kernel_size": 1, "padding_mode": "reflect", "stride": 2}),
+        (CoordConv1d, (3, 2, 9), {}),
+        (CoordConv3d, (2, 1, 3, 4, 3), {"with_r": True}),
+    ],
+    ids=["2d-with_r", "2d-separate-reflect-stride2", "1d", "3d"],
+)
 def test_gradient_penalty_equals_reference(backend, layer_cls, shape, kwargs):
     got = _gradient_penalty_step(layer_cls, backend, shape, **kwargs)
     want = _gradient_penalty_step(layer_cls, "reference", shape, **kwargs)

@@ -14,8 +14,9 @@ def test_setup_twice_does_not_rebuild():
     if not os.path.exists(STAMP):
         pytest.skip("the package was not installed through run.sh here (no set-up stamp to reuse)")
     start = time.monotonic()
-    proc = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "setup", "test"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        ["bash", os.path.join(ROOT, "run.sh"), "setup", "test"], capture_output=True, text=True, timeout=120
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr
     assert "installed and up to date (no rebuild)" in proc.stderr, proc.stderr

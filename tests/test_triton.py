@@ -42,8 +42,7 @@ CASES = [
     Case((8, 7), padding=2, padding_mode="reflect", with_r=True),
     Case((8, 7), padding=(1, 3), padding_mode="replicate", stride=2),
     Case((8, 7), padding=2, padding_mode="circular", with_r=True, separate=True),
-    Case((8, 7), kernel_size=4, padding="same", padding_mode="reflect", groups=3, in_channels=3,
-         out_channels=6),
+    Case((8, 7), kernel_size=4, padding="same", padding_mode="reflect", groups=3, in_channels=3, out_channels=6),
     # 1-D and 3-D.
     Case((17,), in_channels=5, out_channels=9, kernel_size=5, padding=2, with_r=True),
     Case((16,), stride=3, padding=1, padding_mode="circular", separate=True),
@@ -73,8 +72,10 @@ def test_triton_low_precision(case, dtype):
     assert_matches_reference("triton", case, dtype)
 
 
-@pytest.mark.parametrize("nd,sizes", [(1, (1,)), (1, (9,)), (2, (1, 1)), (2, (7, 1)), (2, (5, 8)),
-                                       (2, (64, 33)), (3, (3, 1, 4)), (3, (4, 5, 6))])
+@pytest.mark.parametrize(
+    "nd,sizes",
+    [(1, (1,)), (1, (9,)), (2, (1, 1)), (2, (7, 1)), (2, (5, 8)), (2, (64, 33)), (3, (3, 1, 4)), (3, (4, 5, 6))],
+)
 @pytest.mark.parametrize("with_r", [False, True])
 def test_in_kernel_coordinates_are_bit_exact(nd, sizes, with_r):
     # Zero data, 1x1 one-hot coordinate filters: the output *is* the coordinate channels, and the
@@ -98,19 +99,40 @@ def test_channels_last_and_strided_input():
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
     assert out.is_contiguous(memory_format=torch.channels_last)
     xs = torch.randn(2, 6, 18, 8)[:, :, ::2]  # non-contiguous view
-    torch.testing.assert_close(coord_conv2d(xs, w, cw, b, with_r=True, backend="triton"),
-                               coord_conv2d(xs, w, cw, b, with_r=True, backend="reference"),
-                               atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(
+        coord_conv2d(xs, w, cw, b, with_r=True, backend="triton"),
+        coord_conv2d(xs, w, cw, b, with_r=True, backend="reference"),
+        atol=2e-5,
+        rtol=2e-5,
+    )
 
 
 @pytest.mark.parametrize(
     "case",
     [
         Case((4, 3), batch=1, in_channels=2, out_channels=2, padding=1, with_r=True),
-        Case((5, 4), batch=2, in_channels=2, out_channels=2, kernel_size=2, stride=2, separate=True,
-             padding_mode="reflect", padding=1),
-        Case((6,), batch=1, in_channels=2, out_channels=2, groups=2, dilation=2, padding=2,
-             padding_mode="circular", with_r=True),
+        Case(
+            (5, 4),
+            batch=2,
+            in_channels=2,
+            out_channels=2,
+            kernel_size=2,
+            stride=2,
+            separate=True,
+            padding_mode="reflect",
+            padding=1,
+        ),
+        Case(
+            (6,),
+            batch=1,
+            in_channels=2,
+            out_channels=2,
+            groups=2,
+            dilation=2,
+            padding=2,
+            padding_mode="circular",
+            with_r=True,
+        ),
         Case((3, 2, 3), batch=1, in_channels=1, out_channels=2, kernel_size=2, padding=1, with_r=True),
     ],
     ids=_id,
@@ -125,9 +147,10 @@ def test_triton_gradcheck_float64(case):
     assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("separate,mode,coord_pad", [(False, "zeros", [0, 0, 0, 0]),
-                                                     (True, "zeros", [0, 1, 0, 1]),
-                                                     (False, "reflect", [1, 1, 2, 2])])
+@pytest.mark.parametrize(
+    "separate,mode,coord_pad",
+    [(False, "zeros", [0, 0, 0, 0]), (True, "zeros", [0, 1, 0, 1]), (False, "reflect", [1, 1, 2, 2])],
+)
 def test_triton_opcheck(separate, mode, coord_pad):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 7, 6, requires_grad=True)
@@ -143,8 +166,9 @@ def test_transposed_is_refused_with_a_clear_error():
     from coordconv_fused import coord_conv_transpose2d
 
     with pytest.raises(ValueError, match="transposed CoordConv is not implemented in the Triton kernels"):
-        coord_conv_transpose2d(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3),
-                               backend="triton")
+        coord_conv_transpose2d(
+            torch.randn(1, 2, 3, 3), torch.randn(2, 2, 3, 3), torch.randn(2, 2, 3, 3), backend="triton"
+        )
 
 
 def test_auto_on_cpu_does_not_pick_the_interpreter():
@@ -159,8 +183,13 @@ def test_aot_compile_every_variant_for_sm80_and_sm90():
     """Every kernel variant (each dtype, with_r, separate filter, bias, padding rule, rank, and every
     autotune configuration of one variant) compiles to a cubin for sm_80 and sm_90, no GPU needed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "coordconv_fused.kernels.aot", "--arch", "80", "90"],
-                          capture_output=True, text=True, env=env, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordconv_fused.kernels.aot", "--arch", "80", "90"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     lines = proc.stdout.splitlines()
     assert lines[-1].endswith("compiled, 0 failed")

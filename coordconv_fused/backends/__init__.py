@@ -31,9 +31,20 @@ from ..spec import ConvSpec
 from . import aten, native, reference, triton
 from .base import Backend, BackendFn
 
-__all__ = ["Backend", "BackendFn", "register_backend", "unregister_backend", "temporary_backend",
-           "available_backends", "backend_names", "get_backend", "resolve_backend", "dispatch", "generation",
-           "AUTO_PREFERENCE"]
+__all__ = [
+    "Backend",
+    "BackendFn",
+    "register_backend",
+    "unregister_backend",
+    "temporary_backend",
+    "available_backends",
+    "backend_names",
+    "get_backend",
+    "resolve_backend",
+    "dispatch",
+    "generation",
+    "AUTO_PREFERENCE",
+]
 
 _BACKENDS: dict[str, Backend] = {}
 _GENERATION = [0]  # bumped by every change of the registry (resolved calls are cached per generation)
@@ -42,6 +53,7 @@ _GENERATION = [0]  # bumped by every change of the registry (resolved calls are 
 def generation() -> int:
     """A number that changes whenever a backend is registered or removed."""
     return _GENERATION[0]
+
 
 # ``auto``'s order of preference by device type; names not registered or not available are skipped.
 AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {
@@ -114,14 +126,16 @@ def resolve_backend(name: str, input: Tensor, weight: Tensor, spec: ConvSpec) ->
     if name == "auto":
         for candidate in AUTO_PREFERENCE.get(device.type, ()):
             b = _BACKENDS.get(candidate)
-            if (b is not None and _usable(b, device.type) and b.supports(spec) is None
-                    and b.auto_ok(input, weight, spec)):
+            if (
+                b is not None
+                and _usable(b, device.type)
+                and b.supports(spec) is None
+                and b.auto_ok(input, weight, spec)
+            ):
                 return b
         return _BACKENDS[_AUTO_FALLBACK]
     if name not in _BACKENDS:
-        raise ValueError(
-            f"unknown backend {name!r}; expected 'auto' or one of {sorted(_BACKENDS)}"
-        )
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {sorted(_BACKENDS)}")
     b = _BACKENDS[name]
     reason = b.unavailable_reason()
     if reason is not None:
@@ -137,8 +151,9 @@ def resolve_backend(name: str, input: Tensor, weight: Tensor, spec: ConvSpec) ->
     return b
 
 
-def dispatch(name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-             spec: ConvSpec) -> Tensor:
+def dispatch(
+    name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
+) -> Tensor:
     """Run the CoordConv described by ``spec`` on backend ``name``."""
     return resolve_backend(name, input, weight, spec).fn(input, weight, coord_weight, bias, spec)
 

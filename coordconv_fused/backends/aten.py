@@ -21,12 +21,41 @@ from .base import Backend
 __all__ = ["coord_conv_decomposed", "prepare_eager", "backend"]
 
 
-def _forward(input, weight, coord_weight, bias, stride, padding, dilation, transposed, output_padding,
-             groups, coord_pad, coord_pad_mode, with_r, separate):
-    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed,
-                                     output_padding, groups)
-    out.add_(coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
-                             transposed, output_padding, coord_pad, coord_pad_mode, with_r, separate, cache=True))
+def _forward(
+    input,
+    weight,
+    coord_weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    coord_pad,
+    coord_pad_mode,
+    with_r,
+    separate,
+):
+    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    out.add_(
+        coordinate_term(
+            input,
+            weight,
+            coord_weight,
+            out.shape[2:],
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            coord_pad,
+            coord_pad_mode,
+            with_r,
+            separate,
+            cache=True,
+        )
+    )
     return out
 
 
@@ -44,9 +73,24 @@ def prepare_eager(spec: ConvSpec):
     def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
         input = pre_pad(input, pads, mode)
         out = convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        return out.add_(coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
-                                        transposed, output_padding, coord_pad, coord_pad_mode, with_r, separate,
-                                        cache=True))
+        return out.add_(
+            coordinate_term(
+                input,
+                weight,
+                coord_weight,
+                out.shape[2:],
+                stride,
+                padding,
+                dilation,
+                transposed,
+                output_padding,
+                coord_pad,
+                coord_pad_mode,
+                with_r,
+                separate,
+                cache=True,
+            )
+        )
 
     return call
 
@@ -55,8 +99,7 @@ def coord_conv_decomposed(
     input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
 ) -> Tensor:
     """Run the ``torch`` backend on a batched, validated input."""
-    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv, input, weight, coord_weight, bias,
-                              spec)
+    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv, input, weight, coord_weight, bias, spec)
 
 
 coord_conv_composite = composite  # (older name)

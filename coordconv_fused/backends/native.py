@@ -16,25 +16,34 @@ from ..ops import call_coord_conv_op, define_native_ops, prepare_call, register_
 from ..spec import ConvSpec
 from .base import Backend
 
-__all__ = ["LOAD_ERROR", "avx512_direct_available", "has_cuda_kernels", "coord_conv_cpp", "coord_conv_cuda_emulated",
-           "cpp_backend", "cuda_backend"]
+__all__ = [
+    "LOAD_ERROR",
+    "avx512_direct_available",
+    "has_cuda_kernels",
+    "coord_conv_cpp",
+    "coord_conv_cuda_emulated",
+    "cpp_backend",
+    "cuda_backend",
+]
 
 define_native_ops()  # the schemas; the extension brings the kernels
 try:
-    from .. import _C
+    from .. import _C  # type: ignore[attr-defined]  # (registers the CPU and CUDA kernels)
 
     LOAD_ERROR: str | None = None
 except ImportError as e:  # not built, or built against another torch
     LOAD_ERROR = str(e)
 
-_BUILD_HINT = ("build it with `pip install --no-build-isolation -e .` (add FORCE_CUDA=1 and CUDA_HOME for "
-               "the CUDA kernels)")
+_BUILD_HINT = (
+    "build it with `pip install --no-build-isolation -e .` (add FORCE_CUDA=1 and CUDA_HOME for the CUDA kernels)"
+)
 
 
 def has_cuda_kernels() -> bool:
     """Whether the extension was compiled with its CUDA kernels."""
     return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "coordconv_fused::coord_conv_ext", "CUDA")
+        "coordconv_fused::coord_conv_ext", "CUDA"
+    )
 
 
 def avx512_direct_available() -> bool:
@@ -65,28 +74,42 @@ def _supports(spec: ConvSpec) -> str | None:
     return None
 
 
-def coord_conv_cpp(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-                   spec: ConvSpec) -> Tensor:
+def coord_conv_cpp(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
     """Run the ``cpp``/``cuda`` backends (the op dispatches on the input's device)."""
     return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_ext, input, weight, coord_weight, bias, spec)
 
 
-def coord_conv_cuda_emulated(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-                             spec: ConvSpec) -> Tensor:
+def coord_conv_cuda_emulated(
+    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
+) -> Tensor:
     """The CUDA backend's code run on the CPU by the emulation harness (for tests)."""
-    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_cuda_emulated, input, weight, coord_weight,
-                              bias, spec)
+    return call_coord_conv_op(
+        torch.ops.coordconv_fused.coord_conv_cuda_emulated, input, weight, coord_weight, bias, spec
+    )
 
 
 if LOAD_ERROR is None:
     register_native_coord_conv_op("coord_conv_ext", fused_backward_devices=("cpu",))
     register_native_coord_conv_op("coord_conv_cuda_emulated")
 
+
 def _prepare(spec: ConvSpec):
     return prepare_call(torch.ops.coordconv_fused.coord_conv_ext, spec)
 
 
-cpp_backend = Backend("cpp", coord_conv_cpp, devices=frozenset({"cpu"}), unavailable_reason=_cpp_unavailable,
-                      supports=_supports, prepare=_prepare)
-cuda_backend = Backend("cuda", coord_conv_cpp, devices=frozenset({"cuda"}), unavailable_reason=_cuda_unavailable,
-                       supports=_supports, prepare=_prepare)
+cpp_backend: Backend = Backend(
+    "cpp",
+    coord_conv_cpp,
+    devices=frozenset({"cpu"}),
+    unavailable_reason=_cpp_unavailable,
+    supports=_supports,
+    prepare=_prepare,
+)
+cuda_backend: Backend = Backend(
+    "cuda",
+    coord_conv_cpp,
+    devices=frozenset({"cuda"}),
+    unavailable_reason=_cuda_unavailable,
+    supports=_supports,
+    prepare=_prepare,
+)

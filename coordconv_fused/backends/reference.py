@@ -16,7 +16,7 @@ field, ``o*stride - pad_before + dilation*(kernel-1)/2`` in input positions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +27,8 @@ from .base import Backend
 
 __all__ = ["coord_conv_ref", "reference_coords", "backend"]
 
-_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV: dict[int, Callable[..., Tensor]] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T: dict[int, Callable[..., Tensor]] = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def _coordinates(positions: Tensor, n) -> Tensor:
@@ -45,7 +45,7 @@ def reference_coords(axes: Sequence[Tensor], with_r: bool, dtype: torch.dtype) -
     grids = torch.meshgrid(*axes, indexing="ij")
     channels = list(grids)
     if with_r:
-        channels.append(torch.sqrt(sum(c * c for c in grids)))
+        channels.append(torch.sqrt(torch.stack([c * c for c in grids]).sum(0)))
     return torch.stack(channels).to(dtype)
 
 
@@ -55,7 +55,7 @@ def _side_pads(spec: ConvSpec) -> list[tuple[int, int]]:
         return [(0, 0)] * spec.ndim
     if spec.padding == "same":  # nn.Conv puts the smaller half first
         return [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for d, k in zip(spec.dilation, spec.kernel_size)]
-    return [(p, p) for p in spec.padding]
+    return [(p, p) for p in spec.padding if isinstance(p, int)]
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec, groups: int) -> Tensor:
@@ -64,13 +64,10 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, spec: ConvSpec, groups
     if spec.padding_mode == "zeros":
         return _CONV[spec.ndim](x, weight, bias, spec.stride, spec.padding, spec.dilation, groups)
     pads = [p for pair in reversed(_side_pads(spec)) for p in pair]
-    return _CONV[spec.ndim](F.pad(x, pads, mode=spec.padding_mode), weight, bias, spec.stride, 0, spec.dilation,
-                            groups)
+    return _CONV[spec.ndim](F.pad(x, pads, mode=spec.padding_mode), weight, bias, spec.stride, 0, spec.dilation, groups)
 
 
-def coord_conv_ref(
-    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
-) -> Tensor:
+def coord_conv_ref(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
     """CoordConv by explicit concatenation (batched input; arguments already validated).
 
     * full filter, ``groups == 1``: ``conv(cat([x, coords]), cat([weight, coord_weight]), bias)``;
@@ -79,23 +76,29 @@ def coord_conv_ref(
     * transposed: ``conv_transpose(cat([x, coords]), cat([weight, coord_weight], 0), bias)``.
     """
     n, sizes = input.shape[0], input.shape[2:]
-    f64 = {"dtype": torch.float64, "device": input.device}
-    coords = reference_coords([_coordinates(torch.arange(s, **f64), s) for s in sizes], spec.with_r, input.dtype)
+    f64, device = torch.float64, input.device
+    coords = reference_coords(
+        [_coordinates(torch.arange(s, dtype=f64, device=device), s) for s in sizes], spec.with_r, input.dtype
+    )
     coords = coords.unsqueeze(0).expand(n, *coords.shape)
 
     if spec.transposed:
         conv_t = _CONV_T[spec.ndim]
-        args = (spec.stride, spec.padding, spec.output_padding)
+        args: tuple = (spec.stride, spec.padding, spec.output_padding)
         if spec.groups == 1:
             return conv_t(_cat(input, coords), torch.cat([weight, coord_weight], 0), bias, *args, 1, spec.dilation)
-        return (conv_t(input, weight, bias, *args, spec.groups, spec.dilation)
-                + conv_t(coords, coord_weight, None, *args, 1, spec.dilation))
+        return conv_t(input, weight, bias, *args, spec.groups, spec.dilation) + conv_t(
+            coords, coord_weight, None, *args, 1, spec.dilation
+        )
 
     if spec.separate:
         data = _conv(input, weight, bias, spec, spec.groups)
-        axes = [_coordinates(torch.arange(out, **f64) * s - b + dil * (k - 1) / 2, size)
-                for out, size, s, (b, _), dil, k in zip(data.shape[2:], sizes, spec.stride, _side_pads(spec),
-                                                         spec.dilation, spec.kernel_size)]
+        axes = [
+            _coordinates(torch.arange(out, dtype=f64, device=device) * s - b + dil * (k - 1) / 2, size)
+            for out, size, s, (b, _), dil, k in zip(
+                data.shape[2:], sizes, spec.stride, _side_pads(spec), spec.dilation, spec.kernel_size
+            )
+        ]
         centres = reference_coords(axes, spec.with_r, input.dtype)
         return data + _CONV[spec.ndim](centres.unsqueeze(0).expand(n, *centres.shape), coord_weight)
     if spec.groups == 1:

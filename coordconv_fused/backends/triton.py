@@ -53,8 +53,10 @@ def _unavailable_reason() -> str | None:
         return "Triton is not installed (pip install triton; it ships with CUDA builds of torch)"
     if _interpret() or torch.cuda.is_available():
         return None
-    return ("the Triton kernels need a CUDA GPU (set TRITON_INTERPRET=1 before importing to run them "
-            "on CPU tensors in Triton's slow interpreter, for testing)")
+    return (
+        "the Triton kernels need a CUDA GPU (set TRITON_INTERPRET=1 before importing to run them "
+        "on CPU tensors in Triton's slow interpreter, for testing)"
+    )
 
 
 def _supports(spec: ConvSpec) -> str | None:
@@ -67,14 +69,19 @@ def _auto_ok(input: Tensor, weight: Tensor, spec: ConvSpec) -> bool:
     return weight.shape[1] * math.prod(spec.kernel_size) <= AUTO_MAX_K
 
 
-def coord_conv_triton(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-                      spec: ConvSpec) -> Tensor:
+def coord_conv_triton(
+    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
+) -> Tensor:
     """Run the ``triton`` backend on a batched, validated input."""
-    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_triton, input, weight, coord_weight,
-                              bias, spec)
+    return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_triton, input, weight, coord_weight, bias, spec)
 
 
-backend = Backend("triton", coord_conv_triton,
-                  devices=frozenset({"cuda", "cpu"}) if _interpret() else frozenset({"cuda"}),
-                  unavailable_reason=_unavailable_reason, supports=_supports, auto_ok=_auto_ok,
-                  prepare=lambda spec: prepare_call(torch.ops.coordconv_fused.coord_conv_triton, spec))
+backend = Backend(
+    "triton",
+    coord_conv_triton,
+    devices=frozenset({"cuda", "cpu"}) if _interpret() else frozenset({"cuda"}),
+    unavailable_reason=_unavailable_reason,
+    supports=_supports,
+    auto_ok=_auto_ok,
+    prepare=lambda spec: prepare_call(torch.ops.coordconv_fused.coord_conv_triton, spec),
+)

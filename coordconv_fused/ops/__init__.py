@@ -9,6 +9,17 @@ from .autograd import define_coord_conv_op, differentiable_backward, eager_funct
 from .call import call_coord_conv_op, prepare_call
 from .schema import GRAD_SCHEMA, SCHEMA, define_native_ops
 
-__all__ = ["SCHEMA", "GRAD_SCHEMA", "define_native_ops", "define_coord_conv_op", "register_native_coord_conv_op",
-           "differentiable_backward", "eager_function", "call_coord_conv_op", "prepare_call", "op_arguments",
-           "static_arguments", "pre_pad"]
+__all__ = [
+    "SCHEMA",
+    "GRAD_SCHEMA",
+    "define_native_ops",
+    "define_coord_conv_op",
+    "register_native_coord_conv_op",
+    "differentiable_backward",
+    "eager_function",
+    "call_coord_conv_op",
+    "prepare_call",
+    "op_arguments",
+    "static_arguments",
+    "pre_pad",
+]

@@ -22,9 +22,18 @@ def static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:
         pre, conv_padding = spec.split_padding()
     pads = [p for pair in reversed(pre) for p in pair] if any(b or a for b, a in pre) else None
     mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-    args = (list(spec.stride), list(conv_padding), list(spec.dilation), spec.transposed,
-            list(spec.output_padding), spec.groups, [p for pair in pre for p in pair], spec.padding_mode,
-            spec.with_r, spec.separate)
+    args = (
+        list(spec.stride),
+        list(conv_padding),
+        list(spec.dilation),
+        spec.transposed,
+        list(spec.output_padding),
+        spec.groups,
+        [p for pair in pre for p in pair],
+        spec.padding_mode,
+        spec.with_r,
+        spec.separate,
+    )
     return pads, mode, args
 
 

@@ -30,8 +30,19 @@ _CACHE: OrderedDict[tuple, Tensor] = OrderedDict()
 _CACHE_SIZE = 64
 
 
-def coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride, padding, dilation,
-                coord_pad, coord_pad_mode, with_r: bool, separate: bool, cache: bool = False) -> Tensor:
+def coord_input(
+    input: Tensor,
+    weight: Tensor,
+    out_sizes: Sequence[int],
+    stride,
+    padding,
+    dilation,
+    coord_pad,
+    coord_pad_mode,
+    with_r: bool,
+    separate: bool,
+    cache: bool = False,
+) -> Tensor:
     """The ``[1, d, ...]`` coordinate tensor the coordinate filter is applied to (batch of one).
 
     Full filter: the image's coordinates, padded like the input (explicit part here; the symmetric
@@ -40,58 +51,143 @@ def coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride,
     the tensor is kept for the next call with the same geometry.
     """
     if not cache or torch.compiler.is_compiling() or type(input) is not torch.Tensor:  # (fake, traced...)
-        return _coord_input(input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r,
-                            separate)
-    key = (tuple(input.shape[2:]), tuple(weight.shape[2:]), tuple(out_sizes), tuple(stride), tuple(padding),
-           tuple(dilation), tuple(coord_pad), coord_pad_mode, with_r, separate, input.dtype, input.device)
+        return _coord_input(
+            input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r, separate
+        )
+    key = (
+        tuple(input.shape[2:]),
+        tuple(weight.shape[2:]),
+        tuple(out_sizes),
+        tuple(stride),
+        tuple(padding),
+        tuple(dilation),
+        tuple(coord_pad),
+        coord_pad_mode,
+        with_r,
+        separate,
+        input.dtype,
+        input.device,
+    )
     coords = _CACHE.get(key)
     if coords is None:
-        coords = _coord_input(input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r,
-                              separate)
+        coords = _coord_input(
+            input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r, separate
+        )
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.popitem(last=False)
         _CACHE[key] = coords
     return coords
 
 
-def _coord_input(input: Tensor, weight: Tensor, out_sizes: Sequence[int], stride, padding, dilation,
-                 coord_pad, coord_pad_mode, with_r: bool, separate: bool) -> Tensor:
+def _coord_input(
+    input: Tensor,
+    weight: Tensor,
+    out_sizes: Sequence[int],
+    stride,
+    padding,
+    dilation,
+    coord_pad,
+    coord_pad_mode,
+    with_r: bool,
+    separate: bool,
+) -> Tensor:
     sizes = image_sizes(input, coord_pad)
     if not separate:
-        coords = padded_coord_channels(sizes, with_r, pairs(coord_pad), coord_pad_mode,
-                                       dtype=input.dtype, device=input.device)
+        coords = padded_coord_channels(
+            sizes, with_r, pairs(coord_pad), coord_pad_mode, dtype=input.dtype, device=input.device
+        )
     else:
         pad_before = [b + p for (b, _), p in zip(pairs(coord_pad), padding)]
-        coords = centre_coord_channels(out_sizes, sizes, with_r, stride=stride, pad_before=pad_before,
-                                       dilation=dilation, kernel_size=weight.shape[2:],
-                                       dtype=input.dtype, device=input.device)
+        coords = centre_coord_channels(
+            out_sizes,
+            sizes,
+            with_r,
+            stride=stride,
+            pad_before=pad_before,
+            dilation=dilation,
+            kernel_size=weight.shape[2:],
+            dtype=input.dtype,
+            device=input.device,
+        )
     return coords.unsqueeze(0)
 
 
-def coordinate_term(input, weight, coord_weight, out_sizes, stride, padding, dilation, transposed,
-                    output_padding, coord_pad, coord_pad_mode, with_r, separate, cache: bool = False) -> Tensor:
+def coordinate_term(
+    input,
+    weight,
+    coord_weight,
+    out_sizes,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    coord_pad,
+    coord_pad_mode,
+    with_r,
+    separate,
+    cache: bool = False,
+) -> Tensor:
     """The batch-independent coordinate term ``P``: a ``[1, C_out, *out_sizes]`` tensor."""
-    coords = coord_input(input, weight, out_sizes, stride, padding, dilation, coord_pad,
-                         coord_pad_mode, with_r, separate, cache)
+    coords = coord_input(
+        input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r, separate, cache
+    )
     ndim = input.dim() - 2
     if separate:
-        return torch.ops.aten.convolution(coords, coord_weight, None, [1] * ndim, [0] * ndim,
-                                          [1] * ndim, False, [0] * ndim, 1)
-    return torch.ops.aten.convolution(coords, coord_weight, None, stride, padding, dilation, transposed,
-                                      output_padding, 1)
+        return torch.ops.aten.convolution(
+            coords, coord_weight, None, [1] * ndim, [0] * ndim, [1] * ndim, False, [0] * ndim, 1
+        )
+    return torch.ops.aten.convolution(
+        coords, coord_weight, None, stride, padding, dilation, transposed, output_padding, 1
+    )
 
 
-def coord_weight_grad(grad_sum, input, weight, coord_weight, stride, padding, dilation, transposed,
-                      output_padding, groups, coord_pad, coord_pad_mode, with_r, separate) -> Tensor:
+def coord_weight_grad(
+    grad_sum,
+    input,
+    weight,
+    coord_weight,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    coord_pad,
+    coord_pad_mode,
+    with_r,
+    separate,
+) -> Tensor:
     """Gradient of ``coord_weight`` from ``grad_sum = grad_output.sum(0, keepdim=True)``
     (linear in ``grad_sum``, and differentiable)."""
-    coords = coord_input(input, weight, grad_sum.shape[2:], stride, padding, dilation, coord_pad,
-                         coord_pad_mode, with_r, separate, cache=True)
+    coords = coord_input(
+        input,
+        weight,
+        grad_sum.shape[2:],
+        stride,
+        padding,
+        dilation,
+        coord_pad,
+        coord_pad_mode,
+        with_r,
+        separate,
+        cache=True,
+    )
     if separate:
         return (grad_sum.flatten(2)[0] @ coords.flatten(2)[0].transpose(0, 1)).reshape(coord_weight.shape)
     return torch.ops.aten.convolution_backward(
-        grad_sum, coords, coord_weight, None, stride, padding, dilation, transposed, output_padding, 1,
-        [False, True, False])[1]
+        grad_sum,
+        coords,
+        coord_weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        1,
+        [False, True, False],
+    )[1]
 
 
 def composite(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
@@ -99,7 +195,19 @@ def composite(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     exporters (ONNX) and ``torch.compile`` get. Same numbers as the ``torch`` backend."""
     input, args = op_arguments(input, spec)
     stride, padding, dilation, transposed, output_padding, groups, coord_pad, mode, with_r, separate = args
-    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding,
-                                     groups)
-    return out + coordinate_term(input, weight, coord_weight, out.shape[2:], stride, padding, dilation,
-                                 transposed, output_padding, coord_pad, mode, with_r, separate)
+    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    return out + coordinate_term(
+        input,
+        weight,
+        coord_weight,
+        out.shape[2:],
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        coord_pad,
+        mode,
+        with_r,
+        separate,
+    )

@@ -29,11 +29,26 @@ ForwardFn = Callable[..., Tensor]
 CoordGradFn = Callable[..., Tensor]
 
 
-def _fake(input, weight, coord_weight, bias, stride, padding, dilation, transposed, output_padding,
-          groups, coord_pad, coord_pad_mode, with_r, separate):
+def _fake(
+    input,
+    weight,
+    coord_weight,
+    bias,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    coord_pad,
+    coord_pad_mode,
+    with_r,
+    separate,
+):
     # Same shape, dtype, device and memory format as the data convolution.
-    return torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed,
-                                      output_padding, groups)
+    return torch.ops.aten.convolution(
+        input, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -66,8 +81,18 @@ def _generic_backward(ctx, grad, coord_weight_grad: CoordGradFn):
     if need_in or need_w or bias_in_conv:
         c_out = weight.shape[1] * groups if transposed else weight.shape[0]
         grad_in, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, input, weight, [c_out] if bias_in_conv else None, stride, padding, dilation,
-            transposed, output_padding, groups, [need_in, need_w, bias_in_conv])
+            grad,
+            input,
+            weight,
+            [c_out] if bias_in_conv else None,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            groups,
+            [need_in, need_w, bias_in_conv],
+        )
     if grad_sum is not None:
         if need_b:
             grad_b = grad_sum.sum([0] + list(range(2, grad_sum.dim()))).to(grad.dtype)
@@ -92,21 +117,31 @@ def _make_backward(coord_weight_grad: CoordGradFn):
     return backward
 
 
-def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: CoordGradFn,
-                         device_types: str | Sequence[str] | None = None, opaque_grad: bool = False):
+def define_coord_conv_op(
+    name: str,
+    forward: ForwardFn,
+    coord_weight_grad: CoordGradFn,
+    device_types: str | Sequence[str] | None = None,
+    opaque_grad: bool = False,
+):
     """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd.
 
     With ``opaque_grad`` the gradient of ``coord_weight`` is registered as its own custom op
     ``coordconv_fused::<name>_coord_weight_grad`` (for kernels that cannot be traced, e.g. Triton
     launches, so that AOT autograd and ``torch.compile`` see one node in the backward graph).
     """
-    op = torch.library.custom_op(f"coordconv_fused::{name}", forward, mutates_args=(), schema=SCHEMA,
-                                 device_types=device_types)
+    op = torch.library.custom_op(
+        f"coordconv_fused::{name}", forward, mutates_args=(), schema=SCHEMA, device_types=device_types
+    )
     op.register_fake(_fake)
     if opaque_grad:
-        grad_op = torch.library.custom_op(f"coordconv_fused::{name}_coord_weight_grad",
-                                          coord_weight_grad, mutates_args=(), schema=GRAD_SCHEMA,
-                                          device_types=device_types)
+        grad_op = torch.library.custom_op(
+            f"coordconv_fused::{name}_coord_weight_grad",
+            coord_weight_grad,
+            mutates_args=(),
+            schema=GRAD_SCHEMA,
+            device_types=device_types,
+        )
         grad_op.register_fake(_grad_fake)
         coord_weight_grad = grad_op
     op.register_autograd(_make_backward(coord_weight_grad), setup_context=_setup_context)
@@ -114,16 +149,42 @@ def define_coord_conv_op(name: str, forward: ForwardFn, coord_weight_grad: Coord
 
 
 def _input_grad_fake(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups):
-    return torch.ops.aten.convolution_backward(grad, input, weight, None, stride, padding, dilation, transposed,
-                                               output_padding, groups, [True, False, False])[0]
+    return torch.ops.aten.convolution_backward(
+        grad, input, weight, None, stride, padding, dilation, transposed, output_padding, groups, [True, False, False]
+    )[0]
 
 
-def _backward_fake(grad, input, weight, coord_weight, stride, padding, dilation, transposed, output_padding,
-                   groups, coord_pad, coord_pad_mode, with_r, separate, output_mask):
+def _backward_fake(
+    grad,
+    input,
+    weight,
+    coord_weight,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    coord_pad,
+    coord_pad_mode,
+    with_r,
+    separate,
+    output_mask,
+):
     need_in, need_w, need_cw, need_b = output_mask
     grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad, input, weight, None, stride, padding, dilation, transposed, output_padding, groups,
-        [need_in, need_w, False])
+        grad,
+        input,
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        transposed,
+        output_padding,
+        groups,
+        [need_in, need_w, False],
+    )
     grad_cw = torch.empty_like(coord_weight, memory_format=torch.contiguous_format) if need_cw else None
     grad_b = grad.new_empty(grad.shape[1]) if need_b else None
     return grad_in, grad_w, grad_cw, grad_b

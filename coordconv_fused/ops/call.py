@@ -24,17 +24,26 @@ def prepare_call(op, spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor
 
     def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
         input = pre_pad(input, pads, mode)
-        if (eager is not None and torch.is_grad_enabled()
-                and (input.requires_grad or weight.requires_grad or coord_weight.requires_grad
-                     or (bias is not None and bias.requires_grad))
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling()):
+        if (
+            eager is not None
+            and torch.is_grad_enabled()
+            and (
+                input.requires_grad
+                or weight.requires_grad
+                or coord_weight.requires_grad
+                or (bias is not None and bias.requires_grad)
+            )
+            and not torch.jit.is_tracing()
+            and not torch.compiler.is_compiling()
+        ):
             return eager.apply(input, weight, coord_weight, bias, *args)
         return overload(input, weight, coord_weight, bias, *args)
 
     return call
 
 
-def call_coord_conv_op(op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None,
-                       spec: ConvSpec) -> Tensor:
+def call_coord_conv_op(
+    op, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
+) -> Tensor:
     """Call a CoordConv op on a batched, validated input."""
     return prepare_call(op, spec)(input, weight, coord_weight, bias)

@@ -17,28 +17,40 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["NAMESPACE", "SCHEMA", "GRAD_SCHEMA", "INPUT_GRAD_SCHEMA", "BACKWARD_SCHEMA", "NATIVE_OPS",
-           "define_native_ops"]
+__all__ = [
+    "NAMESPACE",
+    "SCHEMA",
+    "GRAD_SCHEMA",
+    "INPUT_GRAD_SCHEMA",
+    "BACKWARD_SCHEMA",
+    "NATIVE_OPS",
+    "define_native_ops",
+]
 
 NAMESPACE = "coordconv_fused"
 
-_CONV_ARGS = ("Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
-              "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "
-              "str coord_pad_mode, bool with_r, bool separate")
-_GEOMETRY_ARGS = ("SymInt[] stride, SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, "
-                  "SymInt groups")
+_CONV_ARGS = (
+    "Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
+    "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "
+    "str coord_pad_mode, bool with_r, bool separate"
+)
+_GEOMETRY_ARGS = (
+    "SymInt[] stride, SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups"
+)
 
 # The forward: the whole CoordConv output.
 SCHEMA = f"({_CONV_ARGS}) -> Tensor"
 # The gradient of coord_weight from grad_sum = grad_output.sum(0, keepdim=True).
 GRAD_SCHEMA = SCHEMA.replace("Tensor input, ", "Tensor grad_sum, Tensor input, ").replace(
-    "Tensor coord_weight, Tensor? bias, ", "Tensor coord_weight, ")
+    "Tensor coord_weight, Tensor? bias, ", "Tensor coord_weight, "
+)
 # The data convolution's input gradient (CPU: a direct kernel for layers on few channels).
 INPUT_GRAD_SCHEMA = f"(Tensor grad, Tensor input, Tensor weight, {_GEOMETRY_ARGS}) -> Tensor"
 # The whole backward in one call: the gradients of (input, weight, coord_weight, bias) where
 # output_mask asks, undefined (None) elsewhere, like aten::convolution_backward.
-BACKWARD_SCHEMA = (GRAD_SCHEMA.replace("Tensor grad_sum, ", "Tensor grad, ")
-                   .replace(") -> Tensor", ", bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"))
+BACKWARD_SCHEMA = GRAD_SCHEMA.replace("Tensor grad_sum, ", "Tensor grad, ").replace(
+    ") -> Tensor", ", bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 # The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA); `coord_conv_cuda_emulated`
 # runs the CUDA backend's host code and kernel bodies on the CPU, for tests.

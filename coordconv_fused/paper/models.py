@@ -36,11 +36,12 @@ class CoordConvClassifier(nn.Module):
     Replicated padding keeps the tiled input constant and the coordinate ramps nearly linear up to
     the border, and that seed reaches 100%."""
 
-    def __init__(self, width: int = 32, depth: int = 6, backend: str = "auto",
-                 padding_mode: str = "replicate") -> None:
+    def __init__(self, width: int = 32, depth: int = 6, backend: str = "auto", padding_mode: str = "replicate") -> None:
         super().__init__()
         layers: list[nn.Module] = [
-            CoordConv2d(2, width, 3, padding=1, padding_mode=padding_mode, backend=backend), nn.ReLU()]
+            CoordConv2d(2, width, 3, padding=1, padding_mode=padding_mode, backend=backend),
+            nn.ReLU(),
+        ]
         for _ in range(depth):
             layers += [nn.Conv2d(width, width, 1), nn.ReLU()]
         layers.append(nn.Conv2d(width, 1, 1))
@@ -60,8 +61,7 @@ class DeconvClassifier(nn.Module):
         widths = [2, 64 * c, 64 * c, 64 * c, 32 * c, 32 * c, 1]  # 1 -> 2 -> 4 -> ... -> 64
         layers: list[nn.Module] = []
         for k, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
-            layers.append(nn.ConvTranspose2d(cin, cout, fs, stride=2, padding=(fs - 2) // 2,
-                                             output_padding=fs % 2))
+            layers.append(nn.ConvTranspose2d(cin, cout, fs, stride=2, padding=(fs - 2) // 2, output_padding=fs % 2))
             if k < len(widths) - 2:
                 layers.append(nn.ReLU())
         self.net = nn.Sequential(*layers)
@@ -115,8 +115,12 @@ class CoordConvRegressor(nn.Module):
     def __init__(self, backend: str = "auto", peak: float = 4.0) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            CoordConv2d(1, 8, 1, backend=backend), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1),
-            nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 3, padding=1))
+            CoordConv2d(1, 8, 1, backend=backend),
+            nn.Conv2d(8, 8, 1),
+            nn.Conv2d(8, 8, 1),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.Conv2d(8, 2, 3, padding=1),
+        )
         self.init_for_max_pool(peak)
 
     @torch.no_grad()
@@ -148,7 +152,7 @@ class CoordConvRegressor(nn.Module):
         impulse = zero.clone()
         c = CANVAS // 2
         impulse[0, 0, c, c] = 1.0
-        response = (self.net(impulse) - self.net(zero))[0, :, c - 2:c + 3, c - 2:c + 3].flatten(1)
+        response = (self.net(impulse) - self.net(zero))[0, :, c - 2 : c + 3, c - 2 : c + 3].flatten(1)
         strongest = response.gather(1, response.abs().argmax(1, keepdim=True)).squeeze(1)
         first.weight.mul_(peak / strongest.abs().min())
         sign = strongest.sign()
@@ -170,18 +174,46 @@ class ConvRegressor(nn.Module):
         r = nn.ReLU
         if split == "uniform":
             self.net = nn.Sequential(
-                nn.Conv2d(1, 16, 3, padding=1), r(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), r(),
-                nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1), r(), nn.MaxPool2d(2),
-                nn.Conv2d(16, 16, 3, padding=1), r(), nn.Flatten(), nn.Linear(16 * 8 * 8, 64), r(),
-                nn.Linear(64, 2))
+                nn.Conv2d(1, 16, 3, padding=1),
+                r(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 16, 3, padding=1),
+                r(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 16, 3, padding=1),
+                r(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(16, 16, 3, padding=1),
+                r(),
+                nn.Flatten(),
+                nn.Linear(16 * 8 * 8, 64),
+                r(),
+                nn.Linear(64, 2),
+            )
         else:
             self.net = nn.Sequential(
-                nn.Conv2d(1, 16, 5, stride=2, padding=2), r(), nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), r(),
-                nn.Conv2d(16, 16, 3, padding=1), r(), nn.Conv2d(16, 16, 3, stride=2, padding=1), r(),
-                nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), r(),
-                nn.Conv2d(16, 16, 3, stride=2, padding=1), r(), nn.Conv2d(16, 16, 1), r(),
-                nn.Conv2d(16, 16, 3, stride=2, padding=1), r(), nn.Conv2d(16, 2, 3, padding=1),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten())
+                nn.Conv2d(1, 16, 5, stride=2, padding=2),
+                r(),
+                nn.Conv2d(16, 16, 1),
+                nn.BatchNorm2d(16),
+                r(),
+                nn.Conv2d(16, 16, 3, padding=1),
+                r(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                r(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                nn.BatchNorm2d(16),
+                r(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                r(),
+                nn.Conv2d(16, 16, 1),
+                r(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                r(),
+                nn.Conv2d(16, 2, 3, padding=1),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+            )
 
     def forward(self, image: Tensor) -> Tensor:
         return self.net(image)

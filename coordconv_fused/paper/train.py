@@ -107,7 +107,7 @@ def _evaluate(model: nn.Module, data: NotSoClevr, idx: torch.Tensor, task: str, 
     model.eval()
     correct, loss, dist, ious, margins = 0, 0.0, [], [], []
     for k in range(0, len(idx), batch):
-        b = idx[k:k + batch]
+        b = idx[k : k + batch]
         out, centre = _forward(task, model, data, b)
         loss += _loss(task, out, centre, data, b).item() * len(b)
         if task == "rendering":
@@ -119,8 +119,9 @@ def _evaluate(model: nn.Module, data: NotSoClevr, idx: torch.Tensor, task: str, 
             grid = torch.stack(torch.meshgrid(torch.arange(CANVAS), torch.arange(CANVAS), indexing="ij"), -1)
             w = pred.float()
             centroid = (w[:, :, None] * grid.flatten(0, 1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
-            err = torch.where(pred.any(1, keepdim=True), centroid - data.centres[b].float(),
-                              torch.full_like(centroid, float(CANVAS)))
+            err = torch.where(
+                pred.any(1, keepdim=True), centroid - data.centres[b].float(), torch.full_like(centroid, float(CANVAS))
+            )
         elif task == "classification":
             pred = out.argmax(1)
             correct += (pred == data.index[b]).sum().item()
@@ -132,8 +133,12 @@ def _evaluate(model: nn.Module, data: NotSoClevr, idx: torch.Tensor, task: str, 
     model.train()
     d = torch.cat(dist) if dist else torch.zeros(0)
     n = max(len(idx), 1)
-    result = {"accuracy": correct / n, "loss": loss / n, "mean_px_error": d.mean().item() if len(d) else 0.0,
-              "max_px_error": d.max().item() if len(d) else 0.0}
+    result = {
+        "accuracy": correct / n,
+        "loss": loss / n,
+        "mean_px_error": d.mean().item() if len(d) else 0.0,
+        "max_px_error": d.max().item() if len(d) else 0.0,
+    }
     if task == "rendering":
         result["iou"] = torch.cat(ious).mean().item() if ious else 0.0
         result["min_margin"] = torch.cat(margins).min().item() if margins else 0.0
@@ -150,8 +155,18 @@ def validation_block(data: NotSoClevr, train_idx: torch.Tensor) -> torch.Tensor:
     return block
 
 
-def _train_attempt(cfg: RunConfig, data: NotSoClevr, fit_idx, val_idx, test_idx, seed: int,
-                   start: float, curves: list, attempt: int, progress=None):
+def _train_attempt(
+    cfg: RunConfig,
+    data: NotSoClevr,
+    fit_idx,
+    val_idx,
+    test_idx,
+    seed: int,
+    start: float,
+    curves: list,
+    attempt: int,
+    progress=None,
+):
     torch.manual_seed(seed)
     model = _make_model(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
@@ -161,14 +176,17 @@ def _train_attempt(cfg: RunConfig, data: NotSoClevr, fit_idx, val_idx, test_idx,
         progress(None, total=5 if cfg.quick else epochs * steps_per_epoch)
     # CoordConv: cosine decay over its short epoch budget. Baselines: a constant rate (the paper
     # trained them for 1,000 epochs with sweeps; see the README for what this budget reaches).
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-             if cfg.model == "coordconv" else torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0))
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+        if cfg.model == "coordconv"
+        else torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    )
     g = torch.Generator().manual_seed(seed)
     stopped = "epoch budget"
     for epoch in range(1, epochs + 1):
         perm = fit_idx[torch.randperm(len(fit_idx), generator=g)]
         for k in range(0, len(perm), cfg.batch_size):
-            b = perm[k:k + cfg.batch_size]
+            b = perm[k : k + cfg.batch_size]
             loss = _loss(cfg.task, *_forward(cfg.task, model, data, b), data, b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -185,8 +203,10 @@ def _train_attempt(cfg: RunConfig, data: NotSoClevr, fit_idx, val_idx, test_idx,
         curves.append({"attempt": attempt, "epoch": epoch, "seconds": elapsed, "train": tr, "val": va, "test": te})
         if progress:
             iou = f" (IoU train {tr['iou']:.3f} test {te['iou']:.3f})" if cfg.task == "rendering" else ""
-            progress(f"attempt {attempt} epoch {epoch}: train {100 * tr['accuracy']:.1f}% "
-                     f"val {100 * va['accuracy']:.1f}% test {100 * te['accuracy']:.1f}%{iou} loss {tr['loss']:.2e}")
+            progress(
+                f"attempt {attempt} epoch {epoch}: train {100 * tr['accuracy']:.1f}% "
+                f"val {100 * va['accuracy']:.1f}% test {100 * te['accuracy']:.1f}%{iou} loss {tr['loss']:.2e}"
+            )
         if cfg.task == "classification":
             sharp = tr["loss"] < cfg.stop_loss
         elif cfg.task == "regression":
@@ -202,7 +222,6 @@ def _train_attempt(cfg: RunConfig, data: NotSoClevr, fit_idx, val_idx, test_idx,
 def epoch_budget(cfg: RunConfig) -> int:
     """Epochs of one training attempt."""
     return 1 if cfg.quick else (cfg.max_epochs if cfg.model == "coordconv" else cfg.baseline_epochs)
-
 
 
 def run(cfg: RunConfig, progress=None) -> dict:
@@ -225,17 +244,27 @@ def run(cfg: RunConfig, progress=None) -> dict:
     attempt, model, stopped = 0, None, ""
     while True:
         attempt += 1
-        model, stopped = _train_attempt(cfg, data, fit_idx, val_idx, test_idx, cfg.seed * 1000 + attempt - 1,
-                                        start, curves, attempt, progress)
+        model, stopped = _train_attempt(
+            cfg, data, fit_idx, val_idx, test_idx, cfg.seed * 1000 + attempt - 1, start, curves, attempt, progress
+        )
         val_ok = curves[-1]["val"]["accuracy"] == 1.0
         if cfg.model != "coordconv" or cfg.quick or val_ok or attempt >= cfg.max_attempts:
             break
     final = curves[-1]
     return {
-        "config": dataclasses.asdict(cfg), "params": num_parameters(model), "attempts": attempt,
-        "epochs": final["epoch"], "seconds": final["seconds"], "stopped": stopped,
-        "train": final["train"], "val": final["val"], "test": final["test"], "curves": curves,
-        "_model": model, "_data": data, "_split": (fit_idx, test_idx),
+        "config": dataclasses.asdict(cfg),
+        "params": num_parameters(model),
+        "attempts": attempt,
+        "epochs": final["epoch"],
+        "seconds": final["seconds"],
+        "stopped": stopped,
+        "train": final["train"],
+        "val": final["val"],
+        "test": final["test"],
+        "curves": curves,
+        "_model": model,
+        "_data": data,
+        "_split": (fit_idx, test_idx),
     }
 
 
@@ -301,25 +330,29 @@ def figures(result: dict, path_prefix: str) -> list[str]:
     picks = [("train", train_idx[len(train_idx) // 2]), ("test", test_idx[len(test_idx) // 2])]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
     name = {"coordconv": "CoordConv", "baseline": "conv/deconv baseline"}[cfg["model"]]
-    fig.suptitle(f"{cfg['task']}, {cfg['split']} split: {name} (seed {cfg['seed']}), one training and one "
-                 f"test example; coordinates are (row i, column j) in pixels", fontsize=9)
+    fig.suptitle(
+        f"{cfg['task']}, {cfg['split']} split: {name} (seed {cfg['seed']}), one training and one "
+        f"test example; coordinates are (row i, column j) in pixels",
+        fontsize=9,
+    )
     rendering = cfg["task"] == "rendering"
     with torch.no_grad():
         model.eval()
         for col, (split, i) in enumerate(picks):
-            logits = model(data.coords[i:i + 1]).view(CANVAS, CANVAS)
-            prob = (torch.sigmoid(logits) if rendering else
-                    torch.softmax(logits.flatten(), 0).view(CANVAS, CANVAS))
+            logits = model(data.coords[i : i + 1]).view(CANVAS, CANVAS)
+            prob = torch.sigmoid(logits) if rendering else torch.softmax(logits.flatten(), 0).view(CANVAS, CANVAS)
             ci, cj = data.centres[i].tolist()
-            for k, (img, title) in enumerate([(logits, "logits"), (prob, "pixelwise sigmoid" if rendering
-                                                                     else "probability")]):
+            for k, (img, title) in enumerate(
+                [(logits, "logits"), (prob, "pixelwise sigmoid" if rendering else "probability")]
+            ):
                 ax = axes[2 * col + k]
                 shown = ax.imshow(img.numpy(), cmap="viridis")
                 fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
                 if rendering:  # the true square's outline
                     h = SQUARE / 2
-                    ax.add_patch(plt.Rectangle((cj - h, ci - h), 2 * h, 2 * h, fill=False, ec="r", lw=0.8,
-                                               label="true square"))
+                    ax.add_patch(
+                        plt.Rectangle((cj - h, ci - h), 2 * h, 2 * h, fill=False, ec="r", lw=0.8, label="true square")
+                    )
                 else:
                     ax.scatter([cj], [ci], s=40, facecolors="none", edgecolors="r", label="true centre")
                 ax.legend(loc="lower left", fontsize=6, framealpha=0.7)
@@ -349,9 +382,11 @@ def markdown_table(results: list[dict]) -> str:
     """Results side by side with the paper's figures. Metrics: classification, the arg-max pixel is
     the centre; regression, both coordinates within half a pixel; rendering, mean IoU of the
     thresholded square (and the share rendered exactly)."""
-    lines = ["| task | split | model | params | seed | test | train | mean / max px error (test) "
-             "| attempts | epochs | time | stopped | paper |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    lines = [
+        "| task | split | model | params | seed | test | train | mean / max px error (test) "
+        "| attempts | epochs | time | stopped | paper |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
     for r in results:
         c = r["config"]
         paper = PAPER.get((c["task"], c["model"]), {})
@@ -359,7 +394,8 @@ def markdown_table(results: list[dict]) -> str:
             f"| {c['task']} | {c['split']} | {c['model']} | {r['params']:,} | {c['seed']} | "
             f"{_metric(r['test'], c['task'])} | {_metric(r['train'], c['task'])} | "
             f"{r['test']['mean_px_error']:.2f} / {r['test']['max_px_error']:.2f} | {r['attempts']} | {r['epochs']} | "
-            f"{r['seconds']:.0f} s | {r['stopped']} | {paper.get(c['split'], '')} ({paper.get('params', '')} params) |")
+            f"{r['seconds']:.0f} s | {r['stopped']} | {paper.get(c['split'], '')} ({paper.get('params', '')} params) |"
+        )
     return "\n".join(lines)
 
 
@@ -370,8 +406,10 @@ def summary_table(results: list[dict]) -> str:
     for r in results:
         c = r["config"]
         groups.setdefault((c["task"], c["split"], c["model"]), []).append(r)
-    lines = ["| task | split | model | params | test (seeds) | time per run | paper |",
-             "|---|---|---|---:|---|---:|---|"]
+    lines = [
+        "| task | split | model | params | test (seeds) | time per run | paper |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
     for (task, split_, model), rs in groups.items():
         if task == "rendering":
             metric = " / ".join(f"IoU {r['test']['iou']:.3f}" for r in rs)
@@ -381,8 +419,10 @@ def summary_table(results: list[dict]) -> str:
         secs = [r["seconds"] for r in rs]
         time_ = f"{min(secs):.0f} s" if len(secs) == 1 else f"{min(secs):.0f}–{max(secs):.0f} s"
         paper = PAPER.get((task, model), {})
-        lines.append(f"| {task} | {split_} | {model} | {rs[0]['params']:,} | {metric} (seed {seeds}) | {time_} | "
-                     f"{paper.get(split_, '')} |")
+        lines.append(
+            f"| {task} | {split_} | {model} | {rs[0]['params']:,} | {metric} (seed {seeds}) | {time_} | "
+            f"{paper.get(split_, '')} |"
+        )
     return "\n".join(lines)
 
 

@@ -268,8 +268,7 @@ bool avx512_disabled() { return std::getenv("COORDCONV_NO_AVX512") != nullptr; }
 bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
   return avx512_supported() && input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous &&
          g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 && g.out[0] == 1 && avx512_direct_pays(g) &&
-         g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) &&
-         !avx512_disabled();
+         g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) && !avx512_disabled();
 }
 
 // y = the AVX-512 direct kernel's output for float32 input x, weight [C_out, C_in, (kh,) kw], the
@@ -296,8 +295,9 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   const auto format = conv_output_format(input, weight);
   const bool simd = use_avx512_direct(g, input, format);
   const bool direct = !simd && g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;
-  at::Tensor y = direct || simd ? at::empty(output_sizes(g), input.options())
-                        : at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
+  at::Tensor y = direct || simd
+                     ? at::empty(output_sizes(g), input.options())
+                     : at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -406,7 +406,8 @@ at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, co
     for (int64_t rw = 0; rw < sw; ++rw) {
       AxisPhase ph[3];  // D (unused), H, W as in Geometry
       ph[0].out = ph[0].taps = 1;
-      ph[1] = nd == 2 ? axis_phase(rh, input.size(2), sh, padding[0], dilation[0], weight.size(2)) : AxisPhase{1, 1, 0, 1, 1, 0};
+      ph[1] = nd == 2 ? axis_phase(rh, input.size(2), sh, padding[0], dilation[0], weight.size(2))
+                      : AxisPhase{1, 1, 0, 1, 1, 0};
       ph[2] = axis_phase(rw, input.size(nd + 1), sw, padding[nd - 1], dilation[nd - 1], weight.size(nd + 1));
       if (ph[1].out == 0 || ph[2].out == 0) continue;
       at::Tensor target = out;  // this phase's positions of the input gradient
@@ -419,7 +420,8 @@ at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, co
       at::Tensor w = weight.transpose(0, 1);  // [C_in, C_out, (kh,) kw], then the phase's taps, descending
       for (int64_t k = 0; k < nd; ++k) {
         const AxisPhase& p = ph[3 - nd + k];
-        w = w.index_select(2 + k, at::arange(p.first_tap, -1, -p.step, weight.options().dtype(at::kLong)).narrow(0, 0, p.taps));
+        w = w.index_select(
+            2 + k, at::arange(p.first_tap, -1, -p.step, weight.options().dtype(at::kLong)).narrow(0, 0, p.taps));
       }
       const Geometry g = phase_geometry(grad, weight, ph);
       if (sh == 1 && sw == 1) {
@@ -632,7 +634,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   }
   // Input and weight gradients in separate calls: as fast as one convolution_backward computing
   // both, and its peak memory is lower (measured, 16 x 32 x 128^2 -> 32: 104 against 136 MiB).
-  if (need_in) grad_in = input_grad_cpu(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+  if (need_in)
+    grad_in = input_grad_cpu(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
   if (need_w) {
     grad_w = std::get<1>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation,
                                                   transposed, output_padding, groups, {false, true, false}));

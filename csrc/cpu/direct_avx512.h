@@ -53,11 +53,10 @@ constexpr int64_t kLanes = 16;   // float32 lanes per zmm
 //   3x3 32 -> 32, 128^2: 1.16x vs 1.11x     1x1 64 -> 64, 56^2: 1.68x vs 1.25x
 //   3x3 16 -> 32, 32^2: 1.34x vs 1.28x      3x3 16 -> 16, 16^2: 2.37x vs 1.77x
 //   3x3/2 16 -> 32, 64^2 (32 wide out): 1.57x vs 1.40x
-constexpr int64_t kAvx512DirectMaxK = 150;    // C_in * kh * kw
+constexpr int64_t kAvx512DirectMaxK = 150;  // C_in * kh * kw
 constexpr int64_t kAvx512DirectMaxCin = 16;
 inline bool avx512_direct_pays(const Geometry& g) {
-  return g.k_data() <= kAvx512DirectMaxK && g.c_in <= kAvx512DirectMaxCin &&
-         (g.out[2] >= 3 * kLanes || g.c_in <= 4);
+  return g.k_data() <= kAvx512DirectMaxK && g.c_in <= kAvx512DirectMaxCin && (g.out[2] >= 3 * kLanes || g.c_in <= 4);
 }
 
 // The phase-split input of pass 1, for one (n, c, ih) input row: `stride` phase rows of `row_len`
@@ -115,15 +114,17 @@ inline void split_input(const Geometry& g, const SplitLayout& s, const float* x,
   });
 }
 
-// One register tile (P may be null: no coordinate term, e.g. for an input gradient): output channels oc0 .. oc0 + kOcBlock - 1 (those >= C_out computed from zero
-// weights and not stored), columns j0 .. j0 + 16 * VECS - 1 of output row oh of sample n; `tail`
-// masks the last vector's lanes.
-// wpack: [C_in * KH * KW][oc_padded], tap-major, zero-filled past C_out.
+// One register tile (P may be null: no coordinate term, e.g. for an input gradient): output channels oc0 .. oc0 +
+// kOcBlock - 1 (those >= C_out computed from zero weights and not stored), columns j0 .. j0 + 16 * VECS - 1 of output
+// row oh of sample n; `tail` masks the last vector's lanes. wpack: [C_in * KH * KW][oc_padded], tap-major, zero-filled
+// past C_out.
 template <int VECS>
-__attribute__((target("avx512f"), always_inline)) inline void direct_tile(
-    const Geometry& g, const SplitLayout& s, const int64_t* tap_offsets, const float* xs, const float* wpack,
-    int64_t oc_padded, const float* P, const float* bias, float* y, int64_t n, int64_t oh, int64_t oc0, int64_t j0,
-    __mmask16 tail) {
+__attribute__((target("avx512f"), always_inline)) inline void direct_tile(const Geometry& g, const SplitLayout& s,
+                                                                          const int64_t* tap_offsets, const float* xs,
+                                                                          const float* wpack, int64_t oc_padded,
+                                                                          const float* P, const float* bias, float* y,
+                                                                          int64_t n, int64_t oh, int64_t oc0,
+                                                                          int64_t j0, __mmask16 tail) {
   const int64_t H = g.padded[1], OH = g.out[1], OW = g.out[2];
   const int64_t KH = g.kernel[1], KW = g.kernel[2], C = g.c_in;
   const int64_t on = g.c_out - oc0 < kOcBlock ? g.c_out - oc0 : kOcBlock;
@@ -191,11 +192,20 @@ __attribute__((target("avx512f"))) inline void direct_items(const Geometry& g, c
     for (int64_t j0 = 0; j0 < full; j0 += kVecs * kLanes)
       direct_tile<kVecs>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, j0, __mmask16(0xffff));
     switch ((rest + kLanes - 1) / kLanes) {
-      case 0: break;
-      case 1: direct_tile<1>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
-      case 2: direct_tile<2>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
-      case 3: direct_tile<3>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
-      default: direct_tile<4>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail); break;
+      case 0:
+        break;
+      case 1:
+        direct_tile<1>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail);
+        break;
+      case 2:
+        direct_tile<2>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail);
+        break;
+      case 3:
+        direct_tile<3>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail);
+        break;
+      default:
+        direct_tile<4>(g, s, tap_offsets, xs, wpack, oc_padded, P, bias, y, n, oh, oc0, full, tail);
+        break;
     }
   }
 }

@@ -38,20 +38,20 @@ struct CudaLaunch {
   template <typename scalar_t, typename acc_t>
   static void direct_forward(const Geometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* cw,
                              const scalar_t* b, scalar_t* y, int64_t total) {
-    direct_forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, x, w, cw, b, y, total);
+    direct_forward_kernel<scalar_t, acc_t>
+        <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, x, w, cw, b, y, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename scalar_t, typename acc_t>
   static void coord_epilogue(const Geometry& g, const scalar_t* cw, scalar_t* y, int64_t total) {
-    coord_epilogue_kernel<scalar_t, acc_t><<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, cw, y, total);
+    coord_epilogue_kernel<scalar_t, acc_t>
+        <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cw, y, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename scalar_t, typename acc_t>
   static void coord_weight_grad(const Geometry& g, const acc_t* gs, scalar_t* out, int64_t total) {
-    coord_weight_grad_kernel<scalar_t, acc_t><<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
-        g, gs, out, total);
+    coord_weight_grad_kernel<scalar_t, acc_t>
+        <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, gs, out, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
@@ -71,9 +71,8 @@ at::Tensor coord_weight_grad_cuda(const at::Tensor& grad_sum, const at::Tensor& 
                                   int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
                                   bool with_r, bool separate) {
   const c10::cuda::CUDAGuard guard(input.device());
-  return gpu_coord_weight_grad<CudaLaunch>(grad_sum, input, weight, coord_weight, stride, padding, dilation,
-                                           transposed, output_padding, groups, coord_pad, coord_pad_mode, with_r,
-                                           separate);
+  return gpu_coord_weight_grad<CudaLaunch>(grad_sum, input, weight, coord_weight, stride, padding, dilation, transposed,
+                                           output_padding, groups, coord_pad, coord_pad_mode, with_r, separate);
 }
 
 }  // namespace
