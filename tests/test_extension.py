@@ -174,20 +174,6 @@ def _op_args(separate=False, mode="zeros", c_in=3, k=3):
     return (x, w, cw, b, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, coord_pad, mode, True, separate)
 
 
-@pytest.mark.parametrize("name", ["coord_conv_ext", "coord_conv_cuda_emulated"])
-@pytest.mark.parametrize("kwargs", [{}, {"separate": True}, {"mode": "reflect"}, {"c_in": 1, "k": 1}], ids=str)
-def test_opcheck(name, kwargs):
-    torch.library.opcheck(getattr(torch.ops.coordconv_fused, name).default, _op_args(**kwargs))
-
-
-@pytest.mark.parametrize("name", ["coord_conv_ext_coord_weight_grad", "coord_conv_cuda_emulated_coord_weight_grad"])
-def test_opcheck_grad_ops(name):
-    x, w, cw, *rest = _op_args()
-    gs = torch.randn(1, 4, 7, 6)
-    args = (gs, x.detach(), w.detach(), cw.detach(), *rest[1:])
-    torch.library.opcheck(getattr(torch.ops.coordconv_fused, name).default, args)
-
-
 @pytest.mark.parametrize(
     "mask",
     [
@@ -203,7 +189,7 @@ def test_opcheck_grad_ops(name):
 def test_backward_op(kwargs, mask):
     """coord_conv_ext_backward (the cpp backend's whole backward in one call) against autograd through the
     emulated CUDA op (whose backward is the generic one: convolution_backward + the coordinate-gradient op):
-    each gradient where the mask asks, None elsewhere; opcheck'ed."""
+    each gradient where the mask asks, None elsewhere; (opcheck: tests/test_ops.py)."""
     x, w, cw, b, *rest = _op_args(**kwargs)
     y = torch.ops.coordconv_fused.coord_conv_cuda_emulated(x, w, cw, b, *rest)
     g = torch.randn_like(y)
@@ -215,7 +201,6 @@ def test_backward_op(kwargs, mask):
             torch.testing.assert_close(r, e, atol=1e-4, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
         else:
             assert r is None, name
-    torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_backward.default, args)
 
 
 def test_backward_op_grad_layouts():
@@ -272,7 +257,7 @@ def test_backward_op_half_and_batch():
 )
 def test_input_grad_op(shape, no_avx512, monkeypatch):
     """The cpp backend's input gradient (a direct kernel per stride phase for layers on few channels) against
-    ATen's convolution_backward, opcheck'ed; the kernel runs exactly where avx512_input_grad_pays."""
+    ATen's convolution_backward, (opcheck: tests/test_ops.py); the kernel runs exactly where avx512_input_grad_pays."""
     if no_avx512:
         monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
     else:
@@ -291,7 +276,6 @@ def test_input_grad_op(shape, no_avx512, monkeypatch):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     ran = extension._C.avx512_direct_calls() > calls
     assert ran == (extension.avx512_direct_available() and not no_avx512 and c_in <= (8 if stride == 1 else 4))
-    torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_input_grad.default, (g, x, w, *args))
 
 
 def test_cached_coordinate_term_follows_coord_weight():

@@ -3,7 +3,8 @@ conftest.py before anything imports them), and compiled ahead of time for sm_80 
 
 The general parity grid (tests/test_parity.py) and the property test also run the `triton` backend;
 this file adds the kernel-specific cases: several tiles in every GEMM dimension (masking at tile
-edges), 16-bit dtypes, strided/channels_last inputs, bit-exact coordinates, gradcheck, opcheck."""
+edges), 16-bit dtypes, strided/channels_last inputs, bit-exact coordinates, gradcheck (opcheck:
+tests/test_ops.py)."""
 
 import os
 import subprocess
@@ -147,21 +148,6 @@ def test_triton_gradcheck_float64(case):
     assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    "separate,mode,coord_pad",
-    [(False, "zeros", [0, 0, 0, 0]), (True, "zeros", [0, 1, 0, 1]), (False, "reflect", [1, 1, 2, 2])],
-)
-def test_triton_opcheck(separate, mode, coord_pad):
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 7, 6, requires_grad=True)
-    w = torch.randn(4, 3, 3, 3, requires_grad=True)
-    cw = torch.randn(4, 3, *((1, 1) if separate else (3, 3)), requires_grad=True)
-    b = torch.randn(4, requires_grad=True)
-    pad = 0 if mode == "reflect" else 1
-    args = (x, w, cw, b, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, coord_pad, mode, True, separate)
-    torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_triton.default, args)
-
-
 def test_transposed_is_refused_with_a_clear_error():
     from coordconv_fused import coord_conv_transpose2d
 
@@ -198,14 +184,6 @@ def test_aot_compile_every_variant_for_sm80_and_sm90():
     assert int(lines[-1].split()[0]) == 2 * len(variants())
     assert sum(line.startswith("ok   sm_80") for line in lines) == len(variants())
     assert sum(line.startswith("ok   sm_90") for line in lines) == len(variants())
-
-
-def test_triton_coord_weight_grad_opcheck():
-    torch.manual_seed(0)
-    gs = torch.randn(1, 4, 7, 6)
-    x, w, cw = torch.randn(2, 3, 7, 6), torch.randn(4, 3, 3, 3), torch.randn(4, 3, 3, 3)
-    args = (gs, x, w, cw, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [0, 0, 0, 0], "zeros", True, False)
-    torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_triton_coord_weight_grad.default, args)
 
 
 def test_triton_compiles_fullgraph():
