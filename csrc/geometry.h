@@ -87,10 +87,8 @@ inline void lifted_strides(const at::Tensor& t, int64_t out[5]) {
 }
 
 // The direct kernels (data + coordinates + bias in one pass) are used when the data GEMM's depth
-// C_in/groups * taps is at most this. CUDA (untuned): 32. CPU: 1 -- measured on a 2-core AVX-512
-// machine, the scalar-vectorised row kernel beats oneDNN + epilogue only at depth 1 (0.62x of
-// nn.Conv2d for the paper's 1x1 layer on one input channel, where oneDNN is slow) and loses from
-// depth 3 on (2.8x at C_in=3, 1x1), so deeper layers take oneDNN plus the coordinate epilogue.
+// C_in/groups * taps is at most this. CUDA: untuned. CPU: depth 1, where the row kernel beats oneDNN
+// plus the coordinate epilogue (docs/tuning.md).
 constexpr int64_t kDirectMaxK = 32;
 constexpr int64_t kCpuDirectMaxK = 1;
 

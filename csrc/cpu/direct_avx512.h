@@ -10,13 +10,11 @@
 //     j + floor(d / sw) of phase (d mod sw), d = tw * dw - pw: a tap reads 16 consecutive output
 //     columns with one unmasked load, whatever the stride, and zero padding costs nothing.
 //  2. Register tiles of kOcBlock output channels x kVecs vectors of 16 columns (16 accumulators)
-//     start from the coordinate term P (closed form, see coordconv_cpu.cpp) plus the bias,
+//     start from the coordinate term P (closed form, see coord_term.h) plus the bias,
 //     accumulate the data taps (kVecs loads and kOcBlock weight broadcasts feed kOcBlock * kVecs
 //     FMAs), and are stored once. A row's last tile is narrower and its last vector is masked.
 //
-// Tile shape measured on the 2-core Zen 4 CI machine (one image, 3 -> 32 channels 3x3 on 64x64,
-// one thread, useful zmm FMAs per ns): 4 ch x 4 vec 2.42, 6 x 4 2.24, 8 x 3 2.11, 12 x 2 1.93,
-// 16 x 1 (the previous kernel, masked loads per tap) 1.51; oneDNN ~1.4 on the same layer.
+// The tile shape was measured: docs/tuning.md.
 //
 // Compiled with a target attribute and selected at run time (`avx512_supported()`), so the
 // extension still builds and runs on CPUs without AVX-512.
@@ -42,17 +40,7 @@ constexpr int64_t kOcBlock = 4;  // output channels per register tile
 constexpr int64_t kVecs = 4;     // vectors of 16 output columns per register tile
 constexpr int64_t kLanes = 16;   // float32 lanes per zmm
 
-// Where the kernel beats oneDNN + the coordinate epilogue. Measured interleaved on the 2-core Zen 4
-// CI machine, 2 threads, median ratio to nn.Conv2d (kernel vs oneDNN + epilogue):
-//   1x1 3 -> 8, 224^2: 0.28x vs 1.12x      3x3 3 -> 32, 64^2: 0.82x vs 1.42x
-//   3x3 8 -> 32, 64^2: 0.95x vs 1.25x      3x3 16 -> 32, 64^2: 0.99x vs 1.18x
-//   5x5 3 -> 32, 64^2: 0.94x vs 1.27x      7x7/2 3 -> 64, 224^2 (N=1): 1.27x vs 1.36x
-//   1-D k5 4 -> 32, L=1000: 1.22x vs 1.77x  3x3 3 -> 16, 32^2: 1.17x vs 1.40x
-//   1x1 16 -> 32, 56^2: 1.54x vs 1.73x
-// and loses on deeper inputs or narrow rows (a tile then holds too few output columns):
-//   3x3 32 -> 32, 128^2: 1.16x vs 1.11x     1x1 64 -> 64, 56^2: 1.68x vs 1.25x
-//   3x3 16 -> 32, 32^2: 1.34x vs 1.28x      3x3 16 -> 16, 16^2: 2.37x vs 1.77x
-//   3x3/2 16 -> 32, 64^2 (32 wide out): 1.57x vs 1.40x
+// Where the kernel beats oneDNN + the coordinate epilogue, as measured on one machine (docs/tuning.md).
 constexpr int64_t kAvx512DirectMaxK = 150;  // C_in * kh * kw
 constexpr int64_t kAvx512DirectMaxCin = 16;
 inline bool avx512_direct_pays(const Geometry& g) {

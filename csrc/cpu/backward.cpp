@@ -1,0 +1,222 @@
+// The `cpp` backend's backward: the gradients of coord_weight and of the bias in one pass over
+// grad_output (per output channel: its batch sum, contracted with the coordinate term's tables), the
+// input gradient by input_grad.cpp, the weight gradient by ATen's convolution_backward.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../geometry.h"
+#include "coord_term.h"
+#include "cpu_ops.h"
+#include "direct_avx512.h"
+
+namespace coordconv {
+namespace {
+
+// ---- gradient of coord_weight (and of the bias) ---------------------------------------------------
+
+// The gradients of coord_weight and of the bias from grad_output, in one parallel pass over the
+// output channels: channel o's planes are summed over the batch into a buffer (the coordinate term
+// is the same for every sample), whose sum is the bias gradient and whose contraction with the
+// per-axis tables is the coordinate gradient:
+//   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k buf[i,j,k] F2_c[k,v]
+// (innermost axis first: its two possible tables, mask and coordinate, are shared by the channels),
+// the radius channel against its [points x taps] table, the separate-filter variant against the
+// [points x coords] table of the centre coordinates. grad [N, C_out, *out]; either output may be
+// skipped (undefined).
+template <typename scalar_t, typename acc_t>
+void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor* coord_grad, at::Tensor* bias_grad) {
+  const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  // A grad in another layout (channels_last, or the expanded one of y.sum().backward()) is summed
+  // over the batch by ATen first (accumulated in acc_t, rounded once): no output-sized copy.
+  const bool dense = grad.is_contiguous();
+  const at::Tensor gc = dense ? grad : grad.sum(0, /*keepdim=*/true).contiguous();
+  const int64_t O = g.c_out, N = dense ? g.n : 1, points = g.out_points();
+  const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
+  const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps;
+  const bool want_cw = coord_grad != nullptr;
+  AxisTables t;
+  at::Tensor R, C;
+  if (want_cw && g.separate) C = centre_table<scalar_t, acc_t>(g, acc_opts);
+  if (want_cw && !g.separate) {
+    t = axis_tables<scalar_t, acc_t>(g, acc_opts);
+    if (g.with_r) R = radius_table<scalar_t, acc_t>(g, t, acc_opts);
+  }
+  at::Tensor cw = want_cw ? at::empty({O, per_o}, acc_opts) : at::Tensor();
+  at::Tensor b = bias_grad != nullptr ? at::empty({O}, acc_opts) : at::Tensor();
+  const scalar_t* gp = gc.data_ptr<scalar_t>();
+  acc_t* cwp = want_cw ? cw.data_ptr<acc_t>() : nullptr;
+  acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
+  auto ptr = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
+  const acc_t* rp = ptr(R);
+  const acc_t* cp = ptr(C);
+  // Each axis channel's factor tables (see factors()) and whether its innermost one is the coordinate.
+  std::array<std::array<const acc_t*, 2>, 3> outer{};
+  std::array<bool, 3> coord_inner{};
+  if (want_cw && !g.separate) {
+    for (int64_t c = 0; c < g.ndim; ++c) {
+      const auto f = factors(g, t, c);
+      outer[c] = {f[0].data_ptr<acc_t>(), f[1].data_ptr<acc_t>()};
+      coord_inner[c] = f[2].is_same(t.value[2]);
+    }
+  }
+  // The innermost axis's tables transposed to [kernel, out], for reductions along output rows.
+  std::vector<acc_t> mask_w_t, value_w_t;
+  if (want_cw && !g.separate) {
+    mask_w_t.resize(KW * OW);
+    value_w_t.resize(KW * OW);
+    const acc_t* m2 = t.mask[2].data_ptr<acc_t>();
+    const acc_t* v2 = t.value[2].data_ptr<acc_t>();
+    for (int64_t k = 0; k < OW; ++k)
+      for (int64_t v = 0; v < KW; ++v) {
+        mask_w_t[v * OW + k] = m2[k * KW + v];
+        value_w_t[v * OW + k] = v2[k * KW + v];
+      }
+  }
+  // Per-thread scratch, allocated here rather than in the workers (a worker's first malloc would
+  // give it its own glibc arena, which later allocations there keep growing).
+  const int64_t scratch_len = points + 2 * OD * OH * KW + OD * KH * KW;
+  const at::Tensor scratch = at::empty({at::get_num_threads(), scratch_len}, acc_opts);
+  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+    acc_t* const buf = scratch.data_ptr<acc_t>() + at::get_thread_num() * scratch_len;
+    acc_t* const inner = buf + points;
+    acc_t* const mid = inner + 2 * OD * OH * KW;
+    for (int64_t o = begin; o < end; ++o) {
+      std::fill(buf, buf + points, acc_t(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const scalar_t* src = gp + (n * O + o) * points;
+        acc_t* dst = buf;
+#pragma omp simd
+        for (int64_t p = 0; p < points; ++p) dst[p] += static_cast<acc_t>(src[p]);
+      }
+      if (bp != nullptr) {
+        acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t p = 0; p < points; ++p) s += buf[p];
+        bp[o] = s;
+      }
+      if (cwp == nullptr) continue;
+      acc_t* out = cwp + o * per_o;
+      if (g.separate) {
+        for (int64_t c = 0; c < nc; ++c) {
+          acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+          for (int64_t p = 0; p < points; ++p) s += buf[p] * cp[p * nc + c];
+          out[c] = s;
+        }
+        continue;
+      }
+      // inner[f][i, j, v] = sum_k buf[i, j, k] F2_f[k, v], f = 0: mask, 1: coordinate (vectorised
+      // reductions along the output row, against the transposed table)
+      for (int f = 0; f < 2; ++f) {
+        const acc_t* F2t = f == 0 ? mask_w_t.data() : value_w_t.data();
+        acc_t* dst = inner + f * OD * OH * KW;
+        for (int64_t r = 0; r < OD * OH; ++r) {
+          const acc_t* row = buf + r * OW;
+          for (int64_t v = 0; v < KW; ++v) {
+            const acc_t* col = F2t + v * OW;
+            acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+            for (int64_t k = 0; k < OW; ++k) s += row[k] * col[k];
+            dst[r * KW + v] = s;
+          }
+        }
+      }
+      for (int64_t c = 0; c < g.ndim; ++c) {
+        const auto [F0, F1] = outer[c];
+        const acc_t* src = inner + (coord_inner[c] ? OD * OH * KW : 0);
+        // mid[i, u, v] = sum_j F1[j, u] src[i, j, v]
+        std::fill(mid, mid + OD * KH * KW, acc_t(0));
+        for (int64_t i = 0; i < OD; ++i)
+          for (int64_t j = 0; j < OH; ++j)
+            for (int64_t u = 0; u < KH; ++u) {
+              const acc_t f = F1[j * KH + u];
+              if (f == acc_t(0)) continue;
+              for (int64_t v = 0; v < KW; ++v) mid[(i * KH + u) * KW + v] += f * src[(i * OH + j) * KW + v];
+            }
+        // out[c, t, u, v] = sum_i F0[i, t] mid[i, u, v]
+        acc_t* dst = out + c * taps;
+        for (int64_t tt = 0; tt < KD; ++tt)
+          for (int64_t uv = 0; uv < KH * KW; ++uv) {
+            acc_t s = 0;
+            for (int64_t i = 0; i < OD; ++i) s += F0[i * KD + tt] * mid[i * KH * KW + uv];
+            dst[tt * KH * KW + uv] = s;
+          }
+      }
+      if (g.with_r) {
+        acc_t* dst = out + g.ndim * taps;
+        for (int64_t tap = 0; tap < taps; ++tap) dst[tap] = 0;
+        for (int64_t p = 0; p < points; ++p) {
+          const acc_t bv = buf[p];
+          const acc_t* row = rp + p * taps;
+          for (int64_t tap = 0; tap < taps; ++tap) dst[tap] += bv * row[tap];
+        }
+      }
+    }
+  });
+  if (coord_grad != nullptr) *coord_grad = cw;
+  if (bias_grad != nullptr) *bias_grad = b;
+}
+
+}  // namespace
+
+at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
+                                 const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                                 int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
+                                 bool with_r, bool separate) {
+  const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
+  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
+                             coord_pad_mode, with_r, separate);
+  g.n = grad_sum.size(0);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_sum.scalar_type(), "coord_weight_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    coord_and_bias_grads<scalar_t, acc_t>(g, grad_sum, &out, nullptr);
+  });
+  return out.view(coord_weight.sizes()).to(coord_weight.scalar_type());
+}
+
+// ---- the whole backward ---------------------------------------------------------------------------
+
+// Gradients of (input, weight, coord_weight, bias), each only where output_mask asks (else
+// undefined): the coordinate and bias gradients in the one pass above, the input gradient by the
+// direct kernel where it pays, the rest by ATen's convolution_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
+    bool with_r, bool separate, std::array<bool, 4> output_mask) {
+  const AutocastOff autocast_off;
+  const auto [need_in, need_w, need_cw, need_b] = output_mask;
+  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
+                             coord_pad_mode, with_r, separate);
+  at::Tensor grad_in, grad_w, grad_cw, grad_b;
+  if (need_cw || need_b) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "coord_conv_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      coord_and_bias_grads<scalar_t, acc_t>(g, grad, need_cw ? &grad_cw : nullptr, need_b ? &grad_b : nullptr);
+    });
+    if (need_cw) grad_cw = grad_cw.view(coord_weight.sizes()).to(coord_weight.scalar_type());
+    if (need_b) grad_b = grad_b.to(grad.scalar_type());
+  }
+  // Input and weight gradients in separate calls: as fast as one convolution_backward computing
+  // both, and its peak memory is lower (docs/tuning.md).
+  if (need_in)
+    grad_in = input_grad_cpu(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+  if (need_w) {
+    grad_w = std::get<1>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation,
+                                                  transposed, output_padding, groups, {false, true, false}));
+  }
+  return {grad_in, grad_w, grad_cw, grad_b};
+}
+
+}  // namespace coordconv

@@ -1,0 +1,180 @@
+// The `cpp` backend's coordinate term P[o, point], which does not depend on the sample, in closed form
+// from the separable structure of the coordinate channels (channel a varies along axis a only, and
+// zero padding is a product of per-axis masks):
+//   P_a[o, i, j, k] = sum_{t,u,v} cw[o, a, t, u, v] * F_d[i, t] * F_h[j, u] * F_w[k, v]
+// with F = the axis's coordinate table on axis a and the 0/1 mask table elsewhere (small per-axis
+// tables of size out x kernel), i.e. three small contractions instead of a convolution; only the
+// radius, which is not separable, needs a [points x taps] table. P is cached while coord_weight
+// holds the same values and the geometry is the same. The same tables serve the backward.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#include <mutex>
+#include <unordered_map>
+
+#include "../geometry.h"
+
+namespace coordconv {
+
+// ---- closed-form coordinate term -----------------------------------------------------------
+
+struct AxisTables {
+  at::Tensor value[3];  // [out, kernel]: coordinate read by tap t at output o (rounded to the input dtype)
+  at::Tensor mask[3];   // [out, kernel]: 1 where that position is inside (not zero padding)
+  at::Tensor raw[3];    // unrounded values, for the radius
+};
+
+template <typename scalar_t, typename acc_t>
+AxisTables axis_tables(const Geometry& g, const at::TensorOptions& acc_opts) {
+  AxisTables t;
+  for (int ax = 0; ax < 3; ++ax) {
+    t.value[ax] = at::empty({g.out[ax], g.kernel[ax]}, acc_opts);
+    t.mask[ax] = at::empty({g.out[ax], g.kernel[ax]}, acc_opts);
+    t.raw[ax] = at::empty({g.out[ax], g.kernel[ax]}, acc_opts);
+    acc_t* v = t.value[ax].data_ptr<acc_t>();
+    acc_t* m = t.mask[ax].data_ptr<acc_t>();
+    acc_t* r = t.raw[ax].data_ptr<acc_t>();
+    for (int64_t o = 0; o < g.out[ax]; ++o) {
+      for (int64_t k = 0; k < g.kernel[ax]; ++k) {
+        const int64_t i = o * g.kernel[ax] + k;
+        axis_tap<acc_t>(g, ax, o, k, &r[i], &m[i]);
+        v[i] = static_cast<acc_t>(static_cast<scalar_t>(r[i]));
+      }
+    }
+  }
+  return t;
+}
+
+// Radius channel: R[point, tap] (rounded), zero wherever any axis is in the zero padding.
+template <typename scalar_t, typename acc_t>
+at::Tensor radius_table(const Geometry& g, const AxisTables& t, const at::TensorOptions& acc_opts) {
+  at::Tensor R = at::empty({g.out_points(), g.taps()}, acc_opts);
+  acc_t* out = R.data_ptr<acc_t>();
+  const acc_t* raw[3] = {t.raw[0].data_ptr<acc_t>(), t.raw[1].data_ptr<acc_t>(), t.raw[2].data_ptr<acc_t>()};
+  const acc_t* msk[3] = {t.mask[0].data_ptr<acc_t>(), t.mask[1].data_ptr<acc_t>(), t.mask[2].data_ptr<acc_t>()};
+  const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
+  at::parallel_for(0, g.out_points(), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t k = p % g.out[2], j = (p / g.out[2]) % g.out[1], i = p / (g.out[2] * g.out[1]);
+      acc_t* row = out + p * g.taps();
+      for (int64_t td = 0; td < KD; ++td)
+        for (int64_t th = 0; th < KH; ++th)
+          for (int64_t tw = 0; tw < KW; ++tw) {
+            const acc_t vd = raw[0][i * KD + td], vh = raw[1][j * KH + th], vw = raw[2][k * KW + tw];
+            const acc_t inside = msk[0][i * KD + td] * msk[1][j * KH + th] * msk[2][k * KW + tw];
+            const acc_t v[3] = {vd * inside, vh * inside, vw * inside};
+            row[(td * KH + th) * KW + tw] = channel_value<scalar_t, acc_t>(g, g.ndim, v, inside);
+          }
+    }
+  });
+  return R;
+}
+
+// Separate filter: the receptive-field centre coordinates, [point, d] (rounded).
+template <typename scalar_t, typename acc_t>
+at::Tensor centre_table(const Geometry& g, const at::TensorOptions& acc_opts) {
+  at::Tensor C = at::empty({g.out_points(), g.num_coords}, acc_opts);
+  acc_t* out = C.data_ptr<acc_t>();
+  for (int64_t p = 0; p < g.out_points(); ++p) {
+    for (int64_t c = 0; c < g.num_coords; ++c) {
+      out[p * g.num_coords + c] =
+          coord_im2col<scalar_t, acc_t>(g, c, p / (g.out[2] * g.out[1]), (p / g.out[2]) % g.out[1], p % g.out[2]);
+    }
+  }
+  return C;
+}
+
+// Per-axis factor tables of axis channel c: the coordinate on its own axis, the mask elsewhere.
+inline std::array<at::Tensor, 3> factors(const Geometry& g, const AxisTables& t, int64_t c) {
+  const int axis = channel_axis(g, c);
+  return {axis == 0 ? t.value[0] : t.mask[0], axis == 1 ? t.value[1] : t.mask[1], axis == 2 ? t.value[2] : t.mask[2]};
+}
+
+// The axis channels' part of P as matrix products, the output-sized one last and shared by all
+// channels:  P[o,i,j,k] = sum_c sum_u F1_c[j,u] E_c[o,i,u,k],  E_c = F0_c x (w_c x F2_c^T).
+// (A 4-operand einsum contracted left to right builds output-sized intermediates per channel.)
+inline at::Tensor axis_coord_term(const Geometry& g, const AxisTables& t, const at::Tensor& cw) {
+  const int64_t O = g.c_out, KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2], OD = g.out[0];
+  std::vector<at::Tensor> f1, e;
+  for (int64_t c = 0; c < g.ndim; ++c) {
+    const auto f = factors(g, t, c);
+    const at::Tensor a = at::matmul(cw.select(1, c).reshape({O, KD, KH, KW}), f[2].t());  // [O, KD, KH, OW]
+    e.push_back(at::matmul(f[0], a.reshape({O, KD, KH * g.out[2]})).view({O, OD, KH, g.out[2]}));
+    f1.push_back(f[1]);
+  }
+  return at::matmul(at::cat(f1, 1), at::cat(e, 2)).contiguous();  // [OH, c KH] x [O, OD, c KH, OW]
+}
+
+// P = the coordinate term, [C_out, OD, OH, OW] in the accumulation dtype.
+template <typename scalar_t, typename acc_t>
+at::Tensor coord_term_table(const Geometry& g, const at::Tensor& coord_weight) {
+  const auto acc_opts = coord_weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  const at::Tensor cw = coord_weight.to(acc_opts.dtype_opt()->toScalarType()).reshape({g.c_out, g.num_coords, -1});
+  if (g.separate) {
+    const at::Tensor C = centre_table<scalar_t, acc_t>(g, acc_opts);
+    return at::mm(cw.select(2, 0), C.t()).view({g.c_out, g.out[0], g.out[1], g.out[2]});
+  }
+  const AxisTables t = axis_tables<scalar_t, acc_t>(g, acc_opts);
+  at::Tensor P = axis_coord_term(g, t, cw);
+  if (g.with_r) {
+    const at::Tensor R = radius_table<scalar_t, acc_t>(g, t, acc_opts);
+    P.view({g.c_out, -1}).addmm_(cw.select(1, g.ndim), R.t());
+  }
+  return P;
+}
+
+// ---- cache of P --------------------------------------------------------------------------------
+
+// Keyed by the coord_weight tensor and the geometry; valid while coord_weight holds the same
+// values. The values are compared with a saved copy (O(|coord_weight|), tiny next to the output)
+// rather than trusted to the version counter, which `.data` updates and gradcheck's perturbations
+// bypass.
+struct CacheEntry {
+  Geometry key{};
+  at::Tensor coord_weight;  // a copy of the values P was computed from
+  at::Tensor P;
+};
+
+inline Geometry cache_key(Geometry g) {
+  g.n = 0;  // P does not depend on the batch or on the output's strides
+  std::memset(g.ystride, 0, sizeof(g.ystride));
+  return g;
+}
+
+constexpr size_t kMaxCacheEntries = 256;
+// The process-wide cache and its lock (coord_term.cpp).
+std::mutex& cache_mutex();
+std::unordered_map<const c10::TensorImpl*, CacheEntry>& cache();
+
+template <typename scalar_t, typename acc_t>
+at::Tensor cached_coord_term(const Geometry& g, const at::Tensor& coord_weight) {
+  const Geometry key = cache_key(g);
+  const c10::TensorImpl* impl = coord_weight.unsafeGetTensorImpl();
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex());
+    auto it = cache().find(impl);
+    if (it != cache().end() && std::memcmp(&it->second.key, &key, sizeof(Geometry)) == 0 &&
+        it->second.coord_weight.sizes() == coord_weight.sizes() &&
+        it->second.coord_weight.scalar_type() == coord_weight.scalar_type() &&
+        at::equal(it->second.coord_weight, coord_weight)) {
+      return it->second.P;
+    }
+  }
+  at::Tensor P = coord_term_table<scalar_t, acc_t>(g, coord_weight);
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  if (cache().size() >= kMaxCacheEntries) cache().clear();
+  cache()[impl] = CacheEntry{key, coord_weight.clone(), P};
+  return P;
+}
+
+}  // namespace coordconv

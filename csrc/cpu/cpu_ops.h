@@ -1,0 +1,45 @@
+// The CPU kernels of the coord_conv_ext ops (schemas: coordconv_fused/ops/schema.py), one file per
+// concern: forward.cpp, input_grad.cpp, backward.cpp; registered in register.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "../geometry.h"
+
+#include <array>
+#include <cstdlib>
+#include <tuple>
+
+namespace coordconv {
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
+                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+                       at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate);
+
+at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                          at::IntArrayRef output_padding, int64_t groups);
+
+at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
+                                 const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                                 int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
+                                 bool with_r, bool separate);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
+    bool with_r, bool separate, std::array<bool, 4> output_mask);
+
+// y = the AVX-512 direct kernel's output (forward.cpp) for float32 input x, weight
+// [C_out, C_in, (kh,) kw], the coordinate term P (or null) and bias (or undefined).
+void run_avx512_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
+                       const at::Tensor& bias, at::Tensor& y);
+
+// COORDCONV_NO_AVX512 set: the AVX-512 kernels are not used (for A/B measurements and bisecting;
+// read on every call that would take them, so a benchmark can alternate).
+inline bool avx512_disabled() { return std::getenv("COORDCONV_NO_AVX512") != nullptr; }
+
+}  // namespace coordconv

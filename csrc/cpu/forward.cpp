@@ -1,0 +1,160 @@
+// The `cpp` backend's forward: either
+//  * a direct kernel (small C_in * taps, e.g. a network's first layer): data taps + P + bias in a
+//    single pass over the output (the AVX-512 kernel of direct_avx512.h where the CPU has it, a
+//    row kernel vectorised by the compiler at depth 1); or
+//  * ATen/oneDNN convolution for the data, and P added in one parallel in-place pass.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../geometry.h"
+#include "coord_term.h"
+#include "cpu_ops.h"
+#include "direct_avx512.h"
+
+namespace coordconv {
+namespace {
+
+// ---- forward ---------------------------------------------------------------------------------
+
+// acc[j] += a * x[j * stride], the inner loop of the direct kernel (vectorised for stride 1).
+template <typename scalar_t, typename acc_t>
+inline void axpy_row(acc_t* __restrict acc, const scalar_t* __restrict x, acc_t a, int64_t n, int64_t stride) {
+  if (stride == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<acc_t>(x[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) acc[j] += a * static_cast<acc_t>(x[j * stride]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void direct_forward_cpu(const Geometry& g, const scalar_t* x, const scalar_t* w, const acc_t* P, const scalar_t* bias,
+                        scalar_t* y) {
+  const int64_t cg = g.c_in / g.groups, coutg = g.c_out / g.groups;
+  const int64_t OW = g.out[2], rows = g.out[0] * g.out[1];
+  const int64_t DP = g.padded[0], HP = g.padded[1], WP = g.padded[2];
+  at::parallel_for(0, g.n * g.c_out, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(OW);
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const int64_t n = plane / g.c_out, co = plane % g.c_out, grp = co / coutg;
+      const acc_t b = g.has_bias ? static_cast<acc_t>(bias[co]) : acc_t(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t od = r / g.out[1], oh = r % g.out[1];
+        const acc_t* prow = P + (co * rows + r) * OW;
+        for (int64_t j = 0; j < OW; ++j) acc[j] = prow[j] + b;
+        for (int64_t ci = 0; ci < cg; ++ci) {
+          const scalar_t* xc = x + (n * g.c_in + grp * cg + ci) * DP * HP * WP;
+          const scalar_t* wc = w + (co * cg + ci) * g.taps();
+          for (int64_t td = 0; td < g.kernel[0]; ++td) {
+            const int64_t pd = od * g.stride[0] - g.pad[0] + td * g.dil[0];
+            if (pd < 0 || pd >= DP) continue;
+            for (int64_t th = 0; th < g.kernel[1]; ++th) {
+              const int64_t ph = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
+              if (ph < 0 || ph >= HP) continue;
+              const scalar_t* xrow = xc + (pd * HP + ph) * WP;
+              for (int64_t tw = 0; tw < g.kernel[2]; ++tw) {
+                // pw = j * s + off must lie in [0, WP).
+                const int64_t s = g.stride[2], off = tw * g.dil[2] - g.pad[2];
+                const int64_t lo = off >= 0 ? 0 : (-off + s - 1) / s;
+                const int64_t hi = std::min<int64_t>(OW, off > WP - 1 ? 0 : (WP - 1 - off) / s + 1);
+                if (hi <= lo) continue;
+                const acc_t a = static_cast<acc_t>(wc[(td * g.kernel[1] + th) * g.kernel[2] + tw]);
+                axpy_row<scalar_t, acc_t>(acc.data() + lo, xrow + lo * s + off, a, hi - lo, s);
+              }
+            }
+          }
+        }
+        scalar_t* yrow = y + (plane * rows + r) * OW;
+        for (int64_t j = 0; j < OW; ++j) yrow[j] = static_cast<scalar_t>(acc[j]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
+  const int64_t points = g.out_points();
+  at::parallel_for(0, g.n * g.c_out, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const acc_t* p = P + (plane % g.c_out) * points;
+      scalar_t* yp = y + plane * points;
+#pragma omp simd
+      for (int64_t i = 0; i < points; ++i) yp[i] = static_cast<scalar_t>(static_cast<acc_t>(yp[i]) + p[i]);
+    }
+  });
+}
+
+// The AVX-512 direct kernel's domain: float32, 1-D/2-D, NCHW, groups = 1, shallow (see
+// direct_avx512.h), on a CPU that has AVX-512.
+
+// COORDCONV_NO_AVX512 set: oneDNN + epilogue instead (for A/B measurements and bisecting; read on
+// every call that would take the kernel, so a benchmark can alternate).
+
+bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
+  return avx512_supported() && input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous &&
+         g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 && g.out[0] == 1 && avx512_direct_pays(g) &&
+         g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) && !avx512_disabled();
+}
+
+}  // namespace
+
+// y = the AVX-512 direct kernel's output for float32 input x, weight [C_out, C_in, (kh,) kw], the
+// coordinate term P (or null) and bias (or undefined).
+void run_avx512_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
+                       const at::Tensor& bias, at::Tensor& y) {
+  const at::Tensor x = input.contiguous();
+  const int64_t oc_padded = (g.c_out + kOcBlock - 1) / kOcBlock * kOcBlock;
+  at::Tensor wpack = at::zeros({g.k_data(), oc_padded}, weight.options());
+  wpack.narrow(1, 0, g.c_out).copy_(weight.reshape({g.c_out, -1}).t());
+  const SplitLayout layout = split_layout(g);
+  at::Tensor xs = at::empty({g.n * g.c_in * g.padded[1] * layout.floats_per_row()}, x.options());
+  direct_forward_avx512(g, layout, x.data_ptr<float>(), xs.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded, P,
+                        bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
+}
+
+at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
+                       const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
+                       at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate) {
+  const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
+  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, coord_pad,
+                             coord_pad_mode, with_r, separate);
+  const auto format = conv_output_format(input, weight);
+  const bool simd = use_avx512_direct(g, input, format);
+  const bool direct = !simd && g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;
+  at::Tensor y = direct || simd
+                     ? at::empty(output_sizes(g), input.options())
+                     : at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const at::Tensor P = cached_coord_term<scalar_t, acc_t>(g, coord_weight);
+    if (simd) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        run_avx512_direct(g, input, weight, P.data_ptr<float>(), g.has_bias ? bias->contiguous() : at::Tensor(), y);
+      }
+    } else if (direct) {
+      const at::Tensor x = input.contiguous(), w = weight.contiguous();
+      direct_forward_cpu<scalar_t, acc_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), P.data_ptr<acc_t>(),
+                                          g.has_bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+    } else if (y.is_contiguous()) {
+      add_coord_term_cpu<scalar_t, acc_t>(g, P.data_ptr<acc_t>(), y.data_ptr<scalar_t>());
+    } else {  // e.g. channels_last: let ATen broadcast over the layout
+      auto sizes = output_sizes(g);
+      sizes[0] = 1;
+      y.add_(P.view(sizes).to(y.scalar_type()));
+    }
+  });
+  return y;
+}
+
+}  // namespace coordconv

@@ -1,0 +1,146 @@
+// The `cpp` backend's input gradient: the direct kernel per stride phase for layers on few input
+// channels, ATen's convolution_backward otherwise.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../geometry.h"
+#include "coord_term.h"
+#include "cpu_ops.h"
+#include "direct_avx512.h"
+
+namespace coordconv {
+namespace {
+
+// ---- gradient of the input ---------------------------------------------------------------------
+
+// For a layer on few input channels (a network's first layer), the input gradient is a convolution
+// of grad_output with the flipped, transposed weight onto those few channels (per stride phase),
+// where oneDNN's backward-data is slow; where it pays was measured on one machine (docs/tuning.md).
+inline bool avx512_input_grad_pays(int64_t c_in, int64_t c_out, int64_t taps, bool strided) {
+  if (strided) return c_in <= 4;
+  return c_in <= 8 || (c_in <= 16 && c_out * taps <= 300);
+}
+
+// One stride phase r of one axis of the input gradient: the input positions r, r + s, r + 2s, ...
+// receive the taps t with (r + pad - t * dil) divisible by s, from grad_output positions
+// a + (r + pad - t * dil) / s: a stride-1 correlation with the sub-kernel of those taps taken in
+// descending order (`first_tap`, then every `step`-th below it), dilation `dil`, padding `pad`.
+struct AxisPhase {
+  int64_t out = 0, taps = 0, first_tap = 0, step = 1, dil = 1, pad = 0;
+};
+
+inline AxisPhase axis_phase(int64_t r, int64_t size, int64_t s, int64_t pad, int64_t dil, int64_t kernel) {
+  AxisPhase ph;
+  ph.out = r < size ? (size - r + s - 1) / s : 0;
+  ph.first_tap = -1;
+  for (int64_t t = kernel - 1; t >= 0; --t) {
+    if (((r + pad - t * dil) % s + s) % s != 0) continue;
+    if (ph.first_tap < 0) ph.first_tap = t;
+    ++ph.taps;
+  }
+  if (ph.taps == 0) return ph;
+  ph.step = s / std::gcd(dil, s);
+  ph.dil = dil / std::gcd(dil, s);
+  ph.pad = -((r + pad - ph.first_tap * dil) / s);  // exact: divisible by s
+  return ph;
+}
+
+// Whether the input gradient of this layer is taken by the direct kernel (float32, 1-D/2-D, groups
+// 1, NCHW, where avx512_input_grad_pays) rather than by convolution_backward.
+bool input_grad_by_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, bool transposed, int64_t groups) {
+  const int64_t nd = input.dim() - 2;
+  const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; });
+  return avx512_supported() && !avx512_disabled() && !transposed && groups == 1 && input.scalar_type() == at::kFloat &&
+         grad.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
+         input.numel() > 0 && avx512_input_grad_pays(input.size(1), weight.size(0), weight[0][0].numel(), strided) &&
+         conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
+}
+
+// The stride-1 correlation of one stride phase (ph[ax] per axis D, H, W as in Geometry) of the input
+// gradient: grad_output [N, C_out, *out] -> those input positions [N, C_in, *phase].
+Geometry phase_geometry(const at::Tensor& grad, const at::Tensor& weight, const AxisPhase ph[3]) {
+  const int64_t nd = grad.dim() - 2;
+  Geometry g{};
+  g.n = grad.size(0);
+  g.c_in = weight.size(0);
+  g.c_out = weight.size(1);
+  g.groups = 1;
+  g.ndim = static_cast<int32_t>(nd);
+  for (int ax = 0; ax < 3; ++ax) {
+    const int64_t k = ax - (3 - nd);  // index among the op's spatial axes, < 0 for lifted ones
+    g.padded[ax] = g.image[ax] = k >= 0 ? grad.size(2 + k) : 1;
+    g.kernel[ax] = ph[ax].taps;
+    g.dil[ax] = ph[ax].dil;
+    g.stride[ax] = 1;
+    g.pad[ax] = ph[ax].pad;
+    g.out[ax] = ph[ax].out;
+  }
+  return g;
+}
+
+// The input gradient by the direct kernel, one stride phase (rh, rw) at a time: grad_output
+// (C_out channels) -> those input positions (C_in channels), the phase's taps flipped.
+at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t nd = input.dim() - 2;
+  const int64_t sh = nd == 2 ? stride[0] : 1, sw = stride[nd - 1];
+  at::Tensor out = at::empty(input.sizes(), input.options());
+  const at::Tensor grad_c = grad.contiguous();
+  for (int64_t rh = 0; rh < sh; ++rh) {
+    for (int64_t rw = 0; rw < sw; ++rw) {
+      AxisPhase ph[3];  // D (unused), H, W as in Geometry
+      ph[0].out = ph[0].taps = 1;
+      ph[1] = nd == 2 ? axis_phase(rh, input.size(2), sh, padding[0], dilation[0], weight.size(2))
+                      : AxisPhase{1, 1, 0, 1, 1, 0};
+      ph[2] = axis_phase(rw, input.size(nd + 1), sw, padding[nd - 1], dilation[nd - 1], weight.size(nd + 1));
+      if (ph[1].out == 0 || ph[2].out == 0) continue;
+      at::Tensor target = out;  // this phase's positions of the input gradient
+      if (nd == 2) target = target.slice(2, rh, c10::nullopt, sh);
+      target = target.slice(nd + 1, rw, c10::nullopt, sw);
+      if (ph[1].taps == 0 || ph[2].taps == 0) {
+        target.zero_();
+        continue;
+      }
+      at::Tensor w = weight.transpose(0, 1);  // [C_in, C_out, (kh,) kw], then the phase's taps, descending
+      for (int64_t k = 0; k < nd; ++k) {
+        const AxisPhase& p = ph[3 - nd + k];
+        w = w.index_select(
+            2 + k, at::arange(p.first_tap, -1, -p.step, weight.options().dtype(at::kLong)).narrow(0, 0, p.taps));
+      }
+      const Geometry g = phase_geometry(grad, weight, ph);
+      if (sh == 1 && sw == 1) {
+        run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), out);
+      } else {
+        at::Tensor part = at::empty(target.sizes(), input.options());
+        run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), part);
+        target.copy_(part);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                          at::IntArrayRef output_padding, int64_t groups) {
+  const AutocastOff autocast_off;
+  if (input_grad_by_kernel(grad, input, weight, stride, transposed, groups)) {
+    return input_grad_kernel(grad, input, weight, stride, padding, dilation);
+  }
+  return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
+                                              output_padding, groups, {true, false, false}));
+}
+
+}  // namespace coordconv
