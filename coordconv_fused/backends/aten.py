@@ -13,50 +13,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import call_coord_conv_op, define_coord_conv_op, pre_pad, static_arguments
-from ..ops.aten import composite, coord_weight_grad, coordinate_term
+from ..ops import aten, call_coord_conv_op, define_coord_conv_op, pre_pad, static_arguments
+from ..ops.aten import composite, coord_weight_grad
 from ..spec import ConvSpec
 from .base import Backend
 
 __all__ = ["coord_conv_decomposed", "prepare_eager", "backend"]
 
 
-def _forward(
-    input,
-    weight,
-    coord_weight,
-    bias,
-    stride,
-    padding,
-    dilation,
-    transposed,
-    output_padding,
-    groups,
-    coord_pad,
-    coord_pad_mode,
-    with_r,
-    separate,
-):
-    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    out.add_(
-        coordinate_term(
-            input,
-            weight,
-            coord_weight,
-            out.shape[2:],
-            stride,
-            padding,
-            dilation,
-            transposed,
-            output_padding,
-            coord_pad,
-            coord_pad_mode,
-            with_r,
-            separate,
-            cache=True,
-        )
-    )
-    return out
+def _forward(input, weight, coord_weight, bias, *args):
+    return aten.forward(input, weight, coord_weight, bias, *args, cache=True)
 
 
 coord_conv_op = define_coord_conv_op("coord_conv", _forward, coord_weight_grad)
@@ -67,30 +33,9 @@ def prepare_eager(spec: ConvSpec):
     written as ATen calls (so autograd is ATen's, in C++, and second order comes for free), with
     the batch-of-one coordinate tensor reused from the last call of the same geometry."""
     pads, mode, args = static_arguments(spec)
-    stride, padding, dilation, transposed, output_padding, groups, coord_pad, coord_pad_mode, with_r, separate = args
-    convolution = torch.ops.aten.convolution.default
 
     def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
-        input = pre_pad(input, pads, mode)
-        out = convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        return out.add_(
-            coordinate_term(
-                input,
-                weight,
-                coord_weight,
-                out.shape[2:],
-                stride,
-                padding,
-                dilation,
-                transposed,
-                output_padding,
-                coord_pad,
-                coord_pad_mode,
-                with_r,
-                separate,
-                cache=True,
-            )
-        )
+        return aten.forward(pre_pad(input, pads, mode), weight, coord_weight, bias, *args, cache=True)
 
     return call
 

@@ -21,7 +21,7 @@ from ..geometry import image_sizes, pairs
 from ..spec import ConvSpec
 from .arguments import op_arguments
 
-__all__ = ["coord_input", "coordinate_term", "coord_weight_grad", "composite"]
+__all__ = ["coord_input", "coordinate_term", "coord_weight_grad", "forward", "composite"]
 
 
 # Coordinate tensors of recent geometries (they depend on sizes, padding, dtype and device only, never
@@ -190,24 +190,22 @@ def coord_weight_grad(
     )[1]
 
 
+def forward(
+    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, *args, cache: bool = False
+) -> Tensor:
+    """The whole layer from the op's arguments: the data convolution plus the coordinate term,
+    added in place where ``cache`` (eager calls), out of place otherwise (traced graphs)."""
+    stride, padding, dilation, transposed, output_padding, groups, coord_pad, mode, with_r, separate = args
+    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    term = coordinate_term(
+        input, weight, coord_weight, out.shape[2:], stride, padding, dilation, transposed, output_padding,
+        coord_pad, mode, with_r, separate, cache=cache,
+    )  # fmt: skip
+    return out.add_(term) if cache else out + term
+
+
 def composite(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
     """The whole layer as plain ATen ops on a batched, validated input (no custom op): what
     exporters (ONNX) and ``torch.compile`` get. Same numbers as the ``torch`` backend."""
     input, args = op_arguments(input, spec)
-    stride, padding, dilation, transposed, output_padding, groups, coord_pad, mode, with_r, separate = args
-    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    return out + coordinate_term(
-        input,
-        weight,
-        coord_weight,
-        out.shape[2:],
-        stride,
-        padding,
-        dilation,
-        transposed,
-        output_padding,
-        coord_pad,
-        mode,
-        with_r,
-        separate,
-    )
+    return forward(input, weight, coord_weight, bias, *args)
