@@ -268,6 +268,13 @@ def run(cfg: RunConfig, progress=None) -> dict:
     }
 
 
+def _model_name(cfg: dict) -> str:
+    """The model as a figure names it."""
+    if cfg["model"] == "coordconv":
+        return "CoordConv"
+    return "convolutional baseline" if cfg["task"] == "regression" else "deconvolution baseline"
+
+
 def figures(result: dict, path_prefix: str) -> list[str]:
     """Learning curves and predicted heat maps (one training and one test example)."""
     import matplotlib
@@ -292,7 +299,7 @@ def figures(result: dict, path_prefix: str) -> list[str]:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch (all attempts in sequence)" if restarts else "epoch")
     ax.set_ylabel("mean IoU (%)" if key == "iou" else "accuracy (%)")
-    name = {"coordconv": "CoordConv", "baseline": "conv/deconv baseline"}[cfg["model"]]
+    name = _model_name(cfg)
     ax.set_title(f"{cfg['task']}, {cfg['split']} split: {name} (seed {cfg['seed']})", fontsize=9)
     ax.set_ylim(-2, 102)
     ax.legend(fontsize=7)
@@ -321,7 +328,7 @@ def figures(result: dict, path_prefix: str) -> list[str]:
                 ax.set_ylabel("row i (px)", fontsize=7)
                 ax.legend(loc="lower left", fontsize=6, markerscale=4)
             fig.colorbar(sc, ax=axes, shrink=0.8, label="distance to the true centre (px, clipped at 3)")
-            model_name = {"coordconv": "CoordConv", "baseline": "conv baseline"}[cfg["model"]]
+            model_name = _model_name(cfg)
             fig.suptitle(f"regression, {cfg['split']} split: {model_name} (seed {cfg['seed']})", fontsize=9)
         paths.append(f"{path_prefix}-predictions.png")
         fig.savefig(paths[-1], dpi=100)
@@ -329,7 +336,7 @@ def figures(result: dict, path_prefix: str) -> list[str]:
         return paths
     picks = [("train", train_idx[len(train_idx) // 2]), ("test", test_idx[len(test_idx) // 2])]
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.8))
-    name = {"coordconv": "CoordConv", "baseline": "conv/deconv baseline"}[cfg["model"]]
+    name = _model_name(cfg)
     fig.suptitle(
         f"{cfg['task']}, {cfg['split']} split: {name} (seed {cfg['seed']}), one training and one "
         f"test example; coordinates are (row i, column j) in pixels",
@@ -347,7 +354,7 @@ def figures(result: dict, path_prefix: str) -> list[str]:
             ):
                 ax = axes[2 * col + k]
                 shown = ax.imshow(img.numpy(), cmap="viridis")
-                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
                 if rendering:  # the true square's outline
                     h = SQUARE / 2
                     ax.add_patch(
