@@ -6,6 +6,9 @@
 #   bash run.sh bench   the benchmark: CoordConv vs nn.Conv2d vs the naive concatenation, all shapes
 #   bash run.sh paper   every paper experiment: 3 tasks x 2 splits, CoordConv (3 seeds) and baseline
 #   bash run.sh setup [bench|paper|test]   only the set-up
+#   bash run.sh gpu-check   on a GPU machine whose PyTorch is preinstalled (any version, no network):
+#                       build the extension for the visible GPU, run the CUDA tests and the GPU
+#                       benchmark, and pack logs, JSON and plots into one archive (OUT or results/)
 # Set-up installs torch 2.14.1 if no torch of that version is importable (pip takes it from a local
 # file where the machine has one, else from PyPI), then this package in editable mode with its C++
 # extension -- and skips both when nothing changed since the last set-up: the install is redone
@@ -70,13 +73,43 @@ setup() {
   { echo "$hash"; echo "$extras" | tr ',' '\n'; } > "$stamp_file"
 }
 
+gpu_check() {
+  # Nothing is installed from a registry here: the machine's own torch (and Triton) are used as they are.
+  local out_dir=${OUT:-results}/gpu-check start=$SECONDS
+  mkdir -p "$out_dir"
+  {
+    "$PY" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
+torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else sys.exit("no GPU visible")'
+    "$PY" -c 'import triton; print("triton", triton.__version__)' || echo "triton: not installed"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  } 2>&1 | tee "$out_dir/machine.txt"
+  local arch
+  arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+  say "building the extension for sm_${arch/./} (log: $out_dir/build.log)"
+  FORCE_CUDA=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-$(nproc)} \
+    "$PY" -m pip install --no-deps --no-build-isolation --no-index -e . > "$out_dir/build.log" 2>&1 \
+    || { tail -n 40 "$out_dir/build.log" >&2; say "the build failed"; }
+  say "CUDA tests (log: $out_dir/tests.log)"
+  # The CUDA tests: every test parametrized on device "cuda"; Triton with one fixed configuration
+  # (autotuning each test shape would take most of the time).
+  COORDCONV_TRITON_AUTOTUNE=0 COORDCONV_EXPECT_CUDA=1 "$PY" -m pytest -q -p no:cacheprovider --maxfail=25 -k "cuda" \
+    tests/test_parity.py tests/test_second_order.py tests/test_no_sync.py tests/test_ops.py \
+    tests/test_extension.py -o addopts="-ra" 2>&1 | tee "$out_dir/tests.log" | tail -n 25
+  say "GPU benchmark (log: $out_dir/bench.log)"
+  "$PY" -m coordconv_fused.cli bench --device cuda --rounds "${GPU_BENCH_ROUNDS:-15}" --out "$out_dir" \
+    "${GPU_BENCH_ARGS[@]}" 2>&1 | tee "$out_dir/bench.log" | tail -n 60
+  tar czf "${OUT:-results}/gpu-check.tar.gz" -C "$(dirname "$out_dir")" "$(basename "$out_dir")"
+  say "wrote ${OUT:-results}/gpu-check.tar.gz in $((SECONDS - start)) s"
+}
+
 job=${1:-demo}
 shift || true
 case "$job" in
   setup) setup "${1:-}" ;;
+  gpu-check) GPU_BENCH_ARGS=("$@"); gpu_check ;;
   demo)  setup paper; "$PY" -m coordconv_fused.cli paper demo --split quadrant --seeds 0 "$@" ;;
   bench) setup bench; "$PY" -m coordconv_fused.cli bench --all-shapes "$@" ;;
   paper) setup paper; "$PY" -m coordconv_fused.cli paper all "$@" ;;
   test)  setup test; "$PY" -m pytest -q "$@" ;;
-  *) echo "usage: bash run.sh [demo|test|bench|paper|setup] [args...]" >&2; exit 2 ;;
+  *) echo "usage: bash run.sh [demo|test|bench|paper|setup|gpu-check] [args...]" >&2; exit 2 ;;
 esac

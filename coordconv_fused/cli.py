@@ -42,6 +42,9 @@ def _bench(args: argparse.Namespace) -> int:
 
     from . import benchmark, call_cost
 
+    if args.device == "cuda":
+        return _bench_cuda(args)
+
     torch.set_num_threads(args.threads)
     shapes = benchmark.STANDARD_SHAPES if args.all_shapes else benchmark.QUICK_SHAPES
     rounds = args.rounds
@@ -86,6 +89,45 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"\nwrote {json_path} and {png_path}")
     else:
         print(f"\nwrote {json_path}")
+    return 0
+
+
+def _bench_cuda(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import benchmark, call_cost, gpu_benchmark
+
+    if not torch.cuda.is_available():
+        sys.exit("coordconv-fused bench --device cuda: no CUDA GPU is visible")
+    shapes = gpu_benchmark.GPU_SHAPES if args.all_shapes else gpu_benchmark.GPU_SHAPES[-5:]
+    reps = args.rounds
+    if args.quick:
+        shapes, reps = shapes[:1], 3
+    dtypes = ("float32", "bfloat16-cl")
+    with tqdm(total=len(shapes) * len(dtypes) * 2, desc="bench cuda", unit="step", file=sys.stderr, leave=False) as bar:
+
+        def progress(message: str) -> None:
+            bar.set_postfix_str(message)
+            bar.update(1)
+
+        report = gpu_benchmark.run(shapes, dtypes, reps=reps, compiled=args.compiled, progress=progress)
+        if not args.no_call_cost:
+            report["host_overhead"] = call_cost.host_overhead(
+                [b for b in gpu_benchmark.available_backends("cuda") if b != "reference"] + ["auto"],
+                device="cuda",
+                rounds=3 if args.quick else 9,
+                per_round=20 if args.quick else 200,
+            )
+    print(gpu_benchmark.format_report(report))
+    if "host_overhead" in report:
+        print()
+        print(call_cost.format_host_overhead(report["host_overhead"]))
+    os.makedirs(args.out, exist_ok=True)
+    json_path, png_path = os.path.join(args.out, "bench-cuda.json"), os.path.join(args.out, "bench-cuda.png")
+    benchmark.save(report, json_path)
+    benchmark.plot(report, png_path)
+    print(f"\nwrote {json_path} and {png_path}")
     return 0
 
 
@@ -168,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--call-cost-only", action="store_true", help="only the per-call host time and the torch.compile comparison"
+    )
+    bench.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu (default) or cuda: CUDA-event timing, float32 and bfloat16 channels_last, the GPU shapes "
+        "(all with --all-shapes, else the five batch-64/32 ones)",
+    )
+    bench.add_argument(
+        "--compiled", action="store_true", help="with --device cuda: also torch.compile'd nn.Conv2d and CoordConv2d"
     )
     bench.add_argument(
         "--no-glibc-tunables",

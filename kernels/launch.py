@@ -24,6 +24,9 @@ from .coord_weight_grad import coord_weight_grad_kernel
 __all__ = ["INTERPRET", "coord_conv_forward", "coord_weight_grad", "input_precision"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# COORDCONV_TRITON_AUTOTUNE=0: one fixed configuration on CUDA instead of autotuning each new shape
+# (test runs on a GPU: each autotuned shape compiles and times every configuration).
+FIXED_CONFIG = os.environ.get("COORDCONV_TRITON_AUTOTUNE") == "0"
 
 TL_DTYPES = {
     torch.float32: tl.float32,
@@ -191,6 +194,10 @@ def coord_conv_forward(
         bk = _block(max(k_data, k_coord), 16, 64)
         grid = (triton.cdiv(m, bm), triton.cdiv(cout_g, bn), groups)
         coord_conv_fwd_kernel[grid](*args, **meta, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    elif FIXED_CONFIG:
+        cfg = _FWD_CONFIGS[1]
+        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(cout_g, cfg.kwargs["BLOCK_N"]), groups)
+        coord_conv_fwd_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
 
         def grid(cfg):
@@ -241,6 +248,10 @@ def coord_weight_grad(
         bp = _block(gs[0, 0].numel(), 16, 256)
         grid = (triton.cdiv(c_out, bc), triton.cdiv(k_coord, bk))
         coord_weight_grad_kernel[grid](*args, **meta, BLOCK_CO=bc, BLOCK_P=bp, BLOCK_K=bk)
+    elif FIXED_CONFIG:
+        cfg = _GRAD_CONFIGS[0]
+        grid = (triton.cdiv(c_out, cfg.kwargs["BLOCK_CO"]), triton.cdiv(k_coord, cfg.kwargs["BLOCK_K"]))
+        coord_weight_grad_kernel[grid](*args, **meta, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
 
         def grid(cfg):

@@ -145,3 +145,68 @@ def test_gradcheck(backend, case):
         return case.run(backend, dict(zip(names, args)))
 
     assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
+
+
+# ---- CUDA (where a GPU is visible; skipped, and listed at the end of the run, elsewhere) ----------------
+
+CUDA_BACKENDS = ["torch", "cuda", "triton", "auto"]
+CUDA_PAIRS = [(b, c) for c in CASES for b in CUDA_BACKENDS if supported(b, c)]
+
+
+@pytest.fixture
+def exact_cuda():
+    """TF32 off, so float32 is compared at float32's precision."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("backend,case", CUDA_PAIRS, ids=[f"{b}-{_id(c)}" for b, c in CUDA_PAIRS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("device", ["cuda"])
+def test_backend_matches_reference_cuda(backend, case, dtype, device, exact_cuda):
+    assert_matches_reference(backend, case, dtype, device=device)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("device", ["cuda"])
+def test_low_precision_cuda(backend, dtype, device):
+    for case in LOW_PRECISION_CASES:
+        if supported(backend, case):
+            assert_low_precision_matches_float64(backend, case, dtype, device=device)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("device", ["cuda"])
+def test_gradcheck_cuda(backend, device):
+    for case in GRADCHECK_CASES:
+        if not supported(backend, case):
+            continue
+        tensors = case.make_tensors(torch.float64, device, seed=3)
+        names = [n for n, t in tensors.items() if t is not None]
+        assert torch.autograd.gradcheck(
+            lambda *a, c=case, n=names: c.run(backend, dict(zip(n, a))),
+            tuple(tensors[n] for n in names),
+            eps=1e-6,
+            atol=1e-7,
+        )
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])  # (our kernels; cuDNN is not ours to test)
+@pytest.mark.parametrize("device", ["cuda"])
+def test_int64_indexing_past_2_31_elements(backend, device):
+    """An output of more than 2**31 elements: the far end holds the right coordinates (a kernel
+    indexing with 32-bit ints would wrap around)."""
+    from coordconv_fused import coord_conv2d
+
+    h, w = 2, 2**30 + 3  # 2**31 + 6 elements per channel
+    x = torch.zeros(1, 1, h, w, device=device, dtype=torch.float16)
+    weight = torch.zeros(1, 1, 1, 1, device=device, dtype=torch.float16)
+    cw = torch.tensor([0.0, 1.0], device=device, dtype=torch.float16).view(1, 2, 1, 1)  # the column coordinate
+    y = coord_conv2d(x, weight, cw, None, backend=backend)
+    assert y.shape == (1, 1, h, w)
+    last = torch.tensor([(2 * j - (w - 1)) / (w - 1) for j in range(w - 3, w)], dtype=torch.float16)
+    torch.testing.assert_close(y[0, 0, 1, -3:].cpu(), last)
+    torch.testing.assert_close(y[0, 0, 1, :2].cpu(), torch.tensor([-1.0, -1.0], dtype=torch.float16), atol=1e-3, rtol=0)

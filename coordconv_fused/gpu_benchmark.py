@@ -1,0 +1,194 @@
+"""The GPU benchmark: CoordConv providers against ``nn.Conv2d`` on CUDA, timed with CUDA events.
+
+Per shape and dtype, every provider is timed forward and forward+backward: the median over
+repetitions of the CUDA-event time of one call, with the L2 cache flushed before each repetition
+(a write over a buffer larger than the cache), providers interleaved round by round. Peak memory is
+``torch.cuda.max_memory_allocated`` over one forward+backward beyond what the inputs and parameters
+hold. ``coordconv-fused bench --device cuda`` prints the report and writes JSON and a plot (the
+same layout as the CPU benchmark's).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .backends import available_backends
+from .benchmark import FLOOR, NAIVE, STANDARD_SHAPES, Shape, make_providers
+
+__all__ = ["GPU_SHAPES", "GPU_TARGETS", "run", "format_report"]
+
+# The standard shapes and the larger batches a GPU is used for.
+GPU_SHAPES = [
+    *STANDARD_SHAPES,
+    Shape("mid layer b64", 64, 64, 56, 56, 64, 3, 1, 1),
+    Shape("deep layer b64", 64, 256, 14, 14, 256, 3, 1, 1),
+    Shape("input layer b64 256²", 64, 3, 256, 256, 32, 3, 1, 1),
+    Shape("high resolution b32", 32, 64, 128, 128, 64, 3, 1, 1),
+    Shape("stem b64", 64, 3, 224, 224, 64, 7, 2, 3),
+]
+# Targets of the GPU issue (forward and forward+backward time over nn.Conv2d's).
+GPU_TARGETS = {"forward": 1.10, "forward+backward": 1.10}
+MODES = ("forward", "forward+backward")
+
+
+def _providers(
+    shape: Shape, backends: Sequence[str], dtype: torch.dtype, channels_last: bool, compiled: bool
+) -> dict[str, nn.Module]:
+    providers = make_providers(shape, backends)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = {name: m.to(device="cuda", dtype=dtype, memory_format=fmt) for name, m in providers.items()}
+    if compiled:
+        out[f"{FLOOR} compiled"] = torch.compile(out[FLOOR])
+        out["coordconv[auto] compiled"] = torch.compile(out["coordconv[auto]"])
+    return out
+
+
+def _call(fn: Callable, x: torch.Tensor, mode: str, params: list[torch.Tensor]) -> None:
+    if mode == "forward":
+        with torch.no_grad():
+            fn(x)
+        return
+    out = fn(x)
+    torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+
+
+def run(
+    shapes: Sequence[Shape] = GPU_SHAPES,
+    dtypes: Sequence[str] = ("float32", "bfloat16-cl"),
+    reps: int = 25,
+    compiled: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Time every provider on every shape, dtype and mode (float32: NCHW, PyTorch's defaults;
+    bfloat16-cl: bfloat16 in channels_last)."""
+    backends = [b for b in available_backends("cuda") if b != "reference"] + ["auto"]
+    flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")  # > L2
+    results = []
+    for dtype_name in dtypes:
+        dtype = torch.bfloat16 if dtype_name.startswith("bfloat16") else torch.float32
+        channels_last = dtype_name.endswith("-cl")
+        for shape in shapes:
+            providers = _providers(shape, backends, dtype, channels_last, compiled)
+            x = torch.randn(shape.n, shape.c, shape.h, shape.w, device="cuda", dtype=dtype)
+            if channels_last:
+                x = x.to(memory_format=torch.channels_last)
+            x.requires_grad_()
+            params = {n: list(m.parameters()) for n, m in providers.items()}
+            for mode in MODES:
+                for name, fn in providers.items():  # warm-up: caches, autotuning, compilation
+                    for _ in range(3):
+                        _call(fn, x, mode, params[name])
+                torch.cuda.synchronize()
+                times: dict[str, list[float]] = {n: [] for n in providers}
+                names = list(providers)
+                for r in range(reps):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        flush.zero_()
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        _call(providers[name], x, mode, params[name])
+                        end.record()
+                        end.synchronize()
+                        times[name].append(start.elapsed_time(end))
+                floor = statistics.median(times[FLOOR])
+                naive = statistics.median(times[NAIVE])
+                for name, t in times.items():
+                    med = statistics.median(t)
+                    results.append(
+                        {
+                            "shape": f"{shape} {dtype_name}",
+                            "shape_name": f"{shape.name} {dtype_name}",
+                            "dtype": dtype_name,
+                            "mode": mode,
+                            "provider": name,
+                            "median_ms": med,
+                            "min_ms": min(t),
+                            "max_ms": max(t),
+                            "ratio": med / floor,
+                            "paired_ratio_median": med / floor,
+                            "paired_ratio_min": min(t) / floor,
+                            "paired_ratio_max": max(t) / floor,
+                            "vs_naive": med / naive,
+                        }
+                    )
+                if progress:
+                    progress(f"{shape.name} {dtype_name}: {mode}")
+            for name, fn in providers.items():
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                _call(fn, x, "forward+backward", params[name])
+                torch.cuda.synchronize()
+                results.append(
+                    {
+                        "shape": f"{shape} {dtype_name}",
+                        "shape_name": f"{shape.name} {dtype_name}",
+                        "dtype": dtype_name,
+                        "mode": "memory",
+                        "provider": name,
+                        "peak_extra_bytes": torch.cuda.max_memory_allocated() - base,
+                    }
+                )
+            del providers
+            torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "machine": {
+            "processor": f"{props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)",
+            "cpus": None,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+            "tf32": torch.backends.cudnn.allow_tf32,
+            "glibc_tunables": "",
+        },
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": reps,
+        "device": "cuda",
+        "results": results,
+    }
+
+
+def format_report(report: dict) -> str:
+    """Markdown: per shape and dtype, each provider's forward and forward+backward time as a ratio
+    to nn.Conv2d (and to the naive concatenation), peak memory, and the targets of `auto`."""
+    rows = [r for r in report["results"] if r["mode"] != "memory"]
+    mem = {(r["shape"], r["provider"]): r["peak_extra_bytes"] for r in report["results"] if r["mode"] == "memory"}
+    lines = [
+        "| shape | provider | forward ms | × nn.Conv2d | × naive | fwd+bwd ms | × nn.Conv2d | × naive | peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    keys = list(dict.fromkeys((r["shape"], r["provider"]) for r in rows))
+    misses = []
+    for shape, provider in keys:
+        f = next(r for r in rows if (r["shape"], r["provider"], r["mode"]) == (shape, provider, "forward"))
+        b = next(r for r in rows if (r["shape"], r["provider"], r["mode"]) == (shape, provider, "forward+backward"))
+        lines.append(
+            f"| {shape} | {provider} | {f['median_ms']:.3f} | {f['ratio']:.2f}× | {f['vs_naive']:.2f}× | "
+            f"{b['median_ms']:.3f} | {b['ratio']:.2f}× | {b['vs_naive']:.2f}× | "
+            f"{mem.get((shape, provider), 0) / 2**20:.1f} |"
+        )
+        if provider == "coordconv[auto]":
+            for r in (f, b):
+                if r["ratio"] > GPU_TARGETS[r["mode"]] or r["vs_naive"] > 1.0:
+                    misses.append(f"{shape} {r['mode']}: {r['ratio']:.2f}× nn.Conv2d, {r['vs_naive']:.2f}× naive")
+    m = report["machine"]
+    lines += [
+        "",
+        f"Targets for `auto` (≤ {GPU_TARGETS['forward']:.2f}× nn.Conv2d forward and forward+backward, never "
+        f"slower than the naive concatenation): " + ("all met." if not misses else f"{len(misses)} missed:"),
+    ]
+    lines += [f"- {x}" for x in misses]
+    lines += [
+        "",
+        f"{report['date']}; {m['processor']}; torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, "
+        f"TF32 {'on' if m['tf32'] else 'off'}; CUDA-event medians of {report['rounds']} repetitions, L2 "
+        "flushed before each, providers interleaved.",
+    ]
+    return "\n".join(lines)
