@@ -13,6 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -38,17 +39,20 @@ MODES = ("forward", "forward+backward")
 
 def _providers(
     shape: Shape, backends: Sequence[str], dtype: torch.dtype, channels_last: bool, compiled: bool
-) -> dict[str, nn.Module]:
+) -> dict[str, Callable]:
     providers = make_providers(shape, backends)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = {name: m.to(device="cuda", dtype=dtype, memory_format=fmt) for name, m in providers.items()}
+    out: dict[str, Callable] = {}
+    for name, m in providers.items():
+        module = cast(nn.Module, m).to(device="cuda", dtype=dtype)
+        out[name] = module.to(memory_format=fmt)
     if compiled:
         out[f"{FLOOR} compiled"] = torch.compile(out[FLOOR])
         out["coordconv[auto] compiled"] = torch.compile(out["coordconv[auto]"])
     return out
 
 
-def _call(fn: Callable, x: torch.Tensor, mode: str, params: list[torch.Tensor]) -> None:
+def _call(fn: Callable, x: torch.Tensor, mode: str, params: Sequence[torch.Tensor]) -> None:
     if mode == "forward":
         with torch.no_grad():
             fn(x)
@@ -78,7 +82,7 @@ def run(
             if channels_last:
                 x = x.to(memory_format=torch.channels_last)
             x.requires_grad_()
-            params = {n: list(m.parameters()) for n, m in providers.items()}
+            params = {n: list(getattr(m, "parameters", list)()) for n, m in providers.items()}
             for mode in MODES:
                 for name, fn in providers.items():  # warm-up: caches, autotuning, compilation
                     for _ in range(3):

@@ -130,6 +130,7 @@ LAYERS = [
     {
         "coordconv_fused.benchmark",
         "coordconv_fused.call_cost",
+        "coordconv_fused.gpu_benchmark",
         "coordconv_fused.paper",
         "coordconv_fused.paper.data",
         "coordconv_fused.paper.models",
