@@ -15,6 +15,7 @@ from torch.nn import init
 from . import backends
 from .coords import coord_channels, num_coord_channels
 from .functional import _coord_conv, _coord_conv_transpose, is_separate_filter
+from .ops.arguments import static_arguments
 from .spec import PaddingArg, check_flag, make_spec
 
 __all__ = [
@@ -97,15 +98,17 @@ class _CoordMixin(_ConvBase):
             getattr(self, "separate", False),
             transposed,
         )
-        pre, conv_padding = (((0, 0),) * self._ndim, spec.padding) if transposed else spec.split_padding()
+        # The same arguments the eager path prepares (ops.arguments.static_arguments), as attributes.
+        pads, mode, args = static_arguments(spec)
+        stride, conv_padding, dilation, _, _, _, coord_pad, _, _, separate = args
         self._script_ndim = self._ndim
-        self._script_stride = list(spec.stride)
-        self._script_conv_padding = list(conv_padding)
-        self._script_dilation = list(spec.dilation)
-        self._script_fpad = [p for pair in reversed(pre) for p in pair]
-        self._script_fpad_mode = "constant" if spec.padding_mode == "zeros" else spec.padding_mode
-        self._script_coord_pad = [p for pair in pre for p in pair]
-        self._script_separate = spec.separate
+        self._script_stride = stride
+        self._script_conv_padding = conv_padding
+        self._script_dilation = dilation
+        self._script_fpad = pads if pads is not None else [0] * (2 * self._ndim)
+        self._script_fpad_mode = mode
+        self._script_coord_pad = coord_pad
+        self._script_separate = separate
         return self
 
     def _scripted_call(self, input: Tensor, output_padding: list[int], transposed: bool) -> Tensor:
