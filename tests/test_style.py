@@ -5,6 +5,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -13,7 +14,9 @@ PYTHON = ["coordconv_fused", "kernels", "tests", "bench", "setup.py"]
 
 
 def _tool(name: str) -> str:
-    path = shutil.which(name)
+    # next to this Python first (a virtual environment's scripts, activated or not), then on PATH
+    beside = os.path.join(os.path.dirname(sys.executable), name)
+    path = beside if os.access(beside, os.X_OK) else shutil.which(name)
     if path is None:
         pytest.fail(f"{name} is not installed: pip install -e '.[test]' brings it")
     return path
