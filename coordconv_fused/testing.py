@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -44,20 +45,23 @@ def torch_ships_triton() -> bool:
     for Linux do): then Triton is expected to be importable."""
     import importlib.metadata
 
+    parse: Callable[[str], Any] | None
     try:
         from packaging.requirements import Requirement
+
+        parse = Requirement
     except ImportError:  # packaging missing: judge by the requirement's name alone
-        Requirement = None
+        parse = None
     try:
         requirements = importlib.metadata.requires("torch") or []
     except importlib.metadata.PackageNotFoundError:
         return False
     for text in requirements:
-        if Requirement is None:
+        if parse is None:
             if text.split(";")[0].strip().lower().startswith("triton"):
                 return True
             continue
-        req = Requirement(text)
+        req = parse(text)
         if req.name.lower() == "triton" and (req.marker is None or req.marker.evaluate({"extra": ""})):
             return True
     return False
@@ -156,9 +160,10 @@ class Case:
 
     def run(self, backend: str, tensors: dict[str, Tensor | None]) -> Tensor:
         """Call the functional API on ``backend``."""
-        t = tensors
+        t = cast(dict[str, Any], tensors)
         if self.transposed:
-            return _CONV_T_FN[self.ndim](
+            conv_t: Any = _CONV_T_FN[self.ndim]
+            return conv_t(
                 t["input"],
                 t["weight"],
                 t["coord_weight"],
@@ -202,9 +207,20 @@ def default_tolerances(dtype: torch.dtype) -> tuple[float, float]:
     }[dtype]
 
 
+def _prefixed(prefix: str) -> Callable[[str], str]:
+    """An assert_close message: ``prefix`` before torch.testing's own."""
+    return lambda message: f"{prefix}: {message}"
+
+
+def _present(tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
+    """The tensors that are there (bias may be None)."""
+    return {n: t for n, t in tensors.items() if t is not None}
+
+
 def _grads(out: Tensor, grad_out: Tensor, tensors: dict[str, Tensor | None]) -> dict[str, Tensor]:
-    names = [n for n, t in tensors.items() if t is not None]
-    grads = torch.autograd.grad(out, [tensors[n] for n in names], grad_out, allow_unused=True)
+    present = _present(tensors)
+    names = list(present)
+    grads = torch.autograd.grad(out, [present[n] for n in names], grad_out, allow_unused=True)
     return dict(zip(names, grads))
 
 
@@ -242,15 +258,14 @@ def assert_matches_reference(
         if name not in ref_grads:
             continue
         g, rg = grads[name], ref_grads[name]
+        like = _present(tensors)[name]
         if rg is None:  # e.g. an empty batch: the reference has no path to this tensor
-            rg = torch.zeros_like(tensors[name])
+            rg = torch.zeros_like(like)
         if g is None:
-            g = torch.zeros_like(tensors[name])
+            g = torch.zeros_like(like)
         # Gradients of parameters sum over the batch and the output: scale the tolerance with it.
         scale = max(1.0, float(ref.numel() / max(1, ref.shape[1])) ** 0.5) if name != "input" else 1.0
-        torch.testing.assert_close(
-            g, rg, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{backend} grad of {n}: {m}"
-        )
+        torch.testing.assert_close(g, rg, atol=atol * scale, rtol=rtol, msg=_prefixed(f"{backend} grad of {name}"))
 
 
 # ---- low precision against a float64 oracle, with error bounds derived from the dtype ------------
@@ -269,26 +284,29 @@ def _magnitudes(case: Case, t64: dict[str, Tensor | None], grad64: Tensor) -> di
     """Sums of the magnitudes of the terms of the output and of every gradient, in float64:
     the reference on |input|, |weight|, |bias| and |grad| (the data part), plus ``max|coordinate|``
     times the coordinate filter's or the upstream gradient's magnitudes (the coordinate part)."""
-    abs_t = {n: (t.detach().abs().requires_grad_() if t is not None else None) for n, t in t64.items()}
-    abs_t["coord_weight"] = torch.zeros_like(abs_t["coord_weight"], requires_grad=True)
+    given = _present(t64)
+    abs_t: dict[str, Tensor | None] = {n: None for n in t64}
+    abs_t.update({n: t.detach().abs().requires_grad_() for n, t in given.items()})
+    abs_t["coord_weight"] = torch.zeros_like(given["coord_weight"], requires_grad=True)
     out = case.run("reference", abs_t)
     ndim = case.ndim
     cmax = ndim**0.5 if case.with_r else 1.0
-    cw = t64["coord_weight"].detach().abs()
+    cw = given["coord_weight"].detach().abs()
     if case.transposed:
         coord_out = cmax * cw.sum(dim=[0] + list(range(2, cw.dim())))
     else:
         coord_out = cmax * cw.flatten(1).sum(1)
     mags = {"output": out.detach() + coord_out.reshape(1, -1, *([1] * ndim))}
-    names = [n for n in ("input", "weight", "bias") if abs_t[n] is not None]
-    grads = torch.autograd.grad(out, [abs_t[n] for n in names], grad64.abs(), allow_unused=True)
-    mags.update({n: (g if g is not None else torch.zeros_like(abs_t[n])) for n, g in zip(names, grads)})
+    data = _present({n: abs_t[n] for n in ("input", "weight", "bias")})
+    grads = torch.autograd.grad(out, list(data.values()), grad64.abs(), allow_unused=True)
+    mags.update({n: (g if g is not None else torch.zeros_like(t)) for (n, t), g in zip(data.items(), grads)})
     g_sum = grad64.abs().sum(dim=[0] + list(range(2, grad64.dim())))  # per output channel
-    shape = (-1,) + (1,) * (t64["coord_weight"].dim() - 1)
+    cw64 = given["coord_weight"]
+    shape = (-1,) + (1,) * (cw64.dim() - 1)
     if case.transposed:
-        mags["coord_weight"] = (cmax * g_sum.reshape(1, -1, *([1] * ndim))).expand_as(t64["coord_weight"])
+        mags["coord_weight"] = (cmax * g_sum.reshape(1, -1, *([1] * ndim))).expand_as(cw64)
     else:
-        mags["coord_weight"] = (cmax * g_sum.reshape(shape)).expand_as(t64["coord_weight"])
+        mags["coord_weight"] = (cmax * g_sum.reshape(shape)).expand_as(cw64)
     return mags
 
 
@@ -304,9 +322,10 @@ def assert_low_precision_matches_float64(
     ref = case.run("reference", t64)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     g = g.to(dtype=dtype, device=device)
-    names = [n for n, t in tensors.items() if t is not None]
-    got = dict(zip(names, torch.autograd.grad(out, [tensors[n] for n in names], g, allow_unused=True)))
-    want = dict(zip(names, torch.autograd.grad(ref, [t64[n] for n in names], g.double(), allow_unused=True)))
+    present, present64 = _present(tensors), _present(t64)
+    names = list(present)
+    got = dict(zip(names, torch.autograd.grad(out, list(present.values()), g, allow_unused=True)))
+    want = dict(zip(names, torch.autograd.grad(ref, [present64[n] for n in names], g.double(), allow_unused=True)))
     mags = _magnitudes(case, t64, g.double())
     taps = math.prod(case._kernel())
     n_points = ref.shape[0] * math.prod(ref.shape[2:])
@@ -324,7 +343,7 @@ def assert_low_precision_matches_float64(
         assert worst <= 1.0, f"{backend} {name} in {dtype}: error {worst:.2f}x the derived bound"
 
 
-def assert_autocast_grads_match_float64(module: torch.nn.Module, x: Tensor, dtype: torch.dtype) -> None:
+def assert_autocast_grads_match_float64(module: Any, x: Tensor, dtype: torch.dtype) -> None:
     """The parameter gradients of a CoordConv ``module`` run under ``torch.autocast(dtype)`` (loss:
     the output's sum) against the float64 reference, within the derived bound."""
     import copy

@@ -12,6 +12,7 @@ convolutional baselines of Table S1. Rendering: the classification network plus 
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -93,6 +94,7 @@ class CoordConvRenderer(nn.Module):
         self.stamp = nn.Conv2d(1, 1, SQUARE, padding=SQUARE // 2)
         with torch.no_grad():  # start at the background rate, 81 of 4,096 pixels (RetinaNet's prior init)
             prior = SQUARE * SQUARE / (CANVAS * CANVAS)
+            assert self.stamp.bias is not None
             self.stamp.bias.fill_(math.log(prior / (1 - prior)))
 
     def render(self, coords: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,7 +145,8 @@ class CoordConvRegressor(nn.Module):
            from the hot pixel and the gradient reaches it;
         4. the last bias is set so that the first predictions are 0, the middle of the targets.
         """
-        first, last = self.net[0], self.net[-1]
+        first, last = cast(Any, self.net[0]), cast(Any, self.net[-1])
+        layer: Any
         for layer in list(self.net)[1:4]:
             nn.init.dirac_(layer.weight)
             layer.bias.zero_()

@@ -82,7 +82,9 @@ def _inputs(task: str, data: NotSoClevr, idx: torch.Tensor) -> torch.Tensor:
     return data.onehot[idx] if task == "regression" else data.coords[idx]
 
 
-def _forward(task: str, model: nn.Module, data: NotSoClevr, idx: torch.Tensor):
+def _forward(
+    task: str, model: nn.Module, data: NotSoClevr, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(output, centre logits or None): the rendering CoordConv model also returns its centre logits."""
     x = _inputs(task, data, idx)
     if isinstance(model, CoordConvRenderer):
@@ -115,7 +117,7 @@ def _evaluate(model: nn.Module, data: NotSoClevr, idx: torch.Tensor, task: str, 
             iou = (pred & target).sum(1) / (pred | target).sum(1)
             ious.append(iou)
             margins.append((out * (2 * target.float() - 1)).amin(1))
-            correct += (iou == 1).sum().item()
+            correct += int((iou == 1).sum().item())
             grid = torch.stack(torch.meshgrid(torch.arange(CANVAS), torch.arange(CANVAS), indexing="ij"), -1)
             w = pred.float()
             centroid = (w[:, :, None] * grid.flatten(0, 1)).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
@@ -124,11 +126,11 @@ def _evaluate(model: nn.Module, data: NotSoClevr, idx: torch.Tensor, task: str, 
             )
         elif task == "classification":
             pred = out.argmax(1)
-            correct += (pred == data.index[b]).sum().item()
+            correct += int((pred == data.index[b]).sum().item())
             err = torch.stack([pred // CANVAS, pred % CANVAS], 1).float() - data.centres[b].float()
         else:
             err = (out - data.coords[b]) / HALF_PIXEL / 2  # in pixels
-            correct += (err.abs() < 0.5).all(1).sum().item()
+            correct += int((err.abs() < 0.5).all(1).sum().item())
         dist.append(err.norm(dim=1))
     model.train()
     d = torch.cat(dist) if dist else torch.zeros(0)
