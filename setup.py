@@ -3,9 +3,10 @@ C++/CUDA extension ``coordconv_fused._C``. Metadata is in pyproject.toml.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 
-The extension always gets the CPU sources (csrc/*.cpp, csrc/cpu/). The CUDA sources (csrc/cuda/)
-are added when a CUDA toolkit is found and either a GPU is visible or ``FORCE_CUDA=1`` (as
-torchvision does); ``TORCH_CUDA_ARCH_LIST`` picks the architectures (CI: "8.0;9.0").
+The extension always gets the CPU sources (csrc/*.cpp, csrc/cpu/); the test-only ops
+(csrc/testing/) are a second module, ``coordconv_fused._C_testing``, loaded by the tests alone. The
+CUDA sources (csrc/cuda/) are added when a CUDA toolkit is found and either a GPU is visible or
+``FORCE_CUDA=1`` (as torchvision does); ``TORCH_CUDA_ARCH_LIST`` picks the architectures (CI: "8.0;9.0").
 ``COORDCONV_NO_EXTENSION=1`` skips the extension: the pure-PyTorch backends still work.
 """
 
@@ -51,7 +52,13 @@ def _extensions():
         )
     else:
         ext = CppExtension("coordconv_fused._C", sources, extra_compile_args=cxx, extra_link_args=link)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    # Test-only ops (the CUDA backend's kernel bodies emulated on the CPU) in a module of their own,
+    # which only the tests load.
+    testing = CppExtension(
+        "coordconv_fused._C_testing", sorted(glob.glob("csrc/testing/*.cpp")), extra_compile_args=cxx,
+        extra_link_args=link,
+    )  # fmt: skip
+    return [ext, testing], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

@@ -374,3 +374,35 @@ def assert_autocast_grads_match_float64(module: Any, x: Tensor, dtype: torch.dty
         err = (got[name].double() - p.grad).abs()
         worst = (err / (scale * bounds[name] + torch.finfo(dtype).tiny)).max().item()
         assert worst <= 1.0, f"{name} under autocast({dtype}): error {worst:.2f}x the derived bound"
+
+
+# ---- the CUDA backend's code on the CPU ----------------------------------------------------------
+
+_EMULATED: list = []
+
+
+def emulated_cuda_backend() -> backends.Backend:
+    """A backend ``cuda_emulated`` running the CUDA backend's host code and kernel bodies on CPU
+    tensors (an emulation of the CUDA grid, built as ``coordconv_fused._C_testing``), with the
+    ``cuda`` backend's autograd: register it with :func:`coordconv_fused.backends.temporary_backend`.
+    Raises ImportError when the test extension is not built."""
+    if not _EMULATED:
+        from .ops import call_coord_conv_op, register_native_coord_conv_op
+        from .ops.schema import define_testing_ops
+
+        define_testing_ops()
+        from . import _C_testing  # type: ignore[attr-defined]  # noqa: F401  (registers the kernels)
+
+        register_native_coord_conv_op("coord_conv_cuda_emulated")
+
+        def run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+            op = torch.ops.coordconv_fused.coord_conv_cuda_emulated
+            return call_coord_conv_op(op, input, weight, coord_weight, bias, spec)
+
+        _EMULATED.append(
+            backends.Backend(
+                "cuda_emulated", run, devices=frozenset({"cpu"}),
+                supports=lambda spec: "transposed CoordConv is not emulated" if spec.transposed else None,
+            )
+        )  # fmt: skip
+    return _EMULATED[0]

@@ -30,6 +30,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def emulated_cuda():
+    """The CUDA backend's host code and kernel bodies on the CPU (the test extension
+    coordconv_fused._C_testing), registered as backend "cuda_emulated" for the test's duration."""
+    from coordconv_fused import backends
+    from coordconv_fused.testing import emulated_cuda_backend
+
+    try:
+        backend = emulated_cuda_backend()
+    except ImportError as e:
+        reason = why_backend_may_be_missing("cpp")
+        if reason is None:
+            pytest.fail(f"the test extension coordconv_fused._C_testing should be built here but is not: {e}")
+        pytest.skip(f"the CUDA emulation: {reason}")
+    with backends.temporary_backend(backend) as name:
+        yield name
+
+
 def _needed_backends(item) -> list[tuple[str, str]]:
     params = getattr(getattr(item, "callspec", None), "params", {})
     device = str(params.get("device", "cpu"))

@@ -4,7 +4,7 @@ bodies run by the CPU emulation harness (coord_conv_cuda_emulated), against the 
 import pytest
 import torch
 
-from coordconv_fused import CoordConv2d, available_backends, backends, coord_conv2d
+from coordconv_fused import CoordConv2d, available_backends, coord_conv2d
 from coordconv_fused.backends import native as extension
 from coordconv_fused.testing import Case, assert_matches_reference
 
@@ -14,16 +14,9 @@ pytestmark = pytest.mark.backend("cpp")
 
 
 @pytest.fixture
-def emulated_backend():
-    """Expose the emulated CUDA backend to the functional API for the duration of a test."""
-    b = backends.Backend(
-        "cuda_emulated",
-        extension.coord_conv_cuda_emulated,
-        devices=frozenset({"cpu"}),
-        supports=lambda spec: "transposed" if spec.transposed else None,
-    )
-    with backends.temporary_backend(b) as name:
-        yield name
+def emulated_backend(emulated_cuda):
+    """The emulated CUDA backend, exposed to the functional API for the duration of a test."""
+    return emulated_cuda
 
 
 EMULATED_CASES = [
@@ -186,7 +179,7 @@ def _op_args(separate=False, mode="zeros", c_in=3, k=3):
     ids=str,
 )
 @pytest.mark.parametrize("kwargs", [{}, {"separate": True}, {"mode": "reflect"}, {"c_in": 1, "k": 1}], ids=str)
-def test_backward_op(kwargs, mask):
+def test_backward_op(kwargs, mask, emulated_cuda):
     """coord_conv_ext_backward (the cpp backend's whole backward in one call) against autograd through the
     emulated CUDA op (whose backward is the generic one: convolution_backward + the coordinate-gradient op):
     each gradient where the mask asks, None elsewhere; (opcheck: tests/test_ops.py)."""
@@ -221,7 +214,7 @@ def test_backward_op_grad_layouts():
         torch.testing.assert_close(r, e, atol=1e-5, rtol=1e-5)
 
 
-def test_backward_op_half_and_batch():
+def test_backward_op_half_and_batch(emulated_cuda):
     """bfloat16 and a batch of 5: the coordinate and bias gradients sum the batch in float32."""
     x, w, cw, b, *rest = _op_args()
     x = torch.randn(5, *x.shape[1:])

@@ -113,9 +113,11 @@ def _to(args, device):
 
 
 @pytest.mark.parametrize("op,config,device", list(_cases()))
-def test_opcheck(op, config, device):
+def test_opcheck(op, config, device, request):
     """Schema, fake tensor, autograd registration and AOT dispatch (dynamic shapes included) of
     every forward op, per device."""
+    if "emulated" in op:
+        request.getfixturevalue("emulated_cuda")
     torch.library.opcheck(getattr(torch.ops.coordconv_fused, op).default, _to(_args(**CONFIGS[config]), device))
 
 
@@ -136,7 +138,9 @@ GRAD_OPS = {
 
 @pytest.mark.parametrize("config", ["basic", "separate", "reflect_prepadded", "3d"])
 @pytest.mark.parametrize("op", [pytest.param(op, marks=pytest.mark.backend(b)) for op, b in GRAD_OPS.items()])
-def test_opcheck_coord_weight_grad_ops(op, config):
+def test_opcheck_coord_weight_grad_ops(op, config, request):
+    if "emulated" in op:
+        request.getfixturevalue("emulated_cuda")
     x, w, cw, _, *rest = _args(**CONFIGS[config])
     grad_sum = torch.randn(1, *op_output_shape(x, w, rest)[1:])
     args = (grad_sum, x.detach(), w.detach(), cw.detach(), *rest)

@@ -2,9 +2,9 @@
 
 Both run the op ``coordconv_fused::coord_conv_ext``, declared in :mod:`coordconv_fused.ops.schema`,
 with a CPU implementation (csrc/cpu/) and, when built with CUDA, a CUDA one (csrc/cuda/); fake
-kernels and autograd are added here. ``coord_conv_cuda_emulated`` runs the CUDA backend's host code and kernel
-bodies on the CPU, for tests. If the extension is not built, the pure-PyTorch backends still work
-and asking for ``cpp``/``cuda`` raises an error that says how to build it.
+kernels and autograd are added here. If the extension is not built, the pure-PyTorch backends
+still work and asking for ``cpp``/``cuda`` raises an error that says how to build it. (The test-only
+emulation of the CUDA kernels on the CPU is :func:`coordconv_fused.testing.emulated_cuda_backend`.)
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ __all__ = [
     "avx512_direct_available",
     "has_cuda_kernels",
     "coord_conv_cpp",
-    "coord_conv_cuda_emulated",
     "cpp_backend",
     "cuda_backend",
 ]
@@ -79,18 +78,8 @@ def coord_conv_cpp(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Te
     return call_coord_conv_op(torch.ops.coordconv_fused.coord_conv_ext, input, weight, coord_weight, bias, spec)
 
 
-def coord_conv_cuda_emulated(
-    input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
-) -> Tensor:
-    """The CUDA backend's code run on the CPU by the emulation harness (for tests)."""
-    return call_coord_conv_op(
-        torch.ops.coordconv_fused.coord_conv_cuda_emulated, input, weight, coord_weight, bias, spec
-    )
-
-
 if LOAD_ERROR is None:
     register_native_coord_conv_op("coord_conv_ext", fused_backward_devices=("cpu",))
-    register_native_coord_conv_op("coord_conv_cuda_emulated")
 
 
 def _prepare(spec: ConvSpec):

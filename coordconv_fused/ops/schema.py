@@ -24,7 +24,9 @@ __all__ = [
     "INPUT_GRAD_SCHEMA",
     "BACKWARD_SCHEMA",
     "NATIVE_OPS",
+    "TESTING_OPS",
     "define_native_ops",
+    "define_testing_ops",
 ]
 
 NAMESPACE = "coordconv_fused"
@@ -52,25 +54,36 @@ BACKWARD_SCHEMA = GRAD_SCHEMA.replace("Tensor grad_sum, ", "Tensor grad, ").repl
     ") -> Tensor", ", bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
-# The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA); `coord_conv_cuda_emulated`
-# runs the CUDA backend's host code and kernel bodies on the CPU, for tests.
+# The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA).
 NATIVE_OPS = {
     "coord_conv_ext": SCHEMA,
     "coord_conv_ext_coord_weight_grad": GRAD_SCHEMA,
     "coord_conv_ext_input_grad": INPUT_GRAD_SCHEMA,
     "coord_conv_ext_backward": BACKWARD_SCHEMA,
+}
+# Test-only (coordconv_fused._C_testing): the CUDA backend's host code and kernel bodies, run on the
+# CPU by an emulation of the grid.
+TESTING_OPS = {
     "coord_conv_cuda_emulated": SCHEMA,
     "coord_conv_cuda_emulated_coord_weight_grad": GRAD_SCHEMA,
 }
 
-_LIBRARY: list[torch.library.Library] = []
+_LIBRARIES: dict[str, torch.library.Library] = {}
+
+
+def _define(group: str, ops: dict[str, str]) -> None:
+    if group not in _LIBRARIES:
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        for name, schema in ops.items():
+            lib.define(name + schema)
+        _LIBRARIES[group] = lib
 
 
 def define_native_ops() -> None:
     """Define the C++ ops' schemas (once; their kernels come with ``coordconv_fused._C``)."""
-    if _LIBRARY:
-        return
-    lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-    for name, schema in NATIVE_OPS.items():
-        lib.define(name + schema)
-    _LIBRARY.append(lib)
+    _define("native", NATIVE_OPS)
+
+
+def define_testing_ops() -> None:
+    """Define the test-only ops' schemas (once; their kernels come with ``coordconv_fused._C_testing``)."""
+    _define("testing", TESTING_OPS)

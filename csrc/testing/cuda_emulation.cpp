@@ -1,7 +1,9 @@
 // CPU emulation of the CUDA backend: the host logic of gpu_host.h with a launch policy that runs
 // the kernel bodies of coordconv.h for every (block, thread) of the grid CUDA would launch.
 // Registered as coordconv_fused::coord_conv_cuda_emulated (+ its coord-weight gradient) so that the
-// test suite can check the CUDA code against the reference on a machine without a GPU.
+// test suite can check the CUDA code against the reference on a machine without a GPU. Built as its
+// own module, coordconv_fused._C_testing, which only the tests load (coordconv_fused.testing).
+#include <Python.h>
 #include <torch/library.h>
 
 #include "../gpu_host.h"
@@ -43,3 +45,10 @@ TORCH_LIBRARY_IMPL(coordconv_fused, CPU, m) {
 }
 
 }  // namespace coordconv
+
+// The Python module coordconv_fused._C_testing: loading it registers the kernels above.
+extern "C" PyObject* PyInit__C_testing(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_testing", "coordconv-fused test-only ops", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}
