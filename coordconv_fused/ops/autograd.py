@@ -29,26 +29,10 @@ ForwardFn = Callable[..., Tensor]
 CoordGradFn = Callable[..., Tensor]
 
 
-def _fake(
-    input,
-    weight,
-    coord_weight,
-    bias,
-    stride,
-    padding,
-    dilation,
-    transposed,
-    output_padding,
-    groups,
-    coord_pad,
-    coord_pad_mode,
-    with_r,
-    separate,
-):
-    # Same shape, dtype, device and memory format as the data convolution.
-    return torch.ops.aten.convolution(
-        input, weight, bias, stride, padding, dilation, transposed, output_padding, groups
-    )
+def _fake(input, weight, coord_weight, bias, *args):
+    # Same shape, dtype, device and memory format as the data convolution (args: the op's
+    # non-tensor arguments, the convolution's six first).
+    return torch.ops.aten.convolution(input, weight, bias, *args[:6])
 
 
 def _setup_context(ctx, inputs, output):
@@ -154,36 +138,11 @@ def _input_grad_fake(grad, input, weight, stride, padding, dilation, transposed,
     )[0]
 
 
-def _backward_fake(
-    grad,
-    input,
-    weight,
-    coord_weight,
-    stride,
-    padding,
-    dilation,
-    transposed,
-    output_padding,
-    groups,
-    coord_pad,
-    coord_pad_mode,
-    with_r,
-    separate,
-    output_mask,
-):
+def _backward_fake(grad, input, weight, coord_weight, *args):
+    conv_args, output_mask = args[:6], args[-1]
     need_in, need_w, need_cw, need_b = output_mask
     grad_in, grad_w, _ = torch.ops.aten.convolution_backward(
-        grad,
-        input,
-        weight,
-        None,
-        stride,
-        padding,
-        dilation,
-        transposed,
-        output_padding,
-        groups,
-        [need_in, need_w, False],
+        grad, input, weight, None, *conv_args, [need_in, need_w, False]
     )
     grad_cw = torch.empty_like(coord_weight, memory_format=torch.contiguous_format) if need_cw else None
     grad_b = grad.new_empty(grad.shape[1]) if need_b else None
