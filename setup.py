@@ -3,10 +3,11 @@ C++/CUDA extension ``coordconv_fused._C``. Metadata is in pyproject.toml.
 
 Install with ``pip install --no-build-isolation -e .`` so the build sees the installed torch.
 
-The extension always gets the CPU sources (csrc/*.cpp, csrc/cpu/); the test-only ops
-(csrc/testing/) are a second module, ``coordconv_fused._C_testing``, loaded by the tests alone. The
-CUDA sources (csrc/cuda/) are added when a CUDA toolkit is found and either a GPU is visible or
-``FORCE_CUDA=1`` (as torchvision does); ``TORCH_CUDA_ARCH_LIST`` picks the architectures (CI: "8.0;9.0").
+The extension always gets the CPU sources and the ops' autograd (csrc/*.cpp, csrc/cpu/,
+csrc/autograd/); the test-only ops (csrc/testing/) are a second module,
+``coordconv_fused._C_testing``, loaded by the tests alone. The CUDA sources (csrc/cuda/) are added
+when a CUDA toolkit is found and either a GPU is visible or ``FORCE_CUDA=1`` (as torchvision does);
+``TORCH_CUDA_ARCH_LIST`` picks the architectures (CI: "8.0;9.0").
 ``COORDCONV_NO_EXTENSION=1`` skips the extension: the pure-PyTorch backends still work.
 """
 
@@ -25,7 +26,7 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
     # -fopenmp: ATen's at::parallel_for is inlined from its headers and runs its loop serially unless
     # the extension itself is compiled with OpenMP (libgomp is the one torch already loads).
     cxx = ["-O3", "-fopenmp"]

@@ -47,17 +47,28 @@ def is_separate_filter(coord_kernel_size: int | Sequence[int] | None, ndim: int)
     )
 
 
+_AUTOCAST_DEVICE_TYPE: dict[torch.device, str | None] = {}
+
+
+def _autocast_device_type(device: torch.device) -> str | None:
+    """``device``'s type if autocast exists for it, else None (cached: asked on every call)."""
+    try:
+        return _AUTOCAST_DEVICE_TYPE[device]
+    except KeyError:
+        available = torch.amp.is_autocast_available(device.type)
+        return _AUTOCAST_DEVICE_TYPE.setdefault(device, device.type if available else None)
+
+
 def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None):
     """Under ``torch.autocast``, cast like a convolution (a lower-precision op): everything to the
     autocast dtype, so the output dtype follows ``nn.Conv2d``'s."""
-    device_type = input.device.type
     if torch.compiler.is_compiling():
         # Dynamo cannot trace torch._C._is_autocast_available before torch 2.12; a traced graph
         # only runs on devices that support autocast anyway.
-        enabled = torch.is_autocast_enabled(device_type)
+        device_type: str | None = input.device.type
     else:
-        enabled = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-    if not enabled:
+        device_type = _autocast_device_type(input.device)
+    if device_type is None or not torch.is_autocast_enabled(device_type):
         return input, weight, coord_weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     cast = [
@@ -109,33 +120,35 @@ def clear_plan_cache() -> None:
     _PLANS.clear()
 
 
-def _signature(t) -> tuple | None:
-    return None if t is None else (t.shape, t.dtype, t.device)
-
-
 def _cached_call(
     key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias, backend: str
 ) -> Tensor:
     """Run a call through its plan (built by the validating path on the first call)."""
-    if torch.compiler.is_compiling() or not isinstance(input, Tensor):
+    if not isinstance(input, Tensor) or torch.compiler.is_compiling():
         return _run(input, weight, coord_weight, bias, make(), backend)
-    input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
-    if not (
-        isinstance(weight, Tensor) and isinstance(coord_weight, Tensor) and (bias is None or isinstance(bias, Tensor))
-    ):
-        return _run(input, weight, coord_weight, bias, make(), backend)
-    key = (
-        key_args,
-        backend,
-        backends_generation(),
-        _signature(input),
-        _signature(weight),
-        _signature(coord_weight),
-        _signature(bias),
-    )
+    device = input.device
+    device_type = _autocast_device_type(device)
+    if device_type is not None and torch.is_autocast_enabled(device_type):
+        input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     try:
+        # (what is not a tensor fails here or, with a shape, in the validation of the first call)
+        key = (
+            key_args,
+            backend,
+            backends_generation(),
+            input.shape,
+            input.dtype,
+            device,
+            weight.shape,
+            weight.dtype,
+            weight.device,
+            coord_weight.shape,
+            coord_weight.dtype,
+            coord_weight.device,
+            None if bias is None else (bias.shape, bias.dtype, bias.device),
+        )
         plan = _PLANS.get(key)
-    except TypeError:  # an unhashable argument (e.g. a list): no plan
+    except (AttributeError, TypeError):  # not a tensor, or an unhashable argument (e.g. a list): no plan
         return _run(input, weight, coord_weight, bias, make(), backend)
     if plan is None:
         spec = make()

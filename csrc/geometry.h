@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/ArrayRef.h>
 
@@ -90,6 +91,13 @@ inline void lifted_strides(const at::Tensor& t, int64_t out[5]) {
 // C_in/groups * taps is at most this. CUDA: untuned. CPU: depth 1, where the row kernel beats oneDNN
 // plus the coordinate epilogue (docs/tuning.md).
 constexpr int64_t kDirectMaxK = 32;
+
+// at::parallel_for's grain for items of `cost` elementary operations each: a range of less than
+// about at::internal::GRAIN_SIZE operations runs on the calling thread, since waking the pool costs
+// more than a tiny layer's whole arithmetic.
+inline int64_t grain_for(int64_t cost) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, cost));
+}
 constexpr int64_t kCpuDirectMaxK = 1;
 
 }  // namespace coordconv

@@ -323,12 +323,17 @@ def test_missing_extension_message(monkeypatch):
 
 def test_native_ops_have_their_cpu_kernels():
     """The schemas are declared once (coordconv_fused/ops/schema.py); the extension registers a CPU
-    kernel for every one of them."""
-    from coordconv_fused.ops.schema import NATIVE_OPS
+    kernel for every one of them, and the forward's autograd (C++, csrc/autograd/); the composite
+    op of the differentiable backward has its ATen decomposition."""
+    from coordconv_fused.ops.schema import COMPOSITE_OPS, NATIVE_OPS
 
-    for name, schema in NATIVE_OPS.items():
+    for name, schema in {**NATIVE_OPS, **COMPOSITE_OPS}.items():
         assert str(getattr(torch.ops.coordconv_fused, name).default._schema) == f"coordconv_fused::{name}{schema}"
+    for name in NATIVE_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CPU"), name
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("coordconv_fused::coord_conv_ext", "Autograd")
+    for name in COMPOSITE_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CompositeImplicitAutograd")
 
 
 @pytest.mark.skipif(

@@ -3,12 +3,14 @@ gradient-penalty step against the reference.
 
 Every backend's first-order backward may be a fused kernel or an opaque op; when autograd records a
 graph of the gradients (``create_graph=True``) they all take the differentiable ATen backward
-(``coordconv_fused.ops.autograd.differentiable_backward``). Before that, the ``cpp`` backend (``auto``'s
+(``coordconv_fused.ops.autograd.differentiable_backward``; for the C++ ops, their C++ autograd with
+``coord_weight_grad_aten``). Before that, the ``cpp`` backend (``auto``'s
 choice on CPU) returned silently wrong second-order gradients.
 """
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from coordconv_fused import CoordConv1d, CoordConv2d, CoordConv3d, coord_conv2d
 from coordconv_fused.testing import Case
@@ -154,19 +156,33 @@ def test_gradient_penalty_cuda(backend, device):
         torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-8)
 
 
-@pytest.mark.backend("cpp")
-def test_first_order_backward_keeps_the_fused_path(monkeypatch):
-    """The differentiable route is taken only when a graph of the gradients is recorded: a plain
-    backward still runs the cpp backend's fused backward op."""
-    from coordconv_fused.ops import autograd as ops
+class _OpLog(TorchDispatchMode):
+    """The ops that reach the backend kernels (below autograd) while active."""
 
-    calls = []
-    original = ops.differentiable_backward
-    monkeypatch.setattr(ops, "differentiable_backward", lambda *a: calls.append(1) or original(*a))
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.backend("cpp")
+def test_first_order_backward_keeps_the_fused_path():
+    """The differentiable route (ATen ops and ``coord_weight_grad_aten``) is taken only when a
+    graph of the gradients is recorded: a plain backward runs the cpp backend's fused backward op."""
     layer = CoordConv2d(2, 3, 3, padding=1, backend="cpp")
     x = torch.randn(2, 2, 5, 5, requires_grad=True)
-    layer(x).square().sum().backward()
-    assert calls == []
-    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
-    assert calls == [1]
+    loss = layer(x).square().sum()
+    with _OpLog() as plain:
+        loss.backward()
+    assert "coordconv_fused.coord_conv_ext_backward" in plain.names
+    assert not any("coord_weight_grad" in n for n in plain.names)
+    loss = layer(x).square().sum()
+    with _OpLog() as recorded:
+        (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert "coordconv_fused.coord_conv_ext_backward" not in recorded.names
+    assert "aten.convolution_backward" in recorded.names
     g.sum().backward()
+    assert layer.coord_weight.grad is not None

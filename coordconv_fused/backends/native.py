@@ -1,9 +1,10 @@
 """The C++/CUDA extension ``coordconv_fused._C``: backends ``cpp`` (CPU) and ``cuda``.
 
 Both run the op ``coordconv_fused::coord_conv_ext``, declared in :mod:`coordconv_fused.ops.schema`,
-with a CPU implementation (csrc/cpu/) and, when built with CUDA, a CUDA one (csrc/cuda/); fake
-kernels and autograd are added here. If the extension is not built, the pure-PyTorch backends
-still work and asking for ``cpp``/``cuda`` raises an error that says how to build it. (The test-only
+with a CPU implementation (csrc/cpu/), when built with CUDA a CUDA one (csrc/cuda/), and its
+autograd (csrc/autograd/); fake kernels are added here. If the extension is not built, the
+pure-PyTorch backends still work and asking for ``cpp``/``cuda`` raises an error that says how to
+build it. (The test-only
 emulation of the CUDA kernels on the CPU is :func:`coordconv_fused.testing.emulated_cuda_backend`.)
 """
 
@@ -79,7 +80,7 @@ def coord_conv_cpp(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Te
 
 
 if LOAD_ERROR is None:
-    register_native_coord_conv_op("coord_conv_ext", fused_backward_devices=("cpu",))
+    register_native_coord_conv_op("coord_conv_ext", fused_backward=True)
 
 
 def _prepare(spec: ConvSpec):

@@ -1,14 +1,16 @@
-"""Fake kernels and autograd of the CoordConv ops, and the eager autograd Function.
+"""Fake kernels and autograd of the CoordConv ops.
 
 A Python-implemented op supplies two functions over the op's arguments — ``forward`` (the whole
 output) and ``coord_weight_grad`` (the gradient of ``coord_weight`` from ``grad_output.sum(0)``) —
 and :func:`define_coord_conv_op` creates it as a ``torch.library`` custom op with them. The
 gradients of ``input``, ``weight`` and ``bias`` are those of the data convolution, computed by
-ATen's ``convolution_backward`` (the bias's from the same batch sum). Ops implemented in C++ get
-their fake kernels and autograd from :func:`register_native_coord_conv_op`, and may bring their whole
-backward as one op (``fused_backward_devices``). Whatever the op, a backward run while autograd
-records a graph of the gradients (``create_graph=True``) is :func:`differentiable_backward`: ATen
-ops only, so second-order gradients are exact.
+ATen's ``convolution_backward`` (the bias's from the same batch sum). Whatever the op, a backward
+run while autograd records a graph of the gradients (``create_graph=True``) is
+:func:`differentiable_backward`: ATen ops only, so second-order gradients are exact.
+
+Ops implemented in C++ bring their autograd in C++ (csrc/autograd/coord_conv_autograd.h, the same
+backward: fused where the device has it, ATen ops plus ``coord_weight_grad_aten`` under
+``create_graph``); :func:`register_native_coord_conv_op` adds their fake kernels.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 from torch import Tensor
 
 from . import aten
-from .schema import GRAD_SCHEMA, SCHEMA
+from .schema import GRAD_SCHEMA, NAMESPACE, SCHEMA
 
-__all__ = ["define_coord_conv_op", "register_native_coord_conv_op", "differentiable_backward", "eager_function"]
+__all__ = ["define_coord_conv_op", "register_native_coord_conv_op", "differentiable_backward"]
 
 # forward(input, weight, coord_weight, bias, *args) -> output
 ForwardFn = Callable[..., Tensor]
@@ -149,71 +151,28 @@ def _backward_fake(grad, input, weight, coord_weight, *args):
     return grad_in, grad_w, grad_cw, grad_b
 
 
-def register_native_coord_conv_op(name: str, fused_backward_devices: Sequence[str] = ()) -> None:
-    """Add the fake kernels and autograd to ``coordconv_fused::<name>`` and its
-    ``<name>_coord_weight_grad`` op, implemented in C++ (schemas: :mod:`coordconv_fused.ops.schema`).
-    On ``fused_backward_devices`` the backward is the single op ``<name>_backward`` (also declared
-    there: all four gradients in one call); elsewhere the coordinate gradient comes from
-    ``<name>_coord_weight_grad`` and the others from ATen's ``convolution_backward``."""
-    qual = f"coordconv_fused::{name}"
-    namespace = torch.ops.coordconv_fused
+_COMPOSITE: list[torch.library.Library] = []
+
+
+def _register_differentiable_coord_weight_grad() -> None:
+    """``coordconv_fused::coord_weight_grad_aten``: :func:`coordconv_fused.ops.aten.coord_weight_grad`
+    as a CompositeImplicitAutograd kernel (autograd differentiates its ATen ops). The C++ backward
+    calls it under ``create_graph=True``."""
+    if not _COMPOSITE:
+        lib = torch.library.Library(NAMESPACE, "FRAGMENT")
+        lib.impl("coord_weight_grad_aten", aten.coord_weight_grad, "CompositeImplicitAutograd")
+        _COMPOSITE.append(lib)
+
+
+def register_native_coord_conv_op(name: str, fused_backward: bool = False) -> None:
+    """Add the fake kernels to ``coordconv_fused::<name>`` and its ``<name>_coord_weight_grad`` op
+    (and, with ``fused_backward``, to ``<name>_input_grad`` and ``<name>_backward``), implemented in
+    C++ with their autograd (csrc/autograd/coord_conv_autograd.h; schemas:
+    :mod:`coordconv_fused.ops.schema`)."""
+    qual = f"{NAMESPACE}::{name}"
     torch.library.register_fake(qual, _fake)
     torch.library.register_fake(f"{qual}_coord_weight_grad", _grad_fake)
-    backward = _make_backward(getattr(namespace, f"{name}_coord_weight_grad").default)
-    if fused_backward_devices:
+    if fused_backward:
         torch.library.register_fake(f"{qual}_input_grad", _input_grad_fake)
         torch.library.register_fake(f"{qual}_backward", _backward_fake)
-        backward = _fused_backward(getattr(namespace, f"{name}_backward").default, fused_backward_devices, backward)
-    torch.library.register_autograd(qual, backward, setup_context=_setup_context)
-    op = getattr(namespace, name)
-    _EAGER_AUTOGRAD[op] = _eager_function(op, backward)
-
-
-def _fused_backward(backward_op, devices: Sequence[str], fallback):
-    def backward(ctx, grad):
-        if torch.is_grad_enabled() or grad.device.type not in devices:
-            return fallback(ctx, grad)
-        input, weight, coord_weight = ctx.saved_tensors
-        need_in, need_w, need_cw, need_b = ctx.needs_input_grad[:4]
-        mask = [need_in, need_w, need_cw, need_b and ctx.has_bias]
-        grads = backward_op(grad, input, weight, coord_weight, *ctx.args, mask)
-        return tuple(grads) + (None,) * 10
-
-    return backward
-
-
-# Eager autograd for the ops declared in C++: the same backward as the registered autograd, as a
-# torch.autograd.Function (the flash-attention pattern). torch.library's autograd wrapper costs
-# ~0.3 ms of Python per forward + backward on ops of this many arguments (measured: 670 us against
-# 190 us for nn.Conv2d on a tiny layer); torch.jit.trace keeps the registered op.
-_EAGER_AUTOGRAD: dict = {}
-
-
-def eager_function(op) -> type[torch.autograd.Function] | None:
-    """The ``torch.autograd.Function`` that eager calls of ``op`` (a C++ op) go through, or None
-    for ops whose registered autograd is used directly."""
-    return _EAGER_AUTOGRAD.get(op)
-
-
-def _eager_function(op, backward):
-    class EagerCoordConv(torch.autograd.Function):
-        """``op`` with the backward of its registered autograd, applied from Python: forward calls
-        the op's kernel directly (below the autograd dispatch key), backward is the same function
-        as the registered one (fused where the device has it, differentiable under create_graph)."""
-
-        @staticmethod
-        def forward(ctx, input, weight, coord_weight, bias, *args):
-            # (forward with ctx: a separate setup_context makes apply() bind arguments through
-            # inspect.signature, ~0.1 ms a call)
-            # (below autograd: grad mode is off here, but torch.library's autograd wrapper would
-            # still run and redispatch, ~40 us)
-            with torch._C._AutoDispatchBelowAutograd():
-                output = op(input, weight, coord_weight, bias, *args)
-            _setup_context(ctx, (input, weight, coord_weight, bias, *args), output)
-            return output
-
-        @staticmethod
-        def backward(ctx, grad):
-            return backward(ctx, grad)[:14]
-
-    return EagerCoordConv
+    _register_differentiable_coord_weight_grad()

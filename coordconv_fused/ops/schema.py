@@ -24,6 +24,7 @@ __all__ = [
     "INPUT_GRAD_SCHEMA",
     "BACKWARD_SCHEMA",
     "NATIVE_OPS",
+    "COMPOSITE_OPS",
     "TESTING_OPS",
     "define_native_ops",
     "define_testing_ops",
@@ -54,13 +55,18 @@ BACKWARD_SCHEMA = GRAD_SCHEMA.replace("Tensor grad_sum, ", "Tensor grad, ").repl
     ") -> Tensor", ", bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
-# The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA).
+# The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA); their autograd is in
+# C++ too (csrc/autograd/).
 NATIVE_OPS = {
     "coord_conv_ext": SCHEMA,
     "coord_conv_ext_coord_weight_grad": GRAD_SCHEMA,
     "coord_conv_ext_input_grad": INPUT_GRAD_SCHEMA,
     "coord_conv_ext_backward": BACKWARD_SCHEMA,
 }
+# The coordinate gradient as ATen ops, implemented in Python (CompositeImplicitAutograd,
+# coordconv_fused/ops/autograd.py): the C++ backward calls it while autograd records a graph of the
+# gradients, so that second-order gradients are exact.
+COMPOSITE_OPS = {"coord_weight_grad_aten": GRAD_SCHEMA}
 # Test-only (coordconv_fused._C_testing): the CUDA backend's host code and kernel bodies, run on the
 # CPU by an emulation of the grid.
 TESTING_OPS = {
@@ -80,8 +86,9 @@ def _define(group: str, ops: dict[str, str]) -> None:
 
 
 def define_native_ops() -> None:
-    """Define the C++ ops' schemas (once; their kernels come with ``coordconv_fused._C``)."""
-    _define("native", NATIVE_OPS)
+    """Define the C++ ops' schemas and the composite op their backward uses (once; the kernels come
+    with ``coordconv_fused._C``, the composite's with :mod:`coordconv_fused.ops.autograd`)."""
+    _define("native", {**NATIVE_OPS, **COMPOSITE_OPS})
 
 
 def define_testing_ops() -> None:

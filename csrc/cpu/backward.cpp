@@ -85,7 +85,7 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   // give it its own glibc arena, which later allocations there keep growing).
   const int64_t scratch_len = points + 2 * OD * OH * KW + OD * KH * KW;
   const at::Tensor scratch = at::empty({at::get_num_threads(), scratch_len}, acc_opts);
-  at::parallel_for(0, O, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, O, grain_for((N + 2 * KW + nc) * points), [&](int64_t begin, int64_t end) {
     acc_t* const buf = scratch.data_ptr<acc_t>() + at::get_thread_num() * scratch_len;
     acc_t* const inner = buf + points;
     acc_t* const mid = inner + 2 * OD * OH * KW;

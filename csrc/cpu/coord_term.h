@@ -63,7 +63,7 @@ at::Tensor radius_table(const Geometry& g, const AxisTables& t, const at::Tensor
   const acc_t* raw[3] = {t.raw[0].data_ptr<acc_t>(), t.raw[1].data_ptr<acc_t>(), t.raw[2].data_ptr<acc_t>()};
   const acc_t* msk[3] = {t.mask[0].data_ptr<acc_t>(), t.mask[1].data_ptr<acc_t>(), t.mask[2].data_ptr<acc_t>()};
   const int64_t KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
-  at::parallel_for(0, g.out_points(), 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.out_points(), grain_for(g.taps()), [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t k = p % g.out[2], j = (p / g.out[2]) % g.out[1], i = p / (g.out[2] * g.out[1]);
       acc_t* row = out + p * g.taps();
@@ -151,6 +151,15 @@ inline Geometry cache_key(Geometry g) {
   return g;
 }
 
+// Whether `b` holds the values of `saved` (a contiguous copy of the same shape and dtype): the bytes
+// compared directly on the CPU (no dispatch: this runs on every call), at::equal elsewhere.
+inline bool same_values(const at::Tensor& saved, const at::Tensor& b) {
+  if (saved.is_cpu() && b.is_cpu() && b.is_contiguous() && saved.is_contiguous()) {
+    return b.nbytes() == 0 || std::memcmp(saved.const_data_ptr(), b.const_data_ptr(), b.nbytes()) == 0;
+  }
+  return at::equal(saved, b);
+}
+
 constexpr size_t kMaxCacheEntries = 256;
 // The process-wide cache and its lock (coord_term.cpp).
 std::mutex& cache_mutex();
@@ -166,14 +175,14 @@ at::Tensor cached_coord_term(const Geometry& g, const at::Tensor& coord_weight) 
     if (it != cache().end() && std::memcmp(&it->second.key, &key, sizeof(Geometry)) == 0 &&
         it->second.coord_weight.sizes() == coord_weight.sizes() &&
         it->second.coord_weight.scalar_type() == coord_weight.scalar_type() &&
-        at::equal(it->second.coord_weight, coord_weight)) {
+        same_values(it->second.coord_weight, coord_weight)) {
       return it->second.P;
     }
   }
   at::Tensor P = coord_term_table<scalar_t, acc_t>(g, coord_weight);
   std::lock_guard<std::mutex> lock(cache_mutex());
   if (cache().size() >= kMaxCacheEntries) cache().clear();
-  cache()[impl] = CacheEntry{key, coord_weight.clone(), P};
+  cache()[impl] = CacheEntry{key, coord_weight.clone(at::MemoryFormat::Contiguous), P};
   return P;
 }
 

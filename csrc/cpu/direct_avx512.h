@@ -27,7 +27,7 @@
 #include <cstring>
 #include <vector>
 
-#include "../coordconv.h"
+#include "../geometry.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -84,7 +84,7 @@ inline bool avx512_supported() {
 // Pass 1: xs[(n * C + c) * H + ih] = the phase rows of x[n, c, ih, :].
 inline void split_input(const Geometry& g, const SplitLayout& s, const float* x, float* xs) {
   const int64_t W = g.padded[2], rows = g.n * g.c_in * g.padded[1];
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_for(s.floats_per_row()), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* src = x + r * W;
       float* dst = xs + r * s.floats_per_row();
@@ -212,7 +212,7 @@ inline void direct_forward_avx512(const Geometry& g, const SplitLayout& s, const
   std::vector<int64_t> tap_offsets(g.kernel[2]);
   for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
   const int64_t items = g.n * g.out[1] * ((g.c_out + kOcBlock - 1) / kOcBlock);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items, grain_for(kOcBlock * g.out[2] * g.k_data()), [&](int64_t begin, int64_t end) {
     direct_items(g, s, tap_offsets.data(), xs, wpack, oc_padded, P, bias, y, begin, end);
   });
 }

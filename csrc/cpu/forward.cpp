@@ -42,7 +42,7 @@ void direct_forward_cpu(const Geometry& g, const scalar_t* x, const scalar_t* w,
   const int64_t cg = g.c_in / g.groups, coutg = g.c_out / g.groups;
   const int64_t OW = g.out[2], rows = g.out[0] * g.out[1];
   const int64_t DP = g.padded[0], HP = g.padded[1], WP = g.padded[2];
-  at::parallel_for(0, g.n * g.c_out, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.n * g.c_out, grain_for(rows * OW * cg * g.taps()), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(OW);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t n = plane / g.c_out, co = plane % g.c_out, grp = co / coutg;
@@ -83,7 +83,7 @@ void direct_forward_cpu(const Geometry& g, const scalar_t* x, const scalar_t* w,
 template <typename scalar_t, typename acc_t>
 void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
   const int64_t points = g.out_points();
-  at::parallel_for(0, g.n * g.c_out, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.n * g.c_out, grain_for(points), [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const acc_t* p = P + (plane % g.c_out) * points;
       scalar_t* yp = y + plane * points;
@@ -111,10 +111,13 @@ bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFor
 // coordinate term P (or null) and bias (or undefined).
 void run_avx512_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
                        const at::Tensor& bias, at::Tensor& y) {
-  const at::Tensor x = input.contiguous();
-  const int64_t oc_padded = (g.c_out + kOcBlock - 1) / kOcBlock * kOcBlock;
-  at::Tensor wpack = at::zeros({g.k_data(), oc_padded}, weight.options());
-  wpack.narrow(1, 0, g.c_out).copy_(weight.reshape({g.c_out, -1}).t());
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const int64_t oc_padded = (g.c_out + kOcBlock - 1) / kOcBlock * kOcBlock, K = g.k_data();
+  at::Tensor wpack = at::empty({K, oc_padded}, weight.options());  // [tap][channel], zero past C_out
+  float* wp = wpack.data_ptr<float>();
+  const float* ws = w.data_ptr<float>();
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t o = 0; o < oc_padded; ++o) wp[k * oc_padded + o] = o < g.c_out ? ws[o * K + k] : 0.0f;
   const SplitLayout layout = split_layout(g);
   at::Tensor xs = at::empty({g.n * g.c_in * g.padded[1] * layout.floats_per_row()}, x.options());
   direct_forward_avx512(g, layout, x.data_ptr<float>(), xs.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded, P,

@@ -88,6 +88,27 @@ Geometry phase_geometry(const at::Tensor& grad, const at::Tensor& weight, const 
   return g;
 }
 
+// The phase's sub-kernel, transposed: w[ci, co, a, b] = weight[co, ci, h_a, w_b] over the phase's
+// taps in descending order (h_a = first_tap - a * step on H, likewise on W); float32.
+at::Tensor phase_weight(const at::Tensor& weight, const AxisPhase ph[3]) {
+  const at::Tensor src = weight.contiguous();
+  const int64_t nd = weight.dim() - 2, c_out = weight.size(0), c_in = weight.size(1);
+  const int64_t KH = nd == 2 ? weight.size(2) : 1, KW = weight.size(nd + 1);
+  const AxisPhase &h = ph[1], &wd = ph[2];
+  std::vector<int64_t> sizes{c_in, c_out};
+  if (nd == 2) sizes.push_back(h.taps);
+  sizes.push_back(wd.taps);
+  at::Tensor out = at::empty(sizes, weight.options());
+  const float* s = src.data_ptr<float>();
+  float* d = out.data_ptr<float>();
+  for (int64_t ci = 0; ci < c_in; ++ci)
+    for (int64_t co = 0; co < c_out; ++co)
+      for (int64_t a = 0; a < h.taps; ++a)
+        for (int64_t b = 0; b < wd.taps; ++b)
+          *d++ = s[((co * c_in + ci) * KH + h.first_tap - a * h.step) * KW + wd.first_tap - b * wd.step];
+  return out;
+}
+
 // The input gradient by the direct kernel, one stride phase (rh, rw) at a time: grad_output
 // (C_out channels) -> those input positions (C_in channels), the phase's taps flipped.
 at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
@@ -111,12 +132,7 @@ at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, co
         target.zero_();
         continue;
       }
-      at::Tensor w = weight.transpose(0, 1);  // [C_in, C_out, (kh,) kw], then the phase's taps, descending
-      for (int64_t k = 0; k < nd; ++k) {
-        const AxisPhase& p = ph[3 - nd + k];
-        w = w.index_select(
-            2 + k, at::arange(p.first_tap, -1, -p.step, weight.options().dtype(at::kLong)).narrow(0, 0, p.taps));
-      }
+      const at::Tensor w = phase_weight(weight, ph);
       const Geometry g = phase_geometry(grad, weight, ph);
       if (sh == 1 && sw == 1) {
         run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), out);

@@ -6,6 +6,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "../autograd/coord_conv_autograd.h"
 #include "../gpu_host.h"
 
 namespace coordconv {
@@ -42,6 +43,17 @@ struct EmulatedLaunch {
 TORCH_LIBRARY_IMPL(coordconv_fused, CPU, m) {
   m.impl("coord_conv_cuda_emulated", &gpu_forward<EmulatedLaunch>);
   m.impl("coord_conv_cuda_emulated_coord_weight_grad", &gpu_coord_weight_grad<EmulatedLaunch>);
+}
+
+namespace {
+struct EmulatedOp {  // the cuda backend's autograd: no fused backward op
+  static constexpr const char* name = "coordconv_fused::coord_conv_cuda_emulated";
+  static constexpr bool fused_backward = false;
+};
+}  // namespace
+
+TORCH_LIBRARY_IMPL(coordconv_fused, Autograd, m) {
+  m.impl("coord_conv_cuda_emulated", &autograd::coord_conv_autograd<EmulatedOp>);
 }
 
 }  // namespace coordconv
