@@ -101,6 +101,7 @@ Grads backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor
   const bool record = at::GradMode::is_enabled();  // a graph of the gradients is being recorded
   if constexpr (Op::fused_backward) {
     if (!record && grad.device().is_cpu()) {
+      at::AutoDispatchBelowADInplaceOrView below;  // no graph to record: skip the autograd fallback
       return with_args(a, [&](auto... args) {
         return Ops<Op>::fused_backward().call(grad, input, weight, coord_weight, args..., mask);
       });
@@ -150,35 +151,20 @@ class CoordConvFunction : public torch::autograd::Function<CoordConvFunction<Op>
                                        output_padding, groups, coord_pad, coord_pad_mode, with_r, separate);
     }
     ctx->save_for_backward({input, weight, coord_weight});
-    auto& d = ctx->saved_data;
-    d["has_bias"] = bias.has_value() && bias->defined();
-    d["stride"] = stride;
-    d["padding"] = padding;
-    d["dilation"] = dilation;
-    d["transposed"] = transposed;
-    d["output_padding"] = output_padding;
-    d["groups"] = groups;
-    d["coord_pad"] = coord_pad;
-    d["coord_pad_mode"] = std::string(coord_pad_mode);
-    d["with_r"] = with_r;
-    d["separate"] = separate;
+    // (one tuple: each saved_data entry costs a string key and a hash-map insertion)
+    ctx->saved_data["args"] =
+        c10::ivalue::Tuple::create({bias.has_value() && bias->defined(), stride, padding, dilation, transposed,
+                                    output_padding, groups, coord_pad, std::string(coord_pad_mode), with_r, separate});
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    auto& d = ctx->saved_data;
-    const ConvArgs a{d["stride"].toSymIntVector(),
-                     d["padding"].toSymIntVector(),
-                     d["dilation"].toSymIntVector(),
-                     d["output_padding"].toSymIntVector(),
-                     d["coord_pad"].toSymIntVector(),
-                     d["transposed"].toBool(),
-                     d["groups"].toSymInt(),
-                     d["coord_pad_mode"].toStringRef(),
-                     d["with_r"].toBool(),
-                     d["separate"].toBool()};
-    const bool has_bias = d["has_bias"].toBool();
+    const auto& d = ctx->saved_data["args"].toTupleRef().elements();
+    const bool has_bias = d[0].toBool();
+    const ConvArgs a{d[1].toSymIntVector(), d[2].toSymIntVector(), d[3].toSymIntVector(), d[5].toSymIntVector(),
+                     d[7].toSymIntVector(), d[4].toBool(),         d[6].toSymInt(),       d[8].toStringRef(),
+                     d[9].toBool(),         d[10].toBool()};
     const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
                                    has_bias && ctx->needs_input_grad(3)};
     auto [grad_in, grad_w, grad_cw, grad_b] =

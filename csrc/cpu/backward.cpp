@@ -43,13 +43,10 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps;
   const bool want_cw = coord_grad != nullptr;
-  AxisTables t;
-  at::Tensor R, C;
-  if (want_cw && g.separate) C = centre_table<scalar_t, acc_t>(g, acc_opts);
-  if (want_cw && !g.separate) {
-    t = axis_tables<scalar_t, acc_t>(g, acc_opts);
-    if (g.with_r) R = radius_table<scalar_t, acc_t>(g, t, acc_opts);
-  }
+  GradTables tables;
+  if (want_cw) tables = cached_grad_tables<scalar_t, acc_t>(g, acc_opts);
+  const AxisTables& t = tables.axis;
+  const at::Tensor &R = tables.radius, &C = tables.centre;
   at::Tensor cw = want_cw ? at::empty({O, per_o}, acc_opts) : at::Tensor();
   at::Tensor b = bias_grad != nullptr ? at::empty({O}, acc_opts) : at::Tensor();
   const scalar_t* gp = gc.data_ptr<scalar_t>();
@@ -191,7 +188,7 @@ at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& i
 // undefined): the coordinate and bias gradients in the one pass above, the input gradient by the
 // direct kernel where it pays, the rest by ATen's convolution_backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
-    const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
     at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
     bool with_r, bool separate, std::array<bool, 4> output_mask) {
@@ -199,6 +196,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const auto [need_in, need_w, need_cw, need_b] = output_mask;
   Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
                              coord_pad_mode, with_r, separate);
+  // An expanded grad (y.sum().backward()) would be copied by each of the input and weight gradients:
+  // once here instead (then the batch sum of the coordinate gradient reads it directly too).
+  const at::Tensor grad = (need_in || need_w) && !grad_output.is_non_overlapping_and_dense()
+                              ? grad_output.contiguous(grad_output.suggest_memory_format())
+                              : grad_output;
   at::Tensor grad_in, grad_w, grad_cw, grad_b;
   if (need_cw || need_b) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "coord_conv_backward_cpu", [&] {

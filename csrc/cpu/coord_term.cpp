@@ -1,4 +1,4 @@
-// The process-wide cache of coordinate terms (see coord_term.h).
+// The process-wide caches of coordinate terms and of the backward's tables (see coord_term.h).
 #include "coord_term.h"
 
 namespace coordconv {
@@ -10,6 +10,11 @@ std::mutex& cache_mutex() {
 
 std::unordered_map<const c10::TensorImpl*, CacheEntry>& cache() {
   static std::unordered_map<const c10::TensorImpl*, CacheEntry> c;
+  return c;
+}
+
+std::vector<GradTablesEntry>& grad_tables_cache() {
+  static std::vector<GradTablesEntry> c;
   return c;
 }
 

@@ -186,4 +186,49 @@ at::Tensor cached_coord_term(const Geometry& g, const at::Tensor& coord_weight) 
   return P;
 }
 
+// ---- cache of the backward's tables ------------------------------------------------------------
+
+// What the coordinate gradient contracts grad_output with (backward.cpp): the per-axis tables and
+// the radius table, or the separate filter's centre table. They depend on the geometry and the
+// input dtype alone, so they are built once per layer shape rather than on every backward.
+struct GradTables {
+  AxisTables axis;    // full coordinate kernel
+  at::Tensor radius;  // full coordinate kernel with the radius channel
+  at::Tensor centre;  // separate filter
+};
+
+struct GradTablesEntry {
+  Geometry key;
+  at::ScalarType dtype;
+  GradTables tables;
+};
+
+// The process-wide cache of GradTables (coord_term.cpp; guarded by cache_mutex()).
+std::vector<GradTablesEntry>& grad_tables_cache();
+
+template <typename scalar_t, typename acc_t>
+GradTables cached_grad_tables(const Geometry& g, const at::TensorOptions& acc_opts) {
+  Geometry key = cache_key(g);
+  key.has_bias = false;
+  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex());
+    for (const auto& e : grad_tables_cache()) {
+      if (e.dtype == dtype && std::memcmp(&e.key, &key, sizeof(Geometry)) == 0) return e.tables;
+    }
+  }
+  GradTables t;
+  if (g.separate) {
+    t.centre = centre_table<scalar_t, acc_t>(g, acc_opts);
+  } else {
+    t.axis = axis_tables<scalar_t, acc_t>(g, acc_opts);
+    if (g.with_r) t.radius = radius_table<scalar_t, acc_t>(g, t.axis, acc_opts);
+  }
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  auto& entries = grad_tables_cache();
+  if (entries.size() >= kMaxCacheEntries) entries.clear();
+  entries.push_back(GradTablesEntry{key, dtype, t});
+  return t;
+}
+
 }  // namespace coordconv

@@ -60,9 +60,11 @@ bool input_grad_by_kernel(const at::Tensor& grad, const at::Tensor& input, const
                           at::IntArrayRef stride, bool transposed, int64_t groups) {
   const int64_t nd = input.dim() - 2;
   const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; });
+  int64_t taps = 1;
+  for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
   return avx512_supported() && !avx512_disabled() && !transposed && groups == 1 && input.scalar_type() == at::kFloat &&
          grad.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
-         input.numel() > 0 && avx512_input_grad_pays(input.size(1), weight.size(0), weight[0][0].numel(), strided) &&
+         input.numel() > 0 && avx512_input_grad_pays(input.size(1), weight.size(0), taps, strided) &&
          conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
 }
 
