@@ -293,6 +293,21 @@ def test_cached_coordinate_term_follows_coord_weight():
         torch.testing.assert_close(got, m(x))
 
 
+@pytest.mark.parametrize("variant", [{"with_r": True}, {"separate": True, "kernel_size": 3}], ids=str)
+def test_cached_backward_tables_follow_geometry_and_dtype(variant):
+    """The coordinate gradient's tables are built once per geometry and dtype (csrc/cpu/coord_term.h):
+    layers that differ only in dtype, padding mode, stride or channel count must not share them."""
+    layers = [
+        Case((9, 8), in_channels=2, out_channels=3, padding=1, **{"kernel_size": 3, **variant}),
+        Case((9, 8), in_channels=2, out_channels=3, padding=1, padding_mode="reflect", **{"kernel_size": 3, **variant}),
+        Case((9, 8), in_channels=2, out_channels=3, padding=1, stride=2, **{"kernel_size": 3, **variant}),
+        Case((9, 8), in_channels=2, out_channels=5, padding=1, **{"kernel_size": 3, **variant}),
+    ]
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float64):
+        for case in layers:
+            assert_matches_reference("cpp", case, dtype, check=("coord_weight", "bias"))
+
+
 def test_auto_prefers_cpp_on_cpu():
     from coordconv_fused.backends import resolve_backend
     from coordconv_fused.spec import make_spec
