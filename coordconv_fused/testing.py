@@ -22,6 +22,7 @@ from .spec import ConvSpec, make_spec
 
 __all__ = [
     "Case",
+    "kernel_events",
     "assert_matches_reference",
     "default_tolerances",
     "supported",
@@ -377,6 +378,19 @@ def assert_autocast_grads_match_float64(module: Any, x: Tensor, dtype: torch.dty
 
 
 # ---- the CUDA backend's code on the CPU ----------------------------------------------------------
+
+
+def kernel_events(fn: Callable[[], object], name: str) -> tuple[int, int]:
+    """Run ``fn`` under the PyTorch profiler and return how many events ``name`` (e.g.
+    ``"coordconv_fused::avx512_direct"``, recorded by the extension's kernels) it recorded, and on how
+    many distinct threads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = [e for e in prof.events() if e.name == name]
+    return len(events), len({e.thread for e in events})
+
 
 _EMULATED: list = []
 

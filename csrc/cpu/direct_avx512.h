@@ -21,8 +21,8 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -198,16 +198,11 @@ __attribute__((target("avx512f"))) inline void direct_items(const Geometry& g, c
   }
 }
 
-// Calls of direct_forward_avx512 since load (tests check that their cases really take the kernel).
-inline std::atomic<int64_t>& avx512_direct_calls() {
-  static std::atomic<int64_t> calls{0};
-  return calls;
-}
-
 // The whole output: (sample, channel block, row) items in parallel. xs: the pass-1 buffer.
 inline void direct_forward_avx512(const Geometry& g, const SplitLayout& s, const float* x, float* xs,
                                   const float* wpack, int64_t oc_padded, const float* P, const float* bias, float* y) {
-  avx512_direct_calls() += 1;
+  // (a profiler event: tests and users see which layers take this kernel)
+  RECORD_FUNCTION("coordconv_fused::avx512_direct", c10::ArrayRef<const c10::IValue>{});
   split_input(g, s, x, xs);
   std::vector<int64_t> tap_offsets(g.kernel[2]);
   for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
@@ -220,11 +215,6 @@ inline void direct_forward_avx512(const Geometry& g, const SplitLayout& s, const
 #else
 
 inline bool avx512_supported() { return false; }
-
-inline std::atomic<int64_t>& avx512_direct_calls() {
-  static std::atomic<int64_t> calls{0};
-  return calls;
-}
 
 inline void direct_forward_avx512(const Geometry&, const SplitLayout&, const float*, float*, const float*, int64_t,
                                   const float*, const float*, float*) {}

@@ -3,7 +3,6 @@
 // Registered as coordconv_fused::coord_conv_cuda_emulated (+ its coord-weight gradient) so that the
 // test suite can check the CUDA code against the reference on a machine without a GPU. Built as its
 // own module, coordconv_fused._C_testing, which only the tests load (coordconv_fused.testing).
-#include <Python.h>
 #include <torch/library.h>
 
 #include "../autograd/coord_conv_autograd.h"
@@ -57,10 +56,3 @@ TORCH_LIBRARY_IMPL(coordconv_fused, Autograd, m) {
 }
 
 }  // namespace coordconv
-
-// The Python module coordconv_fused._C_testing: loading it registers the kernels above.
-extern "C" PyObject* PyInit__C_testing(void) {
-  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_testing", "coordconv-fused test-only ops", -1,
-                                      nullptr};
-  return PyModule_Create(&module);
-}

@@ -1,0 +1,27 @@
+// The Python module coordconv_fused._C_testing (test builds only): loading it registers the emulated
+// CUDA ops (cuda_emulation.cpp), and it holds diagnostics of the build.
+#include <Python.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+
+namespace {
+// How many threads an at::parallel_for loop compiled with the extensions' flags really uses: 1 when
+// they lack OpenMP (ATen inlines parallel_for from its headers, and runs it serially then). The
+// test extension is built with the same flags as coordconv_fused._C (setup.py).
+PyObject* parallel_for_threads(PyObject*, PyObject*) {
+  std::atomic<int> threads{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { threads += 1; });
+  return PyLong_FromLong(threads.load());
+}
+
+PyMethodDef methods[] = {{"parallel_for_threads", parallel_for_threads, METH_NOARGS,
+                          "Number of threads at::parallel_for runs with the extensions' build flags."},
+                         {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+extern "C" PyObject* PyInit__C_testing(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_testing", "coordconv-fused test-only ops", -1,
+                                      methods};
+  return PyModule_Create(&module);
+}
