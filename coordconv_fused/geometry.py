@@ -1,9 +1,9 @@
 """Index arithmetic shared by every layer: output sizes and the op's padding vocabulary.
 
 The op's padding arguments (see :mod:`coordconv_fused.ops`): ``padding`` is the convolution's own
-symmetric zero padding; ``coord_pad`` (``[before0, after0, before1, after1, ...]``) is the part of
+symmetric zero padding; ``pre_pad`` (``[before0, after0, before1, after1, ...]``) is the part of
 the padding already applied explicitly to ``input`` (for 'reflect', 'replicate', 'circular' and the
-asymmetric part of 'same'), by the rule ``coord_pad_mode``. This module imports nothing of the
+asymmetric part of 'same'), by the rule ``pre_pad_mode``. This module imports nothing of the
 package: the Triton launchers and the backends use it alike.
 """
 
@@ -26,6 +26,6 @@ def pairs(flat: Sequence[int]) -> list[tuple[int, int]]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
-def image_sizes(input: Tensor, coord_pad: Sequence[int]) -> list[int]:
+def image_sizes(input: Tensor, pre_pad: Sequence[int]) -> list[int]:
     """Spatial size of the image before the explicit padding that ``input`` already carries."""
-    return [n - b - a for n, (b, a) in zip(input.shape[2:], pairs(coord_pad))]
+    return [n - b - a for n, (b, a) in zip(input.shape[2:], pairs(pre_pad))]

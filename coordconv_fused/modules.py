@@ -100,14 +100,14 @@ class _CoordMixin(_ConvBase):
         )
         # The same arguments the eager path prepares (ops.arguments.static_arguments), as attributes.
         pads, mode, args = static_arguments(spec)
-        stride, conv_padding, dilation, _, _, _, coord_pad, _, _, separate = args
+        stride, conv_padding, dilation, _, _, _, pre_pad, _, _, separate = args
         self._script_ndim = self._ndim
         self._script_stride = stride
         self._script_conv_padding = conv_padding
         self._script_dilation = dilation
         self._script_fpad = pads if pads is not None else [0] * (2 * self._ndim)
         self._script_fpad_mode = mode
-        self._script_coord_pad = coord_pad
+        self._script_pre_pad = pre_pad
         self._script_separate = separate
         return self
 
@@ -127,7 +127,7 @@ class _CoordMixin(_ConvBase):
             transposed,
             output_padding,
             self.groups,
-            self._script_coord_pad,
+            self._script_pre_pad,
             self.padding_mode,
             self.with_r,
             self._script_separate,

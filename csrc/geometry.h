@@ -21,19 +21,19 @@ inline int32_t pad_mode_code(c10::string_view mode) {
   if (mode == "reflect") return kReflect;
   if (mode == "replicate") return kReplicate;
   if (mode == "circular") return kCircular;
-  TORCH_CHECK(false, "coordconv_fused: unknown coord_pad_mode '", std::string(mode), "'");
+  TORCH_CHECK(false, "coordconv_fused: unknown pre_pad_mode '", std::string(mode), "'");
 }
 
 // Lift the op's per-axis arguments (rank 1..3) to the 3 axes (D, H, W) of Geometry.
 inline Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                               at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                              bool transposed, int64_t groups, at::IntArrayRef coord_pad,
-                              c10::string_view coord_pad_mode, bool with_r, bool separate) {
+                              bool transposed, int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode,
+                              bool with_r, bool separate) {
   TORCH_CHECK(!transposed, "coordconv_fused: the C++/CUDA kernels do not implement transposed CoordConv");
   const int64_t nd = input.dim() - 2;
   TORCH_CHECK(nd >= 1 && nd <= 3, "coordconv_fused: expected a 3-D, 4-D or 5-D input, got ", input.dim(), "-D");
   TORCH_CHECK(weight.dim() == input.dim() && stride.size() == (size_t)nd && padding.size() == (size_t)nd &&
-                  dilation.size() == (size_t)nd && coord_pad.size() == (size_t)(2 * nd),
+                  dilation.size() == (size_t)nd && pre_pad.size() == (size_t)(2 * nd),
               "coordconv_fused: inconsistent argument ranks");
   Geometry g{};
   g.n = input.size(0);
@@ -44,14 +44,14 @@ inline Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight,
   g.with_r = with_r;
   g.separate = separate;
   g.num_coords = static_cast<int32_t>(nd + (with_r ? 1 : 0));
-  g.pad_mode = pad_mode_code(coord_pad_mode);
+  g.pad_mode = pad_mode_code(pre_pad_mode);
   g.has_bias = bias.has_value() && bias->defined();
   for (int ax = 0; ax < 3; ++ax) {
     const int64_t k = ax - (3 - nd);  // index into the op's per-axis lists, < 0 for lifted axes
     const bool real = k >= 0;
     g.padded[ax] = real ? input.size(2 + k) : 1;
-    g.before[ax] = real ? coord_pad[2 * k] : 0;
-    g.image[ax] = real ? input.size(2 + k) - coord_pad[2 * k] - coord_pad[2 * k + 1] : 1;
+    g.before[ax] = real ? pre_pad[2 * k] : 0;
+    g.image[ax] = real ? input.size(2 + k) - pre_pad[2 * k] - pre_pad[2 * k + 1] : 1;
     g.stride[ax] = real ? stride[k] : 1;
     g.pad[ax] = real ? padding[k] : 0;
     g.dil[ax] = real ? dilation[k] : 1;

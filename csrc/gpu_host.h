@@ -18,10 +18,10 @@ template <class Launch>
 at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
-                       at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate) {
+                       at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r, bool separate) {
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
-  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, coord_pad,
-                             coord_pad_mode, with_r, separate);
+  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, pre_pad, pre_pad_mode,
+                             with_r, separate);
   const at::Tensor cw = coord_weight.contiguous();
   at::Tensor y;
   const bool direct = g.k_data() <= kDirectMaxK;
@@ -51,11 +51,11 @@ template <class Launch>
 at::Tensor gpu_coord_weight_grad(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-                                 int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
-                                 bool with_r, bool separate) {
+                                 int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
+                                 bool separate) {
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
-  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
-                             coord_pad_mode, with_r, separate);
+  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, pre_pad,
+                             pre_pad_mode, with_r, separate);
   at::Tensor out = at::empty(coord_weight.sizes(), coord_weight.options().memory_format(at::MemoryFormat::Contiguous));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_weight_grad_gpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -84,7 +84,7 @@ class _Geometry:
         return [*self.out, *self.image, *self.before, *self.conv]
 
 
-def _geometry(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, coord_pad) -> _Geometry:
+def _geometry(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, pre_pad) -> _Geometry:
     kernel = weight.shape[2:]
     out = [
         conv_output_size(n, k, s, p, p, d) for n, k, s, p, d in zip(input.shape[2:], kernel, stride, padding, dilation)
@@ -92,8 +92,8 @@ def _geometry(input: torch.Tensor, weight: torch.Tensor, stride, padding, dilati
     return _Geometry(
         padded=_lift(input.shape[2:], 1),
         out=_lift(out, 1),
-        image=_lift(image_sizes(input, coord_pad), 1),
-        before=_lift([b for b, _ in pairs(coord_pad)], 0),
+        image=_lift(image_sizes(input, pre_pad), 1),
+        before=_lift([b for b, _ in pairs(pre_pad)], 0),
         conv=_lift(stride, 1) + _lift(padding, 0) + _lift(dilation, 1) + _lift(kernel, 1),
     )
 
@@ -135,8 +135,8 @@ def coord_conv_forward(
     transposed,
     output_padding,
     groups,
-    coord_pad,
-    coord_pad_mode,
+    pre_pad,
+    pre_pad_mode,
     with_r,
     separate,
 ):
@@ -145,7 +145,7 @@ def coord_conv_forward(
         raise NotImplementedError("the Triton kernels do not implement transposed CoordConv")
     _check_device(input)
     ndim = input.dim() - 2
-    geo = _geometry(input, weight, stride, padding, dilation, coord_pad)
+    geo = _geometry(input, weight, stride, padding, dilation, pre_pad)
     n, c_out = input.shape[0], weight.shape[0]
     out = torch.empty(
         (n, c_out, *geo.out[3 - ndim :]),
@@ -182,7 +182,7 @@ def coord_conv_forward(
         NDIM=ndim,
         WITH_R=bool(with_r),
         SEPARATE=bool(separate),
-        PAD_MODE=PAD_MODES[coord_pad_mode],
+        PAD_MODE=PAD_MODES[pre_pad_mode],
         HAS_BIAS=bias is not None,
         CT=tl.float64 if input.dtype == torch.float64 else tl.float32,
         INPUT_PRECISION=input_precision(input.dtype),
@@ -218,8 +218,8 @@ def coord_weight_grad(
     transposed,
     output_padding,
     groups,
-    coord_pad,
-    coord_pad_mode,
+    pre_pad,
+    pre_pad_mode,
     with_r,
     separate,
 ):
@@ -227,7 +227,7 @@ def coord_weight_grad(
     if transposed:
         raise NotImplementedError("the Triton kernels do not implement transposed CoordConv")
     _check_device(input)
-    geo = _geometry(input, weight, stride, padding, dilation, coord_pad)
+    geo = _geometry(input, weight, stride, padding, dilation, pre_pad)
     ct = torch.float64 if input.dtype == torch.float64 else torch.float32
     gs = grad_sum.to(ct).contiguous()
     c_out = coord_weight.shape[0]
@@ -238,7 +238,7 @@ def coord_weight_grad(
         NDIM=input.dim() - 2,
         WITH_R=bool(with_r),
         SEPARATE=bool(separate),
-        PAD_MODE=PAD_MODES[coord_pad_mode],
+        PAD_MODE=PAD_MODES[pre_pad_mode],
         IN_DTYPE=TL_DTYPES[input.dtype],
         CT=tl.float64 if ct == torch.float64 else tl.float32,
         INPUT_PRECISION=input_precision(input.dtype),

@@ -165,8 +165,8 @@ def _op_args(separate=False, mode="zeros", c_in=3, k=3):
     w = torch.randn(4, c_in, k, k, requires_grad=True)
     cw = torch.randn(4, 3, *((1, 1) if separate else (k, k)), requires_grad=True)
     b = torch.randn(4, requires_grad=True)
-    pad, coord_pad = (0, [1, 1, 1, 1]) if mode != "zeros" else (1, [0, 0, 0, 0])
-    return (x, w, cw, b, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, coord_pad, mode, True, separate)
+    pad, pre_pad = (0, [1, 1, 1, 1]) if mode != "zeros" else (1, [0, 0, 0, 0])
+    return (x, w, cw, b, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, pre_pad, mode, True, separate)
 
 
 @pytest.mark.parametrize(

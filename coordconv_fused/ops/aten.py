@@ -37,8 +37,8 @@ def coord_input(
     stride,
     padding,
     dilation,
-    coord_pad,
-    coord_pad_mode,
+    pre_pad,
+    pre_pad_mode,
     with_r: bool,
     separate: bool,
     cache: bool = False,
@@ -52,7 +52,7 @@ def coord_input(
     """
     if not cache or torch.compiler.is_compiling() or type(input) is not torch.Tensor:  # (fake, traced...)
         return _coord_input(
-            input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r, separate
+            input, weight, out_sizes, stride, padding, dilation, pre_pad, pre_pad_mode, with_r, separate
         )
     key = (
         tuple(input.shape[2:]),
@@ -61,8 +61,8 @@ def coord_input(
         tuple(stride),
         tuple(padding),
         tuple(dilation),
-        tuple(coord_pad),
-        coord_pad_mode,
+        tuple(pre_pad),
+        pre_pad_mode,
         with_r,
         separate,
         input.dtype,
@@ -71,7 +71,7 @@ def coord_input(
     coords = _CACHE.get(key)
     if coords is None:
         coords = _coord_input(
-            input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r, separate
+            input, weight, out_sizes, stride, padding, dilation, pre_pad, pre_pad_mode, with_r, separate
         )
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -86,18 +86,18 @@ def _coord_input(
     stride,
     padding,
     dilation,
-    coord_pad,
-    coord_pad_mode,
+    pre_pad,
+    pre_pad_mode,
     with_r: bool,
     separate: bool,
 ) -> Tensor:
-    sizes = image_sizes(input, coord_pad)
+    sizes = image_sizes(input, pre_pad)
     if not separate:
         coords = padded_coord_channels(
-            sizes, with_r, pairs(coord_pad), coord_pad_mode, dtype=input.dtype, device=input.device
+            sizes, with_r, pairs(pre_pad), pre_pad_mode, dtype=input.dtype, device=input.device
         )
     else:
-        pad_before = [b + p for (b, _), p in zip(pairs(coord_pad), padding)]
+        pad_before = [b + p for (b, _), p in zip(pairs(pre_pad), padding)]
         coords = centre_coord_channels(
             out_sizes,
             sizes,
@@ -122,15 +122,15 @@ def coordinate_term(
     dilation,
     transposed,
     output_padding,
-    coord_pad,
-    coord_pad_mode,
+    pre_pad,
+    pre_pad_mode,
     with_r,
     separate,
     cache: bool = False,
 ) -> Tensor:
     """The batch-independent coordinate term ``P``: a ``[1, C_out, *out_sizes]`` tensor."""
     coords = coord_input(
-        input, weight, out_sizes, stride, padding, dilation, coord_pad, coord_pad_mode, with_r, separate, cache
+        input, weight, out_sizes, stride, padding, dilation, pre_pad, pre_pad_mode, with_r, separate, cache
     )
     ndim = input.dim() - 2
     if separate:
@@ -153,8 +153,8 @@ def coord_weight_grad(
     transposed,
     output_padding,
     groups,
-    coord_pad,
-    coord_pad_mode,
+    pre_pad,
+    pre_pad_mode,
     with_r,
     separate,
 ) -> Tensor:
@@ -167,8 +167,8 @@ def coord_weight_grad(
         stride,
         padding,
         dilation,
-        coord_pad,
-        coord_pad_mode,
+        pre_pad,
+        pre_pad_mode,
         with_r,
         separate,
         cache=True,
@@ -195,11 +195,11 @@ def forward(
 ) -> Tensor:
     """The whole layer from the op's arguments: the data convolution plus the coordinate term,
     added in place where ``cache`` (eager calls), out of place otherwise (traced graphs)."""
-    stride, padding, dilation, transposed, output_padding, groups, coord_pad, mode, with_r, separate = args
+    stride, padding, dilation, transposed, output_padding, groups, pre_pad, mode, with_r, separate = args
     out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     term = coordinate_term(
         input, weight, coord_weight, out.shape[2:], stride, padding, dilation, transposed, output_padding,
-        coord_pad, mode, with_r, separate, cache=cache,
+        pre_pad, mode, with_r, separate, cache=cache,
     )  # fmt: skip
     return out.add_(term) if cache else out + term
 

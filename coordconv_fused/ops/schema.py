@@ -7,9 +7,9 @@ extension ``coordconv_fused._C`` only registers their CPU and CUDA kernels
 (``TORCH_LIBRARY_IMPL``).
 
 The arguments mirror ``aten::convolution``. ``padding`` is the convolution's own symmetric zero
-padding; ``coord_pad`` (``[before0, after0, before1, ...]``) is the part of the padding already
+padding; ``pre_pad`` (``[before0, after0, before1, ...]``) is the part of the padding already
 applied explicitly to ``input`` (the non-zero padding modes, and the asymmetric part of 'same'), by
-the rule ``coord_pad_mode``, so that kernels pad the coordinates exactly like the data;
+the rule ``pre_pad_mode``, so that kernels pad the coordinates exactly like the data;
 ``separate`` selects the separate 1x1 coordinate filter.
 """
 
@@ -34,8 +34,8 @@ NAMESPACE = "coordconv_fused"
 
 _CONV_ARGS = (
     "Tensor input, Tensor weight, Tensor coord_weight, Tensor? bias, SymInt[] stride, SymInt[] padding, "
-    "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] coord_pad, "
-    "str coord_pad_mode, bool with_r, bool separate"
+    "SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups, SymInt[] pre_pad, "
+    "str pre_pad_mode, bool with_r, bool separate"
 )
 _GEOMETRY_ARGS = (
     "SymInt[] stride, SymInt[] padding, SymInt[] dilation, bool transposed, SymInt[] output_padding, SymInt groups"

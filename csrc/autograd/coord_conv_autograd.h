@@ -35,9 +35,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // The op's arguments after the tensors (the schema's `_CONV_ARGS` tail).
-#define COORDCONV_CONV_ARGS                                                                                    \
-  SymIntArrayRef stride, SymIntArrayRef padding, SymIntArrayRef dilation, bool transposed,                     \
-      SymIntArrayRef output_padding, SymInt groups, SymIntArrayRef coord_pad, c10::string_view coord_pad_mode, \
+#define COORDCONV_CONV_ARGS                                                                                \
+  SymIntArrayRef stride, SymIntArrayRef padding, SymIntArrayRef dilation, bool transposed,                 \
+      SymIntArrayRef output_padding, SymInt groups, SymIntArrayRef pre_pad, c10::string_view pre_pad_mode, \
       bool with_r, bool separate
 
 using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
@@ -50,10 +50,10 @@ using BackwardSig = Grads(const at::Tensor&, const at::Tensor&, const at::Tensor
 
 // The non-tensor arguments, kept by the forward for the backward.
 struct ConvArgs {
-  std::vector<SymInt> stride, padding, dilation, output_padding, coord_pad;
+  std::vector<SymInt> stride, padding, dilation, output_padding, pre_pad;
   bool transposed = false;
   SymInt groups{1};
-  std::string coord_pad_mode;
+  std::string pre_pad_mode;
   bool with_r = false, separate = false;
 };
 
@@ -61,7 +61,7 @@ struct ConvArgs {
 template <typename Fn>
 decltype(auto) with_args(const ConvArgs& a, Fn&& fn) {
   return fn(SymIntArrayRef(a.stride), SymIntArrayRef(a.padding), SymIntArrayRef(a.dilation), a.transposed,
-            SymIntArrayRef(a.output_padding), a.groups, SymIntArrayRef(a.coord_pad), c10::string_view(a.coord_pad_mode),
+            SymIntArrayRef(a.output_padding), a.groups, SymIntArrayRef(a.pre_pad), c10::string_view(a.pre_pad_mode),
             a.with_r, a.separate);
 }
 
@@ -148,13 +148,13 @@ class CoordConvFunction : public torch::autograd::Function<CoordConvFunction<Op>
     {
       at::AutoDispatchBelowADInplaceOrView below;
       output = Ops<Op>::forward().call(input, weight, coord_weight, bias, stride, padding, dilation, transposed,
-                                       output_padding, groups, coord_pad, coord_pad_mode, with_r, separate);
+                                       output_padding, groups, pre_pad, pre_pad_mode, with_r, separate);
     }
     ctx->save_for_backward({input, weight, coord_weight});
     // (one tuple: each saved_data entry costs a string key and a hash-map insertion)
     ctx->saved_data["args"] =
         c10::ivalue::Tuple::create({bias.has_value() && bias->defined(), stride, padding, dilation, transposed,
-                                    output_padding, groups, coord_pad, std::string(coord_pad_mode), with_r, separate});
+                                    output_padding, groups, pre_pad, std::string(pre_pad_mode), with_r, separate});
     return output;
   }
 
@@ -185,10 +185,10 @@ at::Tensor coord_conv_autograd(const at::Tensor& input, const at::Tensor& weight
       !(input.requires_grad() || weight.requires_grad() || coord_weight.requires_grad() || bias_grad)) {
     at::AutoDispatchBelowADInplaceOrView below;
     return Ops<Op>::forward().call(input, weight, coord_weight, bias, stride, padding, dilation, transposed,
-                                   output_padding, groups, coord_pad, coord_pad_mode, with_r, separate);
+                                   output_padding, groups, pre_pad, pre_pad_mode, with_r, separate);
   }
   return CoordConvFunction<Op>::apply(input, weight, coord_weight, bias, stride, padding, dilation, transposed,
-                                      output_padding, groups, coord_pad, coord_pad_mode, with_r, separate);
+                                      output_padding, groups, pre_pad, pre_pad_mode, with_r, separate);
 }
 
 }  // namespace autograd

@@ -168,11 +168,11 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
 at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-                                 int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
-                                 bool with_r, bool separate) {
+                                 int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
+                                 bool separate) {
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
-  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
-                             coord_pad_mode, with_r, separate);
+  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, pre_pad,
+                             pre_pad_mode, with_r, separate);
   g.n = grad_sum.size(0);
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_sum.scalar_type(), "coord_weight_grad_cpu", [&] {
@@ -190,12 +190,12 @@ at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& i
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
-    bool with_r, bool separate, std::array<bool, 4> output_mask) {
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
+    bool separate, std::array<bool, 4> output_mask) {
   const AutocastOff autocast_off;
   const auto [need_in, need_w, need_cw, need_b] = output_mask;
-  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, coord_pad,
-                             coord_pad_mode, with_r, separate);
+  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, pre_pad,
+                             pre_pad_mode, with_r, separate);
   // An expanded grad (y.sum().backward()) would be copied by each of the input and weight gradients:
   // once here instead (then the batch sum of the coordinate gradient reads it directly too).
   const at::Tensor grad = (need_in || need_w) && !grad_output.is_non_overlapping_and_dense()

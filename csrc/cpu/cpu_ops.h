@@ -15,7 +15,7 @@ namespace coordconv {
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
-                       at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate);
+                       at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r, bool separate);
 
 at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
@@ -24,14 +24,14 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
 at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-                                 int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
-                                 bool with_r, bool separate);
+                                 int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
+                                 bool separate);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
-    bool with_r, bool separate, std::array<bool, 4> output_mask);
+    at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
+    bool separate, std::array<bool, 4> output_mask);
 
 // y = the AVX-512 direct kernel's output (forward.cpp) for float32 input x, weight
 // [C_out, C_in, (kh,) kw], the coordinate term P (or null) and bias (or undefined).

@@ -127,10 +127,10 @@ void run_avx512_direct(const Geometry& g, const at::Tensor& input, const at::Ten
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
-                       at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate) {
+                       at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r, bool separate) {
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
-  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, coord_pad,
-                             coord_pad_mode, with_r, separate);
+  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, pre_pad, pre_pad_mode,
+                             with_r, separate);
   const auto format = conv_output_format(input, weight);
   const bool simd = use_avx512_direct(g, input, format);
   const bool direct = !simd && g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;

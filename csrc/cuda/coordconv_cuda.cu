@@ -59,20 +59,20 @@ struct CudaLaunch {
 at::Tensor forward_cuda(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                         const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                         at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
-                        at::IntArrayRef coord_pad, c10::string_view coord_pad_mode, bool with_r, bool separate) {
+                        at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r, bool separate) {
   const c10::cuda::CUDAGuard guard(input.device());
   return gpu_forward<CudaLaunch>(input, weight, coord_weight, bias, stride, padding, dilation, transposed,
-                                 output_padding, groups, coord_pad, coord_pad_mode, with_r, separate);
+                                 output_padding, groups, pre_pad, pre_pad_mode, with_r, separate);
 }
 
 at::Tensor coord_weight_grad_cuda(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
                                   const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
                                   at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
-                                  int64_t groups, at::IntArrayRef coord_pad, c10::string_view coord_pad_mode,
-                                  bool with_r, bool separate) {
+                                  int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
+                                  bool separate) {
   const c10::cuda::CUDAGuard guard(input.device());
   return gpu_coord_weight_grad<CudaLaunch>(grad_sum, input, weight, coord_weight, stride, padding, dilation, transposed,
-                                           output_padding, groups, coord_pad, coord_pad_mode, with_r, separate);
+                                           output_padding, groups, pre_pad, pre_pad_mode, with_r, separate);
 }
 
 }  // namespace
