@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include "cpu/direct_avx512.h"
+#include "cpu/kernel_choice.h"
 
 namespace {
 // Whether the CPU backend's AVX-512 direct kernel can run on this CPU (for tests and reports).
@@ -14,7 +15,33 @@ PyObject* avx512_direct_available(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+// The cpp backend's measured choices: a list of dicts {op, layer, chosen, candidates: {name: us}}.
+PyObject* kernel_choices(PyObject*, PyObject*) {
+  const auto choices = coordconv::kernel_choices();
+  PyObject* list = PyList_New(0);
+  for (const auto& c : choices) {
+    PyObject* times = PyDict_New();
+    for (size_t i = 0; i < c.candidates.size(); ++i) {
+      PyObject* us = PyFloat_FromDouble(c.micros[i]);
+      PyDict_SetItemString(times, coordconv::impl_name(c.candidates[i]), us);
+      Py_DECREF(us);
+    }
+    PyObject* item = Py_BuildValue("{s:s,s:s,s:s,s:N}", "op", c.op.c_str(), "layer", c.layer.c_str(), "chosen",
+                                   coordconv::impl_name(c.chosen), "candidates_us", times);
+    PyList_Append(list, item);
+    Py_DECREF(item);
+  }
+  return list;
+}
+
+PyObject* clear_kernel_choices(PyObject*, PyObject*) {
+  coordconv::clear_kernel_choices();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"kernel_choices", kernel_choices, METH_NOARGS, "The cpp backend's kernel choices measured so far."},
+    {"clear_kernel_choices", clear_kernel_choices, METH_NOARGS, "Forget the measured kernel choices."},
     {"avx512_direct_available", avx512_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX-512 direct kernel (shallow float32 layers) can run on this CPU."},
     {nullptr, nullptr, 0, nullptr}};

@@ -114,6 +114,7 @@ AVX512_CASES = [
 @pytest.mark.parametrize("case", AVX512_CASES, ids=str)
 def test_cpp_avx512_direct_kernel(case, monkeypatch):
     monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
+    monkeypatch.setenv("COORDCONV_CPU_KERNEL", "direct")  # this kernel whatever the measurement would choose
     calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), AVX512_EVENT)
     assert calls > 0, "the case did not take the AVX-512 kernel"
 
@@ -253,6 +254,9 @@ def test_backward_op_half_and_batch(emulated_cuda):
 def test_input_grad_op(shape, no_avx512, monkeypatch):
     """The cpp backend's input gradient (a direct kernel per stride phase for layers on few channels) against
     ATen's convolution_backward, (opcheck: tests/test_ops.py); the kernel runs exactly where avx512_input_grad_pays."""
+    monkeypatch.setenv(
+        "COORDCONV_CPU_KERNEL", "heuristic"
+    )  # the fixed rule (no measurement: tests/test_kernel_choice.py)
     if no_avx512:
         monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
     else:

@@ -24,6 +24,8 @@ __all__ = [
     "coord_conv_cpp",
     "cpp_backend",
     "cuda_backend",
+    "kernel_choices",
+    "clear_kernel_choices",
 ]
 
 define_native_ops()  # the schemas; the extension brings the kernels
@@ -50,6 +52,23 @@ def avx512_direct_available() -> bool:
     """Whether the ``cpp`` backend's AVX-512 direct kernel (shallow float32 layers, e.g. a network's
     first layer) runs on this CPU; elsewhere those layers take oneDNN plus the coordinate epilogue."""
     return LOAD_ERROR is None and _C.avx512_direct_available()
+
+
+def kernel_choices() -> list[dict]:
+    """What the ``cpp`` backend chose for each layer it has measured in this process: dicts with
+    ``op`` ("forward" or "input_grad"), ``layer`` (shape, dtype, threads), ``chosen`` and
+    ``candidates_us`` (each candidate's time, microseconds, best of the timed calls).
+
+    The choice is made by measurement the first time a layer is seen (``COORDCONV_CPU_KERNEL``:
+    ``measure``, the default; ``heuristic`` for the fixed thresholds of docs/tuning.md; ``direct`` or
+    ``aten`` to force one implementation)."""
+    return [] if LOAD_ERROR is not None else _C.kernel_choices()
+
+
+def clear_kernel_choices() -> None:
+    """Forget the measured choices (the next call of each layer measures again)."""
+    if LOAD_ERROR is None:
+        _C.clear_kernel_choices()
 
 
 def _cpp_unavailable() -> str | None:

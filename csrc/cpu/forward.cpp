@@ -19,6 +19,7 @@
 #include "coord_term.h"
 #include "cpu_ops.h"
 #include "direct_avx512.h"
+#include "kernel_choice.h"
 
 namespace coordconv {
 namespace {
@@ -93,16 +94,52 @@ void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
   });
 }
 
-// The AVX-512 direct kernel's domain: float32, 1-D/2-D, NCHW, groups = 1, shallow (see
-// direct_avx512.h), on a CPU that has AVX-512.
+// The row kernel is a candidate up to this depth C_in/groups * taps (beyond, it loses everywhere).
+constexpr int64_t kRowCandidateMaxK = 32;
 
-// COORDCONV_NO_AVX512 set: oneDNN + epilogue instead (for A/B measurements and bisecting; read on
-// every call that would take the kernel, so a benchmark can alternate).
+// Whether the AVX-512 kernel can compute this layer at all: float32, 1-D/2-D, NCHW, groups 1, on a
+// CPU that has AVX-512 and without COORDCONV_NO_AVX512 (A/B runs, what an AVX2 CPU gets); the caps
+// keep clearly hopeless deep layers from being timed. (A candidate for the measurement...)
+bool avx512_eligible(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
+  return avx512_supported() && !avx512_disabled() && input.scalar_type() == at::kFloat &&
+         format == at::MemoryFormat::Contiguous && g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 &&
+         g.out[0] == 1 && g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) &&
+         g.k_data() <= 4 * kAvx512DirectMaxK && g.c_in <= 4 * kAvx512DirectMaxCin;
+}
 
+// ...and whether the fixed rule of docs/tuning.md takes it (COORDCONV_CPU_KERNEL=heuristic).
 bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
-  return avx512_supported() && input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous &&
-         g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 && g.out[0] == 1 && avx512_direct_pays(g) &&
-         g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) && !avx512_disabled();
+  return avx512_eligible(g, input, format) && avx512_direct_pays(g);
+}
+
+// The output by one implementation; P: the coordinate term (accumulation dtype).
+at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& P, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef output_padding,
+                        int64_t groups) {
+  at::Tensor y = impl == Impl::kAten
+                     ? at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups)
+                     : at::empty(output_sizes(g), input.options());
+  if (y.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (impl == Impl::kAvx512Direct) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        run_avx512_direct(g, input, weight, P.data_ptr<float>(), g.has_bias ? bias->contiguous() : at::Tensor(), y);
+      }
+    } else if (impl == Impl::kRowDirect) {
+      const at::Tensor x = input.contiguous(), w = weight.contiguous();
+      direct_forward_cpu<scalar_t, acc_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), P.data_ptr<acc_t>(),
+                                          g.has_bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
+    } else if (y.is_contiguous()) {
+      add_coord_term_cpu<scalar_t, acc_t>(g, P.data_ptr<acc_t>(), y.data_ptr<scalar_t>());
+    } else {  // e.g. channels_last: let ATen broadcast over the layout
+      auto sizes = output_sizes(g);
+      sizes[0] = 1;
+      y.add_(P.view(sizes).to(y.scalar_type()));
+    }
+  });
+  return y;
 }
 
 }  // namespace
@@ -131,33 +168,27 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
   Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, pre_pad, pre_pad_mode,
                              with_r, separate);
+  if (g.n * g.c_out * g.out_points() == 0) {
+    return at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
+  }
+  at::Tensor P;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_term_cpu",
+                                  [&] { P = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight); });
+  // The candidates: ATen/oneDNN + the coordinate epilogue, the row kernel on shallow layers, the
+  // AVX-512 kernel where it applies (kernel_choice.h chooses among them).
   const auto format = conv_output_format(input, weight);
-  const bool simd = use_avx512_direct(g, input, format);
-  const bool direct = !simd && g.k_data() <= kCpuDirectMaxK && format == at::MemoryFormat::Contiguous;
-  at::Tensor y = direct || simd
-                     ? at::empty(output_sizes(g), input.options())
-                     : at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
-  if (y.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor P = cached_coord_term<scalar_t, acc_t>(g, coord_weight);
-    if (simd) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        run_avx512_direct(g, input, weight, P.data_ptr<float>(), g.has_bias ? bias->contiguous() : at::Tensor(), y);
-      }
-    } else if (direct) {
-      const at::Tensor x = input.contiguous(), w = weight.contiguous();
-      direct_forward_cpu<scalar_t, acc_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), P.data_ptr<acc_t>(),
-                                          g.has_bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
-    } else if (y.is_contiguous()) {
-      add_coord_term_cpu<scalar_t, acc_t>(g, P.data_ptr<acc_t>(), y.data_ptr<scalar_t>());
-    } else {  // e.g. channels_last: let ATen broadcast over the layout
-      auto sizes = output_sizes(g);
-      sizes[0] = 1;
-      y.add_(P.view(sizes).to(y.scalar_type()));
-    }
-  });
-  return y;
+  const bool dense = format == at::MemoryFormat::Contiguous;
+  std::vector<Impl> candidates{Impl::kAten};
+  if (dense && g.k_data() <= kRowCandidateMaxK) candidates.push_back(Impl::kRowDirect);
+  if (avx512_eligible(g, input, format)) candidates.push_back(Impl::kAvx512Direct);
+  const Impl heuristic = use_avx512_direct(g, input, format)     ? Impl::kAvx512Direct
+                         : dense && g.k_data() <= kCpuDirectMaxK ? Impl::kRowDirect
+                                                                 : Impl::kAten;
+  auto run = [&](Impl impl) {
+    return forward_impl(impl, g, input, weight, bias, P, stride, padding, dilation, output_padding, groups);
+  };
+  const Impl impl = choose_impl("forward", g, input.scalar_type(), candidates, heuristic, [&](Impl c) { run(c); });
+  return run(impl);
 }
 
 }  // namespace coordconv

@@ -16,6 +16,7 @@
 #include "coord_term.h"
 #include "cpu_ops.h"
 #include "direct_avx512.h"
+#include "kernel_choice.h"
 
 namespace coordconv {
 namespace {
@@ -54,18 +55,45 @@ inline AxisPhase axis_phase(int64_t r, int64_t size, int64_t s, int64_t pad, int
   return ph;
 }
 
-// Whether the input gradient of this layer is taken by the direct kernel (float32, 1-D/2-D, groups
-// 1, NCHW, where avx512_input_grad_pays) rather than by convolution_backward.
+// Whether the direct kernel can compute this input gradient (float32, 1-D/2-D, groups 1, NCHW, on
+// few input channels: a candidate for the measurement)...
+bool input_grad_kernel_eligible(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                bool transposed, int64_t groups) {
+  const int64_t nd = input.dim() - 2;
+  return avx512_supported() && !avx512_disabled() && !transposed && groups == 1 && input.scalar_type() == at::kFloat &&
+         grad.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
+         input.numel() > 0 && input.size(1) <= 32 && conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
+}
+
+// ...and whether the fixed rule of docs/tuning.md takes it (COORDCONV_CPU_KERNEL=heuristic).
 bool input_grad_by_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, bool transposed, int64_t groups) {
-  const int64_t nd = input.dim() - 2;
   const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; });
   int64_t taps = 1;
   for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
-  return avx512_supported() && !avx512_disabled() && !transposed && groups == 1 && input.scalar_type() == at::kFloat &&
-         grad.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
-         input.numel() > 0 && avx512_input_grad_pays(input.size(1), weight.size(0), taps, strided) &&
-         conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
+  return input_grad_kernel_eligible(grad, input, weight, transposed, groups) &&
+         avx512_input_grad_pays(input.size(1), weight.size(0), taps, strided);
+}
+
+// The layer of an input gradient, as the key of its measured choice (kernel_choice.h).
+Geometry input_grad_layer(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const int64_t nd = input.dim() - 2;
+  Geometry g{};
+  g.n = input.size(0);
+  g.c_in = input.size(1);
+  g.c_out = weight.size(0);
+  g.groups = 1;
+  g.ndim = static_cast<int32_t>(nd);
+  for (int ax = 0; ax < 3; ++ax) {
+    const int64_t k = ax - (3 - nd);
+    g.padded[ax] = k >= 0 ? input.size(2 + k) : 1;
+    g.kernel[ax] = k >= 0 ? weight.size(2 + k) : 1;
+    g.stride[ax] = k >= 0 ? stride[k] : 1;
+    g.pad[ax] = k >= 0 ? padding[k] : 0;
+    g.dil[ax] = k >= 0 ? dilation[k] : 1;
+  }
+  return g;
 }
 
 // The stride-1 correlation of one stride phase (ph[ax] per axis D, H, W as in Geometry) of the input
@@ -154,11 +182,18 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                           at::IntArrayRef output_padding, int64_t groups) {
   const AutocastOff autocast_off;
-  if (input_grad_by_kernel(grad, input, weight, stride, transposed, groups)) {
-    return input_grad_kernel(grad, input, weight, stride, padding, dilation);
-  }
-  return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
-                                              output_padding, groups, {true, false, false}));
+  auto run = [&](Impl impl) {
+    if (impl == Impl::kAvx512Direct) return input_grad_kernel(grad, input, weight, stride, padding, dilation);
+    return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation,
+                                                transposed, output_padding, groups, {true, false, false}));
+  };
+  if (!input_grad_kernel_eligible(grad, input, weight, transposed, groups)) return run(Impl::kAten);
+  const Impl heuristic =
+      input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
+  const Impl impl =
+      choose_impl("input_grad", input_grad_layer(input, weight, stride, padding, dilation), input.scalar_type(),
+                  {Impl::kAten, Impl::kAvx512Direct}, heuristic, [&](Impl c) { run(c); });
+  return run(impl);
 }
 
 }  // namespace coordconv

@@ -1,0 +1,48 @@
+// Which implementation the `cpp` backend runs for a layer, chosen by measurement (the idea of
+// torch.backends.cudnn.benchmark): the first time a layer (geometry, batch, dtype, thread count) is
+// seen, every eligible implementation is timed on it (one warm-up and three timed calls each,
+// interleaved) and the fastest is kept for the process. Thresholds tuned on one CPU pick the slower path on others
+// (docs/tuning.md); a measurement holds on any CPU. The candidates compute the same sums, so the choice changes results
+// by floating-point reassociation at most.
+//
+// COORDCONV_CPU_KERNEL (read on every call, so tests and benchmarks can switch it):
+//   measure    (default) choose by measurement, cached per layer
+//   heuristic  the fixed thresholds of docs/tuning.md, no measurement
+//   direct     force the direct kernels where eligible (AVX-512, else the depth-1 row kernel)
+//   aten       force ATen/oneDNN plus the coordinate epilogue
+// What was chosen, with the times measured: coordconv_fused.backends.native.kernel_choices().
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "../geometry.h"
+
+namespace coordconv {
+
+enum class Impl : int { kAten = 0, kRowDirect = 1, kAvx512Direct = 2 };
+const char* impl_name(Impl impl);
+
+// One measured choice: the op ("forward", "input_grad"), the layer, what won, and the time of each
+// candidate (microseconds, the best of the timed calls), in the order of `candidates`.
+struct KernelChoice {
+  std::string op, layer;
+  Impl chosen;
+  std::vector<Impl> candidates;
+  std::vector<double> micros;
+};
+
+// The implementation to run for `op` on the layer `g` (its batch included) in `dtype`, among
+// `candidates` (eligible ones, ATen first); `heuristic` is the fixed rule's pick, and `run(impl)`
+// computes the op with `impl` (its result discarded) for the measurement.
+Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const std::vector<Impl>& candidates,
+                 Impl heuristic, const std::function<void(Impl)>& run);
+
+// The choices measured so far in this process, and forgetting them (tests, benchmarks).
+std::vector<KernelChoice> kernel_choices();
+void clear_kernel_choices();
+
+}  // namespace coordconv

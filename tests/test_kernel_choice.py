@@ -1,0 +1,126 @@
+"""The ``cpp`` backend chooses its implementation per layer by measurement (csrc/cpu/kernel_choice.h):
+every candidate computes the layer exactly (forced one at a time against the reference), and the
+choice is cached per layer shape, dtype and thread count."""
+
+import pytest
+import torch
+
+from coordconv_fused import CoordConv1d, CoordConv2d, CoordConv3d
+from coordconv_fused.backends import native
+from coordconv_fused.testing import Case, assert_matches_reference, kernel_events
+
+pytestmark = pytest.mark.skipif(native.LOAD_ERROR is not None, reason="the C++ extension is not built")
+
+# Shallow layers (where the direct kernels are candidates) and others, in every rank and dtype the
+# kernels take: the row kernel runs any contiguous layer up to depth 32, the AVX-512 kernel float32
+# 1-D/2-D groups-1 layers on up to 64 input channels.
+CASES = [
+    Case((9, 8), in_channels=1, out_channels=3, kernel_size=1, padding=2, with_r=True),
+    Case((12, 11), in_channels=3, out_channels=5, kernel_size=3, padding=1, padding_mode="reflect"),
+    Case((11, 30), in_channels=3, out_channels=6, kernel_size=7, stride=2, padding=3, with_r=True),
+    Case((10, 9), in_channels=4, out_channels=6, kernel_size=2, padding="same", separate=True),
+    Case((8, 8), in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=2, dilation=2),
+    Case((7, 20), in_channels=40, out_channels=8, kernel_size=1, bias=False),
+    Case((33,), in_channels=2, out_channels=5, kernel_size=5, stride=2, padding=2, padding_mode="circular"),
+    Case((5, 4, 6), in_channels=1, out_channels=3, kernel_size=3, padding=1, with_r=True),
+]
+
+
+@pytest.fixture
+def kernel_mode(monkeypatch):
+    def set_mode(mode: str, avx512: bool = True) -> None:
+        monkeypatch.setenv("COORDCONV_CPU_KERNEL", mode)
+        if avx512:
+            monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
+        else:
+            monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
+        native.clear_kernel_choices()
+
+    yield set_mode
+    native.clear_kernel_choices()
+
+
+@pytest.mark.parametrize("mode", ["aten", "direct", "heuristic", "measure"])
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "no-avx512"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_every_candidate_matches_reference(case, mode, avx512, kernel_mode):
+    kernel_mode(mode, avx512)
+    assert_matches_reference("cpp", case, torch.float32)
+    if case.ndim == 2 and mode in ("aten", "direct"):
+        assert_matches_reference("cpp", case, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_row_kernel_in_half_types(dtype, kernel_mode):
+    kernel_mode("direct")
+    assert_matches_reference("cpp", CASES[1], dtype)
+
+
+def test_forced_modes_take_their_kernel(kernel_mode):
+    if not native.avx512_direct_available():
+        pytest.skip("the CPU has no AVX-512 (the kernel is not used there)")
+    m = CoordConv2d(3, 8, 3, padding=1, backend="cpp")
+    x = torch.randn(2, 3, 16, 40)
+    event = "coordconv_fused::avx512_direct"
+    with torch.no_grad():
+        kernel_mode("direct")
+        assert kernel_events(lambda: m(x), event)[0] == 1
+        kernel_mode("aten")
+        assert kernel_events(lambda: m(x), event)[0] == 0
+    assert native.kernel_choices() == []  # forced modes measure nothing
+
+
+def test_choices_are_cached_per_shape_dtype_and_threads(kernel_mode):
+    kernel_mode("measure")
+    m = CoordConv2d(3, 8, 3, padding=1, backend="cpp")
+    threads = torch.get_num_threads()
+
+    def forwards() -> list[dict]:
+        return [c for c in native.kernel_choices() if c["op"] == "forward"]
+
+    try:
+        with torch.no_grad():
+            m(torch.randn(2, 3, 12, 20))
+            first = forwards()
+            assert len(first) == 1 and first[0]["chosen"] in first[0]["candidates_us"]
+            assert set(first[0]["candidates_us"]) >= {"aten", "row_direct"}
+            assert all(t > 0 for t in first[0]["candidates_us"].values())
+            m(torch.randn(2, 3, 12, 20))
+            assert forwards() == first  # the same layer: the cached choice, nothing measured
+            m(torch.randn(4, 3, 12, 20))  # another batch
+            assert len(forwards()) == 2
+            torch.set_num_threads(1 if threads != 1 else 2)  # another thread count
+            m(torch.randn(2, 3, 12, 20))
+            assert len(forwards()) == 3
+            m.double()(torch.randn(2, 3, 12, 20, dtype=torch.float64))  # another dtype
+            assert len(forwards()) == 4
+            assert "threads=" in forwards()[2]["layer"] and "Double" in forwards()[3]["layer"]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_backward_measures_the_input_gradient(kernel_mode):
+    kernel_mode("measure")
+    m = CoordConv2d(2, 8, 3, padding=1, backend="cpp")
+    x = torch.randn(2, 2, 10, 24, requires_grad=True)
+    m(x).sum().backward()
+    ops = {c["op"] for c in native.kernel_choices()}
+    assert "forward" in ops
+    assert ("input_grad" in ops) == native.avx512_direct_available()  # its only other candidate
+
+
+@pytest.mark.parametrize("layer", [CoordConv1d(2, 3, 3), CoordConv3d(1, 2, 3)], ids=["1d", "3d"])
+def test_other_ranks_are_measured_too(layer, kernel_mode):
+    kernel_mode("measure")
+    layer.backend = "cpp"
+    x = torch.randn(2, *([2, 9] if isinstance(layer, CoordConv1d) else [1, 5, 6, 7]))
+    with torch.no_grad():
+        layer(x)
+    assert [c["op"] for c in native.kernel_choices()] == ["forward"]
+
+
+def test_unknown_mode_is_an_error(kernel_mode):
+    kernel_mode("fastest")
+    m = CoordConv2d(1, 2, 1, backend="cpp")
+    with pytest.raises(RuntimeError, match="COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten"):
+        m(torch.randn(1, 1, 4, 4))
