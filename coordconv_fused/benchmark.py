@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .backends import available_backends
+from .backends.native import kernel_choices
 from .malloc_tunables import GLIBC_TUNABLES
 from .modules import CoordConv2d
 
@@ -281,6 +282,9 @@ def run(
         "rounds": rounds,
         "foreign_load": load.fraction(),
         "results": results,
+        # what the cpp backend chose for each layer, by measurement (COORDCONV_CPU_KERNEL)
+        "kernel_selection": os.environ.get("COORDCONV_CPU_KERNEL", "measure"),
+        "kernel_choices": kernel_choices(),
     }
 
 
@@ -379,6 +383,19 @@ def format_report(report: dict) -> str:
         misses = _target_misses(report)
         lines += ["", targets + ("all met." if not misses else f"{len(misses)} missed:")]
         lines += [f"- {m}" for m in misses]
+    choices = report.get("kernel_choices") or []
+    if choices:
+        lines += [
+            "",
+            f"Kernels of the cpp backend (COORDCONV_CPU_KERNEL={report.get('kernel_selection', 'measure')}; "
+            "chosen by timing each candidate on the layer's first call, best of three, µs):",
+            "",
+            "| op | layer | chosen | candidates |",
+            "|---|---|---|---|",
+        ]
+        for c in choices:
+            times = ", ".join(f"{k} {v:.0f}" for k, v in c["candidates_us"].items())
+            lines.append(f"| {c['op']} | {c['layer']} | {c['chosen']} | {times} |")
     m = report["machine"]
     lines.append("")
     lines.append(
