@@ -75,27 +75,6 @@ bool input_grad_by_kernel(const at::Tensor& grad, const at::Tensor& input, const
          avx512_input_grad_pays(input.size(1), weight.size(0), taps, strided);
 }
 
-// The layer of an input gradient, as the key of its measured choice (kernel_choice.h).
-Geometry input_grad_layer(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
-                          at::IntArrayRef padding, at::IntArrayRef dilation) {
-  const int64_t nd = input.dim() - 2;
-  Geometry g{};
-  g.n = input.size(0);
-  g.c_in = input.size(1);
-  g.c_out = weight.size(0);
-  g.groups = 1;
-  g.ndim = static_cast<int32_t>(nd);
-  for (int ax = 0; ax < 3; ++ax) {
-    const int64_t k = ax - (3 - nd);
-    g.padded[ax] = k >= 0 ? input.size(2 + k) : 1;
-    g.kernel[ax] = k >= 0 ? weight.size(2 + k) : 1;
-    g.stride[ax] = k >= 0 ? stride[k] : 1;
-    g.pad[ax] = k >= 0 ? padding[k] : 0;
-    g.dil[ax] = k >= 0 ? dilation[k] : 1;
-  }
-  return g;
-}
-
 // The stride-1 correlation of one stride phase (ph[ax] per axis D, H, W as in Geometry) of the input
 // gradient: grad_output [N, C_out, *out] -> those input positions [N, C_in, *phase].
 Geometry phase_geometry(const at::Tensor& grad, const at::Tensor& weight, const AxisPhase ph[3]) {
@@ -190,9 +169,12 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
   if (!input_grad_kernel_eligible(grad, input, weight, transposed, groups)) return run(Impl::kAten);
   const Impl heuristic =
       input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
-  const Impl impl =
-      choose_impl("input_grad", input_grad_layer(input, weight, stride, padding, dilation), input.scalar_type(),
-                  {Impl::kAten, Impl::kAvx512Direct}, heuristic, [&](Impl c) { run(c); });
+  // (the layer, as the key of the measured choice: the convolution's geometry, nothing pre-padded)
+  const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
+  const Geometry layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups,
+                                       no_pre_pad, "zeros", false, false);
+  const Impl impl = choose_impl("input_grad", layer, input.scalar_type(), {Impl::kAten, Impl::kAvx512Direct}, heuristic,
+                                [&](Impl c) { run(c); });
   return run(impl);
 }
 
