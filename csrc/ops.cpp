@@ -5,13 +5,19 @@
 // visible in the PyTorch profiler (events named coordconv_fused::*).
 #include <Python.h>
 
-#include "cpu/direct_avx512.h"
+#include "cpu/direct_simd.h"
 #include "cpu/kernel_choice.h"
 
 namespace {
 // Whether the CPU backend's AVX-512 direct kernel can run on this CPU (for tests and reports).
 PyObject* avx512_direct_available(PyObject*, PyObject*) {
-  if (coordconv::avx512_supported()) Py_RETURN_TRUE;
+  if (coordconv::isa_supported(coordconv::Isa::kAvx512)) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+// The same for its AVX2 build (what CPUs without AVX-512, or COORDCONV_NO_AVX512=1, run).
+PyObject* avx2_direct_available(PyObject*, PyObject*) {
+  if (coordconv::isa_supported(coordconv::Isa::kAvx2)) Py_RETURN_TRUE;
   Py_RETURN_FALSE;
 }
 
@@ -44,6 +50,8 @@ PyMethodDef methods[] = {
     {"clear_kernel_choices", clear_kernel_choices, METH_NOARGS, "Forget the measured kernel choices."},
     {"avx512_direct_available", avx512_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX-512 direct kernel (shallow float32 layers) can run on this CPU."},
+    {"avx2_direct_available", avx2_direct_available, METH_NOARGS,
+     "True when the cpp backend's AVX2 direct kernel can run on this CPU."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

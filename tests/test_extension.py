@@ -85,8 +85,8 @@ def test_cpp_matches_reference(case, dtype):
     assert_matches_reference("cpp", case, dtype)
 
 
-# The AVX-512 direct kernel (float32, 1-D/2-D, groups 1, shallow: see avx512_direct_pays in
-# csrc/cpu/direct_avx512.h): register tiles of 4 output channels x 4 vectors of 16 columns over a
+# The SIMD direct kernel (float32, 1-D/2-D, groups 1, shallow: csrc/cpu/direct_simd.h): register
+# tiles of 4 output channels x 4 vectors of 16 columns (AVX-512) or 2 vectors of 8 (AVX2) over a
 # zero-margined, stride-phase-split copy of the input. So: rows of one ragged vector, of several
 # vectors, of a full tile plus a ragged rest; channel counts around multiples of 4; zero padding
 # wider than the kernel; strides 2, 3 and 4 (phase split) with dilation; depth 1 and depth 144.
@@ -107,16 +107,19 @@ AVX512_CASES = [
 ]
 
 
-@pytest.mark.skipif(
-    extension.LOAD_ERROR is None and not extension.avx512_direct_available(),
-    reason="the CPU has no AVX-512 (the kernel is not used there)",
-)
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
 @pytest.mark.parametrize("case", AVX512_CASES, ids=str)
-def test_cpp_avx512_direct_kernel(case, monkeypatch):
-    monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
+def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
+    if not getattr(extension, f"{isa}_direct_available")():
+        pytest.skip(f"the CPU has no {isa.upper()} (the kernel is not used there)")
+    if isa == "avx512":
+        monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
+    else:
+        monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
     monkeypatch.setenv("COORDCONV_CPU_KERNEL", "direct")  # this kernel whatever the measurement would choose
-    calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), AVX512_EVENT)
-    assert calls > 0, "the case did not take the AVX-512 kernel"
+    event = f"coordconv_fused::{isa}_direct"
+    calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), event)
+    assert calls > 0, f"the case did not take the {isa} kernel"
 
 
 @pytest.mark.parametrize(

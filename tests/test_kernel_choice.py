@@ -56,17 +56,18 @@ def test_row_kernel_in_half_types(dtype, kernel_mode):
     assert_matches_reference("cpp", CASES[1], dtype)
 
 
-def test_forced_modes_take_their_kernel(kernel_mode):
-    if not native.avx512_direct_available():
-        pytest.skip("the CPU has no AVX-512 (the kernel is not used there)")
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_forced_modes_take_their_kernel(isa, kernel_mode):
+    """The SIMD kernel in each instruction set (AVX2: what CPUs without AVX-512 run)."""
+    if not getattr(native, f"{isa}_direct_available")():
+        pytest.skip(f"the CPU has no {isa.upper()} (the kernel is not used there)")
     m = CoordConv2d(3, 8, 3, padding=1, backend="cpp")
-    x = torch.randn(2, 3, 16, 40)
-    event = "coordconv_fused::avx512_direct"
-    with torch.no_grad():
-        kernel_mode("direct")
-        assert kernel_events(lambda: m(x), event)[0] == 1
-        kernel_mode("aten")
-        assert kernel_events(lambda: m(x), event)[0] == 0
+    x = torch.randn(2, 3, 16, 40, requires_grad=True)
+    event = f"coordconv_fused::{isa}_direct"
+    kernel_mode("direct", avx512=isa == "avx512")
+    assert kernel_events(lambda: m(x).sum().backward(), event)[0] == 2  # forward and input gradient
+    kernel_mode("aten", avx512=isa == "avx512")
+    assert kernel_events(lambda: m(x).sum().backward(), event)[0] == 0
     assert native.kernel_choices() == []  # forced modes measure nothing
 
 

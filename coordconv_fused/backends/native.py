@@ -20,6 +20,7 @@ from .base import Backend
 __all__ = [
     "LOAD_ERROR",
     "avx512_direct_available",
+    "avx2_direct_available",
     "has_cuda_kernels",
     "coord_conv_cpp",
     "cpp_backend",
@@ -50,8 +51,14 @@ def has_cuda_kernels() -> bool:
 
 def avx512_direct_available() -> bool:
     """Whether the ``cpp`` backend's AVX-512 direct kernel (shallow float32 layers, e.g. a network's
-    first layer) runs on this CPU; elsewhere those layers take oneDNN plus the coordinate epilogue."""
+    first layer) runs on this CPU (``COORDCONV_NO_AVX512=1`` turns it off)."""
     return LOAD_ERROR is None and _C.avx512_direct_available()
+
+
+def avx2_direct_available() -> bool:
+    """Whether the same kernel's AVX2 build runs on this CPU (where AVX-512 is absent or turned off;
+    elsewhere shallow layers take oneDNN plus the coordinate epilogue, or the row kernel)."""
+    return LOAD_ERROR is None and _C.avx2_direct_available()
 
 
 def kernel_choices() -> list[dict]:

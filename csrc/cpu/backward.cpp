@@ -16,7 +16,7 @@
 #include "../geometry.h"
 #include "coord_term.h"
 #include "cpu_ops.h"
-#include "direct_avx512.h"
+#include "direct_simd.h"
 
 namespace coordconv {
 namespace {

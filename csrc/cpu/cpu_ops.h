@@ -5,9 +5,12 @@
 #include <ATen/ATen.h>
 
 #include "../geometry.h"
+#include "direct_simd.h"
+#include "kernel_choice.h"
 
 #include <array>
 #include <cstdlib>
+#include <optional>
 #include <tuple>
 
 namespace coordconv {
@@ -33,13 +36,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
     bool separate, std::array<bool, 4> output_mask);
 
-// y = the AVX-512 direct kernel's output (forward.cpp) for float32 input x, weight
+// y = the SIMD direct kernel's output (forward.cpp) in `isa` for float32 input x, weight
 // [C_out, C_in, (kh,) kw], the coordinate term P (or null) and bias (or undefined).
-void run_avx512_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
-                       const at::Tensor& bias, at::Tensor& y);
+void run_direct_simd(Isa isa, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
+                     const at::Tensor& bias, at::Tensor& y);
 
-// COORDCONV_NO_AVX512 set: the AVX-512 kernels are not used (for A/B measurements and bisecting;
-// read on every call that would take them, so a benchmark can alternate).
+// COORDCONV_NO_AVX512 set: the AVX-512 kernels are not used, the AVX2 ones are where the CPU has
+// them (what an AVX2-only CPU runs; for A/B measurements and bisecting: read on every call that
+// would take them, so a benchmark can alternate).
 inline bool avx512_disabled() { return std::getenv("COORDCONV_NO_AVX512") != nullptr; }
+
+// The widest instruction set the SIMD direct kernel runs in here, if any.
+inline std::optional<Isa> direct_isa() {
+  if (isa_supported(Isa::kAvx512) && !avx512_disabled()) return Isa::kAvx512;
+  if (isa_supported(Isa::kAvx2)) return Isa::kAvx2;
+  return std::nullopt;
+}
+
+// The SIMD direct kernel in `isa` as an implementation of kernel_choice.h, and back.
+inline Impl simd_impl(Isa isa) { return isa == Isa::kAvx512 ? Impl::kAvx512Direct : Impl::kAvx2Direct; }
+inline bool is_simd(Impl impl) { return impl == Impl::kAvx512Direct || impl == Impl::kAvx2Direct; }
+inline Isa isa_of(Impl impl) { return impl == Impl::kAvx512Direct ? Isa::kAvx512 : Isa::kAvx2; }
 
 }  // namespace coordconv

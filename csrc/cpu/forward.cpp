@@ -1,7 +1,7 @@
-// The `cpp` backend's forward: either
+// The `cpp` backend's forward, one of (chosen per layer by kernel_choice.h):
 //  * a direct kernel (small C_in * taps, e.g. a network's first layer): data taps + P + bias in a
-//    single pass over the output (the AVX-512 kernel of direct_avx512.h where the CPU has it, a
-//    row kernel vectorised by the compiler at depth 1); or
+//    single pass over the output (the SIMD kernel of direct_simd.h in AVX-512 or AVX2 where the CPU
+//    has them, or a row kernel vectorised by the compiler); or
 //  * ATen/oneDNN convolution for the data, and P added in one parallel in-place pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,7 +18,7 @@
 #include "../geometry.h"
 #include "coord_term.h"
 #include "cpu_ops.h"
-#include "direct_avx512.h"
+#include "direct_simd.h"
 #include "kernel_choice.h"
 
 namespace coordconv {
@@ -97,19 +97,21 @@ void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
 // The row kernel is a candidate up to this depth C_in/groups * taps (beyond, it loses everywhere).
 constexpr int64_t kRowCandidateMaxK = 32;
 
-// Whether the AVX-512 kernel can compute this layer at all: float32, 1-D/2-D, NCHW, groups 1, on a
-// CPU that has AVX-512 and without COORDCONV_NO_AVX512 (A/B runs, what an AVX2 CPU gets); the caps
-// keep clearly hopeless deep layers from being timed. (A candidate for the measurement...)
-bool avx512_eligible(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
-  return avx512_supported() && !avx512_disabled() && input.scalar_type() == at::kFloat &&
-         format == at::MemoryFormat::Contiguous && g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 &&
-         g.out[0] == 1 && g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) &&
-         g.k_data() <= 4 * kAvx512DirectMaxK && g.c_in <= 4 * kAvx512DirectMaxCin;
+// The ISA in which the SIMD kernel can compute this layer at all, if any: float32, 1-D/2-D, NCHW,
+// groups 1, on a CPU with AVX-512 (unless COORDCONV_NO_AVX512) or AVX2; the caps keep clearly
+// hopeless deep layers from being timed. (A candidate for the measurement...)
+std::optional<Isa> simd_eligible(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
+  const auto isa = direct_isa();
+  const bool ok = isa.has_value() && input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous &&
+                  g.groups == 1 && g.kernel[0] == 1 && g.padded[0] == 1 && g.out[0] == 1 &&
+                  g.padded[2] < (int64_t{1} << 30) && g.out[2] * g.stride[2] < (int64_t{1} << 30) &&
+                  g.k_data() <= 4 * kAvx512DirectMaxK && g.c_in <= 4 * kAvx512DirectMaxCin;
+  return ok ? isa : std::nullopt;
 }
 
 // ...and whether the fixed rule of docs/tuning.md takes it (COORDCONV_CPU_KERNEL=heuristic).
 bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
-  return avx512_eligible(g, input, format) && avx512_direct_pays(g);
+  return simd_eligible(g, input, format) == Isa::kAvx512 && avx512_direct_pays(g);
 }
 
 // The output by one implementation; P: the coordinate term (accumulation dtype).
@@ -123,9 +125,10 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (impl == Impl::kAvx512Direct) {
+    if (is_simd(impl)) {
       if constexpr (std::is_same_v<scalar_t, float>) {
-        run_avx512_direct(g, input, weight, P.data_ptr<float>(), g.has_bias ? bias->contiguous() : at::Tensor(), y);
+        run_direct_simd(isa_of(impl), g, input, weight, P.data_ptr<float>(),
+                        g.has_bias ? bias->contiguous() : at::Tensor(), y);
       }
     } else if (impl == Impl::kRowDirect) {
       const at::Tensor x = input.contiguous(), w = weight.contiguous();
@@ -144,10 +147,10 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
 
 }  // namespace
 
-// y = the AVX-512 direct kernel's output for float32 input x, weight [C_out, C_in, (kh,) kw], the
-// coordinate term P (or null) and bias (or undefined).
-void run_avx512_direct(const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
-                       const at::Tensor& bias, at::Tensor& y) {
+// y = the SIMD direct kernel's output in `isa` for float32 input x, weight [C_out, C_in, (kh,) kw],
+// the coordinate term P (or null) and bias (or undefined).
+void run_direct_simd(Isa isa, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
+                     const at::Tensor& bias, at::Tensor& y) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const int64_t oc_padded = (g.c_out + kOcBlock - 1) / kOcBlock * kOcBlock, K = g.k_data();
   at::Tensor wpack = at::empty({K, oc_padded}, weight.options());  // [tap][channel], zero past C_out
@@ -157,8 +160,8 @@ void run_avx512_direct(const Geometry& g, const at::Tensor& input, const at::Ten
     for (int64_t o = 0; o < oc_padded; ++o) wp[k * oc_padded + o] = o < g.c_out ? ws[o * K + k] : 0.0f;
   const SplitLayout layout = split_layout(g);
   at::Tensor xs = at::empty({g.n * g.c_in * g.padded[1] * layout.floats_per_row()}, x.options());
-  direct_forward_avx512(g, layout, x.data_ptr<float>(), xs.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded, P,
-                        bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  direct_forward_simd(isa, g, layout, x.data_ptr<float>(), xs.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded, P,
+                      bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
@@ -180,7 +183,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   const bool dense = format == at::MemoryFormat::Contiguous;
   std::vector<Impl> candidates{Impl::kAten};
   if (dense && g.k_data() <= kRowCandidateMaxK) candidates.push_back(Impl::kRowDirect);
-  if (avx512_eligible(g, input, format)) candidates.push_back(Impl::kAvx512Direct);
+  if (const auto isa = simd_eligible(g, input, format)) candidates.push_back(simd_impl(*isa));
   const Impl heuristic = use_avx512_direct(g, input, format)     ? Impl::kAvx512Direct
                          : dense && g.k_data() <= kCpuDirectMaxK ? Impl::kRowDirect
                                                                  : Impl::kAten;

@@ -15,7 +15,7 @@
 #include "../geometry.h"
 #include "coord_term.h"
 #include "cpu_ops.h"
-#include "direct_avx512.h"
+#include "direct_simd.h"
 #include "kernel_choice.h"
 
 namespace coordconv {
@@ -55,14 +55,17 @@ inline AxisPhase axis_phase(int64_t r, int64_t size, int64_t s, int64_t pad, int
   return ph;
 }
 
-// Whether the direct kernel can compute this input gradient (float32, 1-D/2-D, groups 1, NCHW, on
-// few input channels: a candidate for the measurement)...
-bool input_grad_kernel_eligible(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
-                                bool transposed, int64_t groups) {
+// The ISA in which the SIMD kernel can compute this input gradient, if any (float32, 1-D/2-D,
+// groups 1, NCHW, on few input channels: a candidate for the measurement)...
+std::optional<Isa> input_grad_kernel_isa(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                         bool transposed, int64_t groups) {
   const int64_t nd = input.dim() - 2;
-  return avx512_supported() && !avx512_disabled() && !transposed && groups == 1 && input.scalar_type() == at::kFloat &&
-         grad.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
-         input.numel() > 0 && input.size(1) <= 32 && conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
+  const auto isa = direct_isa();
+  const bool ok = isa.has_value() && !transposed && groups == 1 && input.scalar_type() == at::kFloat &&
+                  grad.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && (nd == 1 || nd == 2) &&
+                  input.numel() > 0 && input.size(1) <= 32 &&
+                  conv_output_format(input, weight) == at::MemoryFormat::Contiguous;
+  return ok ? isa : std::nullopt;
 }
 
 // ...and whether the fixed rule of docs/tuning.md takes it (COORDCONV_CPU_KERNEL=heuristic).
@@ -71,7 +74,7 @@ bool input_grad_by_kernel(const at::Tensor& grad, const at::Tensor& input, const
   const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; });
   int64_t taps = 1;
   for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
-  return input_grad_kernel_eligible(grad, input, weight, transposed, groups) &&
+  return input_grad_kernel_isa(grad, input, weight, transposed, groups) == Isa::kAvx512 &&
          avx512_input_grad_pays(input.size(1), weight.size(0), taps, strided);
 }
 
@@ -120,7 +123,7 @@ at::Tensor phase_weight(const at::Tensor& weight, const AxisPhase ph[3]) {
 
 // The input gradient by the direct kernel, one stride phase (rh, rw) at a time: grad_output
 // (C_out channels) -> those input positions (C_in channels), the phase's taps flipped.
-at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+at::Tensor input_grad_kernel(Isa isa, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t nd = input.dim() - 2;
   const int64_t sh = nd == 2 ? stride[0] : 1, sw = stride[nd - 1];
@@ -144,10 +147,10 @@ at::Tensor input_grad_kernel(const at::Tensor& grad, const at::Tensor& input, co
       const at::Tensor w = phase_weight(weight, ph);
       const Geometry g = phase_geometry(grad, weight, ph);
       if (sh == 1 && sw == 1) {
-        run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), out);
+        run_direct_simd(isa, g, grad_c, w, nullptr, at::Tensor(), out);
       } else {
         at::Tensor part = at::empty(target.sizes(), input.options());
-        run_avx512_direct(g, grad_c, w, nullptr, at::Tensor(), part);
+        run_direct_simd(isa, g, grad_c, w, nullptr, at::Tensor(), part);
         target.copy_(part);
       }
     }
@@ -162,18 +165,19 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
                           at::IntArrayRef output_padding, int64_t groups) {
   const AutocastOff autocast_off;
   auto run = [&](Impl impl) {
-    if (impl == Impl::kAvx512Direct) return input_grad_kernel(grad, input, weight, stride, padding, dilation);
+    if (is_simd(impl)) return input_grad_kernel(isa_of(impl), grad, input, weight, stride, padding, dilation);
     return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation,
                                                 transposed, output_padding, groups, {true, false, false}));
   };
-  if (!input_grad_kernel_eligible(grad, input, weight, transposed, groups)) return run(Impl::kAten);
+  const auto isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
+  if (!isa) return run(Impl::kAten);
   const Impl heuristic =
       input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
   // (the layer, as the key of the measured choice: the convolution's geometry, nothing pre-padded)
   const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
   const Geometry layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups,
                                        no_pre_pad, "zeros", false, false);
-  const Impl impl = choose_impl("input_grad", layer, input.scalar_type(), {Impl::kAten, Impl::kAvx512Direct}, heuristic,
+  const Impl impl = choose_impl("input_grad", layer, input.scalar_type(), {Impl::kAten, simd_impl(*isa)}, heuristic,
                                 [&](Impl c) { run(c); });
   return run(impl);
 }

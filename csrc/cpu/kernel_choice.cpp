@@ -83,6 +83,8 @@ const char* impl_name(Impl impl) {
       return "row_direct";
     case Impl::kAvx512Direct:
       return "avx512_direct";
+    case Impl::kAvx2Direct:
+      return "avx2_direct";
   }
   return "?";
 }
@@ -97,7 +99,7 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
     case Mode::kAten:
       return Impl::kAten;
     case Mode::kDirect:
-      return *std::max_element(candidates.begin(), candidates.end());  // AVX-512 before the row kernel
+      return *std::max_element(candidates.begin(), candidates.end());  // a SIMD kernel before the row kernel
     case Mode::kMeasure:
       break;
   }

@@ -8,7 +8,7 @@
 // COORDCONV_CPU_KERNEL (read on every call, so tests and benchmarks can switch it):
 //   measure    (default) choose by measurement, cached per layer
 //   heuristic  the fixed thresholds of docs/tuning.md, no measurement
-//   direct     force the direct kernels where eligible (AVX-512, else the depth-1 row kernel)
+//   direct     force the direct kernels where eligible (AVX-512 or AVX2, else the row kernel)
 //   aten       force ATen/oneDNN plus the coordinate epilogue
 // What was chosen, with the times measured: coordconv_fused.backends.native.kernel_choices().
 #pragma once
@@ -23,7 +23,7 @@
 
 namespace coordconv {
 
-enum class Impl : int { kAten = 0, kRowDirect = 1, kAvx512Direct = 2 };
+enum class Impl : int { kAten = 0, kRowDirect = 1, kAvx512Direct = 2, kAvx2Direct = 3 };
 const char* impl_name(Impl impl);
 
 // One measured choice: the op ("forward", "input_grad"), the layer, what won, and the time of each

@@ -1,0 +1,267 @@
+// Direct CoordConv for shallow layers (float32, 1-D/2-D, NCHW, groups = 1), in AVX-512 and AVX2.
+//
+// A network's first layer (C_in * kh * kw small) is bound by its output: oneDNN convolves, then the
+// coordinate term costs a second pass over the output. This kernel writes each output element once.
+//
+// Two passes:
+//  1. The input is copied into a zero-margined, stride-phase-split layout: every input row becomes
+//     `sw` phase rows, phase p holding the columns p, p + sw, p + 2 sw, ... with zeros on both sides.
+//     Then the input column read by tap tw for output column j, j * sw + tw * dw - pw, is column
+//     j + floor(d / sw) of phase (d mod sw), d = tw * dw - pw: a tap reads a vector of consecutive
+//     output columns with one unmasked load, whatever the stride, and zero padding costs nothing.
+//  2. Register tiles of kOcBlock output channels x VECS vectors of columns start from the bias,
+//     accumulate the data taps (VECS loads and kOcBlock weight broadcasts feed kOcBlock * VECS
+//     FMAs), add the coordinate term P (closed form, see coord_term.h) and are stored once. A
+//     row's last tile is narrower and its last vector partial.
+//
+// The tile is written once, over GCC vector types (`F32x16`, `F32x8`), and compiled for each ISA by
+// an entry function with that target (`direct_items_avx512`, `direct_items_avx2`), selected at run
+// time: the extension builds and runs on any x86-64 CPU. The AVX-512 tile shape was measured
+// (docs/tuning.md); AVX2 has half the registers, so half the vectors per tile.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../geometry.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define COORDCONV_HAVE_SIMD_KERNEL 1
+#endif
+
+namespace coordconv {
+
+// The instruction sets the kernel is compiled for (and a direct implementation of kernel_choice.h).
+enum class Isa { kAvx512, kAvx2 };
+
+constexpr int64_t kOcBlock = 4;  // output channels per register tile
+constexpr int64_t kLanes = 16;   // the layout's vector unit: float32 lanes of a zmm (two ymm)
+
+// Where the AVX-512 kernel beats oneDNN + the coordinate epilogue, as measured on one machine
+// (docs/tuning.md): the fixed rule of COORDCONV_CPU_KERNEL=heuristic.
+constexpr int64_t kAvx512DirectMaxK = 150;  // C_in * kh * kw
+constexpr int64_t kAvx512DirectMaxCin = 16;
+inline bool avx512_direct_pays(const Geometry& g) {
+  return g.k_data() <= kAvx512DirectMaxK && g.c_in <= kAvx512DirectMaxCin && (g.out[2] >= 3 * kLanes || g.c_in <= 4);
+}
+
+// The phase-split input of pass 1, for one (n, c, ih) input row: `stride` phase rows of `row_len`
+// floats; output column j of tap (phase p, shift q) reads phase p at `margin + j + q`.
+struct SplitLayout {
+  int64_t stride, margin, row_len;
+  int64_t floats_per_row() const { return stride * row_len; }
+  // Offset of column tap tw's first read from the start of a row (precomputed: no division in the tap loop).
+  int64_t tap_offset(const Geometry& g, int64_t tw) const;
+};
+
+inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+inline int64_t SplitLayout::tap_offset(const Geometry& g, int64_t tw) const {
+  const int64_t d = tw * g.dil[2] - g.pad[2], q = floor_div(d, stride);
+  return (d - q * stride) * row_len + margin + q;
+}
+
+inline SplitLayout split_layout(const Geometry& g) {
+  const int64_t sw = g.stride[2], W = g.padded[2], OW = g.out[2];
+  const int64_t q_min = floor_div(-g.pad[2], sw), q_max = floor_div((g.kernel[2] - 1) * g.dil[2] - g.pad[2], sw);
+  const int64_t margin = q_min < 0 ? -q_min : 0;
+  const int64_t phase_len = (W + sw - 1) / sw;
+  const int64_t cols = (OW + kLanes - 1) / kLanes * kLanes;  // every vector is loaded whole
+  int64_t len = margin + (cols + (q_max > 0 ? q_max : 0) > phase_len ? cols + (q_max > 0 ? q_max : 0) : phase_len);
+  len = (len + kLanes - 1) / kLanes * kLanes;
+  return SplitLayout{sw, margin, len};
+}
+
+#ifdef COORDCONV_HAVE_SIMD_KERNEL
+
+inline bool isa_supported(Isa isa) {
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return isa == Isa::kAvx512 ? avx512 : avx2;
+}
+
+// Pass 1: xs[(n * C + c) * H + ih] = the phase rows of x[n, c, ih, :].
+inline void split_input(const Geometry& g, const SplitLayout& s, const float* x, float* xs) {
+  const int64_t W = g.padded[2], rows = g.n * g.c_in * g.padded[1];
+  at::parallel_for(0, rows, grain_for(s.floats_per_row()), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* src = x + r * W;
+      float* dst = xs + r * s.floats_per_row();
+      std::memset(dst, 0, sizeof(float) * s.floats_per_row());
+      if (s.stride == 1) {
+        std::memcpy(dst + s.margin, src, sizeof(float) * W);
+      } else {
+        for (int64_t p = 0; p < s.stride && p < W; ++p) {
+          float* phase = dst + p * s.row_len + s.margin;
+          const int64_t len = (W - p + s.stride - 1) / s.stride;
+          for (int64_t q = 0; q < len; ++q) phase[q] = src[q * s.stride + p];
+        }
+      }
+    }
+  });
+}
+
+// Vectors of float32, loaded from and stored to any float address by memcpy (unaligned moves; an
+// aligned(4) typedef would lose its attribute as a template argument).
+typedef float F32x16 __attribute__((vector_size(64)));
+typedef float F32x8 __attribute__((vector_size(32)));
+
+template <typename V>
+__attribute__((always_inline)) inline V load(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline void store(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// The arguments every tile of one call shares.
+struct DirectArgs {
+  const Geometry* g;
+  const SplitLayout* s;
+  const int64_t* tap_offsets;
+  const float *xs, *wpack;
+  int64_t oc_padded;
+  const float *P, *bias;  // P may be null: no coordinate term (e.g. for an input gradient)
+  float* y;
+};
+
+// One register tile: output channels oc0 .. oc0 + kOcBlock - 1 (those >= C_out computed from zero
+// weights and not stored), columns j0 .. j0 + VECS * lanes - 1 of output row oh of sample n, of which
+// the first `width` are stored. wpack: [C_in * KH * KW][oc_padded], tap-major, zero past C_out.
+template <typename V, int VECS>
+__attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0,
+                                                       int64_t j0, int64_t width) {
+  constexpr int64_t lanes = sizeof(V) / sizeof(float);
+  const Geometry& g = *a.g;
+  const int64_t H = g.padded[1], OH = g.out[1], OW = g.out[2];
+  const int64_t KH = g.kernel[1], KW = g.kernel[2], C = g.c_in;
+  const int64_t on = g.c_out - oc0 < kOcBlock ? g.c_out - oc0 : kOcBlock;
+  // Start from the bias; P is added at the end, its lines prefetched now (read first, a P line from
+  // L3 would hold up every FMA chain of the tile).
+  V acc[kOcBlock][VECS];
+#pragma GCC unroll 4
+  for (int o = 0; o < kOcBlock; ++o) {
+    const int64_t oc = oc0 + (o < on ? o : 0);
+    const float b = a.bias != nullptr ? a.bias[oc] : 0.0f;
+#pragma GCC unroll 4
+    for (int v = 0; v < VECS; ++v) {
+      if (a.P != nullptr) __builtin_prefetch(a.P + (oc * OH + oh) * OW + j0 + lanes * v);
+      acc[o][v] = V{} + b;
+    }
+  }
+  for (int64_t ci = 0; ci < C; ++ci) {
+    for (int64_t th = 0; th < KH; ++th) {
+      const int64_t ih = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
+      if (ih < 0 || ih >= H) continue;  // a zero-padding row
+      const float* rows = a.xs + ((n * C + ci) * H + ih) * a.s->floats_per_row() + j0;
+      const float* wt = a.wpack + ((ci * KH + th) * KW) * a.oc_padded + oc0;
+      for (int64_t tw = 0; tw < KW; ++tw, wt += a.oc_padded) {
+        const float* row = rows + a.tap_offsets[tw];
+        V xv[VECS];
+#pragma GCC unroll 4
+        for (int v = 0; v < VECS; ++v) xv[v] = load<V>(row + lanes * v);
+#pragma GCC unroll 4
+        for (int o = 0; o < kOcBlock; ++o) {
+#pragma GCC unroll 4
+          for (int v = 0; v < VECS; ++v) acc[o][v] += wt[o] * xv[v];  // contracted to FMAs
+        }
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int o = 0; o < kOcBlock; ++o) {  // (constant indices: the accumulators stay in registers)
+    if (o >= on) break;
+    const int64_t plane = (n * g.c_out + oc0 + o) * OH + oh;
+    const float* prow = a.P != nullptr ? a.P + ((oc0 + o) * OH + oh) * OW + j0 : nullptr;
+    float* yrow = a.y + plane * OW + j0;
+#pragma GCC unroll 4
+    for (int v = 0; v < VECS; ++v) {
+      const int64_t left = width - lanes * v;  // columns of this vector to store
+      if (left >= lanes) {
+        store<V>(yrow + lanes * v, prow != nullptr ? acc[o][v] + load<V>(prow + lanes * v) : acc[o][v]);
+      } else {  // the row's partial last vector (P and y end there), through a buffer
+        float part[lanes];
+        store<V>(part, acc[o][v]);
+        for (int64_t l = 0; l < left; ++l)
+          yrow[lanes * v + l] = part[l] + (prow != nullptr ? prow[lanes * v + l] : 0.0f);
+      }
+    }
+  }
+}
+
+// The narrower tile of a row's rest: `vecs` (1 .. VECS) vectors.
+template <typename V, int VECS>
+__attribute__((always_inline)) inline void rest_tile(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0,
+                                                     int64_t j0, int64_t width, int64_t vecs) {
+  if constexpr (VECS > 0) {
+    if (vecs == VECS) return direct_tile<V, VECS>(a, n, oh, oc0, j0, width);
+    rest_tile<V, VECS - 1>(a, n, oh, oc0, j0, width, vecs);
+  }
+}
+
+// Items [begin, end) of (sample, channel block, output row), each: full tiles along the row, then
+// one narrower tile for the rest.
+template <typename V, int VECS>
+__attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int64_t begin, int64_t end) {
+  constexpr int64_t lanes = sizeof(V) / sizeof(float), tile = VECS * lanes;
+  const Geometry& g = *a.g;
+  const int64_t blocks = (g.c_out + kOcBlock - 1) / kOcBlock, OH = g.out[1], OW = g.out[2];
+  const int64_t full = OW / tile * tile, rest = OW - full;
+  for (int64_t item = begin; item < end; ++item) {
+    // rows innermost: a thread streams through kOcBlock output planes (and the same planes of P) at a time
+    const int64_t oh = item % OH, oc0 = (item / OH) % blocks * kOcBlock, n = item / (blocks * OH);
+    for (int64_t j0 = 0; j0 < full; j0 += tile) direct_tile<V, VECS>(a, n, oh, oc0, j0, tile);
+    if (rest > 0) rest_tile<V, VECS>(a, n, oh, oc0, full, rest, (rest + lanes - 1) / lanes);
+  }
+}
+
+// The entry points, one per ISA: the tile compiled for its registers (32 zmm: 4 x 4 accumulators of
+// 16 floats; 16 ymm: 4 x 2 of 8).
+__attribute__((target("avx512f"))) inline void direct_items_avx512(const DirectArgs& a, int64_t begin, int64_t end) {
+  direct_items<F32x16, 4>(a, begin, end);
+}
+__attribute__((target("avx2,fma"))) inline void direct_items_avx2(const DirectArgs& a, int64_t begin, int64_t end) {
+  direct_items<F32x8, 2>(a, begin, end);
+}
+
+// The whole output: (sample, channel block, row) items in parallel. xs: the pass-1 buffer.
+inline void direct_forward_simd(Isa isa, const Geometry& g, const SplitLayout& s, const float* x, float* xs,
+                                const float* wpack, int64_t oc_padded, const float* P, const float* bias, float* y) {
+  // (a profiler event: tests and users see which layers take which kernel)
+  RECORD_FUNCTION(isa == Isa::kAvx512 ? "coordconv_fused::avx512_direct" : "coordconv_fused::avx2_direct",
+                  c10::ArrayRef<const c10::IValue>{});
+  split_input(g, s, x, xs);
+  std::vector<int64_t> tap_offsets(g.kernel[2]);
+  for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
+  const DirectArgs args{&g, &s, tap_offsets.data(), xs, wpack, oc_padded, P, bias, y};
+  const int64_t items = g.n * g.out[1] * ((g.c_out + kOcBlock - 1) / kOcBlock);
+  at::parallel_for(0, items, grain_for(kOcBlock * g.out[2] * g.k_data()), [&](int64_t begin, int64_t end) {
+    if (isa == Isa::kAvx512) {
+      direct_items_avx512(args, begin, end);
+    } else {
+      direct_items_avx2(args, begin, end);
+    }
+  });
+}
+
+#else
+
+inline bool isa_supported(Isa) { return false; }
+
+inline void direct_forward_simd(Isa, const Geometry&, const SplitLayout&, const float*, float*, const float*, int64_t,
+                                const float*, const float*, float*) {}
+
+#endif
+
+// Whether the AVX-512 kernel runs here (for tests and reports).
+inline bool avx512_supported() { return isa_supported(Isa::kAvx512); }
+
+}  // namespace coordconv
