@@ -57,17 +57,27 @@ std::string describe(const Geometry& g, at::ScalarType dtype, int threads) {
   return s.str();
 }
 
+double micros_of(Impl impl, const std::function<void(Impl)>& run) {
+  const auto t0 = std::chrono::steady_clock::now();
+  run(impl);
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+}
+
 // The best time of each candidate over interleaved rounds (a transient load hits every candidate
-// alike rather than the one being timed then).
+// alike rather than the one being timed then), after one untimed warm-up call each (allocations,
+// oneDNN's primitive creation). A candidate more than kHopeless times slower than the fastest in the
+// first timed round is not timed further, so that a hopeless one costs the first call of a layer two
+// slow runs, not four.
+constexpr double kHopeless = 3.0;
+
 std::vector<double> time_micros(const std::vector<Impl>& candidates, const std::function<void(Impl)>& run) {
-  for (Impl c : candidates) run(c);  // warm-up: allocations, caches
-  std::vector<double> best(candidates.size(), 0.0);
-  for (int r = 0; r < kRounds; ++r) {
+  for (Impl c : candidates) run(c);  // warm-up
+  std::vector<double> best(candidates.size());
+  for (size_t i = 0; i < candidates.size(); ++i) best[i] = micros_of(candidates[i], run);
+  const double fastest = *std::min_element(best.begin(), best.end());
+  for (int r = 1; r < kRounds; ++r) {
     for (size_t i = 0; i < candidates.size(); ++i) {
-      const auto t0 = std::chrono::steady_clock::now();
-      run(candidates[i]);
-      const double us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
-      best[i] = r == 0 ? us : std::min(best[i], us);
+      if (best[i] <= kHopeless * fastest) best[i] = std::min(best[i], micros_of(candidates[i], run));
     }
   }
   return best;

@@ -1,7 +1,8 @@
 // Which implementation the `cpp` backend runs for a layer, chosen by measurement (the idea of
 // torch.backends.cudnn.benchmark): the first time a layer (geometry, batch, dtype, thread count) is
 // seen, every eligible implementation is timed on it (one warm-up and three timed calls each,
-// interleaved) and the fastest is kept for the process. Thresholds tuned on one CPU pick the slower path on others
+// interleaved; a candidate over 3x slower than the fastest in the first round is not timed further)
+// and the fastest is kept for the process. Thresholds tuned on one CPU pick the slower path on others
 // (docs/tuning.md); a measurement holds on any CPU. The candidates compute the same sums, so the choice changes results
 // by floating-point reassociation at most.
 //
