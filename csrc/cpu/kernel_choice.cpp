@@ -9,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 #include <sstream>
+#include <unordered_map>
 
 namespace coordconv {
 namespace {
@@ -24,12 +25,11 @@ Mode mode() {
   TORCH_CHECK(false, "COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten; got '", v, "'");
 }
 
-struct Entry {
-  std::string op;
-  Geometry key;
-  at::ScalarType dtype;
-  int threads;
-  KernelChoice choice;
+// The choices made so far, in order, and an index from a layer's lookup key into them (looked up on
+// every call: a hash, not a scan).
+struct Choices {
+  std::vector<KernelChoice> list;
+  std::unordered_map<std::string, size_t> index;
 };
 
 std::mutex& choices_mutex() {
@@ -37,9 +37,32 @@ std::mutex& choices_mutex() {
   return m;
 }
 
-std::vector<Entry>& entries() {
-  static std::vector<Entry> e;
-  return e;
+Choices& choices() {
+  static Choices c;
+  return c;
+}
+
+// The op, every field of the geometry but the output's strides (they follow from the rest), the
+// dtype and the thread count, as bytes (field by field: no padding bytes in the key).
+std::string lookup_key(const char* op, const Geometry& g, at::ScalarType dtype, int threads) {
+  std::vector<int64_t> f{g.n,
+                         g.c_in,
+                         g.c_out,
+                         g.groups,
+                         g.ndim,
+                         g.num_coords,
+                         g.pad_mode,
+                         g.with_r,
+                         g.separate,
+                         g.has_bias,
+                         static_cast<int64_t>(dtype),
+                         threads};
+  for (const int64_t* axis : {g.padded, g.image, g.before, g.out, g.stride, g.pad, g.dil, g.kernel})
+    f.insert(f.end(), axis, axis + 3);
+  std::string key(op);
+  key.push_back('\0');
+  key.append(reinterpret_cast<const char*>(f.data()), f.size() * sizeof(int64_t));
+  return key;
 }
 
 constexpr size_t kMaxEntries = 1024;
@@ -113,36 +136,35 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
     case Mode::kMeasure:
       break;
   }
-  Geometry key = g;
-  std::memset(key.ystride, 0, sizeof(key.ystride));  // the output's strides follow from the rest
   const int threads = at::get_num_threads();
+  std::string key = lookup_key(op, g, dtype, threads);
   {
     std::lock_guard<std::mutex> lock(choices_mutex());
-    for (const Entry& e : entries()) {
-      if (e.dtype == dtype && e.threads == threads && e.op == op && std::memcmp(&e.key, &key, sizeof(Geometry)) == 0) {
-        return e.choice.chosen;
-      }
-    }
+    const auto it = choices().index.find(key);
+    if (it != choices().index.end()) return choices().list[it->second].chosen;
   }
   KernelChoice choice{op, describe(g, dtype, threads), Impl::kAten, candidates, time_micros(candidates, run)};
   const auto best = std::min_element(choice.micros.begin(), choice.micros.end()) - choice.micros.begin();
   choice.chosen = candidates[best];
   std::lock_guard<std::mutex> lock(choices_mutex());
-  if (entries().size() >= kMaxEntries) entries().clear();
-  entries().push_back(Entry{op, key, dtype, threads, choice});
+  Choices& c = choices();
+  if (c.list.size() >= kMaxEntries) {
+    c.list.clear();
+    c.index.clear();
+  }
+  c.index.emplace(std::move(key), c.list.size());
+  c.list.push_back(choice);
   return choice.chosen;
 }
 
 std::vector<KernelChoice> kernel_choices() {
   std::lock_guard<std::mutex> lock(choices_mutex());
-  std::vector<KernelChoice> out;
-  for (const Entry& e : entries()) out.push_back(e.choice);
-  return out;
+  return choices().list;
 }
 
 void clear_kernel_choices() {
   std::lock_guard<std::mutex> lock(choices_mutex());
-  entries().clear();
+  choices() = Choices{};
 }
 
 }  // namespace coordconv
