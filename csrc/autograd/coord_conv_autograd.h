@@ -107,6 +107,8 @@ Grads backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor
       });
     }
   }
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;  // (no graph to record: plain kernel calls)
+  if (!record) below.emplace();
   const auto [need_in, need_w, need_cw, need_b] = mask;
   at::Tensor grad_in, grad_w, grad_cw, grad_b, grad_sum;
   if (need_cw) {
