@@ -4,7 +4,8 @@
 #                       classification, CoordConv against the deconvolution baseline)
 #   bash run.sh test    the test suite (what CI runs)
 #   bash run.sh bench   the benchmark: CoordConv vs nn.Conv2d vs the naive concatenation, all shapes
-#   bash run.sh paper   every paper experiment: 3 tasks x 2 splits, CoordConv (3 seeds) and baseline
+#   bash run.sh paper   every paper experiment: 3 tasks x 2 splits, CoordConv (3 seeds) and baseline;
+#                       then detection, GAN and VAE, conv and CoordConv models (3 seeds each)
 #   bash run.sh setup [bench|paper|test]   only the set-up
 #   bash run.sh gpu-check   on a GPU machine whose PyTorch is preinstalled (any version, no network):
 #                       build the extension for the visible GPU, run the CUDA tests and the GPU
@@ -109,7 +110,8 @@ case "$job" in
   gpu-check) GPU_BENCH_ARGS=("$@"); gpu_check ;;
   demo)  setup paper; "$PY" -m coordconv_fused.cli paper demo --split quadrant --seeds 0 "$@" ;;
   bench) setup bench; "$PY" -m coordconv_fused.cli bench --all-shapes "$@" ;;
-  paper) setup paper; "$PY" -m coordconv_fused.cli paper all "$@" ;;
+  paper) setup paper; "$PY" -m coordconv_fused.cli paper all "$@"
+         "$PY" -m coordconv_fused.cli paper extended "$@" ;;
   test)  setup test; "$PY" -m pytest -q "$@" ;;
   *) echo "usage: bash run.sh [demo|test|bench|paper|setup|gpu-check] [args...]" >&2; exit 2 ;;
 esac

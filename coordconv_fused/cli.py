@@ -1,12 +1,15 @@
 """The ``coordconv-fused`` command line.
 
 ``coordconv-fused bench``  times CoordConv against plain nn.Conv2d and the naive concatenation.
-``coordconv-fused paper``  the paper's coordinate classification, regression and rendering experiments.
+``coordconv-fused paper``  the paper's experiments: the coordinate classification, regression and
+rendering tasks, and (``paper extended``) detection on scattered MNIST and GANs / VAEs on coloured shapes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import sys
 
@@ -16,7 +19,8 @@ DESCRIPTION = """\
 CoordConv layers at the cost of a plain convolution: tools.
 
   coordconv-fused bench   time CoordConv against nn.Conv2d and the naive torch.cat port
-  coordconv-fused paper   the paper's coordinate classification, regression and rendering tasks"""
+  coordconv-fused paper   the paper's experiments: coordinate classification, regression and rendering,
+                          detection on scattered MNIST, GANs and VAEs on coloured shapes"""
 
 
 def _require(extra: str, *modules: str) -> None:
@@ -131,14 +135,40 @@ def _bench_cuda(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _progress_bar(desc: str):
+    """A tqdm bar on stderr, driven by the experiments' ``progress(message, total=None)`` callback:
+    ``total`` adds steps to the bar (the ETA follows), ``message=None`` is one step, a message is shown."""
+    from tqdm import tqdm
+
+    with tqdm(desc=desc, file=sys.stderr, leave=False, unit="step", total=0) as bar:
+
+        def progress(message, total=None):
+            if total is not None:
+                bar.total += total
+                bar.refresh()
+            elif message is None:
+                bar.update(1)
+            else:
+                bar.set_postfix_str(message)
+
+        yield progress
+
+
+EXTENDED = ("detection", "shapes-gan", "shapes-vae")
+
+
 def _paper(args: argparse.Namespace) -> int:
     _require("paper", "tqdm", "matplotlib")
     import torch
-    from tqdm import tqdm
-
-    from .paper import train
 
     torch.set_num_threads(args.threads)
+    if args.task in EXTENDED or args.task == "extended":
+        for task in EXTENDED if args.task == "extended" else (args.task,):
+            _paper_extended(task, args)
+        return 0
+    from .paper import train
+
     if args.task == "all":
         runs = [(t, s, m) for t in train.TASKS for s in ("uniform", "quadrant") for m in ("coordconv", "baseline")]
     elif args.task == "demo":
@@ -160,19 +190,7 @@ def _paper(args: argparse.Namespace) -> int:
                 max_attempts=args.attempts,
                 baseline_epochs=args.baseline_epochs,
             )
-            with tqdm(
-                desc=f"{task} {split} {model} seed {seed}", file=sys.stderr, leave=False, unit="step", total=0
-            ) as bar:
-
-                def progress(message, total=None, bar=bar):
-                    if total is not None:  # a new attempt: its steps join the bar (the ETA follows)
-                        bar.total += total
-                        bar.refresh()
-                    elif message is None:
-                        bar.update(1)
-                    else:
-                        bar.set_postfix_str(message)
-
+            with _progress_bar(f"{task} {split} {model} seed {seed}") as progress:
                 result = train.run(cfg, progress=progress)
             prefix = os.path.join(args.out, f"{task}-{split}-{model}-seed{seed}")
             result["figures"] = train.figures(result, prefix)
@@ -184,6 +202,75 @@ def _paper(args: argparse.Namespace) -> int:
     path = train.save(results, args.out)
     print(f"\nwrote {path} and figures in {args.out}/")
     return 0
+
+
+def _paper_extended(task: str, args: argparse.Namespace) -> None:
+    """Detection (S6) or a GAN / VAE (S7) on this library's layers: the convolutional model and the
+    CoordConv model on the same data, each with every seed; a table, JSON and figures."""
+    if task == "detection":
+        _require("paper", "torchvision", "mlxtend")
+    from .paper.train import public
+
+    out = os.path.join(args.out, task)
+    os.makedirs(out, exist_ok=True)
+    results: list[dict] = []
+    if task == "detection":
+        from .paper import detection, scattered_mnist
+
+        n_train, n_test, _ = detection.DetectionConfig(quick=args.quick).sizes()
+        print(f"detection: generating {n_train:,} training and {n_test:,} test canvases", file=sys.stderr)
+        data = scattered_mnist.make_dataset(n_train, n_test)
+        for model in ("conv", "coordconv"):
+            for seed in args.seeds:
+                with _progress_bar(f"detection {model} seed {seed}") as progress:
+                    r = detection.run(
+                        detection.DetectionConfig(model=model, seed=seed, quick=args.quick),
+                        progress=progress,
+                        data=data,
+                    )
+                m = r["test"]
+                print(
+                    f"detection {model} seed {seed}: total loss {m['total_loss']:.4f}, IoU-average "
+                    f"{m['iou_average']:.4f}, IoU-select {m['iou_select']:.4f} ({r['seconds']:.0f} s)",
+                    file=sys.stderr,
+                )
+                results.append(r)
+        table = detection.markdown_table(results)
+        figures = [detection.figure(results, os.path.join(out, "detections.png"))]
+        summary = detection.summary(results)
+    else:
+        from .paper import generative, shapes
+
+        kind = task.split("-")[1]
+        defaults = generative.GenerativeConfig(kind=kind, quick=args.quick)
+        n_train, _, _ = defaults.budget()
+        images = shapes.make_shapes(n_train, defaults.data_seed)[0]
+        samples = 64 if args.quick else defaults.samples
+        for model in ("conv", "coordconv"):
+            for seed in args.seeds:
+                with _progress_bar(f"{kind} {model} seed {seed}") as progress:
+                    r = generative.run(
+                        generative.GenerativeConfig(kind=kind, model=model, seed=seed, quick=args.quick),
+                        progress=progress,
+                        data=images,
+                    )
+                e = r["samples"]
+                print(
+                    f"{kind} {model} seed {seed}: coverage entropy {e['coverage_entropy']:.2f} bits, relative "
+                    f"{e['relative_entropy']:.2f} bits, both objects {100 * e['both_objects']:.0f}% "
+                    f"({r['seconds']:.0f} s)",
+                    file=sys.stderr,
+                )
+                results.append(r)
+        data_measures = generative.data_entropies(samples)
+        table = generative.summary(results, data_measures)
+        figures = generative.figures(results, shapes.make_shapes(samples, 1)[0], kind, os.path.join(out, kind))
+        summary = {"data": data_measures}
+    print(table)
+    path = os.path.join(out, "results.json")
+    with open(path, "w") as f:
+        json.dump({"runs": [public(r) for r in results], "summary": summary, "figures": figures}, f, indent=1)
+    print(f"\nwrote {path} and {', '.join(figures)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,9 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     paper = sub.add_parser("paper", help="the paper's coordinate-transform tasks on Not-so-Clevr")
     paper.add_argument(
         "task",
-        choices=["classification", "regression", "rendering", "demo", "all"],
+        choices=["classification", "regression", "rendering", "demo", "all", *EXTENDED, "extended"],
         help="'demo': classification, CoordConv vs the deconv baseline on one split; 'all': "
-        "every task on both splits, CoordConv and baseline",
+        "every task on both splits, CoordConv and baseline; 'detection', 'shapes-gan', 'shapes-vae': "
+        "the conv and the CoordConv model, every seed; 'extended': those three",
     )
     paper.add_argument(
         "--split",
@@ -249,7 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="coordconv",
         help="model for a single task (default: %(default)s)",
     )
-    paper.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="CoordConv seeds (default: %(default)s)")
+    paper.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="CoordConv seeds; in detection and shapes-*, the seeds of both models (default: %(default)s)",
+    )
     paper.add_argument(
         "--baseline-seeds", type=int, nargs="+", default=[0], help="baseline seeds (default: %(default)s)"
     )

@@ -135,6 +135,10 @@ LAYERS = [
         "coordconv_fused.paper.data",
         "coordconv_fused.paper.models",
         "coordconv_fused.paper.train",
+        "coordconv_fused.paper.scattered_mnist",
+        "coordconv_fused.paper.detection",
+        "coordconv_fused.paper.shapes",
+        "coordconv_fused.paper.generative",
     },
     {"coordconv_fused.cli"},
 ]

@@ -1,12 +1,21 @@
-"""Training and evaluation of the paper's tasks, with early stopping, results and figures.
+"""Training and evaluation of the paper's tasks, with model selection, results and figures.
 
 Protocol (no peeking at the test set): AdamW, batch 32; a 14x14 block of training centres is held
-out for model selection (see :func:`validation_block`); CoordConv models get a cosine learning-rate
-decay over 6 epochs and stop early once every *training* example is right with a margin
-(classification: training loss below ``stop_loss``; regression: every training prediction within
-a quarter pixel; rendering: every training pixel's sigmoid within 0.12 of its target), and are
-restarted from a new initialisation (at most ``max_attempts`` in all) when the validation block is
-not perfect; baselines train at a constant rate for ``baseline_epochs`` epochs. Budgets are counted
+out for model selection (see :func:`validation_block`); CoordConv models train the whole cosine
+learning-rate decay over 6 epochs and are restarted from a new initialisation (at most
+``max_attempts`` in all) when the validation block is not perfect; baselines train at a constant
+rate for ``baseline_epochs`` epochs.
+
+Why the whole schedule: with early stopping (``early_stop=True``: stop once every *training*
+example is right with a margin -- classification: training loss below ``stop_loss``; regression:
+every training prediction within a quarter pixel; rendering: every training pixel's sigmoid within
+0.12 of its target) a run stopped after 3 of its 6 epochs, at half the peak learning rate, and
+the held-out block was perfect on 10 seeds of 10 while 3 of them put the peak 1-2 pixels off for
+part of the quadrant split's test corner (77.9%, 92.3%, 99.7%): stopping as soon as the data are fit
+leaves the map where no data constrain it in the state of the last large steps, and the
+validation block, fit along with the training set, could not tell. Trained to the end of the
+schedule, the failing runs show on the validation block too (86% on a seed whose test corner was
+90%), so the restart catches them. Budgets are counted
 in epochs, never in seconds, so a seed gives the same result on any machine; the time taken is
 reported. The test set is only evaluated for the learning curve and the final report.
 """
@@ -59,6 +68,7 @@ class RunConfig:
     baseline_epochs: int = 10
     stop_loss: float = 1e-3
     weight_decay: float = 0.0
+    early_stop: bool = False  # CoordConv: stop once the training set is right with a margin (see above)
     quick: bool = False  # a smoke run: few steps, tiny budget
 
     def resolved_lr(self) -> float:
@@ -215,7 +225,7 @@ def _train_attempt(
             sharp = tr["max_px_error"] < 0.25
         else:  # every training pixel's sigmoid within 0.12 of its target
             sharp = tr["min_margin"] > 2.0
-        if tr["accuracy"] == 1.0 and sharp:
+        if tr["accuracy"] == 1.0 and sharp and cfg.early_stop:
             stopped = "training set perfect"
             break
     return model, stopped
@@ -408,9 +418,26 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def seed_distribution(values: list[float], perfect: float, fmt: str) -> str:
+    """How the seeds' test metrics spread: every value for three seeds or fewer, else the count at
+    the perfect score, the minimum and the median (e.g. "10/10 at 100.0%, min 100.0%")."""
+    if len(values) <= 3:
+        return " / ".join(fmt.format(v) for v in values)
+    ordered = sorted(values)
+    at_best = sum(v >= perfect for v in values)
+    median = (
+        ordered[len(ordered) // 2]
+        if len(ordered) % 2
+        else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    )
+    return (
+        f"{at_best}/{len(values)} at {fmt.format(perfect)}, min {fmt.format(ordered[0])}, median {fmt.format(median)}"
+    )
+
+
 def summary_table(results: list[dict]) -> str:
-    """One row per task, split and model: the test metric of every seed, the time per run, and the
-    paper's figure."""
+    """One row per task, split and model: the test metric over the seeds (each value for up to three
+    seeds, else their distribution), the time per run, and the paper's figure."""
     groups: dict = {}
     for r in results:
         c = r["config"]
@@ -421,15 +448,20 @@ def summary_table(results: list[dict]) -> str:
     ]
     for (task, split_, model), rs in groups.items():
         if task == "rendering":
-            metric = " / ".join(f"IoU {r['test']['iou']:.3f}" for r in rs)
+            metric = seed_distribution([r["test"]["iou"] for r in rs], 1.0, "IoU {:.3f}")
         else:
-            metric = " / ".join(f"{100 * r['test']['accuracy']:.1f}%" for r in rs)
-        seeds = ", ".join(str(r["config"]["seed"]) for r in rs)
+            metric = seed_distribution([100 * r["test"]["accuracy"] for r in rs], 100.0, "{:.1f}%")
+        seeds = [r["config"]["seed"] for r in rs]
+        seeds_text = (
+            f"seeds {seeds[0]}–{seeds[-1]}"
+            if len(seeds) > 3 and seeds == list(range(seeds[0], seeds[-1] + 1))
+            else "seed " + ", ".join(map(str, seeds))
+        )
         secs = [r["seconds"] for r in rs]
         time_ = f"{min(secs):.0f} s" if len(secs) == 1 else f"{min(secs):.0f}–{max(secs):.0f} s"
         paper = PAPER.get((task, model), {})
         lines.append(
-            f"| {task} | {split_} | {model} | {rs[0]['params']:,} | {metric} (seed {seeds}) | {time_} | "
+            f"| {task} | {split_} | {model} | {rs[0]['params']:,} | {metric} ({seeds_text}) | {time_} | "
             f"{paper.get(split_, '')} |"
         )
     return "\n".join(lines)
