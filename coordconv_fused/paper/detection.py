@@ -357,7 +357,7 @@ def figure(results: list[dict], path: str, canvases: int = 4) -> str:
     for r in results:
         firsts.setdefault(r["config"]["model"], r)
     models = [m for m in ("conv", "coordconv") if m in firsts]
-    fig, axes = plt.subplots(len(models), canvases, figsize=(3 * canvases, 3.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), canvases, figsize=(3 * canvases, 3.5 * len(models)), squeeze=False)
     rpn = _Rpn()
     for row, name in enumerate(models):
         r = firsts[name]
@@ -385,7 +385,7 @@ def figure(results: list[dict], path: str, canvases: int = 4) -> str:
         "Proposals on test canvases: green = digit boxes, red = the 10 proposals after NMS (thick: best score)",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

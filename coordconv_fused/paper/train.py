@@ -63,12 +63,27 @@ class RunConfig:
     max_attempts: int = 3  # CoordConv: restarts while the validation block is not perfect
     baseline_epochs: int = 10
     stop_loss: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float | None = None  # default per task and model: see resolved_weight_decay
     early_stop: bool = True  # CoordConv: stop once the training set is right with a margin
     quick: bool = False  # a smoke run: few steps, tiny budget
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else (5e-3 if self.model == "coordconv" else 1e-3)
+
+    def resolved_weight_decay(self) -> float:
+        """AdamW's decoupled weight decay: 0.5 for the CoordConv classifier, 0 otherwise.
+
+        Without it, 3 seeds of 10 fit the quadrant split's training set and the held-out block, yet
+        put the peak 1-2 px off for a contiguous part of the test corner (77.9%, 92.3%, 99.7%):
+        what the training centres do not pin down -- the map for unseen (i, j) combinations --
+        keeps whatever the large early steps left in it. Weight decay pulls every weight the data
+        do not hold toward zero, the same rule for every seed (0.5 is the only value tried; the
+        run then takes its whole 6-epoch schedule, as the training loss stays above ``stop_loss``).
+        Not yet tried on rendering, whose centre network is this classifier, nor needed for
+        regression (10 seeds of 10 at 100% without it)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 0.5 if (self.model, self.task) == ("coordconv", "classification") else 0.0
 
 
 TASKS = ("classification", "regression", "rendering")
@@ -177,7 +192,7 @@ def _train_attempt(
 ):
     torch.manual_seed(seed)
     model = _make_model(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.resolved_lr(), weight_decay=cfg.resolved_weight_decay())
     epochs = epoch_budget(cfg)
     steps_per_epoch = math.ceil(len(fit_idx) / cfg.batch_size)
     if progress:  # the most steps this attempt takes (it may stop earlier)
