@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import statistics
 import time
 
 import torch
@@ -437,11 +438,7 @@ def seed_distribution(values: list[float], perfect: float, fmt: str) -> str:
         return " / ".join(fmt.format(v) for v in values)
     ordered = sorted(values)
     at_best = sum(v >= perfect for v in values)
-    median = (
-        ordered[len(ordered) // 2]
-        if len(ordered) % 2
-        else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
-    )
+    median = statistics.median(values)
     return (
         f"{at_best}/{len(values)} at {fmt.format(perfect)}, min {fmt.format(ordered[0])}, median {fmt.format(median)}"
     )
