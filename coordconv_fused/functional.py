@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .backends import dispatch, resolve_backend
 from .backends import generation as backends_generation
+from .ops.arguments import autocast_device_type
 from .ops.aten import composite as coord_conv_composite
 from .spec import ConvSpec, PaddingArg, check_tensors, make_spec
 
@@ -47,27 +48,10 @@ def is_separate_filter(coord_kernel_size: int | Sequence[int] | None, ndim: int)
     )
 
 
-_AUTOCAST_DEVICE_TYPE: dict[torch.device, str | None] = {}
-
-
-def _autocast_device_type(device: torch.device) -> str | None:
-    """``device``'s type if autocast exists for it, else None (cached: asked on every call)."""
-    try:
-        return _AUTOCAST_DEVICE_TYPE[device]
-    except KeyError:
-        available = torch.amp.is_autocast_available(device.type)
-        return _AUTOCAST_DEVICE_TYPE.setdefault(device, device.type if available else None)
-
-
 def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None):
     """Under ``torch.autocast``, cast like a convolution (a lower-precision op): everything to the
     autocast dtype, so the output dtype follows ``nn.Conv2d``'s."""
-    if torch.compiler.is_compiling():
-        # Dynamo cannot trace torch._C._is_autocast_available before torch 2.12; a traced graph
-        # only runs on devices that support autocast anyway.
-        device_type: str | None = input.device.type
-    else:
-        device_type = _autocast_device_type(input.device)
+    device_type = autocast_device_type(input.device)
     if device_type is None or not torch.is_autocast_enabled(device_type):
         return input, weight, coord_weight, bias
     dtype = torch.get_autocast_dtype(device_type)
@@ -127,7 +111,7 @@ def _cached_call(
     if not isinstance(input, Tensor) or torch.compiler.is_compiling():
         return _run(input, weight, coord_weight, bias, make(), backend)
     device = input.device
-    device_type = _autocast_device_type(device)
+    device_type = autocast_device_type(device)
     if device_type is not None and torch.is_autocast_enabled(device_type):
         input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     try:

@@ -51,6 +51,21 @@ def test_cuda_path_reads_no_data_on_fake_tensors(fn, shape, kwargs, backend):
         assert coord_weight_grad(torch.randn_like(y[:1]), x, w, cw, *args).shape == cw.shape
 
 
+@pytest.mark.parametrize("fn,shape,kwargs", VARIANTS, ids=IDS)
+def test_torch_backend_eager_state_reads_no_data_off_cpu(fn, shape, kwargs):
+    """The ``torch`` backend's eager path keeps the coordinates (and, on the CPU only, the term
+    checked by value) between calls: on a device that is not the CPU it must compare no values.
+    Meta tensors are plain tensors without data (any value read raises), and repeated calls run
+    the kept-state path, with and without autograd."""
+    x, w, cw, b = _tensors(fn, shape, kwargs, "meta")
+    with torch.no_grad():
+        for _ in range(3):
+            assert fn(x, w, cw, b, backend="torch", **kwargs).device.type == "meta"
+    cw.requires_grad_()
+    for _ in range(2):
+        assert fn(x, w, cw, b, backend="torch", **kwargs).requires_grad
+
+
 def _spec_of(fn, w, kwargs):
     from coordconv_fused.spec import make_spec
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import aten, call_coord_conv_op, define_coord_conv_op, pre_pad, static_arguments
+from ..ops import aten, call_coord_conv_op, define_coord_conv_op
 from ..ops.aten import composite, coord_weight_grad
 from ..spec import ConvSpec
 from .base import Backend
@@ -28,16 +28,8 @@ def _forward(input, weight, coord_weight, bias, *args):
 coord_conv_op = define_coord_conv_op("coord_conv", _forward, coord_weight_grad)
 
 
-def prepare_eager(spec: ConvSpec):
-    """The ``torch`` backend's eager per-call path for ``spec``: the same computation as the op,
-    written as ATen calls (so autograd is ATen's, in C++, and second order comes for free), with
-    the batch-of-one coordinate tensor reused from the last call of the same geometry."""
-    pads, mode, args = static_arguments(spec)
-
-    def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
-        return aten.forward(pre_pad(input, pads, mode), weight, coord_weight, bias, *args, cache=True)
-
-    return call
+prepare_eager = aten.prepare_forward
+"""The ``torch`` backend's eager per-call path for a spec: the op's computation as ATen calls."""
 
 
 def coord_conv_decomposed(

@@ -9,7 +9,22 @@ from torch import Tensor
 
 from ..spec import ConvSpec
 
-__all__ = ["static_arguments", "pre_pad", "op_arguments"]
+__all__ = ["static_arguments", "pre_pad", "op_arguments", "autocast_device_type"]
+
+_AUTOCAST_DEVICE_TYPE: dict[torch.device, str | None] = {}
+
+
+def autocast_device_type(device: torch.device) -> str | None:
+    """``device``'s type if autocast exists for it (not, e.g., for ``meta``), else None; cached,
+    as it is asked on every call. While compiling, the type itself (Dynamo cannot trace the query
+    before torch 2.12, and a traced graph only runs on devices that support autocast)."""
+    if torch.compiler.is_compiling():
+        return device.type
+    try:
+        return _AUTOCAST_DEVICE_TYPE[device]
+    except KeyError:
+        available = torch.amp.is_autocast_available(device.type)
+        return _AUTOCAST_DEVICE_TYPE.setdefault(device, device.type if available else None)
 
 
 def static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:
@@ -42,9 +57,12 @@ def pre_pad(input: Tensor, pads: list[int] | None, mode: str) -> Tensor:
     same rule)."""
     if pads is None:
         return input
-    # Autocast runs reflection/replication padding in float32; keep the input's dtype.
-    with torch.autocast(input.device.type, enabled=False):
-        return F.pad(input, pads, mode=mode)
+    if mode in ("reflect", "replicate"):  # autocast runs these in float32; keep the input's dtype
+        device_type = autocast_device_type(input.device)
+        if device_type is not None and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return F.pad(input, pads, mode=mode)
+    return F.pad(input, pads, mode=mode)
 
 
 def op_arguments(input: Tensor, spec: ConvSpec) -> tuple[Tensor, list]:

@@ -11,7 +11,7 @@ backward when a graph of the gradients is recorded (second-order gradients).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -19,9 +19,9 @@ from torch import Tensor
 from ..coords import centre_coord_channels, padded_coord_channels
 from ..geometry import image_sizes, pairs
 from ..spec import ConvSpec
-from .arguments import op_arguments
+from .arguments import op_arguments, pre_pad, static_arguments
 
-__all__ = ["coord_input", "coordinate_term", "coord_weight_grad", "forward", "composite"]
+__all__ = ["coord_input", "coordinate_term", "coord_weight_grad", "forward", "prepare_forward", "composite"]
 
 
 # Coordinate tensors of recent geometries (they depend on sizes, padding, dtype and device only, never
@@ -134,12 +134,8 @@ def coordinate_term(
     )
     ndim = input.dim() - 2
     if separate:
-        return torch.ops.aten.convolution(
-            coords, coord_weight, None, [1] * ndim, [0] * ndim, [1] * ndim, False, [0] * ndim, 1
-        )
-    return torch.ops.aten.convolution(
-        coords, coord_weight, None, stride, padding, dilation, transposed, output_padding, 1
-    )
+        return torch.convolution(coords, coord_weight, None, [1] * ndim, [0] * ndim, [1] * ndim, False, [0] * ndim, 1)
+    return torch.convolution(coords, coord_weight, None, stride, padding, dilation, transposed, output_padding, 1)
 
 
 def coord_weight_grad(
@@ -196,7 +192,7 @@ def forward(
     """The whole layer from the op's arguments: the data convolution plus the coordinate term,
     added in place where ``cache`` (eager calls), out of place otherwise (traced graphs)."""
     stride, padding, dilation, transposed, output_padding, groups, pre_pad, mode, with_r, separate = args
-    out = torch.ops.aten.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    out = torch.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
     term = coordinate_term(
         input, weight, coord_weight, out.shape[2:], stride, padding, dilation, transposed, output_padding,
         pre_pad, mode, with_r, separate, cache=cache,
@@ -209,3 +205,56 @@ def composite(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     exporters (ONNX) and ``torch.compile`` get. Same numbers as the ``torch`` backend."""
     input, args = op_arguments(input, spec)
     return forward(input, weight, coord_weight, bias, *args)
+
+
+def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
+    """``fn(input, weight, coord_weight, bias)``: :func:`forward` for ``spec`` as eager ATen calls
+    (autograd is ATen's, in C++; second order comes for free), keeping between calls what does not
+    depend on the data:
+
+    * the coordinate tensor of the last input signature (shape, dtype, device);
+    * on the CPU, where no gradient of ``coord_weight`` is wanted (inference, frozen coordinate
+      filter), the coordinate term ``P`` of the last ``coord_weight`` *values*: a call compares
+      ``coord_weight`` with a copy (a few dozen numbers) instead of convolving again. By value, not
+      by version counter: ``param.data.copy_(...)`` changes a parameter without bumping its version.
+      On other devices that comparison would read device memory from the host (a synchronisation),
+      so ``P`` is computed on every call there (one small asynchronous convolution).
+
+    Each cache holds one entry, replaced as a whole (a tuple), so calls from several threads never
+    pair one signature's coordinates with another's."""
+    pads, mode, args = static_arguments(spec)
+    stride, padding, dilation, transposed, output_padding, groups, pre, pre_mode, with_r, separate = args
+    ndim = spec.ndim
+    if separate:
+        term_args = ([1] * ndim, [0] * ndim, [1] * ndim, False, [0] * ndim, 1)
+    else:
+        term_args = (stride, padding, dilation, transposed, output_padding, 1)
+    coords_entry: tuple = (None, None)  # (input signature, coordinates [1, d, ...])
+    term_entry: tuple = (None, None, None)  # (coordinates, coord_weight copy, P)
+
+    def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
+        nonlocal coords_entry, term_entry
+        if pads is not None:
+            input = pre_pad(input, pads, mode)
+        out = torch.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        if type(input) is not torch.Tensor:  # fake or traced tensors: nothing kept
+            coords = _coord_input(
+                input, weight, out.shape[2:], stride, padding, dilation, pre, pre_mode, with_r, separate
+            )
+            return out + torch.convolution(coords, coord_weight, None, *term_args)
+        signature = (input.shape, input.dtype, input.device)
+        last, coords = coords_entry
+        if signature != last:
+            coords = _coord_input(
+                input, weight, out.shape[2:], stride, padding, dilation, pre, pre_mode, with_r, separate
+            )
+            coords_entry = (signature, coords)
+        if not input.is_cpu or (coord_weight.requires_grad and torch.is_grad_enabled()):
+            return out.add_(torch.convolution(coords, coord_weight, None, *term_args))
+        kept_coords, kept_weight, term = term_entry
+        if kept_coords is not coords or not torch.equal(kept_weight, coord_weight):
+            term = torch.convolution(coords, coord_weight, None, *term_args)
+            term_entry = (coords, coord_weight.detach().clone(), term)
+        return out.add_(term)
+
+    return call
