@@ -7,6 +7,8 @@
 #   bash run.sh paper   every paper experiment: 3 tasks x 2 splits, CoordConv (3 seeds) and baseline;
 #                       then detection, GAN and VAE, conv and CoordConv models (3 seeds each)
 #   bash run.sh setup [bench|paper|test]   only the set-up
+#   bash run.sh test-torch V   the test suite against torch V (e.g. 2.11.0), in a venv and a copy of
+#                       this commit under build/torch-V/ (this checkout's own build is untouched)
 #   bash run.sh gpu-check   on a GPU machine whose PyTorch is preinstalled (any version, no network):
 #                       build the extension for the visible GPU, run the CUDA tests and the GPU
 #                       benchmark, and pack logs, JSON and plots into one archive (OUT or results/)
@@ -103,6 +105,39 @@ torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0)) if torch.c
   say "wrote ${OUT:-results}/gpu-check.tar.gz in $((SECONDS - start)) s"
 }
 
+test_torch() {
+  # Another torch release: its own venv and a clone of HEAD (an editable build puts the extension in
+  # the source tree, so the two builds cannot share one). torchvision 0.(minor+15) is the release
+  # built for torch 2.minor; Triton < 3.7's interpreter (TRITON_INTERPRET=1, the CPU tests of the
+  # Triton kernels) fails under NumPy 2.4, hence the cap there.
+  local version=${1:?usage: bash run.sh test-torch VERSION (e.g. 2.11.0)}
+  shift
+  local dir=build/torch-$version minor
+  minor=$(echo "$version" | cut -d. -f2)
+  mkdir -p "$dir"
+  [ -x "$dir/venv/bin/python" ] || "$PY" -m venv "$dir/venv"
+  local vpy=$dir/venv/bin/python
+  if ! "$vpy" -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != sys.argv[1])' "$version" 2>/dev/null; then
+    say "installing torch $version and the test requirements into $dir/venv"
+    "$vpy" -m pip install --progress-bar off "torch==$version" "torchvision==0.$((minor + 15)).*" > "$dir/pip.log" 2>&1 \
+      || { tail -n 20 "$dir/pip.log" >&2; exit 1; }
+  fi
+  local reqs
+  reqs=$("$PY" -c 'import tomllib; print("\n".join(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"] if not r.startswith("torchvision")))')
+  mapfile -t reqs <<< "$reqs"
+  "$vpy" -m pip install --progress-bar off "${reqs[@]}" setuptools wheel ninja >> "$dir/pip.log" 2>&1 \
+    || { tail -n 20 "$dir/pip.log" >&2; exit 1; }
+  if "$vpy" -c 'import sys, triton; sys.exit(tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 7))' 2>/dev/null; then
+    "$vpy" -m pip install --progress-bar off "numpy<2.4" >> "$dir/pip.log" 2>&1
+  fi
+  rm -rf "$dir/src"
+  git clone -q . "$dir/src"
+  say "building the extension against torch $version (log: $dir/build.log)"
+  (cd "$dir/src" && "../venv/bin/python" -m pip install --no-deps --no-build-isolation -e . > ../build.log 2>&1) \
+    || { tail -n 30 "$dir/build.log" >&2; exit 1; }
+  (cd "$dir/src" && "../venv/bin/python" -m pytest -q -p no:cacheprovider "$@")
+}
+
 job=${1:-demo}
 shift || true
 case "$job" in
@@ -113,5 +148,6 @@ case "$job" in
   paper) setup paper; "$PY" -m coordconv_fused.cli paper all "$@"
          "$PY" -m coordconv_fused.cli paper extended "$@" ;;
   test)  setup test; "$PY" -m pytest -q "$@" ;;
-  *) echo "usage: bash run.sh [demo|test|bench|paper|setup|gpu-check] [args...]" >&2; exit 2 ;;
+  test-torch) test_torch "$@" ;;
+  *) echo "usage: bash run.sh [demo|test|bench|paper|setup|test-torch|gpu-check] [args...]" >&2; exit 2 ;;
 esac

@@ -15,6 +15,7 @@ tensor's dtype at the end.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,15 @@ def num_coord_channels(ndim: int, with_r: bool) -> int:
 def _axis_values(numerators: Tensor, size: int) -> Tensor:
     """``numerators / (size - 1)``, or zeros for a single-element axis.
 
-    Branch-free (``sym_max``/``sym_min``), so that an exported graph with a dynamic spatial size
-    keeps the size-1 case instead of specialising on it.
+    Branch-free for a symbolic size (``sym_max``/``sym_min``), so that an exported graph with a
+    dynamic spatial size keeps the size-1 case instead of specialising on it; plain ``max``/``min``
+    for an ``int`` (Dynamo before torch 2.12 breaks the graph on a ``torch.sym_*`` of two ints).
     """
+    if isinstance(size, int):
+        return numerators / max(size - 1, 1) * min(size - 1, 1)
     den = torch.sym_max(size - 1, 1)
-    return numerators / den * torch.sym_min(size - 1, 1)  # type: ignore[return-value]
+    scale: Any = torch.sym_min(size - 1, 1)
+    return numerators / den * scale
 
 
 def axis_coords(size: int, *, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:

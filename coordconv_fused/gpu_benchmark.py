@@ -45,7 +45,8 @@ def _providers(
     out: dict[str, Callable] = {}
     for name, m in providers.items():
         module = cast(nn.Module, m).to(device="cuda", dtype=dtype)
-        out[name] = module.to(memory_format=fmt)
+        # (torch 2.11's stubs lack Module.to(memory_format=...); it exists at run time)
+        out[name] = module.to(memory_format=fmt)  # type: ignore[call-overload, unused-ignore]
     if compiled:
         out[f"{FLOOR} compiled"] = torch.compile(out[FLOOR])
         out["coordconv[auto] compiled"] = torch.compile(out["coordconv[auto]"])
