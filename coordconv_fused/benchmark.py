@@ -290,7 +290,9 @@ def run(
 
 def cpu_description() -> str:
     """The CPU model and the widest x86 vector ISA it offers (from /proc/cpuinfo), e.g.
-    'AMD EPYC 9R14 (AVX-512)'; the AVX-512 kernels are off when COORDCONV_NO_AVX512=1."""
+    'AMD EPYC 9R14 (AVX-512)', and every cap on the ISA in effect: this package's AVX-512 kernels
+    off (COORDCONV_NO_AVX512=1), oneDNN's (ONEDNN_MAX_CPU_ISA) and ATen's (ATEN_CPU_CAPABILITY)
+    limits -- with all three at AVX2 the process computes as on an AVX2-only CPU."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -304,8 +306,13 @@ def cpu_description() -> str:
     except OSError:
         pass
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
-    if isa == "AVX-512" and os.environ.get("COORDCONV_NO_AVX512") == "1":
-        isa = "AVX-512, kernels off: COORDCONV_NO_AVX512=1"
+    caps = [
+        f"{name}={os.environ[name]}"
+        for name in ("COORDCONV_NO_AVX512", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+        if os.environ.get(name)
+    ]
+    if isa and caps:
+        isa += ", limited: " + " ".join(caps)
     return f"{model} ({isa})" if isa else model
 
 

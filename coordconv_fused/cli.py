@@ -35,9 +35,17 @@ def _require(extra: str, *modules: str) -> None:
         )
 
 
+# `bench --isa avx2`: the whole process computes as on an AVX2-only CPU -- this package's kernels,
+# oneDNN's and ATen's vectorised ops (each read once, at start-up: hence a re-run).
+AVX2_ONLY = {"COORDCONV_NO_AVX512": "1", "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+
+
 def _bench(args: argparse.Namespace) -> int:
-    if args.glibc_tunables and os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNABLES and sys.platform == "linux":
-        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
+    wanted: dict[str, str] = dict(AVX2_ONLY) if args.isa == "avx2" else {}
+    if args.glibc_tunables and sys.platform == "linux":
+        wanted["GLIBC_TUNABLES"] = GLIBC_TUNABLES
+    if any(os.environ.get(k) != v for k, v in wanted.items()):
+        env = dict(os.environ, **wanted)
         os.execve(sys.executable, [sys.executable, "-m", "coordconv_fused.cli", *sys.argv[1:]], env)
 
     _require("bench", "tqdm", "matplotlib")
@@ -307,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--compiled", action="store_true", help="with --device cuda: also torch.compile'd nn.Conv2d and CoordConv2d"
+    )
+    bench.add_argument(
+        "--isa",
+        choices=["native", "avx2"],
+        default="native",
+        help="avx2: re-run with this package's AVX-512 kernels, oneDNN and ATen all limited to AVX2, "
+        "as on an AVX2-only CPU (default: %(default)s, what the CPU offers)",
     )
     bench.add_argument(
         "--no-glibc-tunables",

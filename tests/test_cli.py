@@ -45,6 +45,25 @@ def test_bench_quick_smoke(tmp_path):
     assert "AVX" in report["machine"]["processor"] or "AVX" not in open("/proc/cpuinfo").read().upper()
 
 
+def test_bench_isa_avx2_limits_every_library(tmp_path):
+    """``--isa avx2``: the run states the caps, and no AVX-512 kernel of ours is chosen."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COORDCONV_NO_AVX512")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "coordconv_fused.cli", "bench", "--quick", "--isa", "avx2", "--no-memory",
+         "--no-call-cost", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env=env,
+    )  # fmt: skip
+    assert "COORDCONV_NO_AVX512=1 ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2" in proc.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in report["machine"]["processor"]
+    chosen = {c["chosen"] for c in report["kernel_choices"]}
+    assert chosen and "avx512_direct" not in chosen
+
+
 def test_cli_help_is_plain_text():
     for args in ([], ["bench"], ["paper"]):
         proc = subprocess.run(
