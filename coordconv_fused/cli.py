@@ -364,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     paper.add_argument("--lr", type=float, default=None, help="learning rate (default: 5e-3 CoordConv, 1e-3 baseline)")
     paper.add_argument(
-        "--epochs", type=int, default=6, help="epochs of one CoordConv attempt, cosine-decayed (default: %(default)s)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="epochs of one CoordConv attempt, cosine-decayed (default: 10 for classification, 6 otherwise)",
     )
     paper.add_argument(
         "--attempts",

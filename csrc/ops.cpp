@@ -5,6 +5,8 @@
 // visible in the PyTorch profiler (events named coordconv_fused::*).
 #include <Python.h>
 
+#include <string>
+
 #include "cpu/direct_simd.h"
 #include "cpu/kernel_choice.h"
 
@@ -21,7 +23,30 @@ PyObject* avx2_direct_available(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
-// The cpp backend's measured choices: a list of dicts {op, layer, chosen, candidates: {name: us}}.
+std::string to_hex(const std::string& bytes) {
+  static const char digits[] = "0123456789abcdef";
+  std::string hex;
+  for (unsigned char b : bytes) {
+    hex.push_back(digits[b >> 4]);
+    hex.push_back(digits[b & 15]);
+  }
+  return hex;
+}
+
+bool from_hex(const std::string& hex, std::string* bytes) {
+  auto nibble = [](char ch) { return ch >= '0' && ch <= '9' ? ch - '0' : ch >= 'a' && ch <= 'f' ? ch - 'a' + 10 : -1; };
+  if (hex.size() % 2 != 0) return false;
+  bytes->clear();
+  for (size_t i = 0; i < hex.size(); i += 2) {
+    const int hi = nibble(hex[i]), lo = nibble(hex[i + 1]);
+    if (hi < 0 || lo < 0) return false;
+    bytes->push_back(static_cast<char>(hi * 16 + lo));
+  }
+  return true;
+}
+
+// The cpp backend's measured choices: a list of dicts {key, op, layer, chosen, candidates_us: {name: us}}
+// (key: the lookup key in hex, what add_kernel_choices needs to restore a choice).
 PyObject* kernel_choices(PyObject*, PyObject*) {
   const auto choices = coordconv::kernel_choices();
   PyObject* list = PyList_New(0);
@@ -32,12 +57,63 @@ PyObject* kernel_choices(PyObject*, PyObject*) {
       PyDict_SetItemString(times, coordconv::impl_name(c.candidates[i]), us);
       Py_DECREF(us);
     }
-    PyObject* item = Py_BuildValue("{s:s,s:s,s:s,s:N}", "op", c.op.c_str(), "layer", c.layer.c_str(), "chosen",
-                                   coordconv::impl_name(c.chosen), "candidates_us", times);
+    PyObject* item = Py_BuildValue("{s:s,s:s,s:s,s:s,s:N}", "key", to_hex(c.key).c_str(), "op", c.op.c_str(), "layer",
+                                   c.layer.c_str(), "chosen", coordconv::impl_name(c.chosen), "candidates_us", times);
     PyList_Append(list, item);
     Py_DECREF(item);
   }
   return list;
+}
+
+// A str item of a dict, or nullptr (with a Python error set).
+const char* str_item(PyObject* dict, const char* name) {
+  PyObject* v = PyDict_GetItemString(dict, name);  // borrowed
+  if (v == nullptr || !PyUnicode_Check(v)) {
+    PyErr_Format(PyExc_ValueError, "a kernel choice needs a str '%s'", name);
+    return nullptr;
+  }
+  return PyUnicode_AsUTF8(v);
+}
+
+// Restores choices in kernel_choices()'s format; returns how many were added (a key already known
+// is kept as it is).
+PyObject* add_kernel_choices(PyObject*, PyObject* list) {
+  if (!PyList_Check(list)) {
+    PyErr_SetString(PyExc_TypeError, "add_kernel_choices takes a list of dicts");
+    return nullptr;
+  }
+  long added = 0;
+  for (Py_ssize_t i = 0; i < PyList_Size(list); ++i) {
+    PyObject* d = PyList_GetItem(list, i);
+    if (!PyDict_Check(d)) {
+      PyErr_SetString(PyExc_TypeError, "add_kernel_choices takes a list of dicts");
+      return nullptr;
+    }
+    const char *key = str_item(d, "key"), *op = key ? str_item(d, "op") : nullptr;
+    const char *layer = op ? str_item(d, "layer") : nullptr, *chosen = layer ? str_item(d, "chosen") : nullptr;
+    if (chosen == nullptr) return nullptr;
+    coordconv::KernelChoice c;
+    if (!from_hex(key, &c.key) || !coordconv::impl_from_name(chosen, &c.chosen)) {
+      PyErr_Format(PyExc_ValueError, "not a kernel choice: key '%s', chosen '%s'", key, chosen);
+      return nullptr;
+    }
+    c.op = op;
+    c.layer = layer;
+    PyObject* times = PyDict_GetItemString(d, "candidates_us");
+    if (times != nullptr && PyDict_Check(times)) {
+      PyObject *name, *us;
+      Py_ssize_t pos = 0;
+      while (PyDict_Next(times, &pos, &name, &us)) {
+        coordconv::Impl impl;
+        if (PyUnicode_Check(name) && PyFloat_Check(us) && coordconv::impl_from_name(PyUnicode_AsUTF8(name), &impl)) {
+          c.candidates.push_back(impl);
+          c.micros.push_back(PyFloat_AsDouble(us));
+        }
+      }
+    }
+    added += coordconv::add_kernel_choice(c) ? 1 : 0;
+  }
+  return PyLong_FromLong(added);
 }
 
 PyObject* clear_kernel_choices(PyObject*, PyObject*) {
@@ -48,6 +124,7 @@ PyObject* clear_kernel_choices(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"kernel_choices", kernel_choices, METH_NOARGS, "The cpp backend's kernel choices measured so far."},
     {"clear_kernel_choices", clear_kernel_choices, METH_NOARGS, "Forget the measured kernel choices."},
+    {"add_kernel_choices", add_kernel_choices, METH_O, "Restore kernel choices (kernel_choices()'s format)."},
     {"avx512_direct_available", avx512_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX-512 direct kernel (shallow float32 layers) can run on this CPU."},
     {"avx2_direct_available", avx2_direct_available, METH_NOARGS,

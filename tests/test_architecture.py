@@ -121,6 +121,7 @@ LAYERS = [
         "coordconv_fused.backends.reference",
         "coordconv_fused.backends.aten",
         "coordconv_fused.backends.native",
+        "coordconv_fused.backends.choice_file",
         "coordconv_fused.backends.triton",
     },
     {"coordconv_fused.functional"},

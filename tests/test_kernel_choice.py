@@ -2,11 +2,16 @@
 every candidate computes the layer exactly (forced one at a time against the reference), and the
 choice is cached per layer shape, dtype and thread count."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from coordconv_fused import CoordConv1d, CoordConv2d, CoordConv3d
-from coordconv_fused.backends import native
+from coordconv_fused.backends import choice_file, native
 from coordconv_fused.testing import Case, assert_matches_reference, kernel_events
 
 pytestmark = pytest.mark.skipif(native.LOAD_ERROR is not None, reason="the C++ extension is not built")
@@ -125,3 +130,82 @@ def test_unknown_mode_is_an_error(kernel_mode):
     m = CoordConv2d(1, 2, 1, backend="cpp")
     with pytest.raises(RuntimeError, match="COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten"):
         m(torch.randn(1, 1, 4, 4))
+
+
+# ---- choices kept in a file (coordconv_fused.backends.choice_file) ------------------------------
+
+
+def _shallow_layer_call():
+    torch.manual_seed(0)
+    layer = CoordConv2d(3, 8, 3, padding=1, backend="cpp")
+    x = torch.randn(4, 3, 20, 24)
+    with torch.no_grad():
+        return layer, x, layer(x)
+
+
+def test_choices_saved_and_loaded_are_not_measured_again(kernel_mode, tmp_path):
+    kernel_mode("measure")
+    layer, x, y = _shallow_layer_call()
+    measured = native.kernel_choices()
+    assert len(measured) == 1 and measured[0]["key"]
+    path = tmp_path / "choices.json"
+    assert choice_file.save_kernel_choices(path) == 1
+    native.clear_kernel_choices()
+    assert choice_file.load_kernel_choices(path) == 1
+    assert native.kernel_choices() == measured  # restored as saved, before any call
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y)
+    # A re-measurement would have replaced the times: they are the loaded ones.
+    assert native.kernel_choices() == measured
+    assert choice_file.load_kernel_choices(path) == 0  # known keys keep their choice
+
+
+def test_choices_from_another_machine_are_not_used(kernel_mode, tmp_path):
+    kernel_mode("measure")
+    _shallow_layer_call()
+    path = tmp_path / "choices.json"
+    choice_file.save_kernel_choices(path)
+    data = json.loads(path.read_text())
+    data["machine"]["cpu"] = "Another CPU"
+    path.write_text(json.dumps(data))
+    native.clear_kernel_choices()
+    with pytest.warns(UserWarning, match="measured elsewhere.*cpu: 'Another CPU' there"):
+        assert choice_file.load_kernel_choices(path) == 0
+    assert native.kernel_choices() == []
+    (tmp_path / "other.json").write_text(json.dumps({"choices": 3}))
+    with pytest.raises(ValueError, match="not a file of coordconv-fused kernel choices"):
+        choice_file.load_kernel_choices(tmp_path / "other.json")
+
+
+def test_a_loaded_choice_that_cannot_run_here_is_measured_again(kernel_mode, tmp_path):
+    """A file's choice names an implementation that is not a candidate for the layer in this
+    process (here: the AVX-512 kernel, read with COORDCONV_NO_AVX512=1): the layer is measured
+    again and computes the reference's result."""
+    kernel_mode("measure")
+    _shallow_layer_call()
+    (choice,) = native.kernel_choices()
+    choice = dict(choice, chosen="avx512_direct", candidates_us={"avx512_direct": 1.0})
+    kernel_mode("measure", avx512=False)
+    assert native._C.add_kernel_choices([choice]) == 1
+    layer, x, _ = _shallow_layer_call()
+    (now,) = native.kernel_choices()
+    assert now["key"] == choice["key"] and now["chosen"] != "avx512_direct"
+    layer.backend = "reference"
+    with torch.no_grad():
+        torch.testing.assert_close(_shallow_layer_call()[2], layer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_environment_variable_saves_at_exit_and_loads_at_import(tmp_path):
+    path = tmp_path / "cache.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("COORDCONV_CPU_KERNEL", "COORDCONV_NO_AVX512")}
+    env[choice_file.ENV_VAR] = str(path)
+    code = (
+        "import torch; from coordconv_fused import CoordConv2d; from coordconv_fused.backends import native; "
+        "print(len(native.kernel_choices())); "
+        "torch.no_grad()(CoordConv2d(3, 8, 3, padding=1, backend='cpp'))(torch.randn(4, 3, 20, 24)); "
+        "print(len(native.kernel_choices()))"
+    )
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert first.stdout.split() == ["0", "1"] and path.exists()
+    second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert second.stdout.split() == ["1", "1"]  # loaded at import; the call measured nothing new

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..spec import ConvSpec
 from . import aten, native, reference, triton
+from . import choice_file as choice_file  # (COORDCONV_CPU_KERNEL_CACHE is read at import)
 from .base import Backend, BackendFn
 
 __all__ = [

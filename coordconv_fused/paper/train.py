@@ -60,12 +60,13 @@ class RunConfig:
     seed: int = 0
     lr: float | None = None  # default per model
     batch_size: int = 32
-    max_epochs: int = 6
+    max_epochs: int | None = None  # one CoordConv attempt; default per task: see resolved_max_epochs
     max_attempts: int = 3  # CoordConv: restarts while the validation block is not perfect
     baseline_epochs: int = 10
     stop_loss: float = 1e-3
     weight_decay: float | None = None  # default per task and model: see resolved_weight_decay
-    early_stop: bool = True  # CoordConv: stop once the training set is right with a margin
+    early_stop: bool | None = None  # CoordConv: stop once the training set is right with a margin;
+    # default: only without weight decay (see resolved_early_stop)
     quick: bool = False  # a smoke run: few steps, tiny budget
 
     def resolved_lr(self) -> float:
@@ -86,6 +87,22 @@ class RunConfig:
         if self.weight_decay is not None:
             return self.weight_decay
         return 0.5 if self.model == "coordconv" and self.task in ("classification", "rendering") else 0.0
+
+    def resolved_max_epochs(self) -> int:
+        """Epochs of one CoordConv attempt (its cosine schedule): 10 for classification, 6 for the
+        other tasks. EVIDENCE_EPOCHS"""
+        if self.max_epochs is not None:
+            return self.max_epochs
+        return 10 if self.task == "classification" else 6
+
+    def resolved_early_stop(self) -> bool:
+        """Whether a CoordConv attempt stops at the first epoch whose training set is right with a
+        margin: only without weight decay. Decay pulls the weights the data do not hold toward zero
+        over the whole annealed schedule; stopped at the first perfect epoch, a model keeps what the
+        large early steps left in them. EVIDENCE_STOP"""
+        if self.early_stop is not None:
+            return self.early_stop
+        return self.resolved_weight_decay() == 0.0
 
 
 TASKS = ("classification", "regression", "rendering")
@@ -238,7 +255,7 @@ def _train_attempt(
             sharp = tr["max_px_error"] < 0.25
         else:  # every training pixel's sigmoid within 0.12 of its target
             sharp = tr["min_margin"] > 2.0
-        if tr["accuracy"] == 1.0 and sharp and cfg.early_stop:
+        if tr["accuracy"] == 1.0 and sharp and cfg.resolved_early_stop():
             stopped = "training set perfect"
             break
     return model, stopped
@@ -246,7 +263,7 @@ def _train_attempt(
 
 def epoch_budget(cfg: RunConfig) -> int:
     """Epochs of one training attempt."""
-    return 1 if cfg.quick else (cfg.max_epochs if cfg.model == "coordconv" else cfg.baseline_epochs)
+    return 1 if cfg.quick else (cfg.resolved_max_epochs() if cfg.model == "coordconv" else cfg.baseline_epochs)
 
 
 def run(cfg: RunConfig, progress=None) -> dict:

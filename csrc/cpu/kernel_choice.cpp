@@ -122,6 +122,16 @@ const char* impl_name(Impl impl) {
   return "?";
 }
 
+bool impl_from_name(const std::string& name, Impl* impl) {
+  for (Impl i : {Impl::kAten, Impl::kRowDirect, Impl::kAvx512Direct, Impl::kAvx2Direct}) {
+    if (name == impl_name(i)) {
+      *impl = i;
+      return true;
+    }
+  }
+  return false;
+}
+
 Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const std::vector<Impl>& candidates,
                  Impl heuristic, const std::function<void(Impl)>& run) {
   TORCH_INTERNAL_ASSERT(!candidates.empty() && candidates.front() == Impl::kAten);
@@ -141,13 +151,23 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
   {
     std::lock_guard<std::mutex> lock(choices_mutex());
     const auto it = choices().index.find(key);
-    if (it != choices().index.end()) return choices().list[it->second].chosen;
+    if (it != choices().index.end()) {
+      const Impl chosen = choices().list[it->second].chosen;
+      // (a choice loaded from a file may name an implementation this process cannot run, e.g. one
+      // saved with AVX-512 read under COORDCONV_NO_AVX512=1: then it is measured again)
+      if (std::find(candidates.begin(), candidates.end(), chosen) != candidates.end()) return chosen;
+    }
   }
-  KernelChoice choice{op, describe(g, dtype, threads), Impl::kAten, candidates, time_micros(candidates, run)};
+  KernelChoice choice{key, op, describe(g, dtype, threads), Impl::kAten, candidates, time_micros(candidates, run)};
   const auto best = std::min_element(choice.micros.begin(), choice.micros.end()) - choice.micros.begin();
   choice.chosen = candidates[best];
   std::lock_guard<std::mutex> lock(choices_mutex());
   Choices& c = choices();
+  const auto it = c.index.find(key);
+  if (it != c.index.end()) {  // replaces a loaded choice that did not apply
+    c.list[it->second] = choice;
+    return choice.chosen;
+  }
   if (c.list.size() >= kMaxEntries) {
     c.list.clear();
     c.index.clear();
@@ -160,6 +180,15 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
 std::vector<KernelChoice> kernel_choices() {
   std::lock_guard<std::mutex> lock(choices_mutex());
   return choices().list;
+}
+
+bool add_kernel_choice(const KernelChoice& choice) {
+  std::lock_guard<std::mutex> lock(choices_mutex());
+  Choices& c = choices();
+  if (c.index.count(choice.key) != 0 || c.list.size() >= kMaxEntries) return false;
+  c.index.emplace(choice.key, c.list.size());
+  c.list.push_back(choice);
+  return true;
 }
 
 void clear_kernel_choices() {

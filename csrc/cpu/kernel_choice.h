@@ -11,7 +11,9 @@
 //   heuristic  the fixed thresholds of docs/tuning.md, no measurement
 //   direct     force the direct kernels where eligible (AVX-512 or AVX2, else the row kernel)
 //   aten       force ATen/oneDNN plus the coordinate epilogue
-// What was chosen, with the times measured: coordconv_fused.backends.native.kernel_choices().
+// What was chosen, with the times measured: coordconv_fused.backends.native.kernel_choices(); saved
+// to and loaded from a file by save_kernel_choices / load_kernel_choices there (a loaded choice is
+// used only while its implementation is still a candidate for the layer: otherwise it is measured).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -26,11 +28,14 @@ namespace coordconv {
 
 enum class Impl : int { kAten = 0, kRowDirect = 1, kAvx512Direct = 2, kAvx2Direct = 3 };
 const char* impl_name(Impl impl);
+// The implementation named `name` (impl_name's inverse); false if there is none.
+bool impl_from_name(const std::string& name, Impl* impl);
 
 // One measured choice: the op ("forward", "input_grad"), the layer, what won, and the time of each
-// candidate (microseconds, the best of the timed calls), in the order of `candidates`.
+// candidate (microseconds, the best of the timed calls), in the order of `candidates`; `key` is the
+// lookup key (bytes: the op and the layer's fields, dtype and thread count).
 struct KernelChoice {
-  std::string op, layer;
+  std::string key, op, layer;
   Impl chosen;
   std::vector<Impl> candidates;
   std::vector<double> micros;
@@ -45,5 +50,8 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
 // The choices measured so far in this process, and forgetting them (tests, benchmarks).
 std::vector<KernelChoice> kernel_choices();
 void clear_kernel_choices();
+// Adds a choice made earlier (e.g. loaded from a file) unless its key is already known; returns
+// whether it was added.
+bool add_kernel_choice(const KernelChoice& choice);
 
 }  // namespace coordconv

@@ -1,0 +1,109 @@
+"""The ``cpp`` backend's measured kernel choices, kept in a file between processes.
+
+The first call of each layer times the candidate implementations (see
+:func:`coordconv_fused.backends.native.kernel_choices`); a process that saves its choices lets the
+next one skip those measurements. A file records the machine it was measured on -- the CPU model
+and its flags, the ISA caps in effect, the torch and package versions -- and is loaded only on the
+same: a choice measured elsewhere is a guess, and measuring again costs a few calls. Within a
+machine, a loaded choice is used only while its implementation is still a candidate for the layer
+(otherwise the layer is measured again), and it never changes results beyond floating-point
+reassociation (every candidate computes the same sums).
+
+``COORDCONV_CPU_KERNEL_CACHE=path``: load the file at import if it exists, and save every choice
+(those loaded and those measured since) when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import warnings
+
+import torch
+
+from . import native
+
+__all__ = ["machine_fingerprint", "save_kernel_choices", "load_kernel_choices", "ENV_VAR"]
+
+ENV_VAR = "COORDCONV_CPU_KERNEL_CACHE"
+_FORMAT = 1
+_ISA_CAPS = ("COORDCONV_NO_AVX512", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def machine_fingerprint() -> dict[str, str]:
+    """What a measured choice depends on beyond the layer: the CPU (model, a hash of its feature
+    flags), the ISA caps in the environment, and the torch and coordconv-fused versions."""
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = " ".join(sorted(value.split()))
+                    break
+    except OSError:
+        pass
+    try:
+        version = importlib.metadata.version("coordconv-fused")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {
+        "cpu": model,
+        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "isa_caps": " ".join(f"{k}={os.environ[k]}" for k in _ISA_CAPS if os.environ.get(k)),
+        "torch": torch.__version__,
+        "coordconv_fused": version,
+    }
+
+
+def save_kernel_choices(path: str | os.PathLike) -> int:
+    """Write every choice of this process (measured or loaded) to ``path`` (JSON, replaced
+    atomically); returns how many."""
+    choices = native.kernel_choices()
+    data = {"format": _FORMAT, "machine": machine_fingerprint(), "choices": choices}
+    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return len(choices)
+
+
+def load_kernel_choices(path: str | os.PathLike) -> int:
+    """Add the choices saved in ``path`` to this process's (layers already measured here keep
+    theirs); returns how many were added. A file from another machine, CPU feature set, ISA cap or
+    version is not used (a warning says why); a file that is not a saved choice list raises."""
+    if native.LOAD_ERROR is not None:
+        return 0
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("choices"), list):
+        raise ValueError(f"{os.fspath(path)!r} is not a file of coordconv-fused kernel choices (format {_FORMAT})")
+    here = machine_fingerprint()
+    saved = data.get("machine", {})
+    differ = [f"{k}: {saved.get(k)!r} there, {v!r} here" for k, v in here.items() if saved.get(k) != v]
+    if differ:
+        warnings.warn(
+            f"kernel choices in {os.fspath(path)!r} were measured elsewhere ({'; '.join(differ)}): "
+            "not used, layers are measured again",
+            stacklevel=2,
+        )
+        return 0
+    return int(native._C.add_kernel_choices(data["choices"]))
+
+
+def _from_environment() -> None:
+    path = os.environ.get(ENV_VAR)
+    if not path or native.LOAD_ERROR is not None:
+        return
+    if os.path.exists(path):
+        load_kernel_choices(path)
+    atexit.register(save_kernel_choices, path)
+
+
+_from_environment()
