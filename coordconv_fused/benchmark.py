@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .backends import available_backends
+from .backends.choice_file import cpu_model_and_flags, isa_caps
 from .backends.native import kernel_choices
 from .malloc_tunables import GLIBC_TUNABLES
 from .modules import CoordConv2d
@@ -293,24 +294,9 @@ def cpu_description() -> str:
     'AMD EPYC 9R14 (AVX-512)', and every cap on the ISA in effect: this package's AVX-512 kernels
     off (COORDCONV_NO_AVX512=1), oneDNN's (ONEDNN_MAX_CPU_ISA) and ATen's (ATEN_CPU_CAPABILITY)
     limits -- with all three at AVX2 the process computes as on an AVX2-only CPU."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:
-        pass
+    model, flags = cpu_model_and_flags()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
-    caps = [
-        f"{name}={os.environ[name]}"
-        for name in ("COORDCONV_NO_AVX512", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-        if os.environ.get(name)
-    ]
+    caps = isa_caps()
     if isa and caps:
         isa += ", limited: " + " ".join(caps)
     return f"{model} ({isa})" if isa else model

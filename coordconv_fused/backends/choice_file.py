@@ -27,17 +27,19 @@ import torch
 
 from . import native
 
-__all__ = ["machine_fingerprint", "save_kernel_choices", "load_kernel_choices", "ENV_VAR"]
+__all__ = ["cpu_model_and_flags", "isa_caps", "machine_fingerprint", "save_kernel_choices", "load_kernel_choices"]
 
 ENV_VAR = "COORDCONV_CPU_KERNEL_CACHE"
 _FORMAT = 1
-_ISA_CAPS = ("COORDCONV_NO_AVX512", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+ISA_CAP_VARIABLES = ("COORDCONV_NO_AVX512", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+"""Environment variables that cap the vector ISA: this package's AVX-512 kernels off, oneDNN's and
+ATen's limits (with all at AVX2 a process computes as on an AVX2-only CPU)."""
 
 
-def machine_fingerprint() -> dict[str, str]:
-    """What a measured choice depends on beyond the layer: the CPU (model, a hash of its feature
-    flags), the ISA caps in the environment, and the torch and coordconv-fused versions."""
-    model, flags = platform.processor() or platform.machine(), ""
+def cpu_model_and_flags() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (from /proc/cpuinfo; the platform's processor name
+    and no flags where there is none)."""
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -45,18 +47,30 @@ def machine_fingerprint() -> dict[str, str]:
                 if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
                     model = value.strip()
                 elif key.strip() == "flags":
-                    flags = " ".join(sorted(value.split()))
+                    flags = set(value.split())
                     break
     except OSError:
         pass
+    return model, flags
+
+
+def isa_caps() -> list[str]:
+    """The ISA caps in effect, as ``NAME=value`` (see :data:`ISA_CAP_VARIABLES`)."""
+    return [f"{k}={os.environ[k]}" for k in ISA_CAP_VARIABLES if os.environ.get(k)]
+
+
+def machine_fingerprint() -> dict[str, str]:
+    """What a measured choice depends on beyond the layer: the CPU (model, a hash of its feature
+    flags), the ISA caps in the environment, and the torch and coordconv-fused versions."""
+    model, flags = cpu_model_and_flags()
     try:
         version = importlib.metadata.version("coordconv-fused")
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     return {
         "cpu": model,
-        "cpu_flags_sha256": hashlib.sha256(flags.encode()).hexdigest()[:16],
-        "isa_caps": " ".join(f"{k}={os.environ[k]}" for k in _ISA_CAPS if os.environ.get(k)),
+        "cpu_flags_sha256": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:16],
+        "isa_caps": " ".join(isa_caps()),
         "torch": torch.__version__,
         "coordconv_fused": version,
     }
