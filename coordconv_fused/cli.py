@@ -367,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--epochs",
         type=int,
         default=None,
-        help="epochs of one CoordConv attempt, cosine-decayed (default: 10 for classification, 6 otherwise)",
+        help="epochs of one CoordConv attempt, cosine-decayed "
+        "(default: 10 for classification and rendering, 6 for regression)",
     )
     paper.add_argument(
         "--attempts",
