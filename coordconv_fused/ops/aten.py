@@ -132,10 +132,17 @@ def coordinate_term(
     coords = coord_input(
         input, weight, out_sizes, stride, padding, dilation, pre_pad, pre_pad_mode, with_r, separate, cache
     )
-    ndim = input.dim() - 2
+    term_args = _term_conv_args(input.dim() - 2, stride, padding, dilation, transposed, output_padding, separate)
+    return torch.convolution(coords, coord_weight, None, *term_args)
+
+
+def _term_conv_args(ndim: int, stride, padding, dilation, transposed, output_padding, separate: bool) -> tuple:
+    """``torch.convolution``'s arguments after the bias for the coordinate term: the layer's geometry
+    for a full coordinate filter; a plain 1x1 convolution of the receptive-field centres for a
+    separate one."""
     if separate:
-        return torch.convolution(coords, coord_weight, None, [1] * ndim, [0] * ndim, [1] * ndim, False, [0] * ndim, 1)
-    return torch.convolution(coords, coord_weight, None, stride, padding, dilation, transposed, output_padding, 1)
+        return ([1] * ndim, [0] * ndim, [1] * ndim, False, [0] * ndim, 1)
+    return (stride, padding, dilation, transposed, output_padding, 1)
 
 
 def coord_weight_grad(
@@ -224,11 +231,7 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
     pair one signature's coordinates with another's."""
     pads, mode, args = static_arguments(spec)
     stride, padding, dilation, transposed, output_padding, groups, pre, pre_mode, with_r, separate = args
-    ndim = spec.ndim
-    if separate:
-        term_args = ([1] * ndim, [0] * ndim, [1] * ndim, False, [0] * ndim, 1)
-    else:
-        term_args = (stride, padding, dilation, transposed, output_padding, 1)
+    term_args = _term_conv_args(spec.ndim, stride, padding, dilation, transposed, output_padding, separate)
     coords_entry: tuple = (None, None)  # (input signature, coordinates [1, d, ...])
     term_entry: tuple = (None, None, None)  # (coordinates, coord_weight copy, P)
 
