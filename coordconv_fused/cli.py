@@ -131,10 +131,13 @@ def _bench_cuda(args: argparse.Namespace) -> int:
                 rounds=3 if args.quick else 9,
                 per_round=20 if args.quick else 200,
             )
+            if not args.quick:  # (two torch.compile runs: a minute)
+                report["compiled"] = call_cost.compiled_ratio(device="cuda", shape=(64, 64, 56, 56), rounds=9)
     print(gpu_benchmark.format_report(report))
-    if "host_overhead" in report:
-        print()
-        print(call_cost.format_host_overhead(report["host_overhead"]))
+    for key, fmt in (("host_overhead", call_cost.format_host_overhead), ("compiled", call_cost.format_compiled)):
+        if key in report:
+            print()
+            print(fmt(report[key]))
     os.makedirs(args.out, exist_ok=True)
     json_path, png_path = os.path.join(args.out, "bench-cuda.json"), os.path.join(args.out, "bench-cuda.png")
     benchmark.save(report, json_path)

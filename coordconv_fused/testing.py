@@ -395,6 +395,23 @@ def kernel_events(fn: Callable[[], object], name: str) -> tuple[int, int]:
 _EMULATED: list = []
 
 
+def device_path_torch_backend() -> backends.Backend:
+    """A backend ``torch_device_path``: the ``torch`` backend's eager path as it runs off the CPU
+    (the bias inside the coordinate term, nothing kept by value), on CPU tensors. Register it with
+    :func:`coordconv_fused.backends.temporary_backend`."""
+    from .ops import aten
+
+    def run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        saved, aten.CPU_PATH = aten.CPU_PATH, False
+        try:
+            call = aten.prepare_forward(spec)
+        finally:
+            aten.CPU_PATH = saved
+        return call(input, weight, coord_weight, bias)
+
+    return backends.Backend("torch_device_path", run, devices=frozenset({"cpu"}))
+
+
 def emulated_cuda_backend() -> backends.Backend:
     """A backend ``cuda_emulated`` running the CUDA backend's host code and kernel bodies on CPU
     tensors (an emulation of the CUDA grid, built as ``coordconv_fused._C_testing``), with the

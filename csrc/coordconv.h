@@ -136,86 +136,35 @@ CC_HD acc_t coord_im2col(const Geometry& g, int64_t kc, int64_t od, int64_t oh, 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel bodies: one output element (or one coordinate-weight gradient element) per call, indexed
-// by a flat index. A CUDA kernel calls them with blockIdx.x * blockDim.x + threadIdx.x; the CPU
-// emulation calls them for every (block, thread) of the same grid. No barriers, no shared memory.
+// Kernel bodies of the CUDA backend, one element per call, indexed by a flat index. A CUDA kernel
+// calls them with blockIdx.x * blockDim.x + threadIdx.x; the CPU emulation calls them for every
+// (block, thread) of the same grid. No barriers, no shared memory.
 
-// The coordinate term of output (o, od, oh, ow).
+// Element idx = kc * points + p of the coordinate im2col matrix [k_coord, points]: what weight kc
+// of the coordinate filter multiplies at output point p. (The coordinate term is this matrix times
+// the filter, the filter's gradient the batch-summed output gradient times its transpose: two small
+// GEMMs, one per call, whatever the batch.)
 template <typename scalar_t, typename acc_t>
-CC_HD acc_t coord_term_body(const Geometry& g, const scalar_t* cw, int64_t co, int64_t od, int64_t oh, int64_t ow) {
-  const int64_t kc_n = g.k_coord();
-  acc_t acc = 0;
-  for (int64_t kc = 0; kc < kc_n; ++kc) {
-    acc += static_cast<acc_t>(cw[co * kc_n + kc]) * coord_im2col<scalar_t, acc_t>(g, kc, od, oh, ow);
-  }
-  return acc;
-}
-
-// Flat index over [N, C_out, OD, OH, OW] -> indices, and the element's offset in the output.
-CC_HD int64_t unflatten_output(const Geometry& g, int64_t idx, int64_t* n, int64_t* co, int64_t* od, int64_t* oh,
-                               int64_t* ow) {
-  *ow = idx % g.out[2];
-  idx /= g.out[2];
-  *oh = idx % g.out[1];
-  idx /= g.out[1];
-  *od = idx % g.out[0];
-  idx /= g.out[0];
-  *co = idx % g.c_out;
-  *n = idx / g.c_out;
-  return *n * g.ystride[0] + *co * g.ystride[1] + *od * g.ystride[2] + *oh * g.ystride[3] + *ow * g.ystride[4];
-}
-
-// Direct convolution (for small C_in*taps): data taps + coordinate term + bias for one element of
-// the [N, C_out, OD, OH, OW] output (any strides) from a contiguous [N, C_in, DP, HP, WP] input.
-template <typename scalar_t, typename acc_t>
-CC_HD void direct_forward_body(const Geometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* cw,
-                               const scalar_t* bias, scalar_t* y, int64_t idx) {
-  int64_t n, co, od, oh, ow;
-  const int64_t off = unflatten_output(g, idx, &n, &co, &od, &oh, &ow);
-  const int64_t cg = g.c_in / g.groups, grp = co / (g.c_out / g.groups);
-  acc_t acc = g.has_bias ? static_cast<acc_t>(bias[co]) : acc_t(0);
-  for (int64_t ci = 0; ci < cg; ++ci) {
-    const scalar_t* xc = x + ((n * g.c_in + grp * cg + ci) * g.padded[0]) * g.padded[1] * g.padded[2];
-    const scalar_t* wc = w + (co * cg + ci) * g.taps();
-    for (int64_t td = 0; td < g.kernel[0]; ++td) {
-      int64_t pd = od * g.stride[0] - g.pad[0] + td * g.dil[0];
-      if (pd < 0 || pd >= g.padded[0]) continue;
-      for (int64_t th = 0; th < g.kernel[1]; ++th) {
-        int64_t ph = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
-        if (ph < 0 || ph >= g.padded[1]) continue;
-        for (int64_t tw = 0; tw < g.kernel[2]; ++tw) {
-          int64_t pw = ow * g.stride[2] - g.pad[2] + tw * g.dil[2];
-          if (pw < 0 || pw >= g.padded[2]) continue;
-          acc += static_cast<acc_t>(wc[(td * g.kernel[1] + th) * g.kernel[2] + tw]) *
-                 static_cast<acc_t>(xc[(pd * g.padded[1] + ph) * g.padded[2] + pw]);
-        }
-      }
-    }
-  }
-  acc += coord_term_body<scalar_t, acc_t>(g, cw, co, od, oh, ow);
-  y[off] = static_cast<scalar_t>(acc);
-}
-
-// Epilogue: add the coordinate term into a convolution output (any strides), in place.
-template <typename scalar_t, typename acc_t>
-CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, scalar_t* y, int64_t idx) {
-  int64_t n, co, od, oh, ow;
-  const int64_t off = unflatten_output(g, idx, &n, &co, &od, &oh, &ow);
-  y[off] = static_cast<scalar_t>(static_cast<acc_t>(y[off]) + coord_term_body<scalar_t, acc_t>(g, cw, co, od, oh, ow));
-}
-
-// Gradient of coord_weight element (co, kc) from grad_sum = grad_output.sum(0), [C_out, OD, OH, OW].
-template <typename scalar_t, typename acc_t>
-CC_HD void coord_weight_grad_body(const Geometry& g, const acc_t* grad_sum, scalar_t* grad_cw, int64_t idx) {
-  const int64_t kc_n = g.k_coord();
-  const int64_t co = idx / kc_n, kc = idx % kc_n;
+CC_HD void coord_cols_body(const Geometry& g, acc_t* cols, int64_t idx) {
   const int64_t points = g.out_points();
-  acc_t acc = 0;
-  for (int64_t p = 0; p < points; ++p) {
-    int64_t ow = p % g.out[2], oh = (p / g.out[2]) % g.out[1], od = p / (g.out[2] * g.out[1]);
-    acc += grad_sum[co * points + p] * coord_im2col<scalar_t, acc_t>(g, kc, od, oh, ow);
+  const int64_t kc = idx / points, p = idx % points;
+  cols[idx] = coord_im2col<scalar_t, acc_t>(g, kc, p / (g.out[2] * g.out[1]), (p / g.out[2]) % g.out[1], p % g.out[2]);
+}
+
+// The epilogue's elements per thread.
+constexpr int kEpilogueVec = 4;
+
+// Epilogue: y += term in place for the kEpilogueVec elements from kEpilogueVec * idx of a dense
+// output whose samples are `sample` elements apart (batch outermost: NCHW or channels-last),
+// `term` holding one sample in y's memory order (coordinate term plus bias, in acc_t: one rounding).
+template <typename scalar_t, typename acc_t>
+CC_HD void add_term_body(const acc_t* term, scalar_t* y, int64_t sample, int64_t total, int64_t idx) {
+  int64_t i = idx * kEpilogueVec;
+  int64_t t = i % sample;
+  for (int v = 0; v < kEpilogueVec && i < total; ++v, ++i) {
+    y[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + term[t]);
+    if (++t == sample) t = 0;
   }
-  grad_cw[idx] = static_cast<scalar_t>(acc);
 }
 
 }  // namespace coordconv

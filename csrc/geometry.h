@@ -76,28 +76,15 @@ inline at::MemoryFormat conv_output_format(const at::Tensor& input, const at::Te
   return at::MemoryFormat::Contiguous;
 }
 
-// Strides of a [N, C, *spatial] tensor lifted to [N, C, D, H, W].
-inline void lifted_strides(const at::Tensor& t, int64_t out[5]) {
-  const int64_t nd = t.dim() - 2;
-  out[0] = t.stride(0);
-  out[1] = t.stride(1);
-  for (int ax = 0; ax < 3; ++ax) {
-    const int64_t k = ax - (3 - nd);
-    out[2 + ax] = k >= 0 ? t.stride(2 + k) : 0;
-  }
-}
-
-// The direct kernels (data + coordinates + bias in one pass) are used when the data GEMM's depth
-// C_in/groups * taps is at most this. CUDA: untuned. CPU: depth 1, where the row kernel beats oneDNN
-// plus the coordinate epilogue (docs/tuning.md).
-constexpr int64_t kDirectMaxK = 32;
-
 // at::parallel_for's grain for items of `cost` elementary operations each: a range of less than
 // about at::internal::GRAIN_SIZE operations runs on the calling thread, since waking the pool costs
 // more than a tiny layer's whole arithmetic.
 inline int64_t grain_for(int64_t cost) {
   return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, cost));
 }
+// The CPU's direct kernels (data + coordinates + bias in one pass) are used when the data GEMM's
+// depth C_in/groups * taps is at most this: depth 1, where the row kernel beats oneDNN plus the
+// coordinate epilogue (docs/tuning.md).
 constexpr int64_t kCpuDirectMaxK = 1;
 
 }  // namespace coordconv

@@ -14,39 +14,55 @@ namespace coordconv {
 
 constexpr int kThreadsPerBlock = 256;
 
+// The coordinate im2col matrix [k_coord, points] of the call, in acc_t (the coordinates rounded to
+// scalar_t as concatenated channels would be): one launch, independent of the batch.
+template <class Launch, typename scalar_t, typename acc_t>
+at::Tensor coord_cols(const Geometry& g, const at::Tensor& like) {
+  at::Tensor cols =
+      at::empty({g.k_coord(), g.out_points()}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  if (cols.numel() > 0) Launch::template coord_cols<scalar_t, acc_t>(g, cols.data_ptr<acc_t>(), cols.numel());
+  return cols;
+}
+
+// The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass
+// of its own), then one in-place pass adding the coordinate term plus the bias. That term is one
+// sample's worth, [C_out, points] = coord_weight [C_out, k_coord] x cols [k_coord, points] (+ bias),
+// computed in acc_t by a small GEMM and laid out like one sample of the output, so that the pass
+// reads it with the output's own flat index, whatever its memory format.
 template <class Launch>
 at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
                        at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r, bool separate) {
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
-  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, pre_pad, pre_pad_mode,
-                             with_r, separate);
-  const at::Tensor cw = coord_weight.contiguous();
-  at::Tensor y;
-  const bool direct = g.k_data() <= kDirectMaxK;
-  if (direct) {
-    y = at::empty(output_sizes(g), input.options().memory_format(conv_output_format(input, weight)));
-  } else {
-    // cuDNN for the data; the coordinate term is added by the epilogue kernel.
-    y = at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
-  }
+  const Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, pre_pad,
+                                   pre_pad_mode, with_r, separate);
+  at::Tensor y = at::convolution(input, weight, c10::nullopt, stride, padding, dilation, false, output_padding, groups);
   if (y.numel() == 0) return y;
-  lifted_strides(y, g.ystride);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_gpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (direct) {
-      const at::Tensor x = input.contiguous(), w = weight.contiguous();
-      const scalar_t* b = g.has_bias ? bias->data_ptr<scalar_t>() : nullptr;
-      Launch::template direct_forward<scalar_t, acc_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
-                                                       cw.data_ptr<scalar_t>(), b, y.data_ptr<scalar_t>(), y.numel());
-    } else {
-      Launch::template coord_epilogue<scalar_t, acc_t>(g, cw.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), y.numel());
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor cols = coord_cols<Launch, scalar_t, acc_t>(g, y);
+    const at::Tensor cw = coord_weight.reshape({g.c_out, g.k_coord()}).to(acc);
+    const at::Tensor term = g.has_bias ? at::addmm(bias->to(acc).unsqueeze(1), cw, cols) : at::mm(cw, cols);
+    std::vector<int64_t> one = y.sizes().vec();
+    one[0] = 1;
+    const int64_t sample = y.numel() / y.size(0);
+    if (y.is_non_overlapping_and_dense() && y.stride(0) == sample) {
+      at::Tensor laid = at::empty_strided(one, y.strides(), term.options());
+      laid.copy_(term.view(one));
+      const int64_t threads = (y.numel() + kEpilogueVec - 1) / kEpilogueVec;
+      Launch::template add_term<scalar_t, acc_t>(laid.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), sample, y.numel(),
+                                                 threads);
+    } else {  // (no convolution gives such an output; kept for safety)
+      y.add_(term.view(one));
     }
   });
   return y;
 }
 
+// The gradient of coord_weight from grad_sum = grad_output.sum(0): [C_out, points] x cols^T, in
+// acc_t, by a small GEMM.
 template <class Launch>
 at::Tensor gpu_coord_weight_grad(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -54,13 +70,15 @@ at::Tensor gpu_coord_weight_grad(const at::Tensor& grad_sum, const at::Tensor& i
                                  int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
                                  bool separate) {
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
-  Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, pre_pad,
-                             pre_pad_mode, with_r, separate);
-  at::Tensor out = at::empty(coord_weight.sizes(), coord_weight.options().memory_format(at::MemoryFormat::Contiguous));
+  const Geometry g = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, pre_pad,
+                                   pre_pad_mode, with_r, separate);
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_weight_grad_gpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor gs = grad_sum.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-    Launch::template coord_weight_grad<scalar_t, acc_t>(g, gs.data_ptr<acc_t>(), out.data_ptr<scalar_t>(), out.numel());
+    const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const at::Tensor cols = coord_cols<Launch, scalar_t, acc_t>(g, grad_sum);
+    const at::Tensor gs = grad_sum.to(acc).reshape({g.c_out, g.out_points()});
+    out = at::mm(gs, cols.t()).to(coord_weight.scalar_type()).reshape(coord_weight.sizes()).contiguous();
   });
   return out;
 }

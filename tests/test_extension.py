@@ -20,7 +20,8 @@ def emulated_backend(emulated_cuda):
 
 
 EMULATED_CASES = [
-    # Direct kernel (C_in/groups * taps <= 32) ...
+    # cuDNN (here: ATen) for the data + the coordinate term [k_coord x points GEMM] + one epilogue pass:
+    # shallow layers ...
     Case((7, 5)),
     Case((7, 5), with_r=True, padding=1),
     Case((9, 8), stride=2, padding=1, dilation=2),
@@ -38,7 +39,8 @@ EMULATED_CASES = [
     Case((16,), stride=3, padding=1, padding_mode="circular", separate=True),
     Case((4, 5, 3), padding=1, with_r=True, in_channels=1),
     Case((4, 5, 3), kernel_size=(2, 3, 1), stride=(2, 1, 1), separate=True, with_r=True),
-    # ... and cuDNN (here: ATen) + the coordinate epilogue kernel (deeper data GEMMs).
+    # ... and deeper ones (an output size that is not a multiple of the epilogue's 4 elements per thread).
+    Case((5, 3), in_channels=8, out_channels=3, batch=3, padding=0, with_r=True),
     Case((9, 8), in_channels=8, out_channels=6, padding=1, with_r=True),
     Case((9, 8), in_channels=8, out_channels=6, padding=2, padding_mode="reflect", separate=True),
     Case((10, 7), in_channels=12, out_channels=8, groups=2, stride=2, padding=1, dilation=2),
@@ -57,6 +59,43 @@ def test_emulated_cuda_matches_reference(emulated_backend, case, dtype):
 def test_emulated_cuda_low_precision(emulated_backend, dtype):
     assert_matches_reference(emulated_backend, Case((7, 6), padding=1, with_r=True), dtype)
     assert_matches_reference(emulated_backend, Case((7, 6), in_channels=8, padding=1, separate=True), dtype)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 7, 9), (2, 3, 4, 5, 3)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_emulated_cuda_channels_last(emulated_backend, shape, bias):
+    """A channels-last input: the epilogue adds the term laid out like one sample of the output (the
+    flat index of the output's own memory order); output format, values and every gradient."""
+    import coordconv_fused as cf
+
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    cls = cf.CoordConv2d if len(shape) == 4 else cf.CoordConv3d
+    layer = cls(shape[1], 5, 3, padding=1, bias=bias, with_r=True).double()
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    layer.backend = emulated_backend
+    out = layer(x)
+    plain = torch.convolution(
+        x,
+        layer.weight,
+        None,
+        [1] * (x.dim() - 2),
+        [1] * (x.dim() - 2),
+        [1] * (x.dim() - 2),
+        False,
+        [0] * (x.dim() - 2),
+        1,
+    )
+    assert out.stride() == plain.stride()  # (the data convolution's format: ATen's CPU 3-D convolution keeps NCDHW)
+    out.square().sum().backward()
+    got = [x.grad] + [p.grad.clone() for p in layer.parameters()]
+    xr = x.detach().contiguous().requires_grad_()
+    layer.zero_grad()
+    layer.backend = "reference"
+    ref = layer(xr)
+    ref.square().sum().backward()
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(got, [xr.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(g, r)
 
 
 def test_emulated_cuda_gradcheck(emulated_backend):

@@ -147,6 +147,66 @@ def test_gradcheck(backend, case):
     assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
 
 
+# ---- the torch backend's device path (bias inside the coordinate term) on CPU tensors --------------
+
+
+@pytest.fixture
+def device_path():
+    from coordconv_fused import backends
+    from coordconv_fused.testing import device_path_torch_backend
+
+    with backends.temporary_backend(device_path_torch_backend()) as name:
+        yield name
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_device_path_matches_reference(device_path, case):
+    """What the ``torch`` backend runs on a GPU, run here: output and every gradient."""
+    assert_matches_reference(device_path, case, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_device_path_low_precision(device_path, dtype):
+    for case in LOW_PRECISION_CASES:
+        assert_low_precision_matches_float64(device_path, case, dtype)
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[_id(c) for c in GRADCHECK_CASES])
+def test_device_path_gradcheck(device_path, case):
+    tensors = case.make_tensors(torch.float64, "cpu", seed=3)
+    names = [n for n, t in tensors.items() if t is not None]
+    fn = lambda *args: case.run(device_path, dict(zip(names, args)))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradgradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_device_path_channels_last(device_path, bias):
+    """A channels-last input: the output is channels-last like nn.Conv2d's, values and gradients
+    those of the reference (the coordinates are kept per memory format: a contiguous call after a
+    channels-last one of the same shape gets contiguous ones)."""
+    import coordconv_fused as cf
+
+    layer = cf.CoordConv2d(4, 6, 3, padding=1, bias=bias, with_r=True).double()
+    x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
+    for xin in (x.to(memory_format=torch.channels_last), x, x.to(memory_format=torch.channels_last)):
+        xin = xin.detach().requires_grad_()
+        layer.zero_grad()
+        layer.backend = device_path
+        out = layer(xin)
+        assert out.is_contiguous(memory_format=torch.channels_last) == (xin.stride(1) == 1)
+        out.square().sum().backward()
+        got = [xin.grad] + [p.grad.clone() for p in layer.parameters()]
+        xr = x.detach().requires_grad_()
+        layer.zero_grad()
+        layer.backend = "reference"
+        ref = layer(xr)
+        ref.square().sum().backward()
+        torch.testing.assert_close(out, ref)
+        for g, r in zip(got, [xr.grad] + [p.grad for p in layer.parameters()]):
+            torch.testing.assert_close(g, r)
+
+
 # ---- CUDA (where a GPU is visible; skipped, and listed at the end of the run, elsewhere) ----------------
 
 CUDA_BACKENDS = ["torch", "cuda", "triton", "auto"]

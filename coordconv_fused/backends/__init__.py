@@ -161,7 +161,7 @@ def dispatch(
 
 register_backend(reference.backend)
 register_backend(aten.backend)
-register_backend(triton.backend, prefer_on={"cuda": 0})
+register_backend(triton.backend)
 register_backend(native.cpp_backend, prefer_on={"cpu": 0})
 register_backend(native.cuda_backend)
 

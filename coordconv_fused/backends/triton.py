@@ -5,16 +5,14 @@ the op first runs, so importing this library never pays for it. The kernels run 
 and on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before the first
 import (that is how the test suite proves them on a machine without a GPU).
 
-``auto`` heuristic on CUDA (untuned: no GPU has measured it yet): the fused kernel saves the extra
-pass over the output that cuDNN + coordinate term needs, which matters most when the data GEMM is
-small, so ``auto`` picks ``triton`` when ``C_in/groups * prod(kernel) <= 576`` (e.g. up to 64
-channels with a 3x3 kernel) and ``torch`` (cuDNN) above.
+``auto`` does not pick it: on an NVIDIA H200 (2026-11-29, torch 2.11, Triton 3.6) the kernel was
+slower than cuDNN on every layer measured, also on large ones (2.3x at (64,3,256,256)->32 3x3), so
+``auto`` runs cuDNN (the ``torch`` backend) on CUDA and this backend is an explicit choice.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 
 import torch
@@ -24,9 +22,7 @@ from ..ops import call_coord_conv_op, define_coord_conv_op, prepare_call
 from ..spec import ConvSpec
 from .base import Backend
 
-__all__ = ["coord_conv_triton", "AUTO_MAX_K", "backend"]
-
-AUTO_MAX_K = 576
+__all__ = ["coord_conv_triton", "backend"]
 
 
 def _interpret() -> bool:
@@ -65,10 +61,6 @@ def _supports(spec: ConvSpec) -> str | None:
     return None
 
 
-def _auto_ok(input: Tensor, weight: Tensor, spec: ConvSpec) -> bool:
-    return weight.shape[1] * math.prod(spec.kernel_size) <= AUTO_MAX_K
-
-
 def coord_conv_triton(
     input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
 ) -> Tensor:
@@ -82,6 +74,5 @@ backend = Backend(
     devices=frozenset({"cuda", "cpu"}) if _interpret() else frozenset({"cuda"}),
     unavailable_reason=_unavailable_reason,
     supports=_supports,
-    auto_ok=_auto_ok,
     prepare=lambda spec: prepare_call(torch.ops.coordconv_fused.coord_conv_triton, spec),
 )

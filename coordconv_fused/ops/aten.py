@@ -214,23 +214,43 @@ def composite(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     return forward(input, weight, coord_weight, bias, *args)
 
 
+CPU_PATH = True
+"""Whether calls prepared from now on take the CPU path on CPU tensors (bias inside the data
+convolution, the term kept by value); tests set it False to run the device path on CPU tensors."""
+
+
+def _in_format_of(coords: Tensor, out: Tensor) -> Tensor:
+    """``coords`` in ``out``'s memory format (channels-last outputs: the term the convolution makes
+    of them is then channels-last too, and adding it reads both tensors in the same order)."""
+    for fmt in (torch.channels_last, torch.channels_last_3d):
+        if out.dim() == (4 if fmt == torch.channels_last else 5) and not out.is_contiguous():
+            if out.is_contiguous(memory_format=fmt):
+                return coords.contiguous(memory_format=fmt)
+    return coords
+
+
 def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
     """``fn(input, weight, coord_weight, bias)``: :func:`forward` for ``spec`` as eager ATen calls
     (autograd is ATen's, in C++; second order comes for free), keeping between calls what does not
     depend on the data:
 
-    * the coordinate tensor of the last input signature (shape, dtype, device);
+    * the coordinate tensor of the last input signature (shape, dtype, device, memory format), in
+      the output's memory format;
     * on the CPU, where no gradient of ``coord_weight`` is wanted (inference, frozen coordinate
       filter), the coordinate term ``P`` of the last ``coord_weight`` *values*: a call compares
       ``coord_weight`` with a copy (a few dozen numbers) instead of convolving again. By value, not
       by version counter: ``param.data.copy_(...)`` changes a parameter without bumping its version.
       On other devices that comparison would read device memory from the host (a synchronisation),
-      so ``P`` is computed on every call there (one small asynchronous convolution).
+      so ``P`` is computed on every call there (one small asynchronous convolution), and the bias is
+      added with it: ``conv(x, w) + conv(coords, coord_weight, bias)``, one pass over the output
+      (cuDNN would add a bias in a pass of its own); its gradient comes from the batch sum that
+      ``coord_weight``'s needs anyway.
 
     Each cache holds one entry, replaced as a whole (a tuple), so calls from several threads never
     pair one signature's coordinates with another's."""
     pads, mode, args = static_arguments(spec)
     stride, padding, dilation, transposed, output_padding, groups, pre, pre_mode, with_r, separate = args
+    cpu_path = CPU_PATH
     term_args = _term_conv_args(spec.ndim, stride, padding, dilation, transposed, output_padding, separate)
     coords_entry: tuple = (None, None)  # (input signature, coordinates [1, d, ...])
     term_entry: tuple = (None, None, None)  # (coordinates, coord_weight copy, P)
@@ -239,20 +259,28 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
         nonlocal coords_entry, term_entry
         if pads is not None:
             input = pre_pad(input, pads, mode)
-        out = torch.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        # Off the CPU the bias goes into the coordinate term (a batch of one): cuDNN adds a bias in a
+        # pass of its own over the output, so the term and the bias then cost that one pass together.
+        # (oneDNN adds it inside the convolution: there it stays.)
+        host = input.is_cpu and cpu_path
+        out = torch.convolution(
+            input, weight, bias if host else None, stride, padding, dilation, transposed, output_padding, groups
+        )
         if type(input) is not torch.Tensor:  # fake or traced tensors: nothing kept
             coords = _coord_input(
                 input, weight, out.shape[2:], stride, padding, dilation, pre, pre_mode, with_r, separate
             )
-            return out + torch.convolution(coords, coord_weight, None, *term_args)
-        signature = (input.shape, input.dtype, input.device)
+            return out + torch.convolution(coords, coord_weight, None if host else bias, *term_args)
+        signature = (input.shape, input.dtype, input.device, out.is_contiguous())
         last, coords = coords_entry
         if signature != last:
             coords = _coord_input(
                 input, weight, out.shape[2:], stride, padding, dilation, pre, pre_mode, with_r, separate
             )
-            coords_entry = (signature, coords)
-        if not input.is_cpu or (coord_weight.requires_grad and torch.is_grad_enabled()):
+            coords_entry = (signature, _in_format_of(coords, out))
+        if not host:
+            return out.add_(torch.convolution(coords, coord_weight, bias, *term_args))
+        if coord_weight.requires_grad and torch.is_grad_enabled():
             return out.add_(torch.convolution(coords, coord_weight, None, *term_args))
         kept_coords, kept_weight, term = term_entry
         if kept_coords is not coords or not torch.equal(kept_weight, coord_weight):

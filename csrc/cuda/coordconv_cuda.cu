@@ -1,6 +1,7 @@
-// The CUDA backend: the kernel bodies of coordconv.h as __global__ kernels, one thread per output
-// (or gradient) element, and the host logic of gpu_host.h. Compiled in CI (FORCE_CUDA=1); run on
-// the CPU by the emulation in cpu/cuda_emulation.cpp.
+// The CUDA backend: the kernel bodies of coordconv.h as __global__ kernels (the coordinate im2col
+// matrix, one thread per element; the epilogue, one thread per kEpilogueVec output elements), and
+// the host logic of gpu_host.h (cuDNN for the data, cuBLAS for the two small coordinate GEMMs).
+// Compiled in CI (FORCE_CUDA=1); run on the CPU by the emulation in testing/cuda_emulation.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,22 +13,16 @@ namespace coordconv {
 namespace {
 
 template <typename scalar_t, typename acc_t>
-__global__ void direct_forward_kernel(Geometry g, const scalar_t* x, const scalar_t* w, const scalar_t* cw,
-                                      const scalar_t* b, scalar_t* y, int64_t total) {
+__global__ void coord_cols_kernel(Geometry g, acc_t* cols, int64_t total) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx < total) direct_forward_body<scalar_t, acc_t>(g, x, w, cw, b, y, idx);
+  if (idx < total) coord_cols_body<scalar_t, acc_t>(g, cols, idx);
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void coord_epilogue_kernel(Geometry g, const scalar_t* cw, scalar_t* y, int64_t total) {
+__global__ void add_term_kernel(const acc_t* __restrict__ term, scalar_t* __restrict__ y, int64_t sample,
+                                int64_t total, int64_t threads) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx < total) coord_epilogue_body<scalar_t, acc_t>(g, cw, y, idx);
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void coord_weight_grad_kernel(Geometry g, const acc_t* gs, scalar_t* out, int64_t total) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx < total) coord_weight_grad_body<scalar_t, acc_t>(g, gs, out, idx);
+  if (idx < threads) add_term_body<scalar_t, acc_t>(term, y, sample, total, idx);
 }
 
 unsigned int blocks_for(int64_t total) {
@@ -36,22 +31,15 @@ unsigned int blocks_for(int64_t total) {
 
 struct CudaLaunch {
   template <typename scalar_t, typename acc_t>
-  static void direct_forward(const Geometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* cw,
-                             const scalar_t* b, scalar_t* y, int64_t total) {
-    direct_forward_kernel<scalar_t, acc_t>
-        <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, x, w, cw, b, y, total);
+  static void coord_cols(const Geometry& g, acc_t* cols, int64_t total) {
+    coord_cols_kernel<scalar_t, acc_t>
+        <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cols, total);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename scalar_t, typename acc_t>
-  static void coord_epilogue(const Geometry& g, const scalar_t* cw, scalar_t* y, int64_t total) {
-    coord_epilogue_kernel<scalar_t, acc_t>
-        <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cw, y, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  template <typename scalar_t, typename acc_t>
-  static void coord_weight_grad(const Geometry& g, const acc_t* gs, scalar_t* out, int64_t total) {
-    coord_weight_grad_kernel<scalar_t, acc_t>
-        <<<blocks_for(total), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, gs, out, total);
+  static void add_term(const acc_t* term, scalar_t* y, int64_t sample, int64_t total, int64_t threads) {
+    add_term_kernel<scalar_t, acc_t><<<blocks_for(threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+        term, y, sample, total, threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

@@ -23,17 +23,12 @@ struct EmulatedLaunch {
     }
   }
   template <typename scalar_t, typename acc_t>
-  static void direct_forward(const Geometry& g, const scalar_t* x, const scalar_t* w, const scalar_t* cw,
-                             const scalar_t* b, scalar_t* y, int64_t total) {
-    grid(total, [&](int64_t i) { direct_forward_body<scalar_t, acc_t>(g, x, w, cw, b, y, i); });
+  static void coord_cols(const Geometry& g, acc_t* cols, int64_t total) {
+    grid(total, [&](int64_t i) { coord_cols_body<scalar_t, acc_t>(g, cols, i); });
   }
   template <typename scalar_t, typename acc_t>
-  static void coord_epilogue(const Geometry& g, const scalar_t* cw, scalar_t* y, int64_t total) {
-    grid(total, [&](int64_t i) { coord_epilogue_body<scalar_t, acc_t>(g, cw, y, i); });
-  }
-  template <typename scalar_t, typename acc_t>
-  static void coord_weight_grad(const Geometry& g, const acc_t* gs, scalar_t* out, int64_t total) {
-    grid(total, [&](int64_t i) { coord_weight_grad_body<scalar_t, acc_t>(g, gs, out, i); });
+  static void add_term(const acc_t* term, scalar_t* y, int64_t sample, int64_t total, int64_t threads) {
+    grid(threads, [&](int64_t i) { add_term_body<scalar_t, acc_t>(term, y, sample, total, i); });
   }
 };
 
