@@ -8,6 +8,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 
+#include <algorithm>
+
 #include "geometry.h"
 
 namespace coordconv {
@@ -22,6 +24,35 @@ at::Tensor coord_cols(const Geometry& g, const at::Tensor& like) {
       at::empty({g.k_coord(), g.out_points()}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   if (cols.numel() > 0) Launch::template coord_cols<scalar_t, acc_t>(g, cols.data_ptr<acc_t>(), cols.numel());
   return cols;
+}
+
+// cuBLAS takes 32-bit sizes: the coordinate GEMMs run over chunks of at most this many points.
+constexpr int64_t kMaxGemmPoints = int64_t(1) << 30;
+
+// The coordinate term [C_out, points] = cw [C_out, k_coord] x cols [k_coord, points] (+ bias).
+inline at::Tensor term_gemm(const at::Tensor& cw, const at::Tensor& cols, const at::Tensor& bias_column) {
+  at::Tensor term = at::empty({cw.size(0), cols.size(1)}, cols.options());
+  for (int64_t s = 0; s < cols.size(1); s += kMaxGemmPoints) {
+    const int64_t len = std::min(kMaxGemmPoints, cols.size(1) - s);
+    at::Tensor out = term.narrow(1, s, len);
+    if (bias_column.defined()) {
+      at::addmm_out(out, bias_column, cw, cols.narrow(1, s, len));
+    } else {
+      at::mm_out(out, cw, cols.narrow(1, s, len));
+    }
+  }
+  return term;
+}
+
+// The coordinate filter's gradient [C_out, k_coord] = gs [C_out, points] x cols^T.
+inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) {
+  at::Tensor out;
+  for (int64_t s = 0; s < cols.size(1); s += kMaxGemmPoints) {
+    const int64_t len = std::min(kMaxGemmPoints, cols.size(1) - s);
+    const at::Tensor part = at::mm(gs.narrow(1, s, len), cols.narrow(1, s, len).t());
+    out = out.defined() ? out.add_(part) : part;
+  }
+  return out.defined() ? out : at::zeros({gs.size(0), cols.size(0)}, gs.options());
 }
 
 // The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass
@@ -44,7 +75,7 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor cols = coord_cols<Launch, scalar_t, acc_t>(g, y);
     const at::Tensor cw = coord_weight.reshape({g.c_out, g.k_coord()}).to(acc);
-    const at::Tensor term = g.has_bias ? at::addmm(bias->to(acc).unsqueeze(1), cw, cols) : at::mm(cw, cols);
+    const at::Tensor term = term_gemm(cw, cols, g.has_bias ? bias->to(acc).unsqueeze(1) : at::Tensor());
     std::vector<int64_t> one = y.sizes().vec();
     one[0] = 1;
     const int64_t sample = y.numel() / y.size(0);
@@ -78,7 +109,7 @@ at::Tensor gpu_coord_weight_grad(const at::Tensor& grad_sum, const at::Tensor& i
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor cols = coord_cols<Launch, scalar_t, acc_t>(g, grad_sum);
     const at::Tensor gs = grad_sum.to(acc).reshape({g.c_out, g.out_points()});
-    out = at::mm(gs, cols.t()).to(coord_weight.scalar_type()).reshape(coord_weight.sizes()).contiguous();
+    out = coord_grad_gemm(gs, cols).to(coord_weight.scalar_type()).reshape(coord_weight.sizes()).contiguous();
   });
   return out;
 }
