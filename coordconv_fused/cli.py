@@ -143,6 +143,9 @@ def _bench_cuda(args: argparse.Namespace) -> int:
     benchmark.save(report, json_path)
     benchmark.plot(report, png_path)
     print(f"\nwrote {json_path} and {png_path}")
+    if args.profile:  # (after the report is saved)
+        print(gpu_benchmark.kernel_breakdown(shapes[:2], "bfloat16-cl"))
+        print(gpu_benchmark.kernel_breakdown(shapes[:1], "float32"))
     return 0
 
 
@@ -315,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="cpu",
         help="cpu (default) or cuda: CUDA-event timing, float32 and bfloat16 channels_last, the GPU shapes "
         "(all with --all-shapes, else the five batch-64/32 ones)",
+    )
+    bench.add_argument(
+        "--profile", action="store_true", help="with --device cuda: also the CUDA kernels of each provider (profiler)"
     )
     bench.add_argument(
         "--compiled", action="store_true", help="with --device cuda: also torch.compile'd nn.Conv2d and CoordConv2d"

@@ -21,7 +21,7 @@ import torch.nn as nn
 from .backends import available_backends
 from .benchmark import FLOOR, NAIVE, STANDARD_SHAPES, Shape, make_providers
 
-__all__ = ["GPU_SHAPES", "GPU_TARGETS", "run", "format_report"]
+__all__ = ["GPU_SHAPES", "GPU_TARGETS", "run", "format_report", "kernel_breakdown"]
 
 # The standard shapes and the larger batches a GPU is used for.
 GPU_SHAPES = [
@@ -196,4 +196,35 @@ def format_report(report: dict) -> str:
         f"TF32 {'on' if m['tf32'] else 'off'}; CUDA-event medians of {report['rounds']} repetitions, L2 "
         "flushed before each, providers interleaved.",
     ]
+    return "\n".join(lines)
+
+
+def kernel_breakdown(shapes: Sequence[Shape], dtype_name: str = "bfloat16-cl", calls: int = 5) -> str:
+    """Where the GPU time goes: per shape and provider, the CUDA kernels of ``calls`` forward+backward
+    calls under the PyTorch profiler (total microseconds per call, the five largest kernels). Markdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    backends = [b for b in available_backends("cuda") if b not in ("reference", "triton")]
+    dtype = torch.bfloat16 if dtype_name.startswith("bfloat16") else torch.float32
+    fmt = torch.channels_last if dtype_name.endswith("-cl") else torch.contiguous_format
+    lines = []
+    for shape in shapes:
+        providers = _providers(shape, backends, dtype, fmt == torch.channels_last, compiled=False)
+        x = torch.randn(shape.n, shape.c, shape.h, shape.w, device="cuda", dtype=dtype)
+        x = x.to(memory_format=fmt).requires_grad_()
+        lines += ["", f"**{shape} {dtype_name}**, per forward+backward call:", ""]
+        for name, fn in providers.items():
+            params = list(getattr(fn, "parameters", list)())
+            for _ in range(3):
+                _call(fn, x, "forward+backward", params)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    _call(fn, x, "forward+backward", params)
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages() if e.device_time_total > 0]
+            kernels.sort(key=lambda e: -e.device_time_total)
+            total = sum(e.device_time_total for e in kernels) / calls
+            top = "; ".join(f"{e.key[:60]} {e.device_time_total / calls:.0f}" for e in kernels[:5])
+            lines.append(f"- {name}: {total:.0f} µs: {top}")
     return "\n".join(lines)

@@ -26,33 +26,37 @@ at::Tensor coord_cols(const Geometry& g, const at::Tensor& like) {
   return cols;
 }
 
-// cuBLAS takes 32-bit sizes: the coordinate GEMMs run over chunks of at most this many points.
+// cuBLAS takes 32-bit sizes and leading dimensions: past this many points the coordinate GEMMs run
+// over contiguous copies of chunks of the points.
 constexpr int64_t kMaxGemmPoints = int64_t(1) << 30;
+
+// Columns [s, s + len) of a [rows, points] matrix, as a matrix cuBLAS can take.
+inline at::Tensor point_chunk(const at::Tensor& m, int64_t s, int64_t len) {
+  return m.size(1) <= kMaxGemmPoints ? m : m.narrow(1, s, len).contiguous();
+}
 
 // The coordinate term [C_out, points] = cw [C_out, k_coord] x cols [k_coord, points] (+ bias).
 inline at::Tensor term_gemm(const at::Tensor& cw, const at::Tensor& cols, const at::Tensor& bias_column) {
-  at::Tensor term = at::empty({cw.size(0), cols.size(1)}, cols.options());
-  for (int64_t s = 0; s < cols.size(1); s += kMaxGemmPoints) {
-    const int64_t len = std::min(kMaxGemmPoints, cols.size(1) - s);
-    at::Tensor out = term.narrow(1, s, len);
-    if (bias_column.defined()) {
-      at::addmm_out(out, bias_column, cw, cols.narrow(1, s, len));
-    } else {
-      at::mm_out(out, cw, cols.narrow(1, s, len));
-    }
+  const int64_t points = cols.size(1);
+  if (points <= kMaxGemmPoints) return bias_column.defined() ? at::addmm(bias_column, cw, cols) : at::mm(cw, cols);
+  at::Tensor term = at::empty({cw.size(0), points}, cols.options());
+  for (int64_t s = 0; s < points; s += kMaxGemmPoints) {
+    const int64_t len = std::min(kMaxGemmPoints, points - s);
+    const at::Tensor part = point_chunk(cols, s, len);
+    term.narrow(1, s, len).copy_(bias_column.defined() ? at::addmm(bias_column, cw, part) : at::mm(cw, part));
   }
   return term;
 }
 
 // The coordinate filter's gradient [C_out, k_coord] = gs [C_out, points] x cols^T.
 inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) {
-  at::Tensor out;
-  for (int64_t s = 0; s < cols.size(1); s += kMaxGemmPoints) {
-    const int64_t len = std::min(kMaxGemmPoints, cols.size(1) - s);
-    const at::Tensor part = at::mm(gs.narrow(1, s, len), cols.narrow(1, s, len).t());
-    out = out.defined() ? out.add_(part) : part;
+  const int64_t points = cols.size(1);
+  at::Tensor out = at::zeros({gs.size(0), cols.size(0)}, gs.options());
+  for (int64_t s = 0; s < points; s += kMaxGemmPoints) {
+    const int64_t len = std::min(kMaxGemmPoints, points - s);
+    out.addmm_(point_chunk(gs, s, len), point_chunk(cols, s, len).t());
   }
-  return out.defined() ? out : at::zeros({gs.size(0), cols.size(0)}, gs.options());
+  return out;
 }
 
 // The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass

@@ -1,11 +1,15 @@
 import os
 
-# Triton's interpreter runs the kernels on CPU tensors; it must be chosen before any kernel is
-# defined, i.e. before coordconv_fused.kernels is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU, Triton's interpreter runs the kernels on CPU tensors; it must be chosen before any
+# kernel is defined, i.e. before coordconv_fused.kernels is imported. With one, the kernels are
+# compiled for it (the interpreter would run them on CUDA tensors, slowly, and Triton 3.6's fails
+# under NumPy 2.4), and the CPU tests of the Triton kernels are skipped.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 
 from coordconv_fused import available_backends
 from coordconv_fused.testing import why_backend_may_be_missing

@@ -10,6 +10,7 @@ backward when a graph of the gradients is recorded (second-order gradients).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -229,6 +230,38 @@ def _in_format_of(coords: Tensor, out: Tensor) -> Tensor:
     return coords
 
 
+def _coord_columns(coords: Tensor, coord_weight: Tensor, term_args: tuple, out: Tensor) -> tuple[Tensor, bool]:
+    """The coordinate im2col matrix: what each weight of the coordinate filter multiplies at each
+    output point, ``[k, points]`` (``k = coord_weight[0].numel()``), or ``[points, k]`` where ``out``
+    is channels-last (so that the term comes out in that layout; the flag returned says which).
+    Made once per geometry by convolving the coordinates with the identity filter (one output
+    channel per filter weight: the layer's own convolution arguments, transposed ones included,
+    give the columns)."""
+    transposed = term_args[3]
+    c_in, taps = coords.shape[1], coord_weight.shape[2:]
+    k = c_in * math.prod(taps)
+    eye = torch.eye(k, dtype=coords.dtype, device=coords.device)
+    identity = eye.view(c_in, *taps, k).movedim(-1, 1) if transposed else eye.view(k, c_in, *taps)
+    cols = torch.convolution(coords, identity, None, *term_args).reshape(k, -1)
+    return (cols.t().contiguous(), True) if _in_format_of(coords, out) is not coords else (cols, False)
+
+
+def _term_from_columns(
+    columns: tuple[Tensor, bool], coord_weight: Tensor, bias: Tensor | None, transposed: bool, out: Tensor
+) -> Tensor:
+    """The coordinate term plus the bias, ``[1, C_out, *out]`` in ``out``'s layout: one small GEMM of
+    the coordinate filter ``[C_out, k]`` with the im2col matrix of :func:`_coord_columns`."""
+    cw = coord_weight.movedim(1, 0) if transposed else coord_weight
+    cw = cw.reshape(cw.shape[0], -1)
+    c_out, sizes = cw.shape[0], out.shape[2:]
+    cols, channels_last = columns
+    if not channels_last:  # [k, points]
+        term = torch.mm(cw, cols) if bias is None else torch.addmm(bias.unsqueeze(1), cw, cols)
+        return term.view(1, c_out, *sizes)
+    term = torch.mm(cols, cw.t()) if bias is None else torch.addmm(bias, cols, cw.t())  # [points, C_out]
+    return term.view(1, *sizes, c_out).movedim(-1, 1)
+
+
 def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
     """``fn(input, weight, coord_weight, bias)``: :func:`forward` for ``spec`` as eager ATen calls
     (autograd is ATen's, in C++; second order comes for free), keeping between calls what does not
@@ -252,7 +285,7 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
     stride, padding, dilation, transposed, output_padding, groups, pre, pre_mode, with_r, separate = args
     cpu_path = CPU_PATH
     term_args = _term_conv_args(spec.ndim, stride, padding, dilation, transposed, output_padding, separate)
-    coords_entry: tuple = (None, None)  # (input signature, coordinates [1, d, ...])
+    coords_entry: tuple = (None, None, None)  # (input signature, coordinates [1, d, ...], im2col matrix)
     term_entry: tuple = (None, None, None)  # (coordinates, coord_weight copy, P)
 
     def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -272,14 +305,15 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
             )
             return out + torch.convolution(coords, coord_weight, None if host else bias, *term_args)
         signature = (input.shape, input.dtype, input.device, out.is_contiguous())
-        last, coords = coords_entry
+        last, coords, cols = coords_entry
         if signature != last:
             coords = _coord_input(
                 input, weight, out.shape[2:], stride, padding, dilation, pre, pre_mode, with_r, separate
             )
-            coords_entry = (signature, _in_format_of(coords, out))
+            cols = None if host else _coord_columns(coords, coord_weight, term_args, out)
+            coords_entry = (signature, _in_format_of(coords, out), cols)
         if not host:
-            return out.add_(torch.convolution(coords, coord_weight, bias, *term_args))
+            return out.add_(_term_from_columns(cols, coord_weight, bias, transposed, out))
         if coord_weight.requires_grad and torch.is_grad_enabled():
             return out.add_(torch.convolution(coords, coord_weight, None, *term_args))
         kept_coords, kept_weight, term = term_entry
