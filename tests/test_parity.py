@@ -207,6 +207,32 @@ def test_device_path_channels_last(device_path, bias):
             torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize(
+    "shape,fmt",
+    [
+        ((3, 4, 5, 6), torch.contiguous_format),
+        ((3, 4, 5, 6), torch.channels_last),
+        ((3, 4, 5, 6, 2), torch.channels_last_3d),
+        ((3, 4, 5), torch.contiguous_format),
+        ((1, 4, 1, 1), torch.channels_last),
+        ((0, 4, 5, 6), torch.channels_last),
+    ],
+)
+def test_batch_sum(shape, fmt):
+    """The batch sum over contiguous per-sample blocks equals ATen's sum over dim 0, with its gradient
+    (also for a strided view, which takes ATen's path)."""
+    from coordconv_fused.ops.aten import batch_sum
+
+    t = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    for x in (t, t[:, :, ::2]):
+        got, want = batch_sum(x), x.sum(0, keepdim=True)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+        g = torch.randn(want.shape, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(got, t, g)[0], torch.autograd.grad(want, t, g)[0])
+    assert batch_sum(t.detach().bfloat16(), dtype=torch.float32).dtype == torch.float32
+
+
 # ---- CUDA (where a GPU is visible; skipped, and listed at the end of the run, elsewhere) ----------------
 
 CUDA_BACKENDS = ["torch", "cuda", "triton", "auto"]

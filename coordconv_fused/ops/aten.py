@@ -22,7 +22,16 @@ from ..geometry import image_sizes, pairs
 from ..spec import ConvSpec
 from .arguments import op_arguments, pre_pad, static_arguments
 
-__all__ = ["coord_input", "coordinate_term", "coord_weight_grad", "forward", "prepare_forward", "composite"]
+__all__ = [
+    "coord_input",
+    "coordinate_term",
+    "coord_weight_grad",
+    "forward",
+    "prepare_forward",
+    "composite",
+    "batch_sum",
+    "memory_order",
+]
 
 
 # Coordinate tensors of recent geometries (they depend on sizes, padding, dtype and device only, never
@@ -215,6 +224,31 @@ def composite(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     return forward(input, weight, coord_weight, bias, *args)
 
 
+def memory_order(t: Tensor) -> tuple[int, ...] | None:
+    """The permutation of ``t``'s dims that is contiguous (``(0, 2, 3, 1)`` for channels-last 4-D,
+    the identity for contiguous), or None for other layouts: then each sample is one contiguous
+    block of memory, ``t.permute(order).reshape(N, -1)`` a view."""
+    if t.is_contiguous():
+        return tuple(range(t.dim()))
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if fmt is not None and t.is_contiguous(memory_format=fmt):
+        return (0, *range(2, t.dim()), 1)
+    return None
+
+
+def batch_sum(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """``t.sum(0, keepdim=True, dtype=dtype)``, reduced over the samples' contiguous blocks of
+    memory where ``t`` is contiguous or channels-last: ATen's reduction of a channels-last tensor
+    over its batch dim is up to 20x slower than the same sum over a ``[N, M]`` view (H200, bf16
+    ``(64,32,256,256)``: 1.77 ms against 83 µs). Differentiable."""
+    order = memory_order(t)
+    if order is None or t.dim() < 3 or t.numel() == 0:
+        return t.sum(0, keepdim=True, dtype=dtype)
+    sample = [t.shape[d] for d in order[1:]]
+    flat = t.permute(order).reshape(t.shape[0], -1).sum(0, dtype=dtype)
+    return flat.view(1, *sample).permute(tuple(sorted(range(t.dim()), key=order.__getitem__)))
+
+
 CPU_PATH = True
 """Whether calls prepared from now on take the CPU path on CPU tensors (bias inside the data
 convolution, the term kept by value); tests set it False to run the device path on CPU tensors."""
@@ -260,6 +294,19 @@ def _term_from_columns(
         return term.view(1, c_out, *sizes)
     term = torch.mm(cols, cw.t()) if bias is None else torch.addmm(bias, cols, cw.t())  # [points, C_out]
     return term.view(1, *sizes, c_out).movedim(-1, 1)
+
+
+def _add_term(out: Tensor, term: Tensor) -> Tensor:
+    """``out + term`` for a term ``[1, C, ...]`` laid out like one sample of ``out``. Under autograd,
+    added to ``out`` seen as ``[N, M]`` in memory order, so that the term's gradient, the batch sum
+    of the output's, reduces contiguous blocks (see :func:`batch_sum`); in place otherwise."""
+    order = memory_order(out)
+    if not out.requires_grad or order is None or out.numel() == 0:
+        return out.add_(term)
+    n = out.shape[0]
+    flat = out.permute(order).reshape(n, -1) + term.permute(order).reshape(1, -1)
+    inverse = tuple(sorted(range(out.dim()), key=order.__getitem__))
+    return flat.view(n, *(out.shape[d] for d in order[1:])).permute(inverse)
 
 
 def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
@@ -313,7 +360,7 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
             cols = None if host else _coord_columns(coords, coord_weight, term_args, out)
             coords_entry = (signature, _in_format_of(coords, out), cols)
         if not host:
-            return out.add_(_term_from_columns(cols, coord_weight, bias, transposed, out))
+            return _add_term(out, _term_from_columns(cols, coord_weight, bias, transposed, out))
         if coord_weight.requires_grad and torch.is_grad_enabled():
             return out.add_(torch.convolution(coords, coord_weight, None, *term_args))
         kept_coords, kept_weight, term = term_entry

@@ -62,7 +62,7 @@ def _generic_backward(ctx, grad, coord_weight_grad: CoordGradFn):
         # (accumulated in float32 for half types). The bias gradient is its sum over the
         # points, so convolution_backward need not read grad once more for it.
         acc = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-        grad_sum = grad if grad.shape[0] == 1 and grad.dtype == acc else grad.sum(0, keepdim=True, dtype=acc)
+        grad_sum = grad if grad.shape[0] == 1 and grad.dtype == acc else aten.batch_sum(grad, dtype=acc)
     bias_in_conv = need_b and grad_sum is None
     if need_in or need_w or bias_in_conv:
         c_out = weight.shape[1] * groups if transposed else weight.shape[0]
