@@ -401,15 +401,17 @@ def device_path_torch_backend() -> backends.Backend:
     :func:`coordconv_fused.backends.temporary_backend`."""
     from .ops import aten
 
-    def run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+    def prepare(spec: ConvSpec):
         saved, aten.CPU_PATH = aten.CPU_PATH, False
         try:
-            call = aten.prepare_forward(spec)
+            return aten.prepare_forward(spec)
         finally:
             aten.CPU_PATH = saved
-        return call(input, weight, coord_weight, bias)
 
-    return backends.Backend("torch_device_path", run, devices=frozenset({"cpu"}))
+    def run(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec) -> Tensor:
+        return prepare(spec)(input, weight, coord_weight, bias)
+
+    return backends.Backend("torch_device_path", run, devices=frozenset({"cpu"}), prepare=prepare)
 
 
 def emulated_cuda_backend() -> backends.Backend:
