@@ -19,8 +19,8 @@ __global__ void coord_cols_kernel(Geometry g, acc_t* cols, int64_t total) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void add_term_kernel(const acc_t* __restrict__ term, scalar_t* __restrict__ y, int64_t sample,
-                                int64_t total, int64_t threads) {
+__global__ void add_term_kernel(const acc_t* __restrict__ term, scalar_t* __restrict__ y, int64_t sample, int64_t total,
+                                int64_t threads) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx < threads) add_term_body<scalar_t, acc_t>(term, y, sample, total, idx);
 }
