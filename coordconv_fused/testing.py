@@ -377,6 +377,30 @@ def assert_autocast_grads_match_float64(module: Any, x: Tensor, dtype: torch.dty
         assert worst <= 1.0, f"{name} under autocast({dtype}): error {worst:.2f}x the derived bound"
 
 
+def assert_layer_matches_reference(layer: Any, x: Tensor, backend: str) -> Tensor:
+    """Run ``layer`` (a CoordConv module) on ``x`` with ``backend``, then with the reference on a
+    contiguous copy of ``x``: the outputs, and the gradients of ``x`` and of every parameter of
+    ``out.square().sum()``, must match. Returns the backend's output (its layout is the caller's
+    to check)."""
+    saved = layer.backend
+    x = x.detach().requires_grad_()
+    layer.zero_grad()
+    layer.backend = backend
+    out = layer(x)
+    out.square().sum().backward()
+    got = [x.grad] + [cast(Tensor, p.grad).clone() for p in layer.parameters()]
+    xr = x.detach().contiguous().requires_grad_()
+    layer.zero_grad()
+    layer.backend = "reference"
+    ref = layer(xr)
+    ref.square().sum().backward()
+    layer.backend = saved
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(got, [xr.grad] + [p.grad for p in layer.parameters()]):
+        torch.testing.assert_close(g, r)
+    return out
+
+
 # ---- the CUDA backend's code on the CPU ----------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ import torch
 
 from coordconv_fused import CoordConv2d, available_backends, coord_conv2d
 from coordconv_fused.backends import native as extension
-from coordconv_fused.testing import Case, assert_matches_reference, kernel_events
+from coordconv_fused.testing import Case, assert_layer_matches_reference, assert_matches_reference, kernel_events
 
 # A build without the extension fails these tests unless it was asked for (COORDCONV_NO_EXTENSION=1):
 # tests/conftest.py.
@@ -71,31 +71,11 @@ def test_emulated_cuda_channels_last(emulated_backend, shape, bias):
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     cls = cf.CoordConv2d if len(shape) == 4 else cf.CoordConv3d
     layer = cls(shape[1], 5, 3, padding=1, bias=bias, with_r=True).double()
-    x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
-    layer.backend = emulated_backend
-    out = layer(x)
-    plain = torch.convolution(
-        x,
-        layer.weight,
-        None,
-        [1] * (x.dim() - 2),
-        [1] * (x.dim() - 2),
-        [1] * (x.dim() - 2),
-        False,
-        [0] * (x.dim() - 2),
-        1,
-    )
-    assert out.stride() == plain.stride()  # (the data convolution's format: ATen's CPU 3-D convolution keeps NCDHW)
-    out.square().sum().backward()
-    got = [x.grad] + [p.grad.clone() for p in layer.parameters()]
-    xr = x.detach().contiguous().requires_grad_()
-    layer.zero_grad()
-    layer.backend = "reference"
-    ref = layer(xr)
-    ref.square().sum().backward()
-    torch.testing.assert_close(out, ref)
-    for g, r in zip(got, [xr.grad] + [p.grad for p in layer.parameters()]):
-        torch.testing.assert_close(g, r)
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt)
+    out = assert_layer_matches_reference(layer, x, emulated_backend)
+    conv = torch.nn.functional.conv2d if len(shape) == 4 else torch.nn.functional.conv3d
+    # (the data convolution's format: ATen's CPU 3-D convolution keeps NCDHW)
+    assert out.stride() == conv(x, layer.weight, padding=1).stride()
 
 
 def test_emulated_cuda_gradcheck(emulated_backend):

@@ -4,7 +4,13 @@ and bias, over a grid of shapes and arguments."""
 import pytest
 import torch
 
-from coordconv_fused.testing import Case, assert_low_precision_matches_float64, assert_matches_reference, supported
+from coordconv_fused.testing import (
+    Case,
+    assert_layer_matches_reference,
+    assert_low_precision_matches_float64,
+    assert_matches_reference,
+    supported,
+)
 
 # Named explicitly: a backend that should be here and is not fails its cases (tests/conftest.py).
 BACKENDS = ["torch", "cpp", "triton", "auto"]
@@ -190,21 +196,8 @@ def test_device_path_channels_last(device_path, bias):
     layer = cf.CoordConv2d(4, 6, 3, padding=1, bias=bias, with_r=True).double()
     x = torch.randn(2, 4, 7, 9, dtype=torch.float64)
     for xin in (x.to(memory_format=torch.channels_last), x, x.to(memory_format=torch.channels_last)):
-        xin = xin.detach().requires_grad_()
-        layer.zero_grad()
-        layer.backend = device_path
-        out = layer(xin)
+        out = assert_layer_matches_reference(layer, xin, device_path)
         assert out.is_contiguous(memory_format=torch.channels_last) == (xin.stride(1) == 1)
-        out.square().sum().backward()
-        got = [xin.grad] + [p.grad.clone() for p in layer.parameters()]
-        xr = x.detach().requires_grad_()
-        layer.zero_grad()
-        layer.backend = "reference"
-        ref = layer(xr)
-        ref.square().sum().backward()
-        torch.testing.assert_close(out, ref)
-        for g, r in zip(got, [xr.grad] + [p.grad for p in layer.parameters()]):
-            torch.testing.assert_close(g, r)
 
 
 @pytest.mark.parametrize(
