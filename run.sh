@@ -82,10 +82,10 @@ gpu_check() {
   # what is left, the benchmark's share held back, and every log is written as it goes, so a stage
   # cut short still leaves its partial log.
   local out_dir=${OUT:-results}/gpu-check start=$SECONDS budget=${GPU_CHECK_SECONDS:-460}
-  local bench_share=${GPU_BENCH_SECONDS:-200}
+  local bench_share=${GPU_BENCH_SECONDS:-150}
   left() { local s=$((budget - (SECONDS - start) - ${1:-0})); echo $((s > 10 ? s : 10)); }
   local rc workers=()
-  "$PY" -c 'import xdist' 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-8}")
+  "$PY" -c 'import xdist' 2>/dev/null && workers=(-n "${GPU_TEST_WORKERS:-$(nproc)}")
   mkdir -p "$out_dir"
   {
     "$PY" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn",
@@ -114,7 +114,7 @@ torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0)) if torch.c
     rm -f build-stamp.txt
   fi
   say "built after $((SECONDS - start)) s; CUDA tests (log: $out_dir/tests.log)"
-  # The CUDA tests: every test parametrized on device "cuda", over 8 processes (Triton compiles
+  # The CUDA tests: every test parametrized on device "cuda", one process per core (Triton compiles
   # each kernel specialisation once per process; its autotuning is off: one fixed configuration).
   rc=0
   COORDCONV_TRITON_AUTOTUNE=0 COORDCONV_EXPECT_CUDA=1 timeout "$(left "$bench_share")" \
