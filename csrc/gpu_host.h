@@ -84,8 +84,12 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
     one[0] = 1;
     const int64_t sample = y.numel() / y.size(0);
     if (y.is_non_overlapping_and_dense() && y.stride(0) == sample) {
-      at::Tensor laid = at::empty_strided(one, y.strides(), term.options());
-      laid.copy_(term.view(one));
+      // (NCHW: the term [C_out, points] is already one sample in memory order)
+      at::Tensor laid = term;
+      if (!y.is_contiguous()) {
+        laid = at::empty_strided(one, y.strides(), term.options());
+        laid.copy_(term.view(one));
+      }
       const int64_t threads = (y.numel() + kEpilogueVec - 1) / kEpilogueVec;
       Launch::template add_term<scalar_t, acc_t>(laid.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), sample, y.numel(),
                                                  threads);
