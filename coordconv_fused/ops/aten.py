@@ -225,13 +225,16 @@ def composite(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     return forward(input, weight, coord_weight, bias, *args)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def memory_order(t: Tensor) -> tuple[int, ...] | None:
     """The permutation of ``t``'s dims that is contiguous (``(0, 2, 3, 1)`` for channels-last 4-D,
     the identity for contiguous), or None for other layouts: then each sample is one contiguous
     block of memory, ``t.permute(order).reshape(N, -1)`` a view."""
     if t.is_contiguous():
         return tuple(range(t.dim()))
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    fmt = _CHANNELS_LAST.get(t.dim())
     if fmt is not None and t.is_contiguous(memory_format=fmt):
         return (0, *range(2, t.dim()), 1)
     return None
@@ -258,11 +261,9 @@ convolution, the term kept by value); tests set it False to run the device path 
 def _in_format_of(coords: Tensor, out: Tensor) -> Tensor:
     """``coords`` in ``out``'s memory format (channels-last outputs: the term the convolution makes
     of them is then channels-last too, and adding it reads both tensors in the same order)."""
-    for fmt in (torch.channels_last, torch.channels_last_3d):
-        if out.dim() == (4 if fmt == torch.channels_last else 5) and not out.is_contiguous():
-            if out.is_contiguous(memory_format=fmt):
-                return coords.contiguous(memory_format=fmt)
-    return coords
+    if out.is_contiguous() or memory_order(out) is None:
+        return coords
+    return coords.contiguous(memory_format=_CHANNELS_LAST[out.dim()])
 
 
 def _coord_columns(coords: Tensor, coord_weight: Tensor, term_args: tuple, out: Tensor) -> tuple[Tensor, bool]:
