@@ -285,39 +285,38 @@ def _coord_columns(coords: Tensor, coord_weight: Tensor, term_args: tuple, out: 
 def _term_from_columns(
     columns: tuple[Tensor, bool], coord_weight: Tensor, bias: Tensor | None, transposed: bool
 ) -> Tensor:
-    """The coordinate term plus the bias as one sample of the output flattened in memory order,
-    ``[1, C_out * points]`` (channels-last: ``[1, points * C_out]``): one small GEMM of the
-    coordinate filter ``[C_out, k]`` with the im2col matrix of :func:`_coord_columns`."""
+    """The coordinate term plus the bias, one sample of the output in memory order: ``[C_out,
+    points]`` (channels-last: ``[points, C_out]``), by one small GEMM of the coordinate filter
+    ``[C_out, k]`` with the im2col matrix of :func:`_coord_columns`."""
     cw = coord_weight.movedim(1, 0) if transposed else coord_weight
+    cw = cw.reshape(cw.shape[0], -1)
     cols, channels_last = columns
     if channels_last:  # [points, k] x [k, C_out]
-        return F.linear(cols, cw.reshape(cw.shape[0], -1), bias).view(1, -1)
-    cw = cw.reshape(cw.shape[0], -1)
-    term = torch.mm(cw, cols) if bias is None else torch.addmm(bias.view(-1, 1), cw, cols)
-    return term.view(1, -1)
+        return F.linear(cols, cw, bias)
+    return torch.mm(cw, cols) if bias is None else torch.addmm(bias.view(-1, 1), cw, cols)
 
 
 def _add_term(out: Tensor, term: Tensor, channels_last: bool) -> Tensor:
-    """``out + term`` for the flat term of :func:`_term_from_columns`, with ``out`` seen as ``[N, M]``
-    in memory order: under autograd the term's gradient, the batch sum of the output's, then
-    reduces contiguous blocks (see :func:`batch_sum`); in place otherwise."""
-    n = out.shape[0]
+    """``out + term`` for the term of :func:`_term_from_columns`, with ``out`` seen as ``[N, C_out,
+    points]`` (channels-last: ``[N, points, C_out]``), a contiguous view: under autograd the term's
+    gradient, the batch sum of the output's, then reduces contiguous blocks (see
+    :func:`batch_sum`); in place where no gradient is recorded."""
+    n, c = out.shape[:2]
     if channels_last:
-        order = (0, *range(2, out.dim()), 1)
-        flat = out.permute(order)  # (a contiguous view)
+        flat = out.permute(0, *range(2, out.dim()), 1)  # (a contiguous view)
         if n == 0:
             return out + term.view(flat.shape[1:]).movedim(-1, 0)
         if not out.requires_grad:
-            flat.view(n, -1).add_(term)
+            flat.view(n, -1, c).add_(term)
             return out
         inverse = (0, out.dim() - 1, *range(1, out.dim() - 1))
-        return (flat.reshape(n, -1) + term).view(flat.shape).permute(inverse)
+        return (flat.reshape(n, -1, c) + term).view(flat.shape).permute(inverse)
     if n == 0 or not out.is_contiguous():
         return out + term.view(out.shape[1:])
     if not out.requires_grad:
-        out.view(n, -1).add_(term)
+        out.view(n, c, -1).add_(term)
         return out
-    return (out.view(n, -1) + term).view(out.shape)
+    return (out.view(n, c, -1) + term).view(out.shape)
 
 
 def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
