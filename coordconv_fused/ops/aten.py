@@ -297,10 +297,10 @@ def _term_from_columns(
 
 
 def _add_term(out: Tensor, term: Tensor, channels_last: bool) -> Tensor:
-    """``out + term`` for the term of :func:`_term_from_columns`, with ``out`` seen as ``[N, C_out,
-    points]`` (channels-last: ``[N, points, C_out]``), a contiguous view: under autograd the term's
-    gradient, the batch sum of the output's, then reduces contiguous blocks (see
-    :func:`batch_sum`); in place where no gradient is recorded."""
+    """``out + term`` for the term of :func:`_term_from_columns`; a channels-last ``out`` seen as
+    ``[N, points, C_out]``, a contiguous view, so that under autograd the term's gradient, the batch
+    sum of the output's, reduces contiguous blocks (see :func:`batch_sum`). In place where no
+    gradient is recorded."""
     n, c = out.shape[:2]
     if channels_last:
         flat = out.permute(0, *range(2, out.dim()), 1)  # (a contiguous view)
@@ -311,12 +311,8 @@ def _add_term(out: Tensor, term: Tensor, channels_last: bool) -> Tensor:
             return out
         inverse = (0, out.dim() - 1, *range(1, out.dim() - 1))
         return (flat.reshape(n, -1, c) + term).view(flat.shape).permute(inverse)
-    if n == 0 or not out.is_contiguous():
-        return out + term.view(out.shape[1:])
-    if not out.requires_grad:
-        out.view(n, c, -1).add_(term)
-        return out
-    return (out.view(n, c, -1) + term).view(out.shape)
+    # (ATen sums a contiguous output's gradient over the batch as fast as over a [N, M] view)
+    return out.add_(term.view(out.shape[1:])) if not out.requires_grad else out + term.view(out.shape[1:])
 
 
 def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
