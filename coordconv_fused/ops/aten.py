@@ -139,10 +139,23 @@ def coordinate_term(
     separate,
     cache: bool = False,
 ) -> Tensor:
-    """The batch-independent coordinate term ``P``: a ``[1, C_out, *out_sizes]`` tensor."""
+    """The batch-independent coordinate term ``P``: a ``[1, C_out, *out_sizes]`` tensor.
+
+    Under ``torch.compile`` (not export) a 2-D full filter's term is one small GEMM of the filter
+    with the im2col matrix of the coordinates (``F.unfold``, which inductor generates in place),
+    as the eager device path makes it, rather than a batch-of-one convolution."""
     coords = coord_input(
         input, weight, out_sizes, stride, padding, dilation, pre_pad, pre_pad_mode, with_r, separate, cache
     )
+    if (
+        coords.dim() == 4
+        and not (transposed or separate)
+        and torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+    ):
+        cols = F.unfold(coords, coord_weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
+        term = coord_weight.reshape(coord_weight.shape[0], -1) @ cols[0]
+        return term.view(1, coord_weight.shape[0], *out_sizes)
     term_args = _term_conv_args(input.dim() - 2, stride, padding, dilation, transposed, output_padding, separate)
     return torch.convolution(coords, coord_weight, None, *term_args)
 
