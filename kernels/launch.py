@@ -1,7 +1,7 @@
 """Host-side launchers of the Triton kernels, taking the arguments of the CoordConv op.
 
 On CUDA the kernels are autotuned over a few configurations (measured on an H200 with one fixed
-configuration, docs/bench-cuda.md: 2.9-33x nn.Conv2d forward, so ``auto`` does not use them); in
+configuration, docs/bench-cuda.md: 3.2-32x nn.Conv2d forward, so ``auto`` does not use them); in
 Triton's interpreter (``TRITON_INTERPRET=1``, CPU tensors, for tests) they run with one fixed
 configuration of large blocks, since the interpreter's cost is per program and per loop iteration.
 """
