@@ -151,7 +151,66 @@ CC_HD void coord_cols_body(const Geometry& g, acc_t* cols, int64_t idx) {
   cols[idx] = coord_im2col<scalar_t, acc_t>(g, kc, p / (g.out[2] * g.out[1]), (p / g.out[2]) % g.out[1], p % g.out[2]);
 }
 
-// The epilogue's elements per thread.
+// The largest kernel extent along an axis for which the epilogue evaluates the coordinates itself
+// (per-axis tables in the thread); larger filters take the GEMM path of gpu_host.h.
+constexpr int kMaxAxisTaps = 16;
+
+// The coordinate term of output channel o at output point at = (od, oh, ow): sum over k of
+// cw[o, k] times column k of the coordinate im2col matrix (coord_im2col), from the separable structure
+// of the coordinates: the values and masks of each axis's taps are computed once (kernel[0] +
+// kernel[1] + kernel[2] evaluations, not d * taps), and a tap reads the coordinate on its channel's
+// axis, zero where any axis is in the zero padding. cw: [C_out, k_coord], rows contiguous.
+template <typename scalar_t, typename acc_t>
+CC_HD acc_t coord_term_at(const Geometry& g, const scalar_t* cw, int64_t o, const int64_t at[3]) {
+  const scalar_t* w = cw + o * g.k_coord();
+  acc_t term = acc_t(0);
+  if (g.separate) {
+    acc_t v[3];
+    for (int ax = 0; ax < 3; ++ax) v[ax] = axis_centre<acc_t>(g, ax, at[ax]);
+    for (int64_t c = 0; c < g.num_coords; ++c)
+      term += static_cast<acc_t>(w[c]) * channel_value<scalar_t, acc_t>(g, c, v, acc_t(1));
+    return term;
+  }
+  acc_t value[3][kMaxAxisTaps], mask[3][kMaxAxisTaps];
+  for (int ax = 0; ax < 3; ++ax)
+    for (int64_t t = 0; t < g.kernel[ax]; ++t) axis_tap<acc_t>(g, ax, at[ax], t, &value[ax][t], &mask[ax][t]);
+  const int64_t taps = g.taps();
+  int64_t tap = 0;
+  for (int64_t t0 = 0; t0 < g.kernel[0]; ++t0)
+    for (int64_t t1 = 0; t1 < g.kernel[1]; ++t1)
+      for (int64_t t2 = 0; t2 < g.kernel[2]; ++t2, ++tap) {
+        // (a tap in the zero padding reads 0 from every channel, the radius included)
+        if (mask[0][t0] * mask[1][t1] * mask[2][t2] == acc_t(0)) continue;
+        const acc_t v[3] = {value[0][t0], value[1][t1], value[2][t2]};
+        for (int64_t c = 0; c < g.num_coords; ++c)
+          term += static_cast<acc_t>(w[c * taps + tap]) * channel_value<scalar_t, acc_t>(g, c, v, acc_t(1));
+      }
+  return term;
+}
+
+// Epilogue with the coordinates evaluated in the kernel: y += P + bias in place, in acc_t with one
+// rounding, for a dense output whose samples are sample = C_out * points elements apart, NCHW
+// (channels_last false) or channels-last. Thread idx owns the element at offset m = idx % sample of
+// samples [first, first + per_thread), first = idx / sample * per_thread: it computes the term of
+// that (channel, point) once and adds it to each of them (consecutive threads: consecutive memory).
+template <typename scalar_t, typename acc_t>
+CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
+                               bool channels_last, int64_t per_thread, int64_t idx) {
+  const int64_t points = g.out_points(), sample = g.c_out * points;
+  const int64_t m = idx % sample, first = idx / sample * per_thread;
+  const int64_t o = channels_last ? m % g.c_out : m / points;
+  const int64_t p = channels_last ? m / g.c_out : m % points;
+  const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
+  acc_t term = coord_term_at<scalar_t, acc_t>(g, cw, o, at);
+  if (bias != nullptr) term += static_cast<acc_t>(bias[o]);
+  const int64_t last = first + per_thread < g.n ? first + per_thread : g.n;
+  for (int64_t n = first; n < last; ++n) {
+    scalar_t* e = y + n * sample + m;
+    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) + term);
+  }
+}
+
+// The GEMM path's epilogue (filters beyond kMaxAxisTaps): elements per thread.
 constexpr int kEpilogueVec = 4;
 
 // Epilogue: y += term in place for the kEpilogueVec elements from kEpilogueVec * idx of a dense

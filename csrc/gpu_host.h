@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <optional>
 
 #include "geometry.h"
 
@@ -59,11 +60,30 @@ inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) 
   return out;
 }
 
+// Whether the epilogue evaluates this layer's coordinates itself (coord_epilogue_body): every filter
+// extent within its per-axis tables.
+inline bool coords_in_kernel(const Geometry& g) {
+  return g.separate || (g.kernel[0] <= kMaxAxisTaps && g.kernel[1] <= kMaxAxisTaps && g.kernel[2] <= kMaxAxisTaps);
+}
+
+// The layouts the epilogue indexes: batch outermost and dense, NCHW (false) or channels-last (true);
+// nullopt for any other (no convolution gives one; a fallback handles it).
+inline std::optional<bool> epilogue_layout(const at::Tensor& y) {
+  if (!y.is_non_overlapping_and_dense() || y.stride(0) != y.numel() / y.size(0)) return std::nullopt;
+  if (y.is_contiguous()) return false;
+  if (y.dim() == 4 && y.is_contiguous(at::MemoryFormat::ChannelsLast)) return true;
+  if (y.dim() == 5 && y.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return true;
+  return std::nullopt;
+}
+
 // The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass
-// of its own), then one in-place pass adding the coordinate term plus the bias. That term is one
-// sample's worth, [C_out, points] = coord_weight [C_out, k_coord] x cols [k_coord, points] (+ bias),
-// computed in acc_t by a small GEMM and laid out like one sample of the output, so that the pass
-// reads it with the output's own flat index, whatever its memory format.
+// of its own), then one in-place pass adding the coordinate term plus the bias, its coordinates
+// evaluated in the kernel (coord_epilogue_body): two launches per call, like nn.Conv2d's convolution
+// and bias. Each thread computes the term of one (channel, point) and adds it to that element of
+// several samples, so that the term's cost is shared by the batch while the grid keeps about
+// Launch::target_threads() threads. Filters beyond the epilogue's per-axis tables (and, defensively,
+// an output in another layout) take the GEMM path: the term [C_out, points] = coord_weight x the
+// coordinate im2col matrix by a small GEMM, added by a pass reading it in the output's memory order.
 template <class Launch>
 at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -74,26 +94,39 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
                                    pre_pad_mode, with_r, separate);
   at::Tensor y = at::convolution(input, weight, c10::nullopt, stride, padding, dilation, false, output_padding, groups);
   if (y.numel() == 0) return y;
+  const auto layout = epilogue_layout(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_gpu_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
+    const int64_t sample = y.numel() / y.size(0);
+    if (layout.has_value() && coords_in_kernel(g)) {
+      const at::Tensor cw = coord_weight.to(input.scalar_type()).contiguous();
+      const at::Tensor b = g.has_bias ? bias->to(input.scalar_type()).contiguous() : at::Tensor();
+      // samples per thread: as few as keep about target_threads() threads busy
+      const int64_t chunks = std::clamp<int64_t>((Launch::target_threads() + sample - 1) / sample, 1, g.n);
+      const int64_t per_thread = (g.n + chunks - 1) / chunks;
+      const int64_t threads = sample * ((g.n + per_thread - 1) / per_thread);
+      Launch::template coord_epilogue<scalar_t, acc_t>(g, cw.data_ptr<scalar_t>(),
+                                                       b.defined() ? b.data_ptr<scalar_t>() : nullptr,
+                                                       y.data_ptr<scalar_t>(), *layout, per_thread, threads);
+      return;
+    }
     const at::Tensor cols = coord_cols<Launch, scalar_t, acc_t>(g, y);
     const at::Tensor cw = coord_weight.reshape({g.c_out, g.k_coord()}).to(acc);
     const at::Tensor term = term_gemm(cw, cols, g.has_bias ? bias->to(acc).unsqueeze(1) : at::Tensor());
     std::vector<int64_t> one = y.sizes().vec();
     one[0] = 1;
-    const int64_t sample = y.numel() / y.size(0);
-    if (y.is_non_overlapping_and_dense() && y.stride(0) == sample) {
+    if (layout.has_value()) {
       // (NCHW: the term [C_out, points] is already one sample in memory order)
       at::Tensor laid = term;
-      if (!y.is_contiguous()) {
+      if (*layout) {
         laid = at::empty_strided(one, y.strides(), term.options());
         laid.copy_(term.view(one));
       }
       const int64_t threads = (y.numel() + kEpilogueVec - 1) / kEpilogueVec;
       Launch::template add_term<scalar_t, acc_t>(laid.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), sample, y.numel(),
                                                  threads);
-    } else {  // (no convolution gives such an output; kept for safety)
+    } else {
       y.add_(term.view(one));
     }
   });

@@ -46,6 +46,12 @@ EMULATED_CASES = [
     Case((10, 7), in_channels=12, out_channels=8, groups=2, stride=2, padding=1, dilation=2),
     Case((5, 4, 4), in_channels=4, out_channels=3, padding=1, padding_mode="replicate", with_r=True),
     Case((12,), in_channels=16, out_channels=4, kernel_size=3, padding="same", with_r=True),
+    # a batch whose samples share each thread's term (the emulation aims for 64 threads), and a filter
+    # beyond the epilogue's per-axis tables (the GEMM path)
+    Case((3, 5), out_channels=3, batch=7, padding=1, with_r=True),
+    Case((3, 4, 2), out_channels=2, batch=5, padding=1, separate=True),
+    Case((21,), kernel_size=17, padding=8, with_r=True),
+    Case((6, 20), kernel_size=(3, 17), padding=(1, 8)),
 ]
 
 

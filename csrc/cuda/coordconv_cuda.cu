@@ -1,6 +1,8 @@
-// The CUDA backend: the kernel bodies of coordconv.h as __global__ kernels (the coordinate im2col
-// matrix, one thread per element; the epilogue, one thread per kEpilogueVec output elements), and
-// the host logic of gpu_host.h (cuDNN for the data, cuBLAS for the two small coordinate GEMMs).
+// The CUDA backend: the kernel bodies of coordconv.h as __global__ kernels (the epilogue with the
+// coordinates evaluated in it, one thread per output offset and a few samples; for large filters the
+// coordinate im2col matrix, one thread per element, and the GEMM path's epilogue, one thread per
+// kEpilogueVec output elements), and the host logic of gpu_host.h (cuDNN for the data, cuBLAS for the
+// coordinate filter's gradient and the large filters' term).
 // Compiled in CI (FORCE_CUDA=1); run on the CPU by the emulation in testing/cuda_emulation.cpp.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,6 +21,14 @@ __global__ void coord_cols_kernel(Geometry g, acc_t* cols, int64_t total) {
 }
 
 template <typename scalar_t, typename acc_t>
+__global__ void coord_epilogue_kernel(Geometry g, const scalar_t* __restrict__ cw, const scalar_t* __restrict__ bias,
+                                      scalar_t* __restrict__ y, bool channels_last, int64_t per_thread,
+                                      int64_t threads) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < threads) coord_epilogue_body<scalar_t, acc_t>(g, cw, bias, y, channels_last, per_thread, idx);
+}
+
+template <typename scalar_t, typename acc_t>
 __global__ void add_term_kernel(const acc_t* __restrict__ term, scalar_t* __restrict__ y, int64_t sample, int64_t total,
                                 int64_t threads) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -30,6 +40,17 @@ unsigned int blocks_for(int64_t total) {
 }
 
 struct CudaLaunch {
+  // Threads the epilogue aims for (a few per SM slot on a large GPU) when sharing each term among
+  // several samples.
+  static int64_t target_threads() { return int64_t(1) << 18; }
+  template <typename scalar_t, typename acc_t>
+  static void coord_epilogue(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
+                             bool channels_last, int64_t per_thread, int64_t threads) {
+    coord_epilogue_kernel<scalar_t, acc_t>
+        <<<blocks_for(threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cw, bias, y, channels_last,
+                                                                                         per_thread, threads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   template <typename scalar_t, typename acc_t>
   static void coord_cols(const Geometry& g, acc_t* cols, int64_t total) {
     coord_cols_kernel<scalar_t, acc_t>
