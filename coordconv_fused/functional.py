@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .backends import dispatch, resolve_backend
+from .backends import AUTO_MEASURED, dispatch, resolve_backend
 from .backends import generation as backends_generation
 from .ops.arguments import autocast_device_type
 from .ops.aten import composite as coord_conv_composite
@@ -104,6 +104,14 @@ def clear_plan_cache() -> None:
     _PLANS.clear()
 
 
+def _measured_key(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> tuple[bool, bool]:
+    """(whether a gradient is recorded, whether the input is contiguous): what a measured ``auto``
+    choice depends on beyond the shapes (see :mod:`coordconv_fused.backends.measured`)."""
+    wants_grad = input.requires_grad or weight.requires_grad or coord_weight.requires_grad
+    wants_grad = wants_grad or (bias is not None and bias.requires_grad)
+    return (torch.is_grad_enabled() and wants_grad, input.is_contiguous())
+
+
 def _cached_call(
     key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias, backend: str
 ) -> Tensor:
@@ -130,6 +138,10 @@ def _cached_call(
             coord_weight.dtype,
             coord_weight.device,
             None if bias is None else (bias.shape, bias.dtype, bias.device),
+            # where ``auto`` chooses by measurement, the choice also depends on these
+            _measured_key(input, weight, coord_weight, bias)
+            if backend == "auto" and device.type in AUTO_MEASURED
+            else None,
         )
         plan = _PLANS.get(key)
     except (AttributeError, TypeError):  # not a tensor, or an unhashable argument (e.g. a list): no plan
@@ -139,7 +151,7 @@ def _cached_call(
         out = _run(input, weight, coord_weight, bias, spec, backend)  # validates, raises on bad input
         unbatched = input.dim() == spec.ndim + 1
         batched = input.unsqueeze(0) if unbatched else input
-        fn = resolve_backend(backend, batched, weight, spec).bind(spec)
+        fn = resolve_backend(backend, batched, weight, spec, coord_weight, bias).bind(spec)
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         _PLANS[key] = (spec, unbatched, fn)

@@ -18,7 +18,7 @@ from typing import cast
 import torch
 import torch.nn as nn
 
-from .backends import available_backends
+from .backends import auto_choices, available_backends
 from .benchmark import FLOOR, NAIVE, STANDARD_SHAPES, Shape, make_providers
 
 __all__ = ["GPU_SHAPES", "GPU_TARGETS", "run", "format_report", "kernel_breakdown"]
@@ -157,6 +157,7 @@ def run(
         "rounds": reps,
         "device": "cuda",
         "results": results,
+        "auto_choices": auto_choices(),
     }
 
 
@@ -190,6 +191,18 @@ def format_report(report: dict) -> str:
         f"slower than the naive concatenation): " + ("all met." if not misses else f"{len(misses)} missed:"),
     ]
     lines += [f"- {x}" for x in misses]
+    choices = report.get("auto_choices") or []
+    if choices:
+        lines += [
+            "",
+            "What `auto` chose by measurement (first call of each layer signature, best of three, µs):",
+            "",
+            "| layer | timed | chosen | candidates |",
+            "|---|---|---|---|",
+        ]
+        for c in choices:
+            timings = ", ".join(f"{name} {us:.0f}" for name, us in c["times_us"].items())
+            lines.append(f"| {c['layer']} | {c['timed']} | {c['chosen']} | {timings} |")
     lines += [
         "",
         f"{report['date']}; {m['processor']}; torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, "

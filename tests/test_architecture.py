@@ -122,6 +122,7 @@ LAYERS = [
         "coordconv_fused.backends.aten",
         "coordconv_fused.backends.native",
         "coordconv_fused.backends.choice_file",
+        "coordconv_fused.backends.measured",
         "coordconv_fused.backends.triton",
     },
     {"coordconv_fused.functional"},

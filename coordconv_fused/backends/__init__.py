@@ -16,7 +16,10 @@ backend        module                 what
 =============  =====================  =========================================================
 
 ``backend="auto"`` takes the first usable backend of the device's preference list
-(:data:`AUTO_PREFERENCE`). Tests and experiments register their own with :func:`temporary_backend`.
+(:data:`AUTO_PREFERENCE`), except where several are candidates for measurement
+(:data:`~.measured.AUTO_MEASURED`, CUDA: ``torch`` and ``cuda``): there the first call of each layer
+signature times them and keeps the fastest (:mod:`.measured`). Tests and experiments register their
+own with :func:`temporary_backend`.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..spec import ConvSpec
 from . import aten, native, reference, triton
 from . import choice_file as choice_file  # (COORDCONV_CPU_KERNEL_CACHE is read at import)
 from .base import Backend, BackendFn
+from .measured import AUTO_MEASURED, auto_choices, clear_auto_choices, measured_choice, measuring
 
 __all__ = [
     "Backend",
@@ -45,6 +49,9 @@ __all__ = [
     "dispatch",
     "generation",
     "AUTO_PREFERENCE",
+    "AUTO_MEASURED",
+    "auto_choices",
+    "clear_auto_choices",
 ]
 
 _BACKENDS: dict[str, Backend] = {}
@@ -119,12 +126,44 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name, b in _BACKENDS.items() if _usable(b, device_type)]
 
 
-def resolve_backend(name: str, input: Tensor, weight: Tensor, spec: ConvSpec) -> Backend:
-    """The backend ``name`` (or ``auto``'s choice) for these tensors; raises if unusable."""
+def _measured_candidates(input: Tensor, weight: Tensor, spec: ConvSpec) -> list[Backend]:
+    """The backends ``auto`` times against each other for this call (none where it does not measure:
+    switched off, fake or traced tensors, or fewer than two candidates)."""
+    names = AUTO_MEASURED.get(input.device.type, ())
+    if not names or type(input) is not torch.Tensor or torch.compiler.is_compiling() or not measuring():
+        return []
+    if input.is_cuda and torch.cuda.is_current_stream_capturing():  # (timing would break the capture)
+        return []
+    found = [_BACKENDS.get(n) for n in names]
+    usable = [
+        b
+        for b in found
+        if b is not None
+        and _usable(b, input.device.type)
+        and b.supports(spec) is None
+        and b.auto_ok(input, weight, spec)
+    ]
+    return usable if len(usable) > 1 else []
+
+
+def resolve_backend(
+    name: str,
+    input: Tensor,
+    weight: Tensor,
+    spec: ConvSpec,
+    coord_weight: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Backend:
+    """The backend ``name`` (or ``auto``'s choice) for these tensors; raises if unusable. Given
+    ``coord_weight`` (and ``bias``), ``auto`` may choose by measurement (:mod:`.measured`)."""
     if not isinstance(name, str):
         raise ValueError(f"backend must be a string, got {type(name).__name__}")
     device = input.device
     if name == "auto":
+        if coord_weight is not None:
+            candidates = _measured_candidates(input, weight, spec)
+            if candidates:
+                return measured_choice(candidates, spec, input, weight, coord_weight, bias)
         for candidate in AUTO_PREFERENCE.get(device.type, ()):
             b = _BACKENDS.get(candidate)
             if (
@@ -156,7 +195,7 @@ def dispatch(
     name: str, input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None, spec: ConvSpec
 ) -> Tensor:
     """Run the CoordConv described by ``spec`` on backend ``name``."""
-    return resolve_backend(name, input, weight, spec).fn(input, weight, coord_weight, bias, spec)
+    return resolve_backend(name, input, weight, spec, coord_weight, bias).fn(input, weight, coord_weight, bias, spec)
 
 
 register_backend(reference.backend)
