@@ -40,6 +40,7 @@ __all__ = [
     "rss_bytes",
     "run",
     "format_report",
+    "choices_table",
     "plot",
     "ForeignLoad",
 ]
@@ -338,6 +339,16 @@ def _target_misses(report: dict) -> list[str]:
     return misses
 
 
+def choices_table(caption: str, columns: tuple[str, str], rows: list[tuple[str, str, str, dict]]) -> list[str]:
+    """Markdown lines: a caption and a table of choices made by measurement, one row per
+    ``(first column, second column, chosen, {candidate: µs})``."""
+    lines = ["", caption, "", f"| {columns[0]} | {columns[1]} | chosen | candidates |", "|---|---|---|---|"]
+    for first, second, chosen, times in rows:
+        timings = ", ".join(f"{name} {us:.0f}" for name, us in times.items())
+        lines.append(f"| {first} | {second} | {chosen} | {timings} |")
+    return lines
+
+
 def format_report(report: dict) -> str:
     """Markdown: timing table, memory table, target check, machine line."""
     lines = [
@@ -378,17 +389,12 @@ def format_report(report: dict) -> str:
         lines += [f"- {m}" for m in misses]
     choices = report.get("kernel_choices") or []
     if choices:
-        lines += [
-            "",
+        lines += choices_table(
             f"Kernels of the cpp backend (COORDCONV_CPU_KERNEL={report.get('kernel_selection', 'measure')}; "
             "chosen by timing each candidate on the layer's first call, best of three, µs):",
-            "",
-            "| op | layer | chosen | candidates |",
-            "|---|---|---|---|",
-        ]
-        for c in choices:
-            times = ", ".join(f"{k} {v:.0f}" for k, v in c["candidates_us"].items())
-            lines.append(f"| {c['op']} | {c['layer']} | {c['chosen']} | {times} |")
+            ("op", "layer"),
+            [(c["op"], c["layer"], c["chosen"], c["candidates_us"]) for c in choices],
+        )
     m = report["machine"]
     lines.append("")
     lines.append(

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from .backends import auto_choices, available_backends
-from .benchmark import FLOOR, NAIVE, STANDARD_SHAPES, Shape, make_providers
+from .benchmark import FLOOR, NAIVE, STANDARD_SHAPES, Shape, choices_table, make_providers
 
 __all__ = ["GPU_SHAPES", "GPU_TARGETS", "run", "format_report", "kernel_breakdown"]
 
@@ -193,16 +193,11 @@ def format_report(report: dict) -> str:
     lines += [f"- {x}" for x in misses]
     choices = report.get("auto_choices") or []
     if choices:
-        lines += [
-            "",
+        lines += choices_table(
             "What `auto` chose by measurement (first call of each layer signature, best of three, µs):",
-            "",
-            "| layer | timed | chosen | candidates |",
-            "|---|---|---|---|",
-        ]
-        for c in choices:
-            timings = ", ".join(f"{name} {us:.0f}" for name, us in c["times_us"].items())
-            lines.append(f"| {c['layer']} | {c['timed']} | {c['chosen']} | {timings} |")
+            ("layer", "timed"),
+            [(c["layer"], c["timed"], c["chosen"], c["times_us"]) for c in choices],
+        )
     lines += [
         "",
         f"{report['date']}; {m['processor']}; torch {m['torch']}, CUDA {m['cuda']}, cuDNN {m['cudnn']}, "

@@ -134,3 +134,25 @@ def test_cuda_auto_measures_torch_and_cuda():
     (choice,) = auto_choices()
     assert set(choice["times_us"]) == {"torch", "cuda"} and choice["chosen"] in ("torch", "cuda")
     torch.testing.assert_close(out, layer.to("cpu")(x.cpu()), atol=1e-4, rtol=1e-4, check_device=False)
+
+
+def test_gpu_report_lists_the_choices():
+    """The GPU benchmark's report says what auto chose, with each candidate's time (CPU: the format)."""
+    from coordconv_fused import gpu_benchmark
+
+    report = {
+        "results": [],
+        "machine": {"processor": "GPU", "torch": "2.x", "cuda": "13.0", "cudnn": 91900, "tf32": False},
+        "date": "today",
+        "rounds": 3,
+        "auto_choices": [
+            {
+                "layer": "(8, 64, 56, 56)",
+                "timed": "forward",
+                "chosen": "cuda",
+                "times_us": {"torch": 52.4, "cuda": 41.0},
+            }
+        ],
+    }
+    text = gpu_benchmark.format_report(report)
+    assert "| (8, 64, 56, 56) | forward | cuda | torch 52, cuda 41 |" in text
