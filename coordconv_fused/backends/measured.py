@@ -10,7 +10,8 @@ the call's own tensors and the fastest is kept for the process.
 * Cost: one warm-up and three timed calls per candidate, interleaved (GPU: CUDA events, one
   synchronisation at the end), on the first call of a signature only.
 * ``COORDCONV_AUTO=fixed`` (read on every first call): no measurement, the order of
-  ``AUTO_PREFERENCE`` as before. :func:`auto_choices` says what was chosen, with the times.
+  ``AUTO_PREFERENCE`` as before -- for inputs whose shape changes from call to call, where every
+  new shape would be measured (``cudnn.benchmark``'s caveat too). :func:`auto_choices` says what was chosen, with the times.
 
 The candidates compute the same sums, so the choice changes results by floating-point
 reassociation at most; it never writes to the caller's tensors (backward runs on detached copies).
@@ -37,6 +38,7 @@ AUTO_MEASURED: dict[str, tuple[str, ...]] = {"cuda": ("torch", "cuda")}
 ROUNDS = 3
 
 _CHOICES: dict[tuple, dict] = {}
+_MAX_CHOICES = 4096
 _LOCK = threading.Lock()
 
 
@@ -138,6 +140,8 @@ def measured_choice(
             "times_us": times,
         }
         with _LOCK:
+            if len(_CHOICES) >= _MAX_CHOICES:
+                _CHOICES.clear()
             _CHOICES.setdefault(key, entry)
     return next(b for b in candidates if b.name == entry["chosen"])
 
