@@ -23,8 +23,8 @@ plain ELBO (reconstruction summed over the pixel values, plus the KL term); S7.2
 5e-3 made the loss rise after two epochs here, and its 50-fold weight on the reconstruction left the
 prior's samples blank (0% with both objects, measured on this CPU) -- the paper does not say how its
 two losses are reduced, and summed over 3,072 values the reconstruction already dominates the
-8-dimensional KL term. Budgets are counted in iterations / epochs, so a seed gives the same result
-on any machine.
+8-dimensional KL term. Budgets are counted in iterations / epochs, so a run does not depend on the
+machine's speed (a seed reproduces with the same thread count and software).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ for the other tasks: classification, training loss below ``stop_loss``; renderin
 pixel's sigmoid within 0.12 of its target). A model is restarted from a new initialisation (at
 most ``max_attempts`` in all) when the validation block is not perfect; baselines train at a
 constant rate for ``baseline_epochs`` epochs. Budgets are counted in epochs, never in seconds, so a
-seed gives the same result on any machine; the time taken is reported. The test set is only
+run does not depend on the machine's speed (a seed reproduces with the same thread count and
+software; another thread count sums in another order, which training amplifies); the time taken is
+reported. The test set is only
 evaluated for the learning curve and the final report.
 
 Without weight decay, training the whole schedule instead of stopping early did not fix the
