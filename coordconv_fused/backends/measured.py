@@ -11,7 +11,8 @@ the call's own tensors and the fastest is kept for the process.
   synchronisation at the end), on the first call of a signature only.
 * ``COORDCONV_AUTO=fixed`` (read on every first call): no measurement, the order of
   ``AUTO_PREFERENCE`` as before -- for inputs whose shape changes from call to call, where every
-  new shape would be measured (``cudnn.benchmark``'s caveat too). :func:`auto_choices` says what was chosen, with the times.
+  new shape would be measured (``cudnn.benchmark``'s caveat too). :func:`auto_choices` says what
+  was chosen, with the times.
 
 The candidates compute the same sums, so the choice changes results by floating-point
 reassociation at most; it never writes to the caller's tensors (backward runs on detached copies).
