@@ -164,11 +164,9 @@ template <typename scalar_t, typename acc_t>
 CC_HD acc_t coord_term_at(const Geometry& g, const scalar_t* cw, int64_t o, const int64_t at[3]) {
   const scalar_t* w = cw + o * g.k_coord();
   acc_t term = acc_t(0);
-  if (g.separate) {
-    acc_t v[3];
-    for (int ax = 0; ax < 3; ++ax) v[ax] = axis_centre<acc_t>(g, ax, at[ax]);
+  if (g.separate) {  // (k_coord = num_coords columns: the centres' coordinates)
     for (int64_t c = 0; c < g.num_coords; ++c)
-      term += static_cast<acc_t>(w[c]) * channel_value<scalar_t, acc_t>(g, c, v, acc_t(1));
+      term += static_cast<acc_t>(w[c]) * coord_im2col<scalar_t, acc_t>(g, c, at[0], at[1], at[2]);
     return term;
   }
   acc_t value[3][kMaxAxisTaps], mask[3][kMaxAxisTaps];
