@@ -126,6 +126,15 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return [name for name, b in _BACKENDS.items() if _usable(b, device_type)]
 
 
+def _auto_eligible(name: str, input: Tensor, weight: Tensor, spec: ConvSpec) -> Backend | None:
+    """The backend ``name`` if ``auto`` may run it for this call (registered, usable on the input's
+    device, supporting the spec, and its own heuristic agreeing), else None."""
+    b = _BACKENDS.get(name)
+    if b is None or not _usable(b, input.device.type) or b.supports(spec) is not None:
+        return None
+    return b if b.auto_ok(input, weight, spec) else None
+
+
 def _measured_candidates(input: Tensor, weight: Tensor, spec: ConvSpec) -> list[Backend]:
     """The backends ``auto`` times against each other for this call (none where it does not measure:
     switched off, fake or traced tensors, or fewer than two candidates)."""
@@ -134,15 +143,7 @@ def _measured_candidates(input: Tensor, weight: Tensor, spec: ConvSpec) -> list[
         return []
     if input.is_cuda and torch.cuda.is_current_stream_capturing():  # (timing would break the capture)
         return []
-    found = [_BACKENDS.get(n) for n in names]
-    usable = [
-        b
-        for b in found
-        if b is not None
-        and _usable(b, input.device.type)
-        and b.supports(spec) is None
-        and b.auto_ok(input, weight, spec)
-    ]
+    usable = [b for b in (_auto_eligible(n, input, weight, spec) for n in names) if b is not None]
     return usable if len(usable) > 1 else []
 
 
@@ -165,13 +166,8 @@ def resolve_backend(
             if candidates:
                 return measured_choice(candidates, spec, input, weight, coord_weight, bias)
         for candidate in AUTO_PREFERENCE.get(device.type, ()):
-            b = _BACKENDS.get(candidate)
-            if (
-                b is not None
-                and _usable(b, device.type)
-                and b.supports(spec) is None
-                and b.auto_ok(input, weight, spec)
-            ):
+            b = _auto_eligible(candidate, input, weight, spec)
+            if b is not None:
                 return b
         return _BACKENDS[_AUTO_FALLBACK]
     if name not in _BACKENDS:
