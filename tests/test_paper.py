@@ -18,6 +18,7 @@ from coordconv_fused.paper.models import (
     DeconvClassifier,
     num_parameters,
 )
+from coordconv_fused.paper.train import _forward, _loss
 
 
 def test_not_so_clevr():
@@ -57,6 +58,76 @@ def test_models_use_our_layer_and_paper_sizes():
     square, centre = g.render(torch.zeros(2, 2))
     assert square.shape == centre.shape == (2, 4096)
     assert num_parameters(DeconvClassifier(c=2)) == 182_017  # the paper's rendering deconvs: 183k-1.6M
+
+
+def test_classifier_starts_translation_equivariant():
+    """CoordConvClassifier.init_as_offsets: the CoordConv layer's response to centre (i, j) at pixel
+    (x, y) equals its response to centre (i + di, j + dj) at pixel (x + di, y + dj) -- each unit a
+    function of the offset -- away from the border (whose replicated padding bends the ramps)."""
+    torch.manual_seed(0)
+    layer = CoordConvClassifier().net[0]
+    d = make_dataset()
+    a, b = d.centres.tolist().index([10, 12]), d.centres.tolist().index([45, 50])  # shift (35, 38)
+    tiled = d.coords[[a, b], :, None, None].expand(-1, -1, 64, 64)
+    with torch.no_grad():
+        out = layer(tiled.contiguous())
+    torch.testing.assert_close(out[1, :, 36:63, 39:63], out[0, :, 1:28, 1:25], rtol=0, atol=1e-5)
+    assert not torch.allclose(out[0, :, 36:63, 39:63], out[0, :, 1:28, 1:25], atol=1e-3)  # not constant
+
+
+def test_renderer_square_depends_only_on_the_centre_arg_max():
+    """The stamp reads the centre's arg-max: sharpening or flattening the centre's softmax (scaling
+    its logits) leaves the square unchanged, and the square is the stamp's 9x9 filter placed at the
+    arg-max (so a right centre gives the same square anywhere on the canvas)."""
+    torch.manual_seed(0)
+    g = CoordConvRenderer()
+    coords = make_dataset().coords[torch.tensor([0, 700, 3135])]
+    with torch.no_grad():
+        square, centre = g.render(coords)
+        last = g.centre.net[-1]
+        last.weight.mul_(0.01)
+        last.bias.mul_(0.01)
+        flatter, flat_centre = g.render(coords)
+    assert torch.equal(flat_centre.argmax(1), centre.argmax(1))
+    assert not torch.allclose(flat_centre, centre)
+    assert torch.equal(flatter, square)
+    weight, bias = g.stamp.weight.detach()[0, 0], g.stamp.bias.detach()
+    for n, pixel in enumerate(centre.argmax(1).tolist()):
+        i, j = divmod(pixel, 64)
+        expected = torch.full((64 + 8, 64 + 8), float(bias))
+        # conv2d is a cross-correlation: a delta comes out as the flipped filter
+        expected[i : i + 9, j : j + 9] += g.PEAK * weight.flip(0, 1)
+        torch.testing.assert_close(square[n].view(64, 64), expected[4:-4, 4:-4])
+
+
+def test_renderer_centre_trains_exactly_as_the_classifier():
+    """The renderer's centre network is the classifier, initialised from the same seed and trained by
+    the same cross-entropy (the stamp's input carries no gradient): a few AdamW steps on the same
+    batches leave the two networks bitwise equal. So a rendering run's centre is the classification
+    run of its seed, and its arg-max accuracy that run's accuracy."""
+    data = make_dataset()
+    batches = torch.randperm(len(data.centres), generator=torch.Generator().manual_seed(0))[:96].view(3, 32)
+    trained = {}
+    for task, make in (("classification", CoordConvClassifier), ("rendering", CoordConvRenderer)):
+        torch.manual_seed(7)
+        model = make()
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3, weight_decay=0.5)
+        for b in batches:
+            loss = _loss(task, *_forward(task, model, data, b), data, b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        trained[task] = model if task == "classification" else model.centre
+    classifier, centre = trained["classification"].state_dict(), trained["rendering"].state_dict()
+    assert classifier.keys() == centre.keys()
+    for name, value in classifier.items():
+        assert torch.equal(value, centre[name]), name
+    assert not torch.equal(classifier["net.0.weight"], _initial_first_weight(7))  # it did train
+
+
+def _initial_first_weight(seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return CoordConvClassifier().net[0].weight.detach()
 
 
 def test_regressor_initialisation_puts_the_max_pool_on_the_hot_pixel():

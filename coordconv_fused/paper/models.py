@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..modules import CoordConv2d
@@ -35,7 +36,21 @@ class CoordConvClassifier(nn.Module):
     each (i, j) combination; on the quadrant split one seed in three then put its peak near the
     right border for unseen centres (83.3% test accuracy, errors of 5-7 pixels toward the border).
     Replicated padding keeps the tiled input constant and the coordinate ramps nearly linear up to
-    the border, and that seed reaches 100%."""
+    the border, and that seed reaches 100%.
+
+    The logits are in pixel units: the network's output times ``LOGIT_SCALE`` = 31.5, the pixels per
+    unit of the [-1, 1] coordinate scale. Neighbouring pixels lie 2/63 apart in the coordinates the
+    network computes with, so separating the centre from its neighbours by a logit margin of m takes
+    an output slope of 31.5 m per coordinate unit: without the scale that slope is a product of the
+    eight layers' weights, which weight decay pulls down wherever the data do not hold it -- on the
+    quadrant split's unseen corner, where a seed trained with 2 threads (seed 9) kept a margin of
+    about 0 and put its peak a pixel off for 35% of the corner (64.5%), its held-out block right.
+    With the scale, a margin of m needs a slope of order m, the scale weight decay leaves alone.
+
+    The CoordConv layer starts translation-equivariant (:meth:`init_as_offsets`): each unit a
+    function of the pixel's offset from the centre, the form of the exact solution."""
+
+    LOGIT_SCALE = (CANVAS - 1) / 2
 
     def __init__(self, width: int = 32, depth: int = 6, backend: str = "auto", padding_mode: str = "replicate") -> None:
         super().__init__()
@@ -47,10 +62,33 @@ class CoordConvClassifier(nn.Module):
             layers += [nn.Conv2d(width, width, 1), nn.ReLU()]
         layers.append(nn.Conv2d(width, 1, 1))
         self.net = nn.Sequential(*layers)
+        self.init_as_offsets()
+
+    @torch.no_grad()
+    def init_as_offsets(self) -> None:
+        """Start each unit of the CoordConv layer as a function of the pixel's offset from the centre.
+
+        The input is the centre (i, j) tiled over the canvas; the layer adds the pixel's coordinates
+        (x, y) on the same [-1, 1] scale (coordinate channel k along axis k, the centre's channel k
+        the same axis). Setting the data filter to minus the coordinate filter, tap by tap, makes
+        every unit's pre-activation ``sum_t w_t * ((x + offset_t) - i) + ...`` a function of
+        (x - i, y - j) alone: each ReLU's kink then lies at the same offset from every centre, the
+        structure of the exact solution, and a centre no training example had (the quadrant split's
+        corner) is no extrapolation for these units. Gradient descent may move the filters apart
+        where the data ask for it; weight decay pulls back what they do not hold.
+
+        Why (the layer's first-layer filters of a failing run, seed 9 with 2 threads, trained from
+        PyTorch's default initialisation): the units the model kept were of two kinds, exact offset
+        units (data weight = -coordinate weight, summed over taps) and units of the centre's absolute
+        position; the latter let the map depend on where the centre is, which the training centres
+        pin down only on the L-shaped region they cover, and in the unseen corner the peak drifted
+        a pixel. Chosen from that reading of the weights, not from test accuracy."""
+        first = cast(Any, self.net[0])
+        first.weight.copy_(-first.coord_weight)
 
     def forward(self, coords: Tensor) -> Tensor:
         tiled = coords[:, :, None, None].expand(-1, -1, CANVAS, CANVAS)
-        return self.net(tiled.contiguous(memory_format=torch.channels_last)).flatten(1)
+        return self.net(tiled.contiguous(memory_format=torch.channels_last)).flatten(1) * self.LOGIT_SCALE
 
 
 class DeconvClassifier(nn.Module):
@@ -74,19 +112,26 @@ class DeconvClassifier(nn.Module):
 class CoordConvRenderer(nn.Module):
     """Coordinates -> 64x64 square logits (the rendering task).
 
-    The coordinate-classification network (7,553 parameters) gives the centre logits; their softmax
-    over the 4,096 pixels, in units of 1/64, is stamped by a learned 9x9 filter into per-pixel
-    square logits (82 parameters; 7,635 in all -- the paper's wider rendering model has 9,490).
-    Training adds the softmax cross-entropy of the centre to the per-pixel sigmoid loss (the authors'
-    intermediate loss): with the per-pixel loss alone the 81 positive pixels out of 4,096 pull the
-    model to a blank canvas (IoU 0 in a first trial on this CPU), and one map trained with both
-    losses stalled at IoU 0.80. The 1/64 unit lets the stamp reach logits of +-10 with weights of
-    order 0.1 to 1, the scale its initialisation and Adam's steps work at; its bias starts at the
-    background rate (from 0, Adam's steps of ~lr took 3 epochs to carry it to the -4 it needs).
-    The per-pixel loss trains the stamp only (the probability map is detached): let through, it
-    traded the centre's sharpness for a smoother square (train IoU 1.0, test IoU 0.94)."""
+    The coordinate-classification network (7,553 parameters) gives the centre logits; a learned 9x9
+    filter stamps their arg-max, a one-hot map of height 64 (``PEAK``), into per-pixel square logits
+    (82 parameters; 7,635 in all -- the paper's wider rendering model has 9,490). Training adds the
+    softmax cross-entropy of the centre to the per-pixel sigmoid loss (the authors' intermediate
+    loss): with the per-pixel loss alone the 81 positive pixels out of 4,096 pull the model to a
+    blank canvas (IoU 0 in a first trial on this CPU), and one map trained with both losses stalled
+    at IoU 0.80. The height 64 lets the stamp reach logits of +-10 with weights of order 0.1 to 1,
+    the scale its initialisation and Adam's steps work at; its bias starts at the background rate
+    (from 0, Adam's steps of ~lr took 3 epochs to carry it to the -4 it needs).
 
-    PROBABILITY_UNIT = 1.0 / CANVAS
+    The per-pixel loss trains the stamp only: let into the centre network, it traded the centre's
+    sharpness for a smoother square (train IoU 1.0, test IoU 0.94). The stamp first read the
+    softmax of the centre logits (detached); where that softmax was less peaked -- on part of the
+    quadrant split's unseen corner -- the square's edges crossed the threshold a pixel early or late
+    although the arg-max was right (2 threads, seeds 0 and 2: IoU 0.984 and 0.975 with the centre
+    100% right). The arg-max gives the stamp the same input wherever the centre is right, so the
+    square is exact exactly where the centre is; no gradient reached the centre through the stamp's
+    input before either."""
+
+    PEAK = float(CANVAS)
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
@@ -100,8 +145,8 @@ class CoordConvRenderer(nn.Module):
     def render(self, coords: Tensor) -> tuple[Tensor, Tensor]:
         """(square logits, centre logits), both [N, 4096]."""
         centre = self.centre(coords)
-        prob = torch.softmax(centre, dim=1).view(-1, 1, CANVAS, CANVAS)
-        return self.stamp(prob.detach() / self.PROBABILITY_UNIT).flatten(1), centre
+        peak = F.one_hot(centre.argmax(1), CANVAS * CANVAS).to(centre.dtype) * self.PEAK
+        return self.stamp(peak.view(-1, 1, CANVAS, CANVAS)).flatten(1), centre
 
     def forward(self, coords: Tensor) -> Tensor:
         return self.render(coords)[0]
