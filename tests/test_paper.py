@@ -9,6 +9,7 @@ import sys
 import torch
 
 from coordconv_fused import CoordConv2d
+from coordconv_fused.paper import train
 from coordconv_fused.paper.data import make_dataset, split
 from coordconv_fused.paper.models import (
     ConvRegressor,
@@ -18,7 +19,7 @@ from coordconv_fused.paper.models import (
     DeconvClassifier,
     num_parameters,
 )
-from coordconv_fused.paper.train import _forward, _loss
+from coordconv_fused.paper.train import _forward, _loss, centre_margin
 
 
 def test_not_so_clevr():
@@ -159,6 +160,33 @@ def test_validation_block_is_held_out_of_training():
         block = validation_block(d, tr)
         assert 100 < int(block.sum()) <= 196
         assert not set(tr[block].tolist()) & set(te.tolist())
+
+
+def test_centre_margin():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 5.0, 4.5]])
+    torch.testing.assert_close(centre_margin(logits, torch.tensor([1, 2])), torch.tensor([2.0, -0.5]))
+
+
+def test_restarts_while_the_block_is_right_by_less_than_the_margin(monkeypatch):
+    """A CoordConv classifier or renderer whose held-out block is right, but by a centre-logit
+    margin under ``min_val_margin``, is restarted from a new initialisation; a regressor (no
+    centre logits) only on accuracy."""
+    block_margins = iter([0.5, 1.5, 0.2])
+    seeds = []
+
+    def attempt(cfg, data, fit_idx, val_idx, test_idx, seed, start, curves, n, progress=None):
+        metrics = {"accuracy": 1.0, "loss": 0.0, "mean_px_error": 0.0, "max_px_error": 0.0}
+        if cfg.task != "regression":
+            metrics["min_centre_margin"] = next(block_margins)
+        curves.append({"attempt": n, "epoch": 1, "seconds": 0.0, "train": metrics, "val": metrics, "test": metrics})
+        seeds.append(seed)
+        return torch.nn.Linear(1, 1), "epoch budget"
+
+    monkeypatch.setattr(train, "_train_attempt", attempt)
+    r = train.run(train.RunConfig(task="classification", seed=4))
+    assert r["attempts"] == 2 and r["val"]["min_centre_margin"] == 1.5 and seeds == [4000, 4001]
+    assert train.run(train.RunConfig(task="rendering", min_val_margin=0.1))["attempts"] == 1
+    assert train.run(train.RunConfig(task="regression"))["attempts"] == 1
 
 
 def test_paper_cli_quick(tmp_path):
