@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--attempts",
         type=int,
         default=3,
-        help="CoordConv attempts at most: a restart while the validation block is not perfect (default: %(default)s)",
+        help="CoordConv attempts at most: a restart while the validation block is not perfect (classification, "
+        "rendering: not right by a centre-logit margin of 1) (default: %(default)s)",
     )
     paper.add_argument(
         "--baseline-epochs", type=int, default=10, help="epochs of a baseline run (default: %(default)s)"

@@ -13,8 +13,8 @@ most ``max_attempts`` in all) when the validation block is not perfect -- for cl
 rendering, not right with a margin: each block centre's logit at least ``min_val_margin`` above any
 other pixel's (the classifier's logits are in pixel units; 1 is the centre e times as probable as
 the runner-up) -- a block right by a hair is no evidence the map is learned: with 2 threads, the
-quadrant split's seed 7 had its block right by 0.79 and missed 3.4% of the test corner, while the
-other 19 runs of seeds 0-9 with 1 and 2 threads had block margins of 2.1 or more, or (one) 0.02;
+quadrant split's seed 7 had its block right by 0.79 and missed 3.4% of the test corner; of the
+other 19 runs of seeds 0-9 with 1 and 2 threads, 18 had block margins of 1.75 or more, one 0.02;
 baselines train at a
 constant rate for ``baseline_epochs`` epochs. Budgets are counted in epochs, never in seconds, so a
 run does not depend on the machine's speed (a seed reproduces with the same thread count and
