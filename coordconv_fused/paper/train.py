@@ -96,9 +96,10 @@ class RunConfig:
         do not hold toward zero, the same rule for every seed (0.5 is the only value tried). With
         it, classification: 9 of the 10 seeds 0-5 and 10-13 at 100%, seed 2 at 96.8% (it passed
         without); rendering: the three seeds that failed without it (3, 5, 7) at IoU 1.000. Better,
-        not robust alone (with 2 threads seed 9 still failed, 64.5%); with the classifier's offset
-        initialisation and pixel-unit logits (:class:`~coordconv_fused.paper.models.CoordConvClassifier`)
-        see the README. Regression needs none (10 seeds of 10 at 100% without)."""
+        not robust alone (with 2 threads seed 9 still failed, 64.5%); robust with the classifier's
+        offset initialisation and pixel-unit logits
+        (:class:`~coordconv_fused.paper.models.CoordConvClassifier`) and the held-out block's margin
+        (``min_val_margin``): see the README. Regression needs none (10 seeds of 10 at 100% without)."""
         if self.weight_decay is not None:
             return self.weight_decay
         return 0.5 if self.model == "coordconv" and self.task in ("classification", "rendering") else 0.0
