@@ -131,7 +131,7 @@ def _bench_cuda(args: argparse.Namespace) -> int:
                 rounds=3 if args.quick else 9,
                 per_round=20 if args.quick else 200,
             )
-            if not args.quick:  # (two torch.compile runs: a minute)
+            if args.compiled and not args.quick:  # (two torch.compile runs: a minute)
                 report["compiled"] = call_cost.compiled_ratio(device="cuda", shape=(64, 64, 56, 56), rounds=9)
     print(gpu_benchmark.format_report(report))
     for key, fmt in (("host_overhead", call_cost.format_host_overhead), ("compiled", call_cost.format_compiled)):
@@ -323,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile", action="store_true", help="with --device cuda: also the CUDA kernels of each provider (profiler)"
     )
     bench.add_argument(
-        "--compiled", action="store_true", help="with --device cuda: also torch.compile'd nn.Conv2d and CoordConv2d"
+        "--compiled",
+        action="store_true",
+        help="with --device cuda: also torch.compile'd nn.Conv2d and CoordConv2d, and the compiled "
+        "CoordConv2d + ReLU against Conv2d + ReLU",
     )
     bench.add_argument(
         "--isa",
