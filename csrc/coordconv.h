@@ -34,6 +34,9 @@ struct Geometry {
   int32_t pad_mode;                              // PadMode of the explicit pre-padding
   bool with_r, separate, has_bias;
   int64_t ystride[5];  // strides of the output, lifted to [N, C, D, H, W]
+  // Element strides of coord_weight [C_out, d, *kernel] along d and along its flattened taps (rows
+  // of k_coord elements): (taps, 1) contiguous, (1, d) channels-last.
+  int64_t cw_cstride, cw_tstride;
 
   CC_HD int64_t taps() const { return kernel[0] * kernel[1] * kernel[2]; }
   CC_HD int64_t out_points() const { return out[0] * out[1] * out[2]; }
@@ -159,14 +162,15 @@ constexpr int kMaxAxisTaps = 16;
 // cw[o, k] times column k of the coordinate im2col matrix (coord_im2col), from the separable structure
 // of the coordinates: the values and masks of each axis's taps are computed once (kernel[0] +
 // kernel[1] + kernel[2] evaluations, not d * taps), and a tap reads the coordinate on its channel's
-// axis, zero where any axis is in the zero padding. cw: [C_out, k_coord], rows contiguous.
+// axis, zero where any axis is in the zero padding. cw: [C_out, k_coord] rows of k_coord elements,
+// laid out within a row as g.cw_cstride and g.cw_tstride say.
 template <typename scalar_t, typename acc_t>
 CC_HD acc_t coord_term_at(const Geometry& g, const scalar_t* cw, int64_t o, const int64_t at[3]) {
   const scalar_t* w = cw + o * g.k_coord();
   acc_t term = acc_t(0);
   if (g.separate) {  // (k_coord = num_coords columns: the centres' coordinates)
     for (int64_t c = 0; c < g.num_coords; ++c)
-      term += static_cast<acc_t>(w[c]) * coord_im2col<scalar_t, acc_t>(g, c, at[0], at[1], at[2]);
+      term += static_cast<acc_t>(w[c * g.cw_cstride]) * coord_im2col<scalar_t, acc_t>(g, c, at[0], at[1], at[2]);
     return term;
   }
   acc_t value[3][kMaxAxisTaps], mask[3][kMaxAxisTaps];
@@ -181,32 +185,64 @@ CC_HD acc_t coord_term_at(const Geometry& g, const scalar_t* cw, int64_t o, cons
         if (mask[0][t0] * mask[1][t1] * mask[2][t2] == acc_t(0)) continue;
         const acc_t v[3] = {value[0][t0], value[1][t1], value[2][t2]};
         for (int64_t c = 0; c < g.num_coords; ++c)
-          term += static_cast<acc_t>(w[c * taps + tap]) * channel_value<scalar_t, acc_t>(g, c, v, acc_t(1));
+          term += static_cast<acc_t>(w[c * g.cw_cstride + tap * g.cw_tstride]) *
+                  channel_value<scalar_t, acc_t>(g, c, v, acc_t(1));
       }
   return term;
 }
 
 // Epilogue with the coordinates evaluated in the kernel: y += P + bias in place, in acc_t with one
 // rounding, for a dense output whose samples are sample = C_out * points elements apart, NCHW
-// (channels_last false) or channels-last. Thread idx owns the element at offset m = idx % sample of
-// samples [first, first + per_thread), first = idx / sample * per_thread: it computes the term of
-// that (channel, point) once and adds it to each of them (consecutive threads: consecutive memory).
-template <typename scalar_t, typename acc_t>
+// (channels_last false) or channels-last. Thread idx owns the V consecutive elements (in memory
+// order) at offset m = (idx % (sample / V)) * V of samples [first, first + per_thread),
+// first = idx / (sample / V) * per_thread: it computes their V terms once and adds them to each of
+// those samples, by one V-element access per sample (V * sizeof(scalar_t) = 16 bytes where the
+// host found sample a multiple of V and y 16-byte aligned; V = 1 otherwise), a few samples' loads
+// issued before their stores. Consecutive threads: consecutive memory.
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) Pack {
+  scalar_t v[V];
+};
+
+template <typename scalar_t, typename acc_t, int V>
 CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
                                bool channels_last, int64_t per_thread, int64_t idx) {
-  const int64_t points = g.out_points(), sample = g.c_out * points;
-  const int64_t m = idx % sample, first = idx / sample * per_thread;
-  const int64_t o = channels_last ? m % g.c_out : m / points;
-  const int64_t p = channels_last ? m / g.c_out : m % points;
-  const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
-  acc_t term = coord_term_at<scalar_t, acc_t>(g, cw, o, at);
-  if (bias != nullptr) term += static_cast<acc_t>(bias[o]);
+  const int64_t points = g.out_points(), sample = g.c_out * points, slots = sample / V;
+  const int64_t m = (idx % slots) * V, first = idx / slots * per_thread;
+  int64_t o = channels_last ? m % g.c_out : m / points;
+  int64_t p = channels_last ? m / g.c_out : m % points;
+  acc_t term[V];
+  for (int v = 0; v < V; ++v) {
+    const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
+    term[v] = coord_term_at<scalar_t, acc_t>(g, cw, o, at);
+    if (bias != nullptr) term[v] += static_cast<acc_t>(bias[o]);
+    if (channels_last) {  // (the next element in memory order)
+      if (++o == g.c_out) {
+        o = 0;
+        ++p;
+      }
+    } else if (++p == points) {
+      p = 0;
+      ++o;
+    }
+  }
+  constexpr int kInFlight = 4;  // samples whose loads are issued together
   const int64_t last = first + per_thread < g.n ? first + per_thread : g.n;
-  for (int64_t n = first; n < last; ++n) {
-    scalar_t* e = y + n * sample + m;
-    *e = static_cast<scalar_t>(static_cast<acc_t>(*e) + term);
+  for (int64_t n = first; n < last; n += kInFlight) {
+    Pack<scalar_t, V> pack[kInFlight];
+    for (int u = 0; u < kInFlight; ++u)
+      if (n + u < last) pack[u] = *reinterpret_cast<const Pack<scalar_t, V>*>(y + (n + u) * sample + m);
+    for (int u = 0; u < kInFlight; ++u) {
+      if (n + u >= last) break;
+      for (int v = 0; v < V; ++v) pack[u].v[v] = static_cast<scalar_t>(static_cast<acc_t>(pack[u].v[v]) + term[v]);
+      *reinterpret_cast<Pack<scalar_t, V>*>(y + (n + u) * sample + m) = pack[u];
+    }
   }
 }
+
+// Elements per vector access of the epilogue: 16 bytes of scalar_t.
+template <typename scalar_t>
+constexpr int kEpilogueVecOf = 16 / sizeof(scalar_t) < 8 ? 16 / sizeof(scalar_t) : 8;
 
 // The GEMM path's epilogue (filters beyond kMaxAxisTaps): elements per thread.
 constexpr int kEpilogueVec = 4;

@@ -58,7 +58,25 @@ inline Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight,
     g.kernel[ax] = real ? weight.size(2 + k) : 1;
     g.out[ax] = (g.padded[ax] + 2 * g.pad[ax] - g.dil[ax] * (g.kernel[ax] - 1) - 1) / g.stride[ax] + 1;
   }
+  g.cw_cstride = separate ? 1 : g.taps();  // a contiguous coord_weight (see coord_weight_in_layout)
+  g.cw_tstride = 1;
   return g;
+}
+
+// coord_weight as the epilogue reads it, with g's strides of it set: the parameter itself where it
+// is contiguous or channels-last (a module converted with .to(memory_format=torch.channels_last)),
+// with no copy, else a contiguous copy.
+inline at::Tensor coord_weight_in_layout(const at::Tensor& cw, Geometry& g) {
+  const bool last = (cw.dim() == 4 && cw.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
+                    (cw.dim() == 5 && cw.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+  if (last && !cw.is_contiguous()) {
+    g.cw_cstride = 1;
+    g.cw_tstride = cw.size(1);
+    return cw;
+  }
+  g.cw_cstride = g.separate ? 1 : g.taps();
+  g.cw_tstride = 1;
+  return cw.contiguous();
 }
 
 inline std::vector<int64_t> output_sizes(const Geometry& g) {

@@ -52,6 +52,7 @@ inline at::Tensor term_gemm(const at::Tensor& cw, const at::Tensor& cols, const 
 // The coordinate filter's gradient [C_out, k_coord] = gs [C_out, points] x cols^T.
 inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) {
   const int64_t points = cols.size(1);
+  if (points <= kMaxGemmPoints) return at::mm(gs, cols.t());
   at::Tensor out = at::zeros({gs.size(0), cols.size(0)}, gs.options());
   for (int64_t s = 0; s < points; s += kMaxGemmPoints) {
     const int64_t len = std::min(kMaxGemmPoints, points - s);
@@ -79,8 +80,9 @@ inline std::optional<bool> epilogue_layout(const at::Tensor& y) {
 // The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass
 // of its own), then one in-place pass adding the coordinate term plus the bias, its coordinates
 // evaluated in the kernel (coord_epilogue_body): two launches per call, like nn.Conv2d's convolution
-// and bias. Each thread computes the term of one (channel, point) and adds it to that element of
-// several samples, so that the term's cost is shared by the batch while the grid keeps about
+// and bias. Each thread computes the terms of a few consecutive elements of a sample (16 bytes) and
+// adds them to those elements of several samples, so that the terms' cost is shared by the batch
+// while the grid keeps about
 // Launch::target_threads() threads. Filters beyond the epilogue's per-axis tables (and, defensively,
 // an output in another layout) take the GEMM path: the term [C_out, points] = coord_weight x the
 // coordinate im2col matrix by a small GEMM, added by a pass reading it in the output's memory order.
@@ -90,8 +92,8 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
                        at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r, bool separate) {
   const AutocastOff autocast_off;  // inputs arrive already cast (see functional.py)
-  const Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, pre_pad,
-                                   pre_pad_mode, with_r, separate);
+  Geometry g = make_geometry(input, weight, bias, stride, padding, dilation, transposed, groups, pre_pad, pre_pad_mode,
+                             with_r, separate);
   at::Tensor y = at::convolution(input, weight, c10::nullopt, stride, padding, dilation, false, output_padding, groups);
   if (y.numel() == 0) return y;
   const auto layout = epilogue_layout(y);
@@ -100,15 +102,29 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const int64_t sample = y.numel() / y.size(0);
     if (layout.has_value() && coords_in_kernel(g)) {
-      const at::Tensor cw = coord_weight.to(input.scalar_type()).contiguous();
+      const at::Tensor cw = coord_weight_in_layout(coord_weight.to(input.scalar_type()), g);
       const at::Tensor b = g.has_bias ? bias->to(input.scalar_type()).contiguous() : at::Tensor();
+      // 16-byte accesses (kVec elements per thread) only where one sample's vectors alone give
+      // target_threads() threads, so that each term is still computed once for the whole batch:
+      // measured on an H200, a thread computing kVec terms for a few samples each (the batch split
+      // among several threads to fill the GPU) made the kernel 2-4x slower than one term per thread
+      // (docs/bench-cuda.md, run 7). Every sample must start on a 16-byte boundary (cuDNN's do).
+      constexpr int kVec = kEpilogueVecOf<scalar_t>;
+      const bool vec = sample % kVec == 0 && sample / kVec >= Launch::target_threads() &&
+                       reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
+      const int64_t slots = vec ? sample / kVec : sample;
       // samples per thread: as few as keep about target_threads() threads busy
-      const int64_t chunks = std::clamp<int64_t>((Launch::target_threads() + sample - 1) / sample, 1, g.n);
+      const int64_t chunks = std::clamp<int64_t>((Launch::target_threads() + slots - 1) / slots, 1, g.n);
       const int64_t per_thread = (g.n + chunks - 1) / chunks;
-      const int64_t threads = sample * ((g.n + per_thread - 1) / per_thread);
-      Launch::template coord_epilogue<scalar_t, acc_t>(g, cw.data_ptr<scalar_t>(),
-                                                       b.defined() ? b.data_ptr<scalar_t>() : nullptr,
-                                                       y.data_ptr<scalar_t>(), *layout, per_thread, threads);
+      const int64_t threads = slots * ((g.n + per_thread - 1) / per_thread);
+      const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+      if (vec) {
+        Launch::template coord_epilogue<scalar_t, acc_t, kVec>(g, cw.data_ptr<scalar_t>(), bp, y.data_ptr<scalar_t>(),
+                                                               *layout, per_thread, threads);
+      } else {
+        Launch::template coord_epilogue<scalar_t, acc_t, 1>(g, cw.data_ptr<scalar_t>(), bp, y.data_ptr<scalar_t>(),
+                                                            *layout, per_thread, threads);
+      }
       return;
     }
     const at::Tensor cols = coord_cols<Launch, scalar_t, acc_t>(g, y);

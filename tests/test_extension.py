@@ -84,6 +84,34 @@ def test_emulated_cuda_channels_last(emulated_backend, shape, bias):
     assert out.stride() == conv(x, layer.weight, padding=1).stride()
 
 
+@pytest.mark.parametrize("out_channels,size", [(8, (8, 9)), (5, (7, 9)), (8, (6, 5))])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last input", "channels_last module"])
+def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout):
+    """The epilogue's two paths (the emulation aims for 64 threads): 16-byte accesses (2, 4 or 8
+    elements by dtype) where a sample's vectors fill the grid (8 x 8 x 9 elements), else one element
+    per thread, its term shared by several samples (5 x 7 x 9: a multiple of no vector width;
+    8 x 6 x 5: too small a sample in float32 and bfloat16); NCHW and channels-last outputs; and a module converted to
+    channels-last, whose coordinate filter the epilogue reads in that layout (no copy)."""
+    import coordconv_fused as cf
+
+    layer = cf.CoordConv2d(3, out_channels, 3, padding=1, with_r=True).to(dtype)
+    x = torch.randn(9, 3, *size, dtype=dtype)
+    if layout != "contiguous":
+        x = x.to(memory_format=torch.channels_last)
+    if layout == "channels_last module":
+        layer = layer.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
+        assert not layer.coord_weight.is_contiguous()
+    with torch.no_grad():
+        layer.backend = emulated_backend
+        out = layer(x)
+        layer.backend = "reference"
+        ref = layer(x.contiguous())
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, ref, **tol)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")
+
+
 def test_emulated_cuda_gradcheck(emulated_backend):
     case = Case((4, 3), batch=1, in_channels=2, out_channels=2, padding=1, with_r=True, padding_mode="reflect")
     tensors = case.make_tensors(torch.float64, seed=2)

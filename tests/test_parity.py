@@ -200,6 +200,20 @@ def test_device_path_channels_last(device_path, bias):
         assert out.is_contiguous(memory_format=torch.channels_last) == (xin.stride(1) == 1)
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_device_path_channels_last_module(device_path, separate):
+    """A module converted to channels-last (its filters too): the coordinate filter is used as a
+    view in its memory order, the im2col rows reordered to match; values and every gradient those of
+    the reference, also when the same layer is called again on a contiguous input."""
+    import coordconv_fused as cf
+
+    layer = cf.CoordConv2d(4, 6, 3, padding=1, with_r=True, coord_kernel_size=1 if separate else None).double()
+    layer = layer.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
+    x = torch.randn(3, 4, 7, 9, dtype=torch.float64)
+    for xin in (x.to(memory_format=torch.channels_last), x):
+        assert_layer_matches_reference(layer, xin, device_path)
+
+
 @pytest.mark.parametrize(
     "shape,fmt",
     [

@@ -279,30 +279,58 @@ def _in_format_of(coords: Tensor, out: Tensor) -> Tensor:
     return coords.contiguous(memory_format=_CHANNELS_LAST[out.dim()])
 
 
-def _coord_columns(coords: Tensor, coord_weight: Tensor, term_args: tuple, out: Tensor) -> tuple[Tensor, bool]:
+def _channels_last_filter(coord_weight: Tensor, transposed: bool) -> bool:
+    """Whether ``coord_weight`` is a channels-last (not contiguous) filter of a convolution (a module
+    converted with ``.to(memory_format=torch.channels_last)``): its memory order is then ``(C_out,
+    *taps, d)``, and flattened in that order it is a view (:func:`_filter_matrix`)."""
+    return (
+        not transposed
+        and coord_weight.dim() in _CHANNELS_LAST
+        and memory_order(coord_weight)
+        not in (
+            None,
+            tuple(range(coord_weight.dim())),
+        )
+    )
+
+
+def _filter_matrix(coord_weight: Tensor, transposed: bool, channels_last_filter: bool) -> Tensor:
+    """The coordinate filter as a ``[C_out, k]`` matrix: ``k`` in ``(d, *taps)`` order, or, for a
+    channels-last filter, in its memory order ``(*taps, d)`` (both views, no copy)."""
+    if channels_last_filter:
+        return coord_weight.permute(0, *range(2, coord_weight.dim()), 1).reshape(coord_weight.shape[0], -1)
+    cw = coord_weight.movedim(1, 0) if transposed else coord_weight
+    return cw.reshape(cw.shape[0], -1)
+
+
+def _coord_columns(
+    coords: Tensor, coord_weight: Tensor, term_args: tuple, out: Tensor, channels_last_filter: bool = False
+) -> tuple[Tensor, bool]:
     """The coordinate im2col matrix: what each weight of the coordinate filter multiplies at each
     output point, ``[k, points]`` (``k = coord_weight[0].numel()``), or ``[points, k]`` where ``out``
     is channels-last (so that the term comes out in that layout; the flag returned says which).
     Made once per geometry by convolving the coordinates with the identity filter (one output
     channel per filter weight: the layer's own convolution arguments, transposed ones included,
-    give the columns)."""
+    give the columns); ``k`` in the order of :func:`_filter_matrix`."""
     transposed = term_args[3]
     c_in, taps = coords.shape[1], coord_weight.shape[2:]
     k = c_in * math.prod(taps)
     eye = torch.eye(k, dtype=coords.dtype, device=coords.device)
     identity = eye.view(c_in, *taps, k).movedim(-1, 1) if transposed else eye.view(k, c_in, *taps)
-    cols = torch.convolution(coords, identity, None, *term_args).reshape(k, -1)
+    cols = torch.convolution(coords, identity, None, *term_args)
+    if channels_last_filter:  # rows (d, *taps) -> (*taps, d)
+        cols = cols.view(c_in, *taps, -1).movedim(0, -2)
+    cols = cols.reshape(k, -1)
     return (cols.t().contiguous(), True) if _in_format_of(coords, out) is not coords else (cols, False)
 
 
 def _term_from_columns(
-    columns: tuple[Tensor, bool], coord_weight: Tensor, bias: Tensor | None, transposed: bool
+    columns: tuple[Tensor, bool], coord_weight: Tensor, bias: Tensor | None, transposed: bool, cw_last: bool
 ) -> Tensor:
     """The coordinate term plus the bias, one sample of the output in memory order: ``[C_out,
     points]`` (channels-last: ``[points, C_out]``), by one small GEMM of the coordinate filter
-    ``[C_out, k]`` with the im2col matrix of :func:`_coord_columns`."""
-    cw = coord_weight.movedim(1, 0) if transposed else coord_weight
-    cw = cw.reshape(cw.shape[0], -1)
+    ``[C_out, k]`` (:func:`_filter_matrix`) with the im2col matrix of :func:`_coord_columns`."""
+    cw = _filter_matrix(coord_weight, transposed, cw_last)
     cols, channels_last = columns
     if channels_last:  # [points, k] x [k, C_out]
         return F.linear(cols, cw, bias)
@@ -372,16 +400,17 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
                 input, weight, out.shape[2:], stride, padding, dilation, pre, pre_mode, with_r, separate
             )
             return out + torch.convolution(coords, coord_weight, None if host else bias, *term_args)
-        signature = (input.shape, input.dtype, input.device, out.is_contiguous())
+        cw_last = not host and _channels_last_filter(coord_weight, transposed)
+        signature = (input.shape, input.dtype, input.device, out.is_contiguous(), cw_last)
         last, coords, cols = coords_entry
         if signature != last:
             coords = _coord_input(
                 input, weight, out.shape[2:], stride, padding, dilation, pre, pre_mode, with_r, separate
             )
-            cols = None if host else _coord_columns(coords, coord_weight, term_args, out)
+            cols = None if host else _coord_columns(coords, coord_weight, term_args, out, cw_last)
             coords_entry = (signature, _in_format_of(coords, out), cols)
         if not host:
-            return _add_term(out, _term_from_columns(cols, coord_weight, bias, transposed), cols[1])
+            return _add_term(out, _term_from_columns(cols, coord_weight, bias, transposed, cw_last), cols[1])
         if coord_weight.requires_grad and torch.is_grad_enabled():
             return out.add_(torch.convolution(coords, coord_weight, None, *term_args))
         kept_coords, kept_weight, term = term_entry

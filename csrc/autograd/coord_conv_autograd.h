@@ -157,7 +157,9 @@ Grads backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor
       for (int64_t d = 2; d < grad_sum.dim(); ++d) dims.push_back(d);
       grad_b = grad_sum.sum(dims).to(grad.scalar_type());
     }
-    const at::Tensor gs = grad_sum.to(grad.scalar_type());
+    // (the kernels' op takes the sum as accumulated, in float32 for half types: no rounding to the
+    // gradient's dtype and back; the ATen graph takes it in that dtype, like its other arguments)
+    const at::Tensor gs = record ? grad_sum.to(grad.scalar_type()) : grad_sum;
     const auto& op = record ? coord_weight_grad_aten() : Ops<Op>::coord_weight_grad();
     grad_cw = with_args(a, [&](auto... args) { return op.call(gs, input, weight, coord_weight, args...); });
   }

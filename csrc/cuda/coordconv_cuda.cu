@@ -20,12 +20,12 @@ __global__ void coord_cols_kernel(Geometry g, acc_t* cols, int64_t total) {
   if (idx < total) coord_cols_body<scalar_t, acc_t>(g, cols, idx);
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int V>
 __global__ void coord_epilogue_kernel(Geometry g, const scalar_t* __restrict__ cw, const scalar_t* __restrict__ bias,
                                       scalar_t* __restrict__ y, bool channels_last, int64_t per_thread,
                                       int64_t threads) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx < threads) coord_epilogue_body<scalar_t, acc_t>(g, cw, bias, y, channels_last, per_thread, idx);
+  if (idx < threads) coord_epilogue_body<scalar_t, acc_t, V>(g, cw, bias, y, channels_last, per_thread, idx);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -43,10 +43,10 @@ struct CudaLaunch {
   // Threads the epilogue aims for (a few per SM slot on a large GPU) when sharing each term among
   // several samples.
   static int64_t target_threads() { return int64_t(1) << 18; }
-  template <typename scalar_t, typename acc_t>
+  template <typename scalar_t, typename acc_t, int V>
   static void coord_epilogue(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
                              bool channels_last, int64_t per_thread, int64_t threads) {
-    coord_epilogue_kernel<scalar_t, acc_t>
+    coord_epilogue_kernel<scalar_t, acc_t, V>
         <<<blocks_for(threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cw, bias, y, channels_last,
                                                                                          per_thread, threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

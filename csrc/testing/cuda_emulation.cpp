@@ -24,11 +24,11 @@ struct EmulatedLaunch {
   }
   // Small, so that the tests' batches exercise the sharing of a term among several samples.
   static int64_t target_threads() { return 64; }
-  template <typename scalar_t, typename acc_t>
+  template <typename scalar_t, typename acc_t, int V>
   static void coord_epilogue(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
                              bool channels_last, int64_t per_thread, int64_t threads) {
     grid(threads,
-         [&](int64_t i) { coord_epilogue_body<scalar_t, acc_t>(g, cw, bias, y, channels_last, per_thread, i); });
+         [&](int64_t i) { coord_epilogue_body<scalar_t, acc_t, V>(g, cw, bias, y, channels_last, per_thread, i); });
   }
   template <typename scalar_t, typename acc_t>
   static void coord_cols(const Geometry& g, acc_t* cols, int64_t total) {
