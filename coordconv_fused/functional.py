@@ -182,6 +182,15 @@ def _infer_separate(coord_kernel_size, kernel: tuple[int, ...], coord_weight: Te
     )
 
 
+def _conv_spec(
+    ndim, weight, coord_weight, stride, padding, dilation, groups, padding_mode, with_r, coord_kernel_size, separate
+) -> ConvSpec:
+    """The validated spec of a (non-transposed) CoordConv call: what a plan is built from."""
+    kernel = _kernel_of(weight, ndim, f"coord_conv{ndim}d")
+    sep = _infer_separate(coord_kernel_size, kernel, coord_weight, ndim) if separate is None else separate
+    return make_spec(ndim, kernel, stride, padding, dilation, groups, padding_mode, with_r, sep)
+
+
 def _coord_conv(
     ndim,
     input,
@@ -198,12 +207,14 @@ def _coord_conv(
     coord_kernel_size=None,
     separate=None,
 ):
-    def make() -> ConvSpec:
-        kernel = _kernel_of(weight, ndim, f"coord_conv{ndim}d")
-        sep = _infer_separate(coord_kernel_size, kernel, coord_weight, ndim) if separate is None else separate
-        return make_spec(ndim, kernel, stride, padding, dilation, groups, padding_mode, with_r, sep)
-
+    """A (non-transposed) CoordConv call through its plan; the key is the arguments of
+    :func:`_conv_spec` after the tensors (the modules build the same key, see
+    ``_CoordConvNd._eager_forward``)."""
     key = (ndim, stride, padding, dilation, groups, padding_mode, with_r, coord_kernel_size, separate)
+
+    def make() -> ConvSpec:
+        return _conv_spec(ndim, weight, coord_weight, *key[1:])
+
     return _cached_call(key, make, input, weight, coord_weight, bias, backend)
 
 

@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -286,3 +287,41 @@ def test_calls_are_validated_once_per_signature(monkeypatch):
     for _ in range(2):
         with pytest.raises(ValueError, match="expects 3 input channels"):
             layer(torch.randn(2, 4, 6, 5))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "reference"])
+@pytest.mark.parametrize("how", ["parametrize", "weight_norm", "no bias, parametrized coord_weight"])
+def test_parameters_that_are_not_plain_entries(backend, how):
+    """The forward reads the parameters from ``_parameters`` where they are plain entries (its fast
+    path); one replaced by a parametrization (a property) or by ``weight_norm`` (a plain attribute
+    recomputed before each call) is read as an attribute: the layer computes what a plain layer
+    holding the effective parameters computes, and gradients reach the underlying tensors."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = CoordConv2d(3, 4, 3, padding=1, bias=not how.startswith("no bias"), backend=backend).double()
+    if how == "parametrize":
+        for name in ("weight", "coord_weight", "bias"):
+            parametrize.register_parametrization(layer, name, Double())
+    elif how == "weight_norm":
+        with warnings.catch_warnings():  # (deprecated for torch.nn.utils.parametrizations.weight_norm)
+            warnings.simplefilter("ignore")
+            layer = nn.utils.weight_norm(layer, name="weight")
+    else:
+        parametrize.register_parametrization(layer, "coord_weight", Double())
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    out = layer(x)
+    plain = CoordConv2d(3, 4, 3, padding=1, bias=layer.bias is not None, backend="reference").double()
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+        plain.coord_weight.copy_(layer.coord_weight)
+        if plain.bias is not None:
+            plain.bias.copy_(layer.bias)
+    torch.testing.assert_close(out, plain(x))
+    out.sum().backward()
+    leaves = [p for p in layer.parameters() if p.requires_grad]
+    assert leaves and all(p.grad is not None and p.grad.abs().sum() > 0 for p in leaves)
