@@ -283,15 +283,10 @@ def _channels_last_filter(coord_weight: Tensor, transposed: bool) -> bool:
     """Whether ``coord_weight`` is a channels-last (not contiguous) filter of a convolution (a module
     converted with ``.to(memory_format=torch.channels_last)``): its memory order is then ``(C_out,
     *taps, d)``, and flattened in that order it is a view (:func:`_filter_matrix`)."""
-    return (
-        not transposed
-        and coord_weight.dim() in _CHANNELS_LAST
-        and memory_order(coord_weight)
-        not in (
-            None,
-            tuple(range(coord_weight.dim())),
-        )
-    )
+    if transposed or coord_weight.dim() not in _CHANNELS_LAST:
+        return False
+    order = memory_order(coord_weight)
+    return order is not None and order != tuple(range(coord_weight.dim()))
 
 
 def _filter_matrix(coord_weight: Tensor, transposed: bool, channels_last_filter: bool) -> Tensor:
