@@ -209,3 +209,23 @@ def test_environment_variable_saves_at_exit_and_loads_at_import(tmp_path):
     assert first.stdout.split() == ["0", "1"] and path.exists()
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert second.stdout.split() == ["1", "1"]  # loaded at import; the call measured nothing new
+
+
+@pytest.mark.parametrize(
+    "times,heuristic,kept",
+    [
+        ([1511.0, 1518.0], 1, 1),  # a tie (the stem's forward on a busy 2-core EPYC): the rule's pick stays
+        ([1000.0, 1049.0], 1, 1),  # within 5%
+        ([1000.0, 1051.0], 1, 0),  # beyond: the measurement wins
+        ([2963.0, 20231.0, 2202.0], 0, 2),  # the rule's pick clearly slower
+        ([900.0, 1000.0], 0, 0),  # the rule's pick is the fastest
+        ([1000.0, 990.0], -1, 1),  # no rule's pick among the candidates: the fastest
+    ],
+)
+def test_measurement_overrides_the_fixed_rule_only_when_clearly_faster(times, heuristic, kept):
+    """The kept candidate (kernel_choice.h, pick_measured): the fastest, unless the fixed rule's pick
+    is within 5% of it, so that measurement noise on a tie never flips a layer to a kernel that is
+    slower in steady state."""
+    from coordconv_fused import _C_testing  # type: ignore[attr-defined]
+
+    assert _C_testing.pick_measured(times, heuristic) == kept

@@ -159,8 +159,8 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
     }
   }
   KernelChoice choice{key, op, describe(g, dtype, threads), Impl::kAten, candidates, time_micros(candidates, run)};
-  const auto best = std::min_element(choice.micros.begin(), choice.micros.end()) - choice.micros.begin();
-  choice.chosen = candidates[best];
+  const auto h = std::find(candidates.begin(), candidates.end(), heuristic) - candidates.begin();
+  choice.chosen = candidates[pick_measured(choice.micros, h < static_cast<int64_t>(candidates.size()) ? h : -1)];
   std::lock_guard<std::mutex> lock(choices_mutex());
   Choices& c = choices();
   const auto it = c.index.find(key);

@@ -2,7 +2,8 @@
 // torch.backends.cudnn.benchmark): the first time a layer (geometry, batch, dtype, thread count) is
 // seen, every eligible implementation is timed on it (one warm-up and three timed calls each,
 // interleaved; a candidate over 3x slower than the fastest in the first round is not timed further)
-// and the fastest is kept for the process. Thresholds tuned on one CPU pick the slower path on others
+// and the fastest is kept for the process -- the fixed rule's pick where it is within 5% of the
+// fastest (pick_measured). Thresholds tuned on one CPU pick the slower path on others
 // (docs/tuning.md); a measurement holds on any CPU. The candidates compute the same sums, so the choice changes results
 // by floating-point reassociation at most.
 //
@@ -40,6 +41,25 @@ struct KernelChoice {
   std::vector<Impl> candidates;
   std::vector<double> micros;
 };
+
+// A measured candidate replaces the fixed rule's pick only when it is faster by more than this
+// factor: a tie within the measurement's noise (the best of three single calls, on a machine that may
+// be busy) must not flip a layer to a kernel that is slower in steady state. Seen on a 2-core EPYC:
+// the stem's forward measured 1,511 us (oneDNN + epilogue) against 1,518 us (the AVX-512 kernel),
+// and ran at 1.07x against 0.93x nn.Conv2d's time once chosen.
+constexpr double kClearlyFaster = 1.05;
+
+// Which of the measured candidates to keep: the fastest, unless the fixed rule's pick (index
+// `heuristic`, -1 when it is not among them) is within kClearlyFaster of it.
+inline size_t pick_measured(const std::vector<double>& micros, int64_t heuristic) {
+  size_t best = 0;
+  for (size_t i = 1; i < micros.size(); ++i)
+    if (micros[i] < micros[best]) best = i;
+  if (heuristic >= 0 && static_cast<size_t>(heuristic) < micros.size() &&
+      micros[heuristic] <= kClearlyFaster * micros[best])
+    return static_cast<size_t>(heuristic);
+  return best;
+}
 
 // The implementation to run for `op` on the layer `g` (its batch included) in `dtype`, among
 // `candidates` (eligible ones, ATen first); `heuristic` is the fixed rule's pick, and `run(impl)`

@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <vector>
+
+#include "../cpu/kernel_choice.h"
 
 namespace {
 // How many threads an at::parallel_for loop compiled with the extensions' flags really uses: 1 when
@@ -15,8 +18,24 @@ PyObject* parallel_for_threads(PyObject*, PyObject*) {
   return PyLong_FromLong(threads.load());
 }
 
+// coordconv::pick_measured(times, heuristic): which measured candidate the cpp backend keeps.
+PyObject* pick_measured(PyObject*, PyObject* args) {
+  PyObject* times;
+  long long heuristic;
+  if (!PyArg_ParseTuple(args, "OL", &times, &heuristic) || !PyList_Check(times)) {
+    PyErr_SetString(PyExc_TypeError, "pick_measured(times: list[float], heuristic: int)");
+    return nullptr;
+  }
+  std::vector<double> micros;
+  for (Py_ssize_t i = 0; i < PyList_Size(times); ++i) micros.push_back(PyFloat_AsDouble(PyList_GetItem(times, i)));
+  if (PyErr_Occurred()) return nullptr;
+  return PyLong_FromSize_t(coordconv::pick_measured(micros, heuristic));
+}
+
 PyMethodDef methods[] = {{"parallel_for_threads", parallel_for_threads, METH_NOARGS,
                           "Number of threads at::parallel_for runs with the extensions' build flags."},
+                         {"pick_measured", pick_measured, METH_VARARGS,
+                          "Index of the measured candidate the cpp backend keeps (kernel_choice.h)."},
                          {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
