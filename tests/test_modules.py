@@ -289,9 +289,18 @@ def test_calls_are_validated_once_per_signature(monkeypatch):
             layer(torch.randn(2, 4, 6, 5))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "reference"])
+@pytest.mark.parametrize(
+    "cls,backend",
+    [
+        (CoordConv2d, "torch"),
+        (CoordConv2d, "cpp"),
+        (CoordConv2d, "reference"),
+        (CoordConvTranspose2d, "torch"),
+        (CoordConvTranspose2d, "reference"),
+    ],
+)
 @pytest.mark.parametrize("how", ["parametrize", "weight_norm", "no bias, parametrized coord_weight"])
-def test_parameters_that_are_not_plain_entries(backend, how):
+def test_parameters_that_are_not_plain_entries(cls, backend, how):
     """The forward reads the parameters from ``_parameters`` where they are plain entries (its fast
     path); one replaced by a parametrization (a property) or by ``weight_norm`` (a plain attribute
     recomputed before each call) is read as an attribute: the layer computes what a plain layer
@@ -303,7 +312,7 @@ def test_parameters_that_are_not_plain_entries(backend, how):
             return 2 * w
 
     torch.manual_seed(0)
-    layer = CoordConv2d(3, 4, 3, padding=1, bias=not how.startswith("no bias"), backend=backend).double()
+    layer = cls(3, 4, 3, padding=1, bias=not how.startswith("no bias"), backend=backend).double()
     if how == "parametrize":
         for name in ("weight", "coord_weight", "bias"):
             parametrize.register_parametrization(layer, name, Double())
@@ -315,7 +324,7 @@ def test_parameters_that_are_not_plain_entries(backend, how):
         parametrize.register_parametrization(layer, "coord_weight", Double())
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     out = layer(x)
-    plain = CoordConv2d(3, 4, 3, padding=1, bias=layer.bias is not None, backend="reference").double()
+    plain = cls(3, 4, 3, padding=1, bias=layer.bias is not None, backend="reference").double()
     with torch.no_grad():
         plain.weight.copy_(layer.weight)
         plain.coord_weight.copy_(layer.coord_weight)
