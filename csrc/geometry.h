@@ -63,20 +63,17 @@ inline Geometry make_geometry(const at::Tensor& input, const at::Tensor& weight,
   return g;
 }
 
-// coord_weight as the epilogue reads it, with g's strides of it set: the parameter itself where it
-// is contiguous or channels-last (a module converted with .to(memory_format=torch.channels_last)),
-// with no copy, else a contiguous copy.
+// coord_weight as the epilogue reads it, for a g fresh from make_geometry (its strides those of a
+// contiguous filter): a channels-last parameter (a module converted with
+// .to(memory_format=torch.channels_last)) as it is, with g's strides set to its layout; any other
+// contiguous (a copy only where it is not).
 inline at::Tensor coord_weight_in_layout(const at::Tensor& cw, Geometry& g) {
   const bool last = (cw.dim() == 4 && cw.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
                     (cw.dim() == 5 && cw.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-  if (last && !cw.is_contiguous()) {
-    g.cw_cstride = 1;
-    g.cw_tstride = cw.size(1);
-    return cw;
-  }
-  g.cw_cstride = g.separate ? 1 : g.taps();
-  g.cw_tstride = 1;
-  return cw.contiguous();
+  if (!last || cw.is_contiguous()) return cw.contiguous();
+  g.cw_cstride = 1;
+  g.cw_tstride = cw.size(1);
+  return cw;
 }
 
 inline std::vector<int64_t> output_sizes(const Geometry& g) {

@@ -80,9 +80,9 @@ inline std::optional<bool> epilogue_layout(const at::Tensor& y) {
 // The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass
 // of its own), then one in-place pass adding the coordinate term plus the bias, its coordinates
 // evaluated in the kernel (coord_epilogue_body): two launches per call, like nn.Conv2d's convolution
-// and bias. Each thread computes the terms of a few consecutive elements of a sample (16 bytes) and
-// adds them to those elements of several samples, so that the terms' cost is shared by the batch
-// while the grid keeps about
+// and bias. Each thread computes the term of one element of a sample (the terms of a 16-byte run of
+// elements where a sample alone fills the grid) and adds it to that element of several samples, so
+// that the term's cost is shared by the batch while the grid keeps about
 // Launch::target_threads() threads. Filters beyond the epilogue's per-axis tables (and, defensively,
 // an output in another layout) take the GEMM path: the term [C_out, points] = coord_weight x the
 // coordinate im2col matrix by a small GEMM, added by a pass reading it in the output's memory order.
