@@ -24,7 +24,7 @@ import torch.nn as nn
 from .backends import auto_choices, available_backends
 from .benchmark import FLOOR, NAIVE, STANDARD_SHAPES, Shape, choices_table, make_providers
 
-__all__ = ["GPU_SHAPES", "GPU_TARGETS", "run", "format_report", "kernel_breakdown"]
+__all__ = ["GPU_SHAPES", "GPU_TARGETS", "run", "format_report", "kernel_breakdown", "epilogue_policies"]
 
 # The standard shapes and the larger batches a GPU is used for.
 GPU_SHAPES = [
@@ -295,4 +295,62 @@ def kernel_breakdown(shapes: Sequence[Shape], dtype_name: str = "bfloat16-cl", c
             total = sum(e.device_time_total for e in kernels) / calls
             top = "; ".join(f"{e.key[:60]} {e.device_time_total / calls:.0f}" for e in kernels[:5])
             lines.append(f"- {name}: {total:.0f} µs: {top}")
+    return "\n".join(lines)
+
+
+def _forward_with_policy(policy: str, fn: Callable, x: torch.Tensor) -> None:
+    from .backends import native
+
+    native.cuda_epilogue_vectors(policy)
+    _call(fn, x, "forward", [])
+
+
+def epilogue_policies(
+    shapes: Sequence[Shape], dtypes: Sequence[str] = ("float32", "bfloat16-cl"), reps: int = 15
+) -> str:
+    """The ``cuda`` backend's forward under each 16-byte access policy of its epilogue
+    (:func:`coordconv_fused.backends.native.cuda_epilogue_vectors`: by rule, always, never), timed
+    side by side with nn.Conv2d as in :func:`run` (GPU time: the call queued behind a GPU spin; L2
+    flushed; policies interleaved). Markdown: median ms and the ratio to nn.Conv2d."""
+    from .backends import native
+
+    policies = ("rule", "always", "never")
+    flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
+    cycles_per_ms = _cycles_per_ms()
+    lines = [
+        "| shape | nn.Conv2d ms | " + " | ".join(f"cuda, {p} ms (× nn.Conv2d)" for p in policies) + " |",
+        "|---|---:|" + "---:|" * len(policies),
+    ]
+    previous = native.cuda_epilogue_vectors()
+    try:
+        for dtype_name in dtypes:
+            dtype = torch.bfloat16 if dtype_name.startswith("bfloat16") else torch.float32
+            for shape in shapes:
+                providers = _providers(shape, ["cuda"], dtype, dtype_name.endswith("-cl"), compiled=False)
+                conv, cuda = providers[FLOOR], providers["coordconv[cuda]"]
+                x = torch.randn(shape.n, shape.c, shape.h, shape.w, device="cuda", dtype=dtype)
+                if dtype_name.endswith("-cl"):
+                    x = x.to(memory_format=torch.channels_last)
+                runs: dict[str, Callable[[], None]] = {FLOOR: functools.partial(_call, conv, x, "forward", [])}
+                for policy in policies:
+                    runs[policy] = functools.partial(_forward_with_policy, policy, cuda, x)
+                for fn in runs.values():  # (warm-up)
+                    fn()
+                    fn()
+                torch.cuda.synchronize()
+                sleep_cycles = int(cycles_per_ms * 3)
+                times: dict[str, list[float]] = {n: [] for n in runs}
+                names = list(runs)
+                for r in range(reps):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        times[name].append(_timed(runs[name], flush, sleep_cycles))
+                floor = statistics.median(times[FLOOR])
+                cells = [
+                    f"{statistics.median(times[p]):.3f} ({statistics.median(times[p]) / floor:.2f}×)" for p in policies
+                ]
+                lines.append(f"| {shape} {dtype_name} | {floor:.3f} | " + " | ".join(cells) + " |")
+                del providers
+                torch.cuda.empty_cache()
+    finally:
+        native.cuda_epilogue_vectors(previous)
     return "\n".join(lines)

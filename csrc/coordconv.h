@@ -105,7 +105,9 @@ template <typename scalar_t, typename acc_t>
 CC_HD acc_t channel_value(const Geometry& g, int64_t c, const acc_t v[3], acc_t inside) {
   acc_t value;
   if (c < g.ndim) {
-    value = v[channel_axis(g, c)];
+    // (selects with constant indices, not v[axis]: a runtime index would put v in local memory)
+    const int ax = channel_axis(g, c);
+    value = ax == 0 ? v[0] : (ax == 1 ? v[1] : v[2]);
   } else {
     value = inside * correctly_rounded_sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2]);
   }
@@ -154,49 +156,59 @@ CC_HD void coord_cols_body(const Geometry& g, acc_t* cols, int64_t idx) {
   cols[idx] = coord_im2col<scalar_t, acc_t>(g, kc, p / (g.out[2] * g.out[1]), (p / g.out[2]) % g.out[1], p % g.out[2]);
 }
 
-// The largest kernel extent along an axis for which the epilogue evaluates the coordinates itself
-// (per-axis tables in the thread); larger filters take the GEMM path of gpu_host.h.
+// The largest kernel extent along an axis for which the epilogue evaluates the coordinates itself;
+// larger filters (whose term costs taps * num_coords multiply-adds per element) take the GEMM path
+// of gpu_host.h.
 constexpr int kMaxAxisTaps = 16;
 
-// The coordinate term of output channel o at output point at = (od, oh, ow): sum over k of
-// cw[o, k] times column k of the coordinate im2col matrix (coord_im2col), from the separable structure
-// of the coordinates: the values and masks of each axis's taps are computed once (kernel[0] +
-// kernel[1] + kernel[2] evaluations, not d * taps), and a tap reads the coordinate on its channel's
-// axis, zero where any axis is in the zero padding. cw: [C_out, k_coord] rows of k_coord elements,
-// laid out within a row as g.cw_cstride and g.cw_tstride say.
-template <typename scalar_t, typename acc_t>
-CC_HD acc_t coord_term_at(const Geometry& g, const scalar_t* cw, int64_t o, const int64_t at[3]) {
-  const scalar_t* w = cw + o * g.k_coord();
-  acc_t term = acc_t(0);
+// The coordinate terms of the V consecutive output channels o0 .. o0 + V - 1 at output point
+// at = (od, oh, ow), into term[0 .. V): for each channel o, the sum over k of cw[o, k] times column k
+// of the coordinate im2col matrix (coord_im2col). The coordinates are evaluated once for all V
+// channels, tap by tap, from the separable structure: an axis's value and mask are computed in the
+// loop over that axis's taps (kernel[0] + kernel[0] * kernel[1] + taps evaluations), a tap in the zero
+// padding of any axis is skipped (it reads 0 from every channel, the radius included), and the other
+// taps read the coordinate on their channel's axis. Everything stays in registers: no per-axis
+// tables (measured as a 416-byte stack frame per thread on sm_90, in local memory). cw: [C_out,
+// k_coord] rows of k_coord elements, laid out within a row as g.cw_cstride and g.cw_tstride say.
+template <typename scalar_t, typename acc_t, int V>
+CC_HD void coord_terms_at(const Geometry& g, const scalar_t* cw, int64_t o0, const int64_t at[3], acc_t term[V]) {
+  const int64_t k_coord = g.k_coord();
+  const scalar_t* w = cw + o0 * k_coord;
+  for (int v = 0; v < V; ++v) term[v] = acc_t(0);
   if (g.separate) {  // (k_coord = num_coords columns: the centres' coordinates)
-    for (int64_t c = 0; c < g.num_coords; ++c)
-      term += static_cast<acc_t>(w[c * g.cw_cstride]) * coord_im2col<scalar_t, acc_t>(g, c, at[0], at[1], at[2]);
-    return term;
+    for (int64_t c = 0; c < g.num_coords; ++c) {
+      const acc_t col = coord_im2col<scalar_t, acc_t>(g, c, at[0], at[1], at[2]);
+      for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(w[v * k_coord + c * g.cw_cstride]) * col;
+    }
+    return;
   }
-  acc_t value[3][kMaxAxisTaps], mask[3][kMaxAxisTaps];
-  for (int ax = 0; ax < 3; ++ax)
-    for (int64_t t = 0; t < g.kernel[ax]; ++t) axis_tap<acc_t>(g, ax, at[ax], t, &value[ax][t], &mask[ax][t]);
-  const int64_t taps = g.taps();
-  int64_t tap = 0;
-  for (int64_t t0 = 0; t0 < g.kernel[0]; ++t0)
-    for (int64_t t1 = 0; t1 < g.kernel[1]; ++t1)
-      for (int64_t t2 = 0; t2 < g.kernel[2]; ++t2, ++tap) {
-        // (a tap in the zero padding reads 0 from every channel, the radius included)
-        if (mask[0][t0] * mask[1][t1] * mask[2][t2] == acc_t(0)) continue;
-        const acc_t v[3] = {value[0][t0], value[1][t1], value[2][t2]};
-        for (int64_t c = 0; c < g.num_coords; ++c)
-          term += static_cast<acc_t>(w[c * g.cw_cstride + tap * g.cw_tstride]) *
-                  channel_value<scalar_t, acc_t>(g, c, v, acc_t(1));
+  acc_t x[3], inside;
+  for (int64_t t0 = 0; t0 < g.kernel[0]; ++t0) {
+    axis_tap<acc_t>(g, 0, at[0], t0, &x[0], &inside);
+    if (inside == acc_t(0)) continue;
+    for (int64_t t1 = 0; t1 < g.kernel[1]; ++t1) {
+      axis_tap<acc_t>(g, 1, at[1], t1, &x[1], &inside);
+      if (inside == acc_t(0)) continue;
+      for (int64_t t2 = 0; t2 < g.kernel[2]; ++t2) {
+        axis_tap<acc_t>(g, 2, at[2], t2, &x[2], &inside);
+        if (inside == acc_t(0)) continue;
+        const scalar_t* wt = w + ((t0 * g.kernel[1] + t1) * g.kernel[2] + t2) * g.cw_tstride;
+        for (int64_t c = 0; c < g.num_coords; ++c) {
+          const acc_t col = channel_value<scalar_t, acc_t>(g, c, x, acc_t(1));
+          for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(wt[v * k_coord + c * g.cw_cstride]) * col;
+        }
       }
-  return term;
+    }
+  }
 }
 
 // Epilogue with the coordinates evaluated in the kernel: y += P + bias in place, in acc_t with one
 // rounding, for a dense output whose samples are sample = C_out * points elements apart, NCHW
 // (channels_last false) or channels-last. Thread idx owns the V consecutive elements (in memory
 // order) at offset m = (idx % (sample / V)) * V of samples [first, first + per_thread),
-// first = idx / (sample / V) * per_thread: it computes their V terms once and adds them to each of
-// those samples, by one V-element access per sample (V * sizeof(scalar_t) = 16 bytes where the
+// first = idx / (sample / V) * per_thread: it computes their V terms once (in channels-last, V
+// channels of one point, whose coordinates are then evaluated once) and adds them to each of those
+// samples, by one V-element access per sample (V * sizeof(scalar_t) = 16 bytes where the
 // host found sample a multiple of V and y 16-byte aligned; V = 1 otherwise), a few samples' loads
 // issued before their stores. Consecutive threads: consecutive memory.
 template <typename scalar_t, int V>
@@ -212,18 +224,25 @@ CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, const scal
   int64_t o = channels_last ? m % g.c_out : m / points;
   int64_t p = channels_last ? m / g.c_out : m % points;
   acc_t term[V];
-  for (int v = 0; v < V; ++v) {
+  if (channels_last && g.c_out % V == 0) {  // V channels of one point: its coordinates evaluated once
     const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
-    term[v] = coord_term_at<scalar_t, acc_t>(g, cw, o, at);
-    if (bias != nullptr) term[v] += static_cast<acc_t>(bias[o]);
-    if (channels_last) {  // (the next element in memory order)
-      if (++o == g.c_out) {
-        o = 0;
-        ++p;
+    coord_terms_at<scalar_t, acc_t, V>(g, cw, o, at, term);
+    if (bias != nullptr)
+      for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(bias[o + v]);
+  } else {
+    for (int v = 0; v < V; ++v) {
+      const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
+      coord_terms_at<scalar_t, acc_t, 1>(g, cw, o, at, &term[v]);
+      if (bias != nullptr) term[v] += static_cast<acc_t>(bias[o]);
+      if (channels_last) {  // (the next element in memory order)
+        if (++o == g.c_out) {
+          o = 0;
+          ++p;
+        }
+      } else if (++p == points) {
+        p = 0;
+        ++o;
       }
-    } else if (++p == points) {
-      p = 0;
-      ++o;
     }
   }
   constexpr int kInFlight = 4;  // samples whose loads are issued together

@@ -9,6 +9,7 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
 
 #include "geometry.h"
@@ -61,6 +62,15 @@ inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) 
   return out;
 }
 
+// Where the epilogue makes 16-byte accesses: by gpu_forward's rule (the default), wherever the output
+// allows them, or nowhere. A process-wide switch for timing the two kernels side by side
+// (coordconv_fused.backends.native.cuda_epilogue_vectors); results are the same bits either way.
+enum EpilogueVectors : int { kVectorsByRule = 0, kVectorsAlways = 1, kVectorsNever = 2 };
+inline std::atomic<int>& epilogue_vectors() {
+  static std::atomic<int> policy{kVectorsByRule};
+  return policy;
+}
+
 // Whether the epilogue evaluates this layer's coordinates itself (coord_epilogue_body): every filter
 // extent within its per-axis tables.
 inline bool coords_in_kernel(const Geometry& g) {
@@ -110,8 +120,10 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
       // among several threads to fill the GPU) made the kernel 2-4x slower than one term per thread
       // (docs/bench-cuda.md, run 7). Every sample must start on a 16-byte boundary (cuDNN's do).
       constexpr int kVec = kEpilogueVecOf<scalar_t>;
-      const bool vec = sample % kVec == 0 && sample / kVec >= Launch::target_threads() &&
-                       reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
+      const int policy = epilogue_vectors().load(std::memory_order_relaxed);
+      const bool vec = sample % kVec == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0 &&
+                       (policy == kVectorsAlways ||
+                        (policy == kVectorsByRule && sample / kVec >= Launch::target_threads()));
       const int64_t slots = vec ? sample / kVec : sample;
       // samples per thread: as few as keep about target_threads() threads busy
       const int64_t chunks = std::clamp<int64_t>((Launch::target_threads() + slots - 1) / slots, 1, g.n);

@@ -87,21 +87,25 @@ def test_emulated_cuda_channels_last(emulated_backend, shape, bias):
 @pytest.mark.parametrize("out_channels,size", [(8, (8, 9)), (5, (7, 9)), (8, (6, 5))])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last input", "channels_last module"])
-def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout):
+@pytest.mark.parametrize("separate", [False, True], ids=["full", "separate"])
+def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout, separate):
     """The epilogue's two paths (the emulation aims for 64 threads): 16-byte accesses (2, 4 or 8
-    elements by dtype) where a sample's vectors fill the grid (8 x 8 x 9 elements), else one element
-    per thread, its term shared by several samples (5 x 7 x 9: a multiple of no vector width;
-    8 x 6 x 5: too small a sample in float32 and bfloat16); NCHW and channels-last outputs; and a module converted to
-    channels-last, whose coordinate filter the epilogue reads in that layout (no copy)."""
+    elements by dtype) where a sample's vectors fill the grid (8 x 8 x 9 elements; in channels-last,
+    8 channels of one point whose coordinates are evaluated once), else one element per thread, its
+    term shared by several samples (5 x 7 x 9: a multiple of no vector width; 8 x 6 x 5: too small a
+    sample in float32 and bfloat16); NCHW and channels-last outputs; a module converted to
+    channels-last, whose coordinate filter the epilogue reads in that layout (no copy); the full and
+    the separate coordinate filter."""
     import coordconv_fused as cf
 
-    layer = cf.CoordConv2d(3, out_channels, 3, padding=1, with_r=True).to(dtype)
+    layer = cf.CoordConv2d(3, out_channels, 3, padding=1, with_r=True, coord_kernel_size=1 if separate else None)
+    layer = layer.to(dtype)
     x = torch.randn(9, 3, *size, dtype=dtype)
     if layout != "contiguous":
         x = x.to(memory_format=torch.channels_last)
     if layout == "channels_last module":
         layer = layer.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
-        assert not layer.coord_weight.is_contiguous()
+        assert separate or not layer.coord_weight.is_contiguous()  # (a [C, d, 1, 1] filter is both)
     with torch.no_grad():
         layer.backend = emulated_backend
         out = layer(x)
@@ -413,6 +417,52 @@ def test_native_ops_have_their_cpu_kernels():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("coordconv_fused::coord_conv_ext", "Autograd")
     for name in COMPOSITE_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CompositeImplicitAutograd")
+
+
+def test_cuda_epilogue_vectors_switch():
+    """The benchmark's switch of the CUDA epilogue's 16-byte accesses: get, set, restore, and a
+    clear error for an unknown policy (the switch is in coordconv_fused._C, CUDA build or not)."""
+    previous = extension.cuda_epilogue_vectors()
+    assert previous == "rule"
+    try:
+        assert extension.cuda_epilogue_vectors("never") == "rule"
+        assert extension.cuda_epilogue_vectors("always") == "never"
+        assert extension.cuda_epilogue_vectors() == "always"
+        with pytest.raises(ValueError, match="policy must be one of"):
+            extension.cuda_epilogue_vectors("vector")
+    finally:
+        extension.cuda_epilogue_vectors(previous)
+    assert extension.cuda_epilogue_vectors() == "rule"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_cuda_epilogue_vectors_same_bits(dtype, channels_last, monkeypatch):
+    """On the GPU, the epilogue's 16-byte and one-element kernels give the same bits (each element's
+    term is the same sum in the same order), and match the reference."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (float32 at float32's precision)
+    layer = CoordConv2d(16, 32, 3, padding=1, with_r=True, backend="cuda").to("cuda", dtype)
+    for size in (8, 33, 96):  # (33: a sample that is a multiple of no vector width)
+        x = torch.randn(4, 16, size, size, device="cuda", dtype=dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        outs = {}
+        previous = extension.cuda_epilogue_vectors()
+        try:
+            for policy in ("always", "never", "rule"):
+                extension.cuda_epilogue_vectors(policy)
+                with torch.no_grad():
+                    outs[policy] = layer(x)
+        finally:
+            extension.cuda_epilogue_vectors(previous)
+        assert torch.equal(outs["always"], outs["never"]) and torch.equal(outs["rule"], outs["never"])
+        layer.backend = "reference"
+        with torch.no_grad():
+            ref = layer(x)
+        layer.backend = "cuda"
+        tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(outs["rule"], ref, **tol)
 
 
 @pytest.mark.skipif(

@@ -27,6 +27,7 @@ __all__ = [
     "cuda_backend",
     "kernel_choices",
     "clear_kernel_choices",
+    "cuda_epilogue_vectors",
 ]
 
 define_native_ops()  # the schemas; the extension brings the kernels
@@ -77,6 +78,24 @@ def clear_kernel_choices() -> None:
     """Forget the measured choices (the next call of each layer measures again)."""
     if LOAD_ERROR is None:
         _C.clear_kernel_choices()
+
+
+_EPILOGUE_VECTORS = ("rule", "always", "never")
+
+
+def cuda_epilogue_vectors(policy: str | None = None) -> str:
+    """Where the ``cuda`` backend's forward epilogue makes 16-byte accesses: ``"rule"`` (the default:
+    where one sample alone fills the GPU, see csrc/gpu_host.h), ``"always"`` (wherever the output
+    allows) or ``"never"``. Sets the process-wide policy when ``policy`` is given; returns the previous
+    one. For timing the kernels side by side (``coordconv-fused bench --device cuda
+    --epilogue-policies``); results are identical under every policy."""
+    if LOAD_ERROR is not None:
+        raise RuntimeError(_cpp_unavailable())
+    if policy is None:
+        return _EPILOGUE_VECTORS[_C.cuda_epilogue_vectors(-1)]
+    if policy not in _EPILOGUE_VECTORS:
+        raise ValueError(f"cuda_epilogue_vectors: policy must be one of {_EPILOGUE_VECTORS}, got {policy!r}")
+    return _EPILOGUE_VECTORS[_C.cuda_epilogue_vectors(_EPILOGUE_VECTORS.index(policy))]
 
 
 def _cpp_unavailable() -> str | None:
