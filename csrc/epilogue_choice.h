@@ -139,14 +139,17 @@ inline std::string epilogue_layer(const Geometry& g, const at::Tensor& y, bool c
 constexpr int kEpilogueRounds = 3;
 // At most this many layers are remembered (then the store starts afresh).
 constexpr size_t kMaxEpilogueChoices = 4096;
+// Outputs larger than this are not measured (the candidates run on a copy of the output, which a
+// layer near the device's memory may not have room for): the rule's pick, not remembered.
+constexpr int64_t kMaxMeasuredBytes = int64_t(1) << 30;
 
-// The configuration to launch: the layer's measured choice (measured now if it is new and the launch
-// policy can measure, e.g. not while a CUDA graph is being captured: then the rule's pick, not
-// remembered). `run(config)` launches one candidate on a scratch copy of the output (the epilogue adds
-// in place).
+// The configuration to launch: the layer's measured choice, measured now if it is new, its output
+// (of `bytes`) within kMaxMeasuredBytes and the launch policy able to measure (not while a CUDA graph
+// is being captured); otherwise the rule's pick, not remembered. `run(config)` launches one candidate
+// on a scratch copy of the output (the epilogue adds in place).
 template <class Launch>
 EpilogueConfig choose_epilogue(const std::string& key, const std::function<std::string()>& layer,
-                               const std::vector<EpilogueConfig>& candidates,
+                               const std::vector<EpilogueConfig>& candidates, int64_t bytes,
                                const std::function<void(const EpilogueConfig&)>& run) {
   if (candidates.size() == 1) return candidates.front();
   auto& store = epilogue_choice_store();
@@ -155,7 +158,7 @@ EpilogueConfig choose_epilogue(const std::string& key, const std::function<std::
     const auto it = store.by_key.find(key);
     if (it != store.by_key.end()) return it->second.candidates[it->second.chosen];
   }
-  if (!Launch::can_measure()) return candidates.front();
+  if (bytes > kMaxMeasuredBytes || !Launch::can_measure()) return candidates.front();
   std::vector<double> micros =
       Launch::time_best(candidates.size(), kEpilogueRounds, [&](size_t i) { run(candidates[i]); });
   EpilogueChoice choice{layer(), candidates, std::move(micros), 0};

@@ -151,6 +151,7 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
           at::Tensor scratch;  // (the epilogue adds in place: candidates are timed on a copy)
           config = choose_epilogue<Launch>(
               epilogue_key(g, y, *layout, vec_ok), [&] { return epilogue_layer(g, y, *layout); }, candidates,
+              y.nbytes(),
               [&](const EpilogueConfig& c) {
                 if (!scratch.defined()) scratch = y.clone();
                 launch(c, scratch.data_ptr<scalar_t>());
