@@ -63,6 +63,13 @@ inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) 
   return out;
 }
 
+// A type as a value, for choosing a kernel's index type at run time (std::type_identity is C++20;
+// PyTorch before 2.13 builds extensions as C++17).
+template <typename T>
+struct IndexType {
+  using type = T;
+};
+
 // Whether the epilogue's index arithmetic fits int32_t (coord_epilogue_body's index_t): the thread
 // index, every index within a sample, and every position a tap reads along an axis (up to
 // o * stride + t * dil, with the padded and image extents) below 2^31.
@@ -132,11 +139,11 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
               g, cw.data_ptr<scalar_t>(), bp, out, *layout, c.per_thread, c.threads);
         };
         if (c.vec > 1) {
-          narrow ? go(std::integral_constant<int, kVec>{}, std::type_identity<int32_t>{})
-                 : go(std::integral_constant<int, kVec>{}, std::type_identity<int64_t>{});
+          narrow ? go(std::integral_constant<int, kVec>{}, IndexType<int32_t>{})
+                 : go(std::integral_constant<int, kVec>{}, IndexType<int64_t>{});
         } else {
-          narrow ? go(std::integral_constant<int, 1>{}, std::type_identity<int32_t>{})
-                 : go(std::integral_constant<int, 1>{}, std::type_identity<int64_t>{});
+          narrow ? go(std::integral_constant<int, 1>{}, IndexType<int32_t>{})
+                 : go(std::integral_constant<int, 1>{}, IndexType<int64_t>{});
         }
       };
       const int64_t target = Launch::target_threads();
