@@ -301,28 +301,27 @@ def kernel_breakdown(shapes: Sequence[Shape], dtype_name: str = "bfloat16-cl", c
 def _forward_with_policy(policy: str, fn: Callable, x: torch.Tensor) -> None:
     from .backends import native
 
-    native.cuda_epilogue_policy(policy)
+    native.cuda_epilogue_vectors(policy)
     _call(fn, x, "forward", [])
 
 
 def epilogue_policies(
     shapes: Sequence[Shape], dtypes: Sequence[str] = ("float32", "bfloat16-cl"), reps: int = 15
 ) -> str:
-    """The ``cuda`` backend's forward under each launch policy of its epilogue
-    (:func:`coordconv_fused.backends.native.cuda_epilogue_policy`: measured, the fixed rule, 16-byte
-    accesses everywhere, one element per thread), timed side by side with nn.Conv2d as in :func:`run`
-    (GPU time: the call queued behind a GPU spin; L2 flushed; interleaved). Markdown: median ms and
-    the ratio to nn.Conv2d, then what the measured policy chose."""
+    """The ``cuda`` backend's forward under each 16-byte access policy of its epilogue
+    (:func:`coordconv_fused.backends.native.cuda_epilogue_vectors`: by rule, always, never), timed
+    side by side with nn.Conv2d as in :func:`run` (GPU time: the call queued behind a GPU spin; L2
+    flushed; policies interleaved). Markdown: median ms and the ratio to nn.Conv2d."""
     from .backends import native
 
-    policies = native.EPILOGUE_POLICIES
+    policies = ("rule", "always", "never")
     flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     cycles_per_ms = _cycles_per_ms()
     lines = [
         "| shape | nn.Conv2d ms | " + " | ".join(f"cuda, {p} ms (× nn.Conv2d)" for p in policies) + " |",
         "|---|---:|" + "---:|" * len(policies),
     ]
-    previous = native.cuda_epilogue_policy()
+    previous = native.cuda_epilogue_vectors()
     try:
         for dtype_name in dtypes:
             dtype = torch.bfloat16 if dtype_name.startswith("bfloat16") else torch.float32
@@ -335,7 +334,7 @@ def epilogue_policies(
                 runs: dict[str, Callable[[], None]] = {FLOOR: functools.partial(_call, conv, x, "forward", [])}
                 for policy in policies:
                     runs[policy] = functools.partial(_forward_with_policy, policy, cuda, x)
-                for fn in runs.values():  # (warm-up; the measured policy measures here)
+                for fn in runs.values():  # (warm-up)
                     fn()
                     fn()
                 torch.cuda.synchronize()
@@ -353,12 +352,5 @@ def epilogue_policies(
                 del providers
                 torch.cuda.empty_cache()
     finally:
-        native.cuda_epilogue_policy(previous)
-    choices = native.cuda_epilogue_choices()
-    if choices:
-        lines += choices_table(
-            "What the measured policy chose (first call of each layer, best of three launches, µs):",
-            ("epilogue of", "timed"),
-            [(c["layer"], "forward", c["chosen"], c["candidates_us"]) for c in choices],
-        )
+        native.cuda_epilogue_vectors(previous)
     return "\n".join(lines)

@@ -7,10 +7,9 @@ with the same inputs and the same upstream gradient, and compares the output and
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -32,8 +31,6 @@ __all__ = [
     "torch_ships_triton",
     "assert_low_precision_matches_float64",
     "assert_autocast_grads_match_float64",
-    "emulated_epilogue",
-    "emulated_epilogue_choices",
 ]
 
 # The backends a test run exercises per device type, named explicitly: a backend that should be
@@ -466,31 +463,3 @@ def emulated_cuda_backend() -> backends.Backend:
             )
         )  # fmt: skip
     return _EMULATED[0]
-
-
-@contextlib.contextmanager
-def emulated_epilogue(policy: str = "measure", wide_index: bool = False) -> Iterator[None]:
-    """Within the block, the emulated CUDA backend's forward epilogue launches under ``policy`` (as
-    :func:`coordconv_fused.backends.native.cuda_epilogue_policy` sets it for the real one) and, with
-    ``wide_index``, indexes in 64 bits even where 32 fit (what a GPU does only for samples of 2**31
-    elements or more); its measured choices are forgotten on entry and on exit."""
-    emulated_cuda_backend()
-    from . import _C_testing  # type: ignore[attr-defined]
-    from .backends.native import _policy
-
-    previous, previous_wide = _policy(_C_testing, policy), _C_testing.set_emulated_wide_index(wide_index)
-    _C_testing.clear_epilogue_choices()
-    try:
-        yield
-    finally:
-        _policy(_C_testing, previous)
-        _C_testing.set_emulated_wide_index(previous_wide)
-        _C_testing.clear_epilogue_choices()
-
-
-def emulated_epilogue_choices() -> list[dict]:
-    """The emulated epilogue's measured launch choices (as
-    :func:`coordconv_fused.backends.native.cuda_epilogue_choices` lists the real one's)."""
-    from . import _C_testing  # type: ignore[attr-defined]
-
-    return _C_testing.epilogue_choices()

@@ -44,16 +44,14 @@ struct Geometry {
   CC_HD int64_t k_data() const { return (c_in / groups) * taps(); }
 };
 
-// (2*i - (n-1)) / (n-1), or 0 for n == 1; `num` is the integer numerator. (index_t: the integer type
-// of the index arithmetic, int32_t in the CUDA epilogue where every index fits, see gpu_host.h.)
-template <typename acc_t, typename index_t = int64_t>
-CC_HD acc_t axis_coord(index_t num, index_t n) {
+// (2*i - (n-1)) / (n-1), or 0 for n == 1; `num` is the integer numerator.
+template <typename acc_t>
+CC_HD acc_t axis_coord(int64_t num, int64_t n) {
   return n > 1 ? static_cast<acc_t>(num) / static_cast<acc_t>(n - 1) : acc_t(0);
 }
 
 // The image index that padded index i (possibly outside [0, n)) reads under a padding mode.
-template <typename index_t = int64_t>
-CC_HD index_t map_index(index_t i, index_t n, int32_t mode) {
+CC_HD int64_t map_index(int64_t i, int64_t n, int32_t mode) {
   switch (mode) {
     case kReflect:
       if (i < 0) i = -i;
@@ -71,19 +69,18 @@ CC_HD index_t map_index(index_t i, index_t n, int32_t mode) {
 // Coordinate value and 0/1 mask along axis `ax` for output index `o` and tap `t` (full filter).
 // The position read is p = o*stride - pad + t*dil in the pre-padded input; outside it lies the
 // convolution's zero padding (value 0, mask 0); with zero pre-padding, outside the image too.
-template <typename acc_t, typename index_t = int64_t>
-CC_HD void axis_tap(const Geometry& g, int ax, index_t o, index_t t, acc_t* value, acc_t* mask) {
-  const index_t p =
-      o * static_cast<index_t>(g.stride[ax]) - static_cast<index_t>(g.pad[ax]) + t * static_cast<index_t>(g.dil[ax]);
-  const index_t n = static_cast<index_t>(g.image[ax]);
-  index_t i = p - static_cast<index_t>(g.before[ax]);
-  bool inside = p >= 0 && p < static_cast<index_t>(g.padded[ax]);
+template <typename acc_t>
+CC_HD void axis_tap(const Geometry& g, int ax, int64_t o, int64_t t, acc_t* value, acc_t* mask) {
+  int64_t p = o * g.stride[ax] - g.pad[ax] + t * g.dil[ax];
+  int64_t n = g.image[ax];
+  int64_t i = p - g.before[ax];
+  bool inside = p >= 0 && p < g.padded[ax];
   if (g.pad_mode == kZeros) {
     inside = inside && i >= 0 && i < n;
   } else {
-    i = map_index<index_t>(i, n, g.pad_mode);
+    i = map_index(i, n, g.pad_mode);
   }
-  *value = inside ? axis_coord<acc_t, index_t>(2 * i - (n - 1), n) : acc_t(0);
+  *value = inside ? axis_coord<acc_t>(2 * i - (n - 1), n) : acc_t(0);
   *mask = inside ? acc_t(1) : acc_t(0);
 }
 
@@ -173,35 +170,32 @@ constexpr int kMaxAxisTaps = 16;
 // taps read the coordinate on their channel's axis. Everything stays in registers: no per-axis
 // tables (measured as a 416-byte stack frame per thread on sm_90, in local memory). cw: [C_out,
 // k_coord] rows of k_coord elements, laid out within a row as g.cw_cstride and g.cw_tstride say.
-template <typename scalar_t, typename acc_t, int V, typename index_t>
-CC_HD void coord_terms_at(const Geometry& g, const scalar_t* cw, index_t o0, const index_t at[3], acc_t term[V]) {
-  const index_t k_coord = static_cast<index_t>(g.k_coord()), num_coords = g.num_coords;
-  const index_t cstride = static_cast<index_t>(g.cw_cstride), tstride = static_cast<index_t>(g.cw_tstride);
+template <typename scalar_t, typename acc_t, int V>
+CC_HD void coord_terms_at(const Geometry& g, const scalar_t* cw, int64_t o0, const int64_t at[3], acc_t term[V]) {
+  const int64_t k_coord = g.k_coord();
   const scalar_t* w = cw + o0 * k_coord;
   for (int v = 0; v < V; ++v) term[v] = acc_t(0);
   if (g.separate) {  // (k_coord = num_coords columns: the centres' coordinates)
-    for (index_t c = 0; c < num_coords; ++c) {
+    for (int64_t c = 0; c < g.num_coords; ++c) {
       const acc_t col = coord_im2col<scalar_t, acc_t>(g, c, at[0], at[1], at[2]);
-      for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(w[v * k_coord + c * cstride]) * col;
+      for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(w[v * k_coord + c * g.cw_cstride]) * col;
     }
     return;
   }
-  const index_t k0 = static_cast<index_t>(g.kernel[0]), k1 = static_cast<index_t>(g.kernel[1]),
-                k2 = static_cast<index_t>(g.kernel[2]);
   acc_t x[3], inside;
-  for (index_t t0 = 0; t0 < k0; ++t0) {
-    axis_tap<acc_t, index_t>(g, 0, at[0], t0, &x[0], &inside);
+  for (int64_t t0 = 0; t0 < g.kernel[0]; ++t0) {
+    axis_tap<acc_t>(g, 0, at[0], t0, &x[0], &inside);
     if (inside == acc_t(0)) continue;
-    for (index_t t1 = 0; t1 < k1; ++t1) {
-      axis_tap<acc_t, index_t>(g, 1, at[1], t1, &x[1], &inside);
+    for (int64_t t1 = 0; t1 < g.kernel[1]; ++t1) {
+      axis_tap<acc_t>(g, 1, at[1], t1, &x[1], &inside);
       if (inside == acc_t(0)) continue;
-      for (index_t t2 = 0; t2 < k2; ++t2) {
-        axis_tap<acc_t, index_t>(g, 2, at[2], t2, &x[2], &inside);
+      for (int64_t t2 = 0; t2 < g.kernel[2]; ++t2) {
+        axis_tap<acc_t>(g, 2, at[2], t2, &x[2], &inside);
         if (inside == acc_t(0)) continue;
-        const scalar_t* wt = w + ((t0 * k1 + t1) * k2 + t2) * tstride;
-        for (index_t c = 0; c < num_coords; ++c) {
+        const scalar_t* wt = w + ((t0 * g.kernel[1] + t1) * g.kernel[2] + t2) * g.cw_tstride;
+        for (int64_t c = 0; c < g.num_coords; ++c) {
           const acc_t col = channel_value<scalar_t, acc_t>(g, c, x, acc_t(1));
-          for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(wt[v * k_coord + c * cstride]) * col;
+          for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(wt[v * k_coord + c * g.cw_cstride]) * col;
         }
       }
     }
@@ -216,37 +210,32 @@ CC_HD void coord_terms_at(const Geometry& g, const scalar_t* cw, index_t o0, con
 // channels of one point, whose coordinates are then evaluated once) and adds them to each of those
 // samples, by one V-element access per sample (V * sizeof(scalar_t) = 16 bytes where the
 // host found sample a multiple of V and y 16-byte aligned; V = 1 otherwise), a few samples' loads
-// issued before their stores. Consecutive threads: consecutive memory. The index arithmetic within a
-// sample (and the thread index) in index_t: int32_t where the host found every such index below 2^31
-// (64-bit division and conversion cost several times their 32-bit forms), int64_t otherwise.
+// issued before their stores. Consecutive threads: consecutive memory.
 template <typename scalar_t, int V>
 struct alignas(sizeof(scalar_t) * V) Pack {
   scalar_t v[V];
 };
 
-template <typename scalar_t, typename acc_t, int V, typename index_t>
+template <typename scalar_t, typename acc_t, int V>
 CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
                                bool channels_last, int64_t per_thread, int64_t idx) {
-  const index_t c_out = static_cast<index_t>(g.c_out), out1 = static_cast<index_t>(g.out[1]),
-                out2 = static_cast<index_t>(g.out[2]);
-  const index_t points = static_cast<index_t>(g.out_points()), sample = c_out * points, slots = sample / V;
-  const index_t i = static_cast<index_t>(idx), m = (i % slots) * V;
-  const int64_t first = static_cast<int64_t>(i / slots) * per_thread;
-  index_t o = channels_last ? m % c_out : m / points;
-  index_t p = channels_last ? m / c_out : m % points;
+  const int64_t points = g.out_points(), sample = g.c_out * points, slots = sample / V;
+  const int64_t m = (idx % slots) * V, first = idx / slots * per_thread;
+  int64_t o = channels_last ? m % g.c_out : m / points;
+  int64_t p = channels_last ? m / g.c_out : m % points;
   acc_t term[V];
-  if (channels_last && c_out % V == 0) {  // V channels of one point: its coordinates evaluated once
-    const index_t at[3] = {p / (out1 * out2), (p / out2) % out1, p % out2};
-    coord_terms_at<scalar_t, acc_t, V, index_t>(g, cw, o, at, term);
+  if (channels_last && g.c_out % V == 0) {  // V channels of one point: its coordinates evaluated once
+    const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
+    coord_terms_at<scalar_t, acc_t, V>(g, cw, o, at, term);
     if (bias != nullptr)
       for (int v = 0; v < V; ++v) term[v] += static_cast<acc_t>(bias[o + v]);
   } else {
     for (int v = 0; v < V; ++v) {
-      const index_t at[3] = {p / (out1 * out2), (p / out2) % out1, p % out2};
-      coord_terms_at<scalar_t, acc_t, 1, index_t>(g, cw, o, at, &term[v]);
+      const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
+      coord_terms_at<scalar_t, acc_t, 1>(g, cw, o, at, &term[v]);
       if (bias != nullptr) term[v] += static_cast<acc_t>(bias[o]);
       if (channels_last) {  // (the next element in memory order)
-        if (++o == c_out) {
+        if (++o == g.c_out) {
           o = 0;
           ++p;
         }

@@ -9,10 +9,9 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <atomic>
 #include <optional>
-#include <type_traits>
 
-#include "epilogue_choice.h"
 #include "geometry.h"
 
 namespace coordconv {
@@ -63,24 +62,13 @@ inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) 
   return out;
 }
 
-// A type as a value, for choosing a kernel's index type at run time (std::type_identity is C++20;
-// PyTorch before 2.13 builds extensions as C++17).
-template <typename T>
-struct IndexType {
-  using type = T;
-};
-
-// Whether the epilogue's index arithmetic fits int32_t (coord_epilogue_body's index_t): the thread
-// index, every index within a sample, and every position a tap reads along an axis (up to
-// o * stride + t * dil, with the padded and image extents) below 2^31.
-inline bool epilogue_index_fits_int32(const Geometry& g, int64_t threads) {
-  constexpr int64_t limit = int64_t(1) << 31;
-  int64_t widest = std::max(threads, g.c_out * g.out_points() + 1);
-  for (int ax = 0; ax < 3; ++ax) {
-    widest = std::max({widest, g.out[ax] * g.stride[ax] + g.kernel[ax] * g.dil[ax] + g.pad[ax] + g.before[ax],
-                       2 * (g.padded[ax] + g.image[ax])});
-  }
-  return widest < limit && g.c_out * g.k_coord() < limit;
+// Where the epilogue makes 16-byte accesses: by gpu_forward's rule (the default), wherever the output
+// allows them, or nowhere. A process-wide switch for timing the two kernels side by side
+// (coordconv_fused.backends.native.cuda_epilogue_vectors); results are the same bits either way.
+enum EpilogueVectors : int { kVectorsByRule = 0, kVectorsAlways = 1, kVectorsNever = 2 };
+inline std::atomic<int>& epilogue_vectors() {
+  static std::atomic<int> policy{kVectorsByRule};
+  return policy;
 }
 
 // Whether the epilogue evaluates this layer's coordinates itself (coord_epilogue_body): every filter
@@ -102,11 +90,11 @@ inline std::optional<bool> epilogue_layout(const at::Tensor& y) {
 // The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass
 // of its own), then one in-place pass adding the coordinate term plus the bias, its coordinates
 // evaluated in the kernel (coord_epilogue_body): two launches per call, like nn.Conv2d's convolution
-// and bias. Each thread computes the terms of one element or one 16-byte run of a sample and adds
-// them to several samples, so that the terms' cost is shared by the batch while enough threads keep
-// memory busy; the width and the samples per thread are measured per layer on its first call
-// (epilogue_choice.h). Filters beyond kMaxAxisTaps taps along an axis (and, defensively, an output
-// in another layout) take the GEMM path: the term [C_out, points] = coord_weight x the
+// and bias. Each thread computes the term of one element of a sample (the terms of a 16-byte run of
+// elements where a sample alone fills the grid) and adds it to that element of several samples, so
+// that the term's cost is shared by the batch while the grid keeps about
+// Launch::target_threads() threads. Filters beyond the epilogue's per-axis tables (and, defensively,
+// an output in another layout) take the GEMM path: the term [C_out, points] = coord_weight x the
 // coordinate im2col matrix by a small GEMM, added by a pass reading it in the output's memory order.
 template <class Launch>
 at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
@@ -126,46 +114,29 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
     if (layout.has_value() && coords_in_kernel(g)) {
       const at::Tensor cw = coord_weight_in_layout(coord_weight.to(input.scalar_type()), g);
       const at::Tensor b = g.has_bias ? bias->to(input.scalar_type()).contiguous() : at::Tensor();
-      // The launch: kVec elements per thread (16-byte accesses) where every sample starts on a 16-byte
-      // boundary (cuDNN's do), else 1; samples per thread and 32- or 64-bit index arithmetic. Which
-      // width and how many samples per thread: measured per layer (epilogue_choice.h).
+      // 16-byte accesses (kVec elements per thread) only where one sample's vectors alone give
+      // target_threads() threads, so that each term is still computed once for the whole batch:
+      // measured on an H200, a thread computing kVec terms for a few samples each (the batch split
+      // among several threads to fill the GPU) made the kernel 2-4x slower than one term per thread
+      // (docs/bench-cuda.md, run 7). Every sample must start on a 16-byte boundary (cuDNN's do).
       constexpr int kVec = kEpilogueVecOf<scalar_t>;
-      const bool vec_ok = sample % kVec == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
+      const int policy = epilogue_vectors().load(std::memory_order_relaxed);
+      const bool vec = sample % kVec == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0 &&
+                       (policy == kVectorsAlways ||
+                        (policy == kVectorsByRule && sample / kVec >= Launch::target_threads()));
+      const int64_t slots = vec ? sample / kVec : sample;
+      // samples per thread: as few as keep about target_threads() threads busy
+      const int64_t chunks = std::clamp<int64_t>((Launch::target_threads() + slots - 1) / slots, 1, g.n);
+      const int64_t per_thread = (g.n + chunks - 1) / chunks;
+      const int64_t threads = slots * ((g.n + per_thread - 1) / per_thread);
       const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
-      auto launch = [&](const EpilogueConfig& c, scalar_t* out) {
-        const bool narrow = epilogue_index_fits_int32(g, c.threads) && Launch::narrow_index();
-        auto go = [&](auto vector, auto index) {
-          Launch::template coord_epilogue<scalar_t, acc_t, decltype(vector)::value, typename decltype(index)::type>(
-              g, cw.data_ptr<scalar_t>(), bp, out, *layout, c.per_thread, c.threads);
-        };
-        if (c.vec > 1) {
-          narrow ? go(std::integral_constant<int, kVec>{}, IndexType<int32_t>{})
-                 : go(std::integral_constant<int, kVec>{}, IndexType<int64_t>{});
-        } else {
-          narrow ? go(std::integral_constant<int, 1>{}, IndexType<int32_t>{})
-                 : go(std::integral_constant<int, 1>{}, IndexType<int64_t>{});
-        }
-      };
-      const int64_t target = Launch::target_threads();
-      const int policy = epilogue_policy().load(std::memory_order_relaxed);
-      EpilogueConfig config = epilogue_config(g.n, sample, 1, target);
-      if (policy == kVectors && vec_ok) {
-        config = epilogue_config(g.n, sample, kVec, target);
-      } else if (policy == kRule || policy == kMeasure) {
-        const auto candidates = epilogue_candidates(g.n, sample, kVec, vec_ok, target);
-        config = candidates.front();
-        if (policy == kMeasure) {
-          at::Tensor scratch;  // (the epilogue adds in place: candidates are timed on a copy)
-          config = choose_epilogue<Launch>(
-              epilogue_key(g, y, *layout, vec_ok), [&] { return epilogue_layer(g, y, *layout); }, candidates,
-              y.nbytes(),
-              [&](const EpilogueConfig& c) {
-                if (!scratch.defined()) scratch = y.clone();
-                launch(c, scratch.data_ptr<scalar_t>());
-              });
-        }
+      if (vec) {
+        Launch::template coord_epilogue<scalar_t, acc_t, kVec>(g, cw.data_ptr<scalar_t>(), bp, y.data_ptr<scalar_t>(),
+                                                               *layout, per_thread, threads);
+      } else {
+        Launch::template coord_epilogue<scalar_t, acc_t, 1>(g, cw.data_ptr<scalar_t>(), bp, y.data_ptr<scalar_t>(),
+                                                            *layout, per_thread, threads);
       }
-      launch(config, y.data_ptr<scalar_t>());
       return;
     }
     const at::Tensor cols = coord_cols<Launch, scalar_t, acc_t>(g, y);

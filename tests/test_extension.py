@@ -6,14 +6,7 @@ import torch
 
 from coordconv_fused import CoordConv2d, available_backends, coord_conv2d
 from coordconv_fused.backends import native as extension
-from coordconv_fused.testing import (
-    Case,
-    assert_layer_matches_reference,
-    assert_matches_reference,
-    emulated_epilogue,
-    emulated_epilogue_choices,
-    kernel_events,
-)
+from coordconv_fused.testing import Case, assert_layer_matches_reference, assert_matches_reference, kernel_events
 
 # A build without the extension fails these tests unless it was asked for (COORDCONV_NO_EXTENSION=1):
 # tests/conftest.py.
@@ -95,15 +88,14 @@ def test_emulated_cuda_channels_last(emulated_backend, shape, bias):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last input", "channels_last module"])
 @pytest.mark.parametrize("separate", [False, True], ids=["full", "separate"])
-@pytest.mark.parametrize("policy", ["rule", "vectors", "scalars", "measure", "wide index"])
-def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout, separate, policy):
+def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout, separate):
     """The epilogue's two paths (the emulation aims for 64 threads): 16-byte accesses (2, 4 or 8
     elements by dtype) where a sample's vectors fill the grid (8 x 8 x 9 elements; in channels-last,
     8 channels of one point whose coordinates are evaluated once), else one element per thread, its
     term shared by several samples (5 x 7 x 9: a multiple of no vector width; 8 x 6 x 5: too small a
     sample in float32 and bfloat16); NCHW and channels-last outputs; a module converted to
     channels-last, whose coordinate filter the epilogue reads in that layout (no copy); the full and
-    the separate coordinate filter; under each launch policy, and with 64-bit index arithmetic."""
+    the separate coordinate filter."""
     import coordconv_fused as cf
 
     layer = cf.CoordConv2d(3, out_channels, 3, padding=1, with_r=True, coord_kernel_size=1 if separate else None)
@@ -114,8 +106,7 @@ def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dt
     if layout == "channels_last module":
         layer = layer.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
         assert separate or not layer.coord_weight.is_contiguous()  # (a [C, d, 1, 1] filter is both)
-    wide = policy == "wide index"
-    with torch.no_grad(), emulated_epilogue("measure" if wide else policy, wide_index=wide):
+    with torch.no_grad():
         layer.backend = emulated_backend
         out = layer(x)
         layer.backend = "reference"
@@ -428,55 +419,28 @@ def test_native_ops_have_their_cpu_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CompositeImplicitAutograd")
 
 
-def test_emulated_cuda_epilogue_measured_choice(emulated_backend):
-    """The epilogue's launch, chosen by measurement on a layer's first call (epilogue_choice.h): the
-    candidates are the fixed rule's pick and each width aiming at 1/4, 1 and 4 times the target
-    threads (the emulation's: 64), without duplicates; the choice is remembered (a second call
-    measures nothing), and the result is the reference's whichever was chosen. Under the fixed rule
-    nothing is measured."""
-    layer = CoordConv2d(3, 8, 3, padding=1, with_r=True).double()  # sample 8*4*9 = 288 elements
-    x = torch.randn(9, 3, 4, 9, dtype=torch.float64)
-    with torch.no_grad(), emulated_epilogue("rule"):
-        layer.backend = emulated_backend
-        layer(x)
-        assert emulated_epilogue_choices() == []
-    with torch.no_grad(), emulated_epilogue("measure"):
-        out = layer(x)
-        layer(x)
-        (choice,) = emulated_epilogue_choices()
-        layer.backend = "reference"
-        torch.testing.assert_close(out, layer(x))
-    # float64: 2 elements per 16 bytes; rule: 144 vectors >= 64 threads, so 2 elements x 9 samples; one
-    # element: 288 threads >= 4 * 64 whatever the target; two: 144 slots, 2 chunks at 4 * 64 threads
-    assert list(choice["candidates_us"]) == ["2 el. x 9 samples", "1 el. x 9 samples", "2 el. x 5 samples"]
-    assert choice["chosen"] in choice["candidates_us"]
-    assert all(us > 0 for us in choice["candidates_us"].values())
-    assert choice["layer"] == "out=(9,8,4,9) k=3x3 d=3 Double"
-
-
-def test_cuda_epilogue_policy_switch():
-    """The cuda backend's epilogue policy: get, set, restore, and a clear error for an unknown one
-    (the switch is in coordconv_fused._C, CUDA build or not)."""
-    previous = extension.cuda_epilogue_policy()
-    assert previous == "measure"
+def test_cuda_epilogue_vectors_switch():
+    """The benchmark's switch of the CUDA epilogue's 16-byte accesses: get, set, restore, and a
+    clear error for an unknown policy (the switch is in coordconv_fused._C, CUDA build or not)."""
+    previous = extension.cuda_epilogue_vectors()
+    assert previous == "rule"
     try:
-        assert extension.cuda_epilogue_policy("scalars") == "measure"
-        assert extension.cuda_epilogue_policy("vectors") == "scalars"
-        assert extension.cuda_epilogue_policy() == "vectors"
+        assert extension.cuda_epilogue_vectors("never") == "rule"
+        assert extension.cuda_epilogue_vectors("always") == "never"
+        assert extension.cuda_epilogue_vectors() == "always"
         with pytest.raises(ValueError, match="policy must be one of"):
-            extension.cuda_epilogue_policy("always")
+            extension.cuda_epilogue_vectors("vector")
     finally:
-        extension.cuda_epilogue_policy(previous)
-    assert extension.cuda_epilogue_policy() == "measure"
-    assert isinstance(extension.cuda_epilogue_choices(), list)
+        extension.cuda_epilogue_vectors(previous)
+    assert extension.cuda_epilogue_vectors() == "rule"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_cuda_epilogue_vectors_same_bits(dtype, channels_last, monkeypatch):
-    """On the GPU, the epilogue's launch policies give the same bits (each element's term is the same
-    sum in the same order), and match the reference."""
+    """On the GPU, the epilogue's 16-byte and one-element kernels give the same bits (each element's
+    term is the same sum in the same order), and match the reference."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (float32 at float32's precision)
     layer = CoordConv2d(16, 32, 3, padding=1, with_r=True, backend="cuda").to("cuda", dtype)
     for size in (8, 33, 96):  # (33: a sample that is a multiple of no vector width)
@@ -484,22 +448,21 @@ def test_cuda_epilogue_vectors_same_bits(dtype, channels_last, monkeypatch):
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         outs = {}
-        previous = extension.cuda_epilogue_policy()
+        previous = extension.cuda_epilogue_vectors()
         try:
-            for policy in extension.EPILOGUE_POLICIES:
-                extension.cuda_epilogue_policy(policy)
+            for policy in ("always", "never", "rule"):
+                extension.cuda_epilogue_vectors(policy)
                 with torch.no_grad():
                     outs[policy] = layer(x)
         finally:
-            extension.cuda_epilogue_policy(previous)
-        for policy in extension.EPILOGUE_POLICIES:
-            assert torch.equal(outs[policy], outs["scalars"]), policy
+            extension.cuda_epilogue_vectors(previous)
+        assert torch.equal(outs["always"], outs["never"]) and torch.equal(outs["rule"], outs["never"])
         layer.backend = "reference"
         with torch.no_grad():
             ref = layer(x)
         layer.backend = "cuda"
         tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
-        torch.testing.assert_close(outs["measure"], ref, **tol)
+        torch.testing.assert_close(outs["rule"], ref, **tol)
 
 
 @pytest.mark.skipif(

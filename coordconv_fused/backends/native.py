@@ -27,9 +27,7 @@ __all__ = [
     "cuda_backend",
     "kernel_choices",
     "clear_kernel_choices",
-    "cuda_epilogue_policy",
-    "cuda_epilogue_choices",
-    "EPILOGUE_POLICIES",
+    "cuda_epilogue_vectors",
 ]
 
 define_native_ops()  # the schemas; the extension brings the kernels
@@ -82,35 +80,22 @@ def clear_kernel_choices() -> None:
         _C.clear_kernel_choices()
 
 
-EPILOGUE_POLICIES = ("measure", "rule", "vectors", "scalars")
+_EPILOGUE_VECTORS = ("rule", "always", "never")
 
 
-def cuda_epilogue_policy(policy: str | None = None) -> str:
-    """How the ``cuda`` backend launches its forward epilogue (the pass adding the coordinate term and
-    the bias): ``"measure"`` (the default: the first call of each layer times the candidate launches,
-    16-byte or one-element accesses and how many samples each thread takes, and keeps the fastest, as
-    ``torch.backends.cudnn.benchmark`` does), ``"rule"`` (the fixed rule of csrc/epilogue_choice.h),
-    ``"vectors"`` / ``"scalars"`` (16-byte accesses wherever the output allows them / nowhere). Sets
-    the process-wide policy when ``policy`` is given; returns the previous one. Results are the same
-    bits under every policy."""
+def cuda_epilogue_vectors(policy: str | None = None) -> str:
+    """Where the ``cuda`` backend's forward epilogue makes 16-byte accesses: ``"rule"`` (the default:
+    where one sample alone fills the GPU, see csrc/gpu_host.h), ``"always"`` (wherever the output
+    allows) or ``"never"``. Sets the process-wide policy when ``policy`` is given; returns the previous
+    one. For timing the kernels side by side (``coordconv-fused bench --device cuda
+    --epilogue-policies``); results are identical under every policy."""
     if LOAD_ERROR is not None:
         raise RuntimeError(_cpp_unavailable())
-    return _policy(_C, policy)
-
-
-def _policy(module, policy: str | None) -> str:
     if policy is None:
-        return EPILOGUE_POLICIES[module.epilogue_policy(-1)]
-    if policy not in EPILOGUE_POLICIES:
-        raise ValueError(f"cuda_epilogue_policy: policy must be one of {EPILOGUE_POLICIES}, got {policy!r}")
-    return EPILOGUE_POLICIES[module.epilogue_policy(EPILOGUE_POLICIES.index(policy))]
-
-
-def cuda_epilogue_choices() -> list[dict]:
-    """The ``cuda`` backend's measured epilogue launches in this process: dicts with ``layer``,
-    ``chosen`` and ``candidates_us`` (each candidate's best CUDA-event time, microseconds; a candidate
-    is named by its elements per thread and samples per thread)."""
-    return [] if LOAD_ERROR is not None else _C.epilogue_choices()
+        return _EPILOGUE_VECTORS[_C.cuda_epilogue_vectors(-1)]
+    if policy not in _EPILOGUE_VECTORS:
+        raise ValueError(f"cuda_epilogue_vectors: policy must be one of {_EPILOGUE_VECTORS}, got {policy!r}")
+    return _EPILOGUE_VECTORS[_C.cuda_epilogue_vectors(_EPILOGUE_VECTORS.index(policy))]
 
 
 def _cpp_unavailable() -> str | None:

@@ -1,12 +1,10 @@
 // The CUDA backend: the kernel bodies of coordconv.h as __global__ kernels (the epilogue with the
-// coordinates evaluated in it, one thread per element or 16-byte run of a sample and several samples,
-// timed with CUDA events to choose that launch (epilogue_choice.h); for large filters the
+// coordinates evaluated in it, one thread per output offset and a few samples; for large filters the
 // coordinate im2col matrix, one thread per element, and the GEMM path's epilogue, one thread per
 // kEpilogueVec output elements), and the host logic of gpu_host.h (cuDNN for the data, cuBLAS for the
 // coordinate filter's gradient and the large filters' term).
 // Compiled in CI (FORCE_CUDA=1); run on the CPU by the emulation in testing/cuda_emulation.cpp.
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAGraphsUtils.cuh>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -22,12 +20,12 @@ __global__ void coord_cols_kernel(Geometry g, acc_t* cols, int64_t total) {
   if (idx < total) coord_cols_body<scalar_t, acc_t>(g, cols, idx);
 }
 
-template <typename scalar_t, typename acc_t, int V, typename index_t>
+template <typename scalar_t, typename acc_t, int V>
 __global__ void coord_epilogue_kernel(Geometry g, const scalar_t* __restrict__ cw, const scalar_t* __restrict__ bias,
                                       scalar_t* __restrict__ y, bool channels_last, int64_t per_thread,
                                       int64_t threads) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx < threads) coord_epilogue_body<scalar_t, acc_t, V, index_t>(g, cw, bias, y, channels_last, per_thread, idx);
+  if (idx < threads) coord_epilogue_body<scalar_t, acc_t, V>(g, cw, bias, y, channels_last, per_thread, idx);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -45,42 +43,10 @@ struct CudaLaunch {
   // Threads the epilogue aims for (a few per SM slot on a large GPU) when sharing each term among
   // several samples.
   static int64_t target_threads() { return int64_t(1) << 18; }
-  // 32-bit index arithmetic wherever it fits (epilogue_index_fits_int32).
-  static bool narrow_index() { return true; }
-  // Measuring launches (and waiting for them) is not allowed while a CUDA graph is being captured.
-  static bool can_measure() { return at::cuda::currentStreamCaptureStatus() == at::cuda::CaptureStatus::None; }
-  // The best CUDA-event time (microseconds) of `rounds` launches of each of `count` candidates
-  // (`run(i)`), interleaved, after one warm-up launch each: the host waits once, at the end.
-  static std::vector<double> time_best(size_t count, int rounds, const std::function<void(size_t)>& run) {
-    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    for (size_t i = 0; i < count; ++i) run(i);
-    std::vector<cudaEvent_t> events(2 * count * rounds);
-    for (auto& e : events) C10_CUDA_CHECK(cudaEventCreate(&e));
-    for (int r = 0; r < rounds; ++r) {
-      for (size_t i = 0; i < count; ++i) {
-        const size_t k = 2 * (r * count + i);
-        C10_CUDA_CHECK(cudaEventRecord(events[k], stream));
-        run(i);
-        C10_CUDA_CHECK(cudaEventRecord(events[k + 1], stream));
-      }
-    }
-    C10_CUDA_CHECK(cudaEventSynchronize(events.back()));
-    std::vector<double> best(count, 1e30);
-    for (int r = 0; r < rounds; ++r) {
-      for (size_t i = 0; i < count; ++i) {
-        const size_t k = 2 * (r * count + i);
-        float ms = 0;
-        C10_CUDA_CHECK(cudaEventElapsedTime(&ms, events[k], events[k + 1]));
-        best[i] = std::min(best[i], 1e3 * ms);
-      }
-    }
-    for (auto& e : events) C10_CUDA_CHECK(cudaEventDestroy(e));
-    return best;
-  }
-  template <typename scalar_t, typename acc_t, int V, typename index_t>
+  template <typename scalar_t, typename acc_t, int V>
   static void coord_epilogue(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
                              bool channels_last, int64_t per_thread, int64_t threads) {
-    coord_epilogue_kernel<scalar_t, acc_t, V, index_t>
+    coord_epilogue_kernel<scalar_t, acc_t, V>
         <<<blocks_for(threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cw, bias, y, channels_last,
                                                                                          per_thread, threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -5,19 +5,10 @@
 // own module, coordconv_fused._C_testing, which only the tests load (coordconv_fused.testing).
 #include <torch/library.h>
 
-#include <chrono>
-
 #include "../autograd/coord_conv_autograd.h"
 #include "../gpu_host.h"
-#include "emulation.h"
 
 namespace coordconv {
-
-std::atomic<bool>& emulated_wide_index() {
-  static std::atomic<bool> wide{false};
-  return wide;
-}
-
 namespace {
 
 struct EmulatedLaunch {
@@ -33,29 +24,11 @@ struct EmulatedLaunch {
   }
   // Small, so that the tests' batches exercise the sharing of a term among several samples.
   static int64_t target_threads() { return 64; }
-  // 32-bit index arithmetic where it fits, unless a test asked for 64-bit everywhere
-  // (_C_testing.set_emulated_wide_index), to run both forms here.
-  static bool narrow_index() { return !emulated_wide_index().load(); }
-  static bool can_measure() { return true; }
-  static std::vector<double> time_best(size_t count, int rounds, const std::function<void(size_t)>& run) {
-    for (size_t i = 0; i < count; ++i) run(i);
-    std::vector<double> best(count, 1e30);
-    for (int r = 0; r < rounds; ++r) {
-      for (size_t i = 0; i < count; ++i) {
-        const auto t0 = std::chrono::steady_clock::now();
-        run(i);
-        best[i] =
-            std::min(best[i], std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count());
-      }
-    }
-    return best;
-  }
-  template <typename scalar_t, typename acc_t, int V, typename index_t>
+  template <typename scalar_t, typename acc_t, int V>
   static void coord_epilogue(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
                              bool channels_last, int64_t per_thread, int64_t threads) {
-    grid(threads, [&](int64_t i) {
-      coord_epilogue_body<scalar_t, acc_t, V, index_t>(g, cw, bias, y, channels_last, per_thread, i);
-    });
+    grid(threads,
+         [&](int64_t i) { coord_epilogue_body<scalar_t, acc_t, V>(g, cw, bias, y, channels_last, per_thread, i); });
   }
   template <typename scalar_t, typename acc_t>
   static void coord_cols(const Geometry& g, acc_t* cols, int64_t total) {

@@ -7,8 +7,6 @@
 #include <vector>
 
 #include "../cpu/kernel_choice.h"
-#include "../epilogue_choice_py.h"
-#include "emulation.h"
 
 namespace {
 // How many threads an at::parallel_for loop compiled with the extensions' flags really uses: 1 when
@@ -34,21 +32,10 @@ PyObject* pick_measured(PyObject*, PyObject* args) {
   return PyLong_FromSize_t(coordconv::pick_measured(micros, heuristic));
 }
 
-// Makes the emulated CUDA epilogue index in 64 bits everywhere (True) or only where 32 do not fit;
-// returns the previous setting.
-PyObject* set_emulated_wide_index(PyObject*, PyObject* arg) {
-  const int wide = PyObject_IsTrue(arg);
-  if (wide < 0) return nullptr;
-  return PyBool_FromLong(coordconv::emulated_wide_index().exchange(wide != 0));
-}
-
 PyMethodDef methods[] = {{"parallel_for_threads", parallel_for_threads, METH_NOARGS,
                           "Number of threads at::parallel_for runs with the extensions' build flags."},
                          {"pick_measured", pick_measured, METH_VARARGS,
                           "Index of the measured candidate the cpp backend keeps (kernel_choice.h)."},
-                         COORDCONV_EPILOGUE_METHODS,
-                         {"set_emulated_wide_index", set_emulated_wide_index, METH_O,
-                          "Emulated CUDA epilogue: 64-bit index arithmetic everywhere (True); returns the previous."},
                          {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
