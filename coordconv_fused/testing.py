@@ -7,9 +7,10 @@ with the same inputs and the same upstream gradient, and compares the output and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import torch
@@ -31,6 +32,7 @@ __all__ = [
     "torch_ships_triton",
     "assert_low_precision_matches_float64",
     "assert_autocast_grads_match_float64",
+    "emulated_epilogue_vectors",
 ]
 
 # The backends a test run exercises per device type, named explicitly: a backend that should be
@@ -463,3 +465,19 @@ def emulated_cuda_backend() -> backends.Backend:
             )
         )  # fmt: skip
     return _EMULATED[0]
+
+
+@contextlib.contextmanager
+def emulated_epilogue_vectors(policy: str) -> Iterator[None]:
+    """Within the block, the emulated CUDA backend's forward epilogue makes its 16-byte accesses by
+    ``policy`` (``"rule"``, ``"always"``, ``"never"``), as
+    :func:`coordconv_fused.backends.native.cuda_epilogue_vectors` sets the real one's."""
+    emulated_cuda_backend()
+    from . import _C_testing  # type: ignore[attr-defined]
+    from .backends.native import _set_epilogue_vectors
+
+    previous = _set_epilogue_vectors(_C_testing.epilogue_vectors, policy)
+    try:
+        yield
+    finally:
+        _set_epilogue_vectors(_C_testing.epilogue_vectors, previous)

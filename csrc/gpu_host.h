@@ -114,16 +114,19 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
     if (layout.has_value() && coords_in_kernel(g)) {
       const at::Tensor cw = coord_weight_in_layout(coord_weight.to(input.scalar_type()), g);
       const at::Tensor b = g.has_bias ? bias->to(input.scalar_type()).contiguous() : at::Tensor();
-      // 16-byte accesses (kVec elements per thread) only where one sample's vectors alone give
-      // target_threads() threads, so that each term is still computed once for the whole batch:
-      // measured on an H200, a thread computing kVec terms for a few samples each (the batch split
-      // among several threads to fill the GPU) made the kernel 2-4x slower than one term per thread
-      // (docs/bench-cuda.md, run 7). Every sample must start on a 16-byte boundary (cuDNN's do).
+      // 16-byte accesses (kVec elements per thread) by rule only in channels-last, where a thread's
+      // kVec elements are kVec channels of one point whose coordinates it evaluates once, and only
+      // where one sample's vectors give at least a quarter of target_threads() threads, so that each
+      // term is computed for few groups of samples. Measured on an H200 (docs/bench-cuda.md, run 8),
+      // the forward against one element per thread: bf16 channels-last 0.69x (high-resolution layer),
+      // 0.87x (stem), 0.79x (input layer), 0.99x (mid layer, 25K vectors per sample), 1.23x (deep
+      // layer, 6K); float32 NCHW (no coordinates shared) 1.04-1.47x, never faster. Every sample must
+      // start on a 16-byte boundary (cuDNN's do).
       constexpr int kVec = kEpilogueVecOf<scalar_t>;
       const int policy = epilogue_vectors().load(std::memory_order_relaxed);
+      const bool by_rule = *layout && g.c_out % kVec == 0 && sample / kVec >= Launch::target_threads() / 4;
       const bool vec = sample % kVec == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0 &&
-                       (policy == kVectorsAlways ||
-                        (policy == kVectorsByRule && sample / kVec >= Launch::target_threads()));
+                       (policy == kVectorsAlways || (policy == kVectorsByRule && by_rule));
       const int64_t slots = vec ? sample / kVec : sample;
       // samples per thread: as few as keep about target_threads() threads busy
       const int64_t chunks = std::clamp<int64_t>((Launch::target_threads() + slots - 1) / slots, 1, g.n);

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "cpu/direct_simd.h"
-#include "gpu_host.h"
+#include "epilogue_vectors_py.h"
 #include "cpu/kernel_choice.h"
 
 namespace {
@@ -117,19 +117,6 @@ PyObject* add_kernel_choices(PyObject*, PyObject* list) {
   return PyLong_FromLong(added);
 }
 
-// The CUDA epilogue's 16-byte access policy (gpu_host.h's EpilogueVectors): sets it to `policy`
-// unless that is -1; returns the previous one.
-PyObject* cuda_epilogue_vectors(PyObject*, PyObject* arg) {
-  const long policy = PyLong_AsLong(arg);
-  if (PyErr_Occurred()) return nullptr;
-  if (policy < -1 || policy > coordconv::kVectorsNever) {
-    PyErr_Format(PyExc_ValueError, "cuda_epilogue_vectors: no policy %ld", policy);
-    return nullptr;
-  }
-  auto& current = coordconv::epilogue_vectors();
-  return PyLong_FromLong(policy == -1 ? current.load() : current.exchange(static_cast<int>(policy)));
-}
-
 PyObject* clear_kernel_choices(PyObject*, PyObject*) {
   coordconv::clear_kernel_choices();
   Py_RETURN_NONE;
@@ -141,7 +128,7 @@ PyMethodDef methods[] = {
     {"add_kernel_choices", add_kernel_choices, METH_O, "Restore kernel choices (kernel_choices()'s format)."},
     {"avx512_direct_available", avx512_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX-512 direct kernel (shallow float32 layers) can run on this CPU."},
-    {"cuda_epilogue_vectors", cuda_epilogue_vectors, METH_O,
+    {"cuda_epilogue_vectors", coordconv::py_epilogue_vectors, METH_O,
      "Get (-1) or set the CUDA epilogue's 16-byte access policy: 0 by rule, 1 always, 2 never."},
     {"avx2_direct_available", avx2_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX2 direct kernel can run on this CPU."},

@@ -6,7 +6,13 @@ import torch
 
 from coordconv_fused import CoordConv2d, available_backends, coord_conv2d
 from coordconv_fused.backends import native as extension
-from coordconv_fused.testing import Case, assert_layer_matches_reference, assert_matches_reference, kernel_events
+from coordconv_fused.testing import (
+    Case,
+    assert_layer_matches_reference,
+    assert_matches_reference,
+    emulated_epilogue_vectors,
+    kernel_events,
+)
 
 # A build without the extension fails these tests unless it was asked for (COORDCONV_NO_EXTENSION=1):
 # tests/conftest.py.
@@ -88,14 +94,15 @@ def test_emulated_cuda_channels_last(emulated_backend, shape, bias):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last input", "channels_last module"])
 @pytest.mark.parametrize("separate", [False, True], ids=["full", "separate"])
-def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout, separate):
+@pytest.mark.parametrize("policy", ["rule", "always", "never"])
+def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout, separate, policy):
     """The epilogue's two paths (the emulation aims for 64 threads): 16-byte accesses (2, 4 or 8
-    elements by dtype) where a sample's vectors fill the grid (8 x 8 x 9 elements; in channels-last,
-    8 channels of one point whose coordinates are evaluated once), else one element per thread, its
-    term shared by several samples (5 x 7 x 9: a multiple of no vector width; 8 x 6 x 5: too small a
-    sample in float32 and bfloat16); NCHW and channels-last outputs; a module converted to
-    channels-last, whose coordinate filter the epilogue reads in that layout (no copy); the full and
-    the separate coordinate filter."""
+    elements by dtype; in channels-last, 8 channels of one point whose coordinates are evaluated
+    once), by rule in channels-last where a sample's vectors give a quarter of the grid (8 x 8 x 9
+    elements), and under the switch "always" wherever the output allows them (5 x 7 x 9 is a multiple
+    of no vector width); else one element per thread, its term shared by several samples; NCHW and
+    channels-last outputs; a module converted to channels-last, whose coordinate filter the epilogue
+    reads in that layout (no copy); the full and the separate coordinate filter."""
     import coordconv_fused as cf
 
     layer = cf.CoordConv2d(3, out_channels, 3, padding=1, with_r=True, coord_kernel_size=1 if separate else None)
@@ -106,7 +113,7 @@ def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dt
     if layout == "channels_last module":
         layer = layer.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
         assert separate or not layer.coord_weight.is_contiguous()  # (a [C, d, 1, 1] filter is both)
-    with torch.no_grad():
+    with torch.no_grad(), emulated_epilogue_vectors(policy):
         layer.backend = emulated_backend
         out = layer(x)
         layer.backend = "reference"

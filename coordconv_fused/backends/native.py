@@ -93,9 +93,14 @@ def cuda_epilogue_vectors(policy: str | None = None) -> str:
         raise RuntimeError(_cpp_unavailable())
     if policy is None:
         return _EPILOGUE_VECTORS[_C.cuda_epilogue_vectors(-1)]
+    return _set_epilogue_vectors(_C.cuda_epilogue_vectors, policy)
+
+
+def _set_epilogue_vectors(switch, policy: str) -> str:
+    """Sets a module's epilogue policy switch (``_C``'s, or the CUDA emulation's in ``_C_testing``)."""
     if policy not in _EPILOGUE_VECTORS:
         raise ValueError(f"cuda_epilogue_vectors: policy must be one of {_EPILOGUE_VECTORS}, got {policy!r}")
-    return _EPILOGUE_VECTORS[_C.cuda_epilogue_vectors(_EPILOGUE_VECTORS.index(policy))]
+    return _EPILOGUE_VECTORS[switch(_EPILOGUE_VECTORS.index(policy))]
 
 
 def _cpp_unavailable() -> str | None:

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "../cpu/kernel_choice.h"
+#include "../epilogue_vectors_py.h"
 
 namespace {
 // How many threads an at::parallel_for loop compiled with the extensions' flags really uses: 1 when
@@ -36,6 +37,8 @@ PyMethodDef methods[] = {{"parallel_for_threads", parallel_for_threads, METH_NOA
                           "Number of threads at::parallel_for runs with the extensions' build flags."},
                          {"pick_measured", pick_measured, METH_VARARGS,
                           "Index of the measured candidate the cpp backend keeps (kernel_choice.h)."},
+                         {"epilogue_vectors", coordconv::py_epilogue_vectors, METH_O,
+                          "The emulated CUDA epilogue's 16-byte access policy: get (-1) or set; returns the previous."},
                          {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -1,0 +1,23 @@
+// The CUDA epilogue's 16-byte access policy (gpu_host.h's EpilogueVectors) as a Python method, for
+// coordconv_fused._C (the CUDA kernels) and coordconv_fused._C_testing (their CPU emulation).
+#pragma once
+
+#include <Python.h>
+
+#include "gpu_host.h"
+
+namespace coordconv {
+
+// Sets the policy to `arg` unless that is -1; returns the previous one.
+inline PyObject* py_epilogue_vectors(PyObject*, PyObject* arg) {
+  const long policy = PyLong_AsLong(arg);
+  if (PyErr_Occurred()) return nullptr;
+  if (policy < -1 || policy > kVectorsNever) {
+    PyErr_Format(PyExc_ValueError, "epilogue_vectors: no policy %ld", policy);
+    return nullptr;
+  }
+  auto& current = epilogue_vectors();
+  return PyLong_FromLong(policy == -1 ? current.load() : current.exchange(static_cast<int>(policy)));
+}
+
+}  // namespace coordconv
