@@ -72,7 +72,7 @@ inline std::atomic<int>& epilogue_vectors() {
 }
 
 // Whether the epilogue evaluates this layer's coordinates itself (coord_epilogue_body): every filter
-// extent within its per-axis tables.
+// extent at most kMaxAxisTaps.
 inline bool coords_in_kernel(const Geometry& g) {
   return g.separate || (g.kernel[0] <= kMaxAxisTaps && g.kernel[1] <= kMaxAxisTaps && g.kernel[2] <= kMaxAxisTaps);
 }
@@ -90,10 +90,10 @@ inline std::optional<bool> epilogue_layout(const at::Tensor& y) {
 // The forward: cuDNN's convolution of the data, without the bias (cuDNN would add a bias in a pass
 // of its own), then one in-place pass adding the coordinate term plus the bias, its coordinates
 // evaluated in the kernel (coord_epilogue_body): two launches per call, like nn.Conv2d's convolution
-// and bias. Each thread computes the term of one element of a sample (the terms of a 16-byte run of
-// elements where a sample alone fills the grid) and adds it to that element of several samples, so
-// that the term's cost is shared by the batch while the grid keeps about
-// Launch::target_threads() threads. Filters beyond the epilogue's per-axis tables (and, defensively,
+// and bias. Each thread computes the terms of one element of a sample (of a 16-byte run of channels
+// in channels-last where a sample's runs are many: see the rule below) and adds them to that offset
+// of several samples, so that the terms' cost is shared by the batch while the grid keeps about
+// Launch::target_threads() threads. Filters beyond kMaxAxisTaps along an axis (and, defensively,
 // an output in another layout) take the GEMM path: the term [C_out, points] = coord_weight x the
 // coordinate im2col matrix by a small GEMM, added by a pass reading it in the output's memory order.
 template <class Launch>
