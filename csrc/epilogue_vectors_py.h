@@ -1,5 +1,7 @@
 // The CUDA epilogue's 16-byte access policy (gpu_host.h's EpilogueVectors) as a Python method, for
-// coordconv_fused._C (the CUDA kernels) and coordconv_fused._C_testing (their CPU emulation).
+// coordconv_fused._C (the CUDA kernels) and coordconv_fused._C_testing (their CPU emulation). Built
+// with GCC, the two modules' switches are one variable (the static of an inline function is a GNU
+// unique symbol, merged across libraries): setting either sets both.
 #pragma once
 
 #include <Python.h>
