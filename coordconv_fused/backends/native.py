@@ -86,9 +86,9 @@ _EPILOGUE_VECTORS = ("rule", "always", "never")
 def cuda_epilogue_vectors(policy: str | None = None) -> str:
     """Where the ``cuda`` backend's forward epilogue makes 16-byte accesses: ``"rule"`` (the default:
     channels-last layers with many 16-byte runs per sample, see csrc/gpu_host.h), ``"always"``
-    (wherever the output allows) or ``"never"``. Sets the process-wide policy when ``policy`` is given; returns the previous
-    one. For timing the kernels side by side (``coordconv-fused bench --device cuda
-    --epilogue-policies``); results are identical under every policy."""
+    (wherever the output allows) or ``"never"``. Sets the process-wide policy when ``policy`` is
+    given; returns the previous one. For timing the kernels side by side (``coordconv-fused bench
+    --device cuda --epilogue-policies``); results are identical under every policy."""
     if LOAD_ERROR is not None:
         raise RuntimeError(_cpp_unavailable())
     if policy is None:
