@@ -144,7 +144,7 @@ def _bench_cuda(args: argparse.Namespace) -> int:
     benchmark.plot(report, png_path)
     print(f"\nwrote {json_path} and {png_path}")
     if args.epilogue_policies:
-        print("\nThe cuda backend's forward epilogue, 16-byte accesses by rule / always / never (GPU time):\n")
+        print("\nThe cuda backend's forward under each epilogue policy (GPU time):\n")
         print(gpu_benchmark.epilogue_policies(shapes, reps=reps))
     if args.profile:  # (after the report is saved)
         print(gpu_benchmark.kernel_breakdown(shapes[:2], "bfloat16-cl"))
@@ -328,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--epilogue-policies",
         action="store_true",
-        help="with --device cuda: also the cuda backend's forward with its epilogue's 16-byte accesses by "
-        "rule, always and never, side by side",
+        help="with --device cuda: also the cuda backend's forward under each policy of its epilogue (rule, "
+        "16-byte accesses everywhere, nowhere, split in two kernels), side by side",
     )
     bench.add_argument(
         "--compiled",

@@ -301,27 +301,27 @@ def kernel_breakdown(shapes: Sequence[Shape], dtype_name: str = "bfloat16-cl", c
 def _forward_with_policy(policy: str, fn: Callable, x: torch.Tensor) -> None:
     from .backends import native
 
-    native.cuda_epilogue_vectors(policy)
+    native.cuda_epilogue_policy(policy)
     _call(fn, x, "forward", [])
 
 
 def epilogue_policies(
     shapes: Sequence[Shape], dtypes: Sequence[str] = ("float32", "bfloat16-cl"), reps: int = 15
 ) -> str:
-    """The ``cuda`` backend's forward under each 16-byte access policy of its epilogue
-    (:func:`coordconv_fused.backends.native.cuda_epilogue_vectors`: by rule, always, never), timed
-    side by side with nn.Conv2d as in :func:`run` (GPU time: the call queued behind a GPU spin; L2
-    flushed; policies interleaved). Markdown: median ms and the ratio to nn.Conv2d."""
+    """The ``cuda`` backend's forward under each policy of its epilogue
+    (:func:`coordconv_fused.backends.native.cuda_epilogue_policy`: rule, vectors, scalars, split),
+    timed side by side with nn.Conv2d as in :func:`run` (GPU time: the call queued behind a GPU spin;
+    L2 flushed; policies interleaved). Markdown: median ms and the ratio to nn.Conv2d."""
     from .backends import native
 
-    policies = ("rule", "always", "never")
+    policies = native.EPILOGUE_POLICIES
     flush = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")
     cycles_per_ms = _cycles_per_ms()
     lines = [
         "| shape | nn.Conv2d ms | " + " | ".join(f"cuda, {p} ms (× nn.Conv2d)" for p in policies) + " |",
         "|---|---:|" + "---:|" * len(policies),
     ]
-    previous = native.cuda_epilogue_vectors()
+    previous = native.cuda_epilogue_policy()
     try:
         for dtype_name in dtypes:
             dtype = torch.bfloat16 if dtype_name.startswith("bfloat16") else torch.float32
@@ -352,5 +352,5 @@ def epilogue_policies(
                 del providers
                 torch.cuda.empty_cache()
     finally:
-        native.cuda_epilogue_vectors(previous)
+        native.cuda_epilogue_policy(previous)
     return "\n".join(lines)

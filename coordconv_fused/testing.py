@@ -32,7 +32,7 @@ __all__ = [
     "torch_ships_triton",
     "assert_low_precision_matches_float64",
     "assert_autocast_grads_match_float64",
-    "emulated_epilogue_vectors",
+    "emulated_epilogue_policy",
 ]
 
 # The backends a test run exercises per device type, named explicitly: a backend that should be
@@ -468,16 +468,16 @@ def emulated_cuda_backend() -> backends.Backend:
 
 
 @contextlib.contextmanager
-def emulated_epilogue_vectors(policy: str) -> Iterator[None]:
-    """Within the block, the emulated CUDA backend's forward epilogue makes its 16-byte accesses by
-    ``policy`` (``"rule"``, ``"always"``, ``"never"``), as
-    :func:`coordconv_fused.backends.native.cuda_epilogue_vectors` sets the real one's."""
+def emulated_epilogue_policy(policy: str) -> Iterator[None]:
+    """Within the block, the emulated CUDA backend's forward epilogue runs under ``policy`` (one of
+    :data:`coordconv_fused.backends.native.EPILOGUE_POLICIES`), as
+    :func:`coordconv_fused.backends.native.cuda_epilogue_policy` sets the real one's."""
     emulated_cuda_backend()
     from . import _C_testing  # type: ignore[attr-defined]
-    from .backends.native import _set_epilogue_vectors
+    from .backends.native import _set_epilogue_policy
 
-    previous = _set_epilogue_vectors(_C_testing.epilogue_vectors, policy)
+    previous = _set_epilogue_policy(_C_testing.epilogue_policy, policy)
     try:
         yield
     finally:
-        _set_epilogue_vectors(_C_testing.epilogue_vectors, previous)
+        _set_epilogue_policy(_C_testing.epilogue_policy, previous)

@@ -202,28 +202,21 @@ CC_HD void coord_terms_at(const Geometry& g, const scalar_t* cw, int64_t o0, con
   }
 }
 
-// Epilogue with the coordinates evaluated in the kernel: y += P + bias in place, in acc_t with one
-// rounding, for a dense output whose samples are sample = C_out * points elements apart, NCHW
-// (channels_last false) or channels-last. Thread idx owns the V consecutive elements (in memory
-// order) at offset m = (idx % (sample / V)) * V of samples [first, first + per_thread),
-// first = idx / (sample / V) * per_thread: it computes their V terms once (in channels-last, V
-// channels of one point, whose coordinates are then evaluated once) and adds them to each of those
-// samples, by one V-element access per sample (V * sizeof(scalar_t) = 16 bytes where the
-// host found sample a multiple of V and y 16-byte aligned; V = 1 otherwise), a few samples' loads
-// issued before their stores. Consecutive threads: consecutive memory.
+// V elements accessed as one (16 bytes where V * sizeof(scalar_t) is).
 template <typename scalar_t, int V>
 struct alignas(sizeof(scalar_t) * V) Pack {
   scalar_t v[V];
 };
 
+// The coordinate terms plus the bias of the V consecutive elements (in memory order) from offset m of
+// one sample, NCHW or channels-last, into term[0 .. V): in channels-last with C_out a multiple of V,
+// V channels of one point, whose coordinates are evaluated once.
 template <typename scalar_t, typename acc_t, int V>
-CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
-                               bool channels_last, int64_t per_thread, int64_t idx) {
-  const int64_t points = g.out_points(), sample = g.c_out * points, slots = sample / V;
-  const int64_t m = (idx % slots) * V, first = idx / slots * per_thread;
+CC_HD void sample_terms(const Geometry& g, const scalar_t* cw, const scalar_t* bias, bool channels_last, int64_t m,
+                        acc_t term[V]) {
+  const int64_t points = g.out_points();
   int64_t o = channels_last ? m % g.c_out : m / points;
   int64_t p = channels_last ? m / g.c_out : m % points;
-  acc_t term[V];
   if (channels_last && g.c_out % V == 0) {  // V channels of one point: its coordinates evaluated once
     const int64_t at[3] = {p / (g.out[1] * g.out[2]), (p / g.out[2]) % g.out[1], p % g.out[2]};
     coord_terms_at<scalar_t, acc_t, V>(g, cw, o, at, term);
@@ -245,6 +238,24 @@ CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, const scal
       }
     }
   }
+}
+
+// Epilogue with the coordinates evaluated in the kernel: y += P + bias in place, in acc_t with one
+// rounding, for a dense output whose samples are sample = C_out * points elements apart, NCHW
+// (channels_last false) or channels-last. Thread idx owns the V consecutive elements (in memory
+// order) at offset m = (idx % (sample / V)) * V of samples [first, first + per_thread),
+// first = idx / (sample / V) * per_thread: it computes their V terms once (in channels-last, V
+// channels of one point, whose coordinates are then evaluated once) and adds them to each of those
+// samples, by one V-element access per sample (V * sizeof(scalar_t) = 16 bytes where the
+// host found sample a multiple of V and y 16-byte aligned; V = 1 otherwise), a few samples' loads
+// issued before their stores. Consecutive threads: consecutive memory.
+template <typename scalar_t, typename acc_t, int V>
+CC_HD void coord_epilogue_body(const Geometry& g, const scalar_t* cw, const scalar_t* bias, scalar_t* y,
+                               bool channels_last, int64_t per_thread, int64_t idx) {
+  const int64_t sample = g.c_out * g.out_points(), slots = sample / V;
+  const int64_t m = (idx % slots) * V, first = idx / slots * per_thread;
+  acc_t term[V];
+  sample_terms<scalar_t, acc_t, V>(g, cw, bias, channels_last, m, term);
   constexpr int kInFlight = 4;  // samples whose loads are issued together
   const int64_t last = first + per_thread < g.n ? first + per_thread : g.n;
   for (int64_t n = first; n < last; n += kInFlight) {
@@ -265,6 +276,28 @@ constexpr int kEpilogueVecOf = 16 / sizeof(scalar_t) < 8 ? 16 / sizeof(scalar_t)
 
 // The GEMM path's epilogue (filters beyond kMaxAxisTaps): elements per thread.
 constexpr int kEpilogueVec = 4;
+
+// The split epilogue, first kernel: term[m .. m + V) = the coordinate terms plus the bias of one
+// sample (sample_terms), m = V * idx, in acc_t: each term computed once, whatever the batch.
+template <typename scalar_t, typename acc_t, int V>
+CC_HD void sample_term_body(const Geometry& g, const scalar_t* cw, const scalar_t* bias, acc_t* term,
+                            bool channels_last, int64_t idx) {
+  acc_t t[V];
+  sample_terms<scalar_t, acc_t, V>(g, cw, bias, channels_last, V * idx, t);
+  for (int v = 0; v < V; ++v) term[V * idx + v] = t[v];
+}
+
+// The split epilogue, second kernel: y[i .. i + V) += term[i % sample ...] in place, i = V * idx, by
+// one V-element access (16 bytes where the host found sample a multiple of V and y 16-byte aligned;
+// V = 1 otherwise): a pass over the output at the memory's pace, its one sample of terms read from
+// cache.
+template <typename scalar_t, typename acc_t, int V>
+CC_HD void add_sample_term_body(const acc_t* term, scalar_t* y, int64_t sample, int64_t idx) {
+  const int64_t i = V * idx, t = i % sample;
+  Pack<scalar_t, V> pack = *reinterpret_cast<const Pack<scalar_t, V>*>(y + i);
+  for (int v = 0; v < V; ++v) pack.v[v] = static_cast<scalar_t>(static_cast<acc_t>(pack.v[v]) + term[t + v]);
+  *reinterpret_cast<Pack<scalar_t, V>*>(y + i) = pack;
+}
 
 // Epilogue: y += term in place for the kEpilogueVec elements from kEpilogueVec * idx of a dense
 // output whose samples are `sample` elements apart (batch outermost: NCHW or channels-last),

@@ -62,12 +62,13 @@ inline at::Tensor coord_grad_gemm(const at::Tensor& gs, const at::Tensor& cols) 
   return out;
 }
 
-// Where the epilogue makes 16-byte accesses: by gpu_forward's rule (the default), wherever the output
-// allows them, or nowhere. A process-wide switch for timing the two kernels side by side
-// (coordconv_fused.backends.native.cuda_epilogue_vectors); results are the same bits either way.
-enum EpilogueVectors : int { kVectorsByRule = 0, kVectorsAlways = 1, kVectorsNever = 2 };
-inline std::atomic<int>& epilogue_vectors() {
-  static std::atomic<int> policy{kVectorsByRule};
+// How gpu_forward runs its epilogue: one kernel with 16-byte accesses by its rule (the default),
+// wherever the output allows them, or nowhere; or split in two kernels, one sample's terms computed
+// once into a buffer, then added over the batch. A process-wide switch for timing them side by side
+// (coordconv_fused.backends.native.cuda_epilogue_policy); results are the same bits under each.
+enum EpiloguePolicy : int { kRule = 0, kVectors = 1, kScalars = 2, kSplit = 3 };
+inline std::atomic<int>& epilogue_policy() {
+  static std::atomic<int> policy{kRule};
   return policy;
 }
 
@@ -123,16 +124,34 @@ at::Tensor gpu_forward(const at::Tensor& input, const at::Tensor& weight, const 
       // layer, 6K); float32 NCHW (no coordinates shared) 1.04-1.47x, never faster. Every sample must
       // start on a 16-byte boundary (cuDNN's do).
       constexpr int kVec = kEpilogueVecOf<scalar_t>;
-      const int policy = epilogue_vectors().load(std::memory_order_relaxed);
+      const int policy = epilogue_policy().load(std::memory_order_relaxed);
+      const bool vec_ok = sample % kVec == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0;
+      const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
+      if (policy == kSplit) {  // one sample's terms, each computed once; then a pass over the batch
+        const at::Tensor term = at::empty({sample}, y.options().dtype(acc));
+        if (*layout && g.c_out % kVec == 0) {
+          Launch::template sample_term<scalar_t, acc_t, kVec>(g, cw.data_ptr<scalar_t>(), bp, term.data_ptr<acc_t>(),
+                                                              true, sample / kVec);
+        } else {
+          Launch::template sample_term<scalar_t, acc_t, 1>(g, cw.data_ptr<scalar_t>(), bp, term.data_ptr<acc_t>(),
+                                                           *layout, sample);
+        }
+        if (vec_ok) {
+          Launch::template add_sample_term<scalar_t, acc_t, kVec>(term.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
+                                                                  sample, y.numel() / kVec);
+        } else {
+          Launch::template add_sample_term<scalar_t, acc_t, 1>(term.data_ptr<acc_t>(), y.data_ptr<scalar_t>(), sample,
+                                                               y.numel());
+        }
+        return;
+      }
       const bool by_rule = *layout && g.c_out % kVec == 0 && sample / kVec >= Launch::target_threads() / 4;
-      const bool vec = sample % kVec == 0 && reinterpret_cast<uintptr_t>(y.data_ptr()) % 16 == 0 &&
-                       (policy == kVectorsAlways || (policy == kVectorsByRule && by_rule));
+      const bool vec = vec_ok && (policy == kVectors || (policy == kRule && by_rule));
       const int64_t slots = vec ? sample / kVec : sample;
       // samples per thread: as few as keep about target_threads() threads busy
       const int64_t chunks = std::clamp<int64_t>((Launch::target_threads() + slots - 1) / slots, 1, g.n);
       const int64_t per_thread = (g.n + chunks - 1) / chunks;
       const int64_t threads = slots * ((g.n + per_thread - 1) / per_thread);
-      const scalar_t* bp = b.defined() ? b.data_ptr<scalar_t>() : nullptr;
       if (vec) {
         Launch::template coord_epilogue<scalar_t, acc_t, kVec>(g, cw.data_ptr<scalar_t>(), bp, y.data_ptr<scalar_t>(),
                                                                *layout, per_thread, threads);

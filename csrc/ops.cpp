@@ -8,7 +8,7 @@
 #include <string>
 
 #include "cpu/direct_simd.h"
-#include "epilogue_vectors_py.h"
+#include "epilogue_policy_py.h"
 #include "cpu/kernel_choice.h"
 
 namespace {
@@ -128,8 +128,8 @@ PyMethodDef methods[] = {
     {"add_kernel_choices", add_kernel_choices, METH_O, "Restore kernel choices (kernel_choices()'s format)."},
     {"avx512_direct_available", avx512_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX-512 direct kernel (shallow float32 layers) can run on this CPU."},
-    {"cuda_epilogue_vectors", coordconv::py_epilogue_vectors, METH_O,
-     "Get (-1) or set the CUDA epilogue's 16-byte access policy: 0 by rule, 1 always, 2 never."},
+    {"cuda_epilogue_policy", coordconv::py_epilogue_policy, METH_O,
+     "Get (-1) or set the CUDA epilogue's policy: 0 rule, 1 vectors, 2 scalars, 3 split; returns the previous."},
     {"avx2_direct_available", avx2_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX2 direct kernel can run on this CPU."},
     {nullptr, nullptr, 0, nullptr}};

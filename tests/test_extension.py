@@ -10,7 +10,7 @@ from coordconv_fused.testing import (
     Case,
     assert_layer_matches_reference,
     assert_matches_reference,
-    emulated_epilogue_vectors,
+    emulated_epilogue_policy,
     kernel_events,
 )
 
@@ -94,15 +94,16 @@ def test_emulated_cuda_channels_last(emulated_backend, shape, bias):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last input", "channels_last module"])
 @pytest.mark.parametrize("separate", [False, True], ids=["full", "separate"])
-@pytest.mark.parametrize("policy", ["rule", "always", "never"])
-def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dtype, layout, separate, policy):
-    """The epilogue's two paths (the emulation aims for 64 threads): 16-byte accesses (2, 4 or 8
-    elements by dtype; in channels-last, 8 channels of one point whose coordinates are evaluated
-    once), by rule in channels-last where a sample's vectors give a quarter of the grid (8 x 8 x 9
-    elements), and under the switch "always" wherever the output allows them (5 x 7 x 9 is a multiple
-    of no vector width); else one element per thread, its term shared by several samples; NCHW and
-    channels-last outputs; a module converted to channels-last, whose coordinate filter the epilogue
-    reads in that layout (no copy); the full and the separate coordinate filter."""
+@pytest.mark.parametrize("policy", ["rule", "vectors", "scalars", "split"])
+def test_emulated_cuda_epilogue_policies(emulated_backend, out_channels, size, dtype, layout, separate, policy):
+    """The epilogue's paths (the emulation aims for 64 threads): one kernel with 16-byte accesses (2,
+    4 or 8 elements by dtype; in channels-last, 8 channels of one point whose coordinates are
+    evaluated once), by rule in channels-last where a sample's vectors give a quarter of the grid
+    (8 x 8 x 9 elements), under "vectors" wherever the output allows them (5 x 7 x 9 is a multiple of
+    no vector width), else one element per thread, its term shared by several samples; "split", one
+    sample's terms into a buffer, then a pass over the batch; NCHW and channels-last outputs; a
+    module converted to channels-last, whose coordinate filter the epilogue reads in that layout (no
+    copy); the full and the separate coordinate filter."""
     import coordconv_fused as cf
 
     layer = cf.CoordConv2d(3, out_channels, 3, padding=1, with_r=True, coord_kernel_size=1 if separate else None)
@@ -113,7 +114,7 @@ def test_emulated_cuda_epilogue_vectors(emulated_backend, out_channels, size, dt
     if layout == "channels_last module":
         layer = layer.to(memory_format=torch.channels_last)  # type: ignore[call-overload, unused-ignore]
         assert separate or not layer.coord_weight.is_contiguous()  # (a [C, d, 1, 1] filter is both)
-    with torch.no_grad(), emulated_epilogue_vectors(policy):
+    with torch.no_grad(), emulated_epilogue_policy(policy):
         layer.backend = emulated_backend
         out = layer(x)
         layer.backend = "reference"
@@ -426,26 +427,26 @@ def test_native_ops_have_their_cpu_kernels():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CompositeImplicitAutograd")
 
 
-def test_cuda_epilogue_vectors_switch():
-    """The benchmark's switch of the CUDA epilogue's 16-byte accesses: get, set, restore, and a
-    clear error for an unknown policy (the switch is in coordconv_fused._C, CUDA build or not)."""
-    previous = extension.cuda_epilogue_vectors()
+def test_cuda_epilogue_policy_switch():
+    """The cuda backend's epilogue policy: get, set, restore, and a clear error for an unknown one
+    (the switch is in coordconv_fused._C, CUDA build or not)."""
+    previous = extension.cuda_epilogue_policy()
     assert previous == "rule"
     try:
-        assert extension.cuda_epilogue_vectors("never") == "rule"
-        assert extension.cuda_epilogue_vectors("always") == "never"
-        assert extension.cuda_epilogue_vectors() == "always"
+        assert extension.cuda_epilogue_policy("split") == "rule"
+        assert extension.cuda_epilogue_policy("vectors") == "split"
+        assert extension.cuda_epilogue_policy() == "vectors"
         with pytest.raises(ValueError, match="policy must be one of"):
-            extension.cuda_epilogue_vectors("vector")
+            extension.cuda_epilogue_policy("always")
     finally:
-        extension.cuda_epilogue_vectors(previous)
-    assert extension.cuda_epilogue_vectors() == "rule"
+        extension.cuda_epilogue_policy(previous)
+    assert extension.cuda_epilogue_policy() == "rule"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_cuda_epilogue_vectors_same_bits(dtype, channels_last, monkeypatch):
+def test_cuda_epilogue_policies_same_bits(dtype, channels_last, monkeypatch):
     """On the GPU, the epilogue's 16-byte and one-element kernels give the same bits (each element's
     term is the same sum in the same order), and match the reference."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (float32 at float32's precision)
@@ -455,15 +456,16 @@ def test_cuda_epilogue_vectors_same_bits(dtype, channels_last, monkeypatch):
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
         outs = {}
-        previous = extension.cuda_epilogue_vectors()
+        previous = extension.cuda_epilogue_policy()
         try:
-            for policy in ("always", "never", "rule"):
-                extension.cuda_epilogue_vectors(policy)
+            for policy in extension.EPILOGUE_POLICIES:
+                extension.cuda_epilogue_policy(policy)
                 with torch.no_grad():
                     outs[policy] = layer(x)
         finally:
-            extension.cuda_epilogue_vectors(previous)
-        assert torch.equal(outs["always"], outs["never"]) and torch.equal(outs["rule"], outs["never"])
+            extension.cuda_epilogue_policy(previous)
+        for policy in extension.EPILOGUE_POLICIES:
+            assert torch.equal(outs[policy], outs["scalars"]), policy
         layer.backend = "reference"
         with torch.no_grad():
             ref = layer(x)

@@ -27,7 +27,8 @@ __all__ = [
     "cuda_backend",
     "kernel_choices",
     "clear_kernel_choices",
-    "cuda_epilogue_vectors",
+    "cuda_epilogue_policy",
+    "EPILOGUE_POLICIES",
 ]
 
 define_native_ops()  # the schemas; the extension brings the kernels
@@ -80,27 +81,30 @@ def clear_kernel_choices() -> None:
         _C.clear_kernel_choices()
 
 
-_EPILOGUE_VECTORS = ("rule", "always", "never")
+EPILOGUE_POLICIES = ("rule", "vectors", "scalars", "split")
 
 
-def cuda_epilogue_vectors(policy: str | None = None) -> str:
-    """Where the ``cuda`` backend's forward epilogue makes 16-byte accesses: ``"rule"`` (the default:
-    channels-last layers with many 16-byte runs per sample, see csrc/gpu_host.h), ``"always"``
-    (wherever the output allows) or ``"never"``. Sets the process-wide policy when ``policy`` is
-    given; returns the previous one. For timing the kernels side by side (``coordconv-fused bench
-    --device cuda --epilogue-policies``); results are identical under every policy."""
+def cuda_epilogue_policy(policy: str | None = None) -> str:
+    """How the ``cuda`` backend's forward adds the coordinate term and the bias to cuDNN's output:
+    ``"rule"`` (the default: one kernel, with 16-byte accesses on channels-last layers with many
+    16-byte runs per sample, see csrc/gpu_host.h), ``"vectors"`` / ``"scalars"`` (that kernel with
+    16-byte accesses wherever the output allows / nowhere), or ``"split"`` (one sample's terms
+    computed once into a buffer, then added over the batch by a second kernel). Sets the
+    process-wide policy when ``policy`` is given; returns the previous one. For timing them side by
+    side (``coordconv-fused bench --device cuda --epilogue-policies``); results are the same bits
+    under every policy."""
     if LOAD_ERROR is not None:
         raise RuntimeError(_cpp_unavailable())
     if policy is None:
-        return _EPILOGUE_VECTORS[_C.cuda_epilogue_vectors(-1)]
-    return _set_epilogue_vectors(_C.cuda_epilogue_vectors, policy)
+        return EPILOGUE_POLICIES[_C.cuda_epilogue_policy(-1)]
+    return _set_epilogue_policy(_C.cuda_epilogue_policy, policy)
 
 
-def _set_epilogue_vectors(switch, policy: str) -> str:
+def _set_epilogue_policy(switch, policy: str) -> str:
     """Sets a module's epilogue policy switch (``_C``'s, or the CUDA emulation's in ``_C_testing``)."""
-    if policy not in _EPILOGUE_VECTORS:
-        raise ValueError(f"cuda_epilogue_vectors: policy must be one of {_EPILOGUE_VECTORS}, got {policy!r}")
-    return _EPILOGUE_VECTORS[switch(_EPILOGUE_VECTORS.index(policy))]
+    if policy not in EPILOGUE_POLICIES:
+        raise ValueError(f"cuda_epilogue_policy: policy must be one of {EPILOGUE_POLICIES}, got {policy!r}")
+    return EPILOGUE_POLICIES[switch(EPILOGUE_POLICIES.index(policy))]
 
 
 def _cpp_unavailable() -> str | None:

@@ -28,6 +28,20 @@ __global__ void coord_epilogue_kernel(Geometry g, const scalar_t* __restrict__ c
   if (idx < threads) coord_epilogue_body<scalar_t, acc_t, V>(g, cw, bias, y, channels_last, per_thread, idx);
 }
 
+template <typename scalar_t, typename acc_t, int V>
+__global__ void sample_term_kernel(Geometry g, const scalar_t* __restrict__ cw, const scalar_t* __restrict__ bias,
+                                   acc_t* __restrict__ term, bool channels_last, int64_t threads) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < threads) sample_term_body<scalar_t, acc_t, V>(g, cw, bias, term, channels_last, idx);
+}
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void add_sample_term_kernel(const acc_t* __restrict__ term, scalar_t* __restrict__ y, int64_t sample,
+                                       int64_t threads) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx < threads) add_sample_term_body<scalar_t, acc_t, V>(term, y, sample, idx);
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void add_term_kernel(const acc_t* __restrict__ term, scalar_t* __restrict__ y, int64_t sample, int64_t total,
                                 int64_t threads) {
@@ -49,6 +63,20 @@ struct CudaLaunch {
     coord_epilogue_kernel<scalar_t, acc_t, V>
         <<<blocks_for(threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cw, bias, y, channels_last,
                                                                                          per_thread, threads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename scalar_t, typename acc_t, int V>
+  static void sample_term(const Geometry& g, const scalar_t* cw, const scalar_t* bias, acc_t* term, bool channels_last,
+                          int64_t threads) {
+    sample_term_kernel<scalar_t, acc_t, V>
+        <<<blocks_for(threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(g, cw, bias, term,
+                                                                                         channels_last, threads);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  template <typename scalar_t, typename acc_t, int V>
+  static void add_sample_term(const acc_t* term, scalar_t* y, int64_t sample, int64_t threads) {
+    add_sample_term_kernel<scalar_t, acc_t, V>
+        <<<blocks_for(threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(term, y, sample, threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   template <typename scalar_t, typename acc_t>

@@ -30,6 +30,15 @@ struct EmulatedLaunch {
     grid(threads,
          [&](int64_t i) { coord_epilogue_body<scalar_t, acc_t, V>(g, cw, bias, y, channels_last, per_thread, i); });
   }
+  template <typename scalar_t, typename acc_t, int V>
+  static void sample_term(const Geometry& g, const scalar_t* cw, const scalar_t* bias, acc_t* term, bool channels_last,
+                          int64_t threads) {
+    grid(threads, [&](int64_t i) { sample_term_body<scalar_t, acc_t, V>(g, cw, bias, term, channels_last, i); });
+  }
+  template <typename scalar_t, typename acc_t, int V>
+  static void add_sample_term(const acc_t* term, scalar_t* y, int64_t sample, int64_t threads) {
+    grid(threads, [&](int64_t i) { add_sample_term_body<scalar_t, acc_t, V>(term, y, sample, i); });
+  }
   template <typename scalar_t, typename acc_t>
   static void coord_cols(const Geometry& g, acc_t* cols, int64_t total) {
     grid(total, [&](int64_t i) { coord_cols_body<scalar_t, acc_t>(g, cols, i); });

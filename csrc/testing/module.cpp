@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "../cpu/kernel_choice.h"
-#include "../epilogue_vectors_py.h"
+#include "../epilogue_policy_py.h"
 
 namespace {
 // How many threads an at::parallel_for loop compiled with the extensions' flags really uses: 1 when
@@ -33,13 +33,14 @@ PyObject* pick_measured(PyObject*, PyObject* args) {
   return PyLong_FromSize_t(coordconv::pick_measured(micros, heuristic));
 }
 
-PyMethodDef methods[] = {{"parallel_for_threads", parallel_for_threads, METH_NOARGS,
-                          "Number of threads at::parallel_for runs with the extensions' build flags."},
-                         {"pick_measured", pick_measured, METH_VARARGS,
-                          "Index of the measured candidate the cpp backend keeps (kernel_choice.h)."},
-                         {"epilogue_vectors", coordconv::py_epilogue_vectors, METH_O,
-                          "The emulated CUDA epilogue's 16-byte access policy: get (-1) or set; returns the previous."},
-                         {nullptr, nullptr, 0, nullptr}};
+PyMethodDef methods[] = {
+    {"parallel_for_threads", parallel_for_threads, METH_NOARGS,
+     "Number of threads at::parallel_for runs with the extensions' build flags."},
+    {"pick_measured", pick_measured, METH_VARARGS,
+     "Index of the measured candidate the cpp backend keeps (kernel_choice.h)."},
+    {"epilogue_policy", coordconv::py_epilogue_policy, METH_O,
+     "The emulated CUDA epilogue's policy (as _C.cuda_epilogue_policy): get (-1) or set; returns the previous."},
+    {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 
 extern "C" PyObject* PyInit__C_testing(void) {
