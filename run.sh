@@ -76,6 +76,28 @@ setup() {
   { echo "$hash"; echo "$extras" | tr ',' '\n'; } > "$stamp_file"
 }
 
+# After a test process died of a signal (faulthandler's "Fatal Python error" in the log `$1`): the
+# first test function named in such a traceback, run again alone (its cuda cases, stopping at the
+# first failure) under gdb or the CUDA toolkit's cuda-gdb, for the native backtrace that the Python
+# one lacks; written to `$2`, within `$3` seconds.
+native_backtrace() {
+  local log=$1 out=$2 seconds=$3 test debugger python
+  test=$(awk '/Fatal Python error/ { hit = 1 }
+    hit && match($0, /tests\/test_[a-z0-9_]+\.py", line [0-9]+ in test_[A-Za-z0-9_]+/) {
+      split(substr($0, RSTART, RLENGTH), part, /", line [0-9]+ in /); print part[1] "::" part[2]; exit }' "$log")
+  [ -n "$test" ] || return 0
+  debugger=$(command -v gdb || command -v "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb" || true)
+  if [ -z "$debugger" ]; then
+    say "a test process crashed in $test; no gdb or cuda-gdb here for a native backtrace"
+    return 0
+  fi
+  say "a test process crashed in $test: running it again alone under $(basename "$debugger") (log: $out)"
+  python=$("$PY" -c 'import sys; print(sys.executable)')  # (the interpreter itself, not a wrapper script)
+  timeout "$seconds" "$debugger" -q -batch -ex "set pagination off" -ex run -ex "bt 40" -ex "info registers rip" \
+    --args "$python" -X faulthandler -m pytest -x -q -p no:cacheprovider -k cuda "$test" > "$out" 2>&1 || true
+  grep -a -A 30 "received signal" "$out" >&2 || say "no signal under the debugger (see $out)"
+}
+
 gpu_check() {
   # Nothing is installed from a registry here: the machine's own torch (and Triton) are used as they are.
   # The whole check keeps to GPU_CHECK_SECONDS (default 460): each stage runs under `timeout` with
@@ -122,6 +144,10 @@ torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0)) if torch.c
     tests/test_parity.py tests/test_second_order.py tests/test_no_sync.py tests/test_ops.py \
     tests/test_extension.py -o addopts="-ra" > "$out_dir/tests.log" 2>&1 || rc=$?
   say "tests exit $rc after $((SECONDS - start)) s"; tail -n 40 "$out_dir/tests.log"
+  if grep -q "Fatal Python error" "$out_dir/tests.log"; then
+    local debug_seconds; debug_seconds=$(left "$bench_share")
+    native_backtrace "$out_dir/tests.log" "$out_dir/crash-backtrace.log" $((debug_seconds < 90 ? debug_seconds : 90))
+  fi
   say "GPU benchmark (log: $out_dir/bench.log)"
   rc=0
   COORDCONV_TRITON_AUTOTUNE=${COORDCONV_TRITON_AUTOTUNE:-0} PYTHONUNBUFFERED=1 timeout "$(left 5)" \
