@@ -23,19 +23,10 @@ namespace {
 
 // ---- gradient of coord_weight (and of the bias) ---------------------------------------------------
 
-// The gradients of coord_weight and of the bias from grad_output, in one parallel pass over the
-// output channels: channel o's planes are summed over the batch into a buffer (the coordinate term
-// is the same for every sample), whose sum is the bias gradient and whose contraction with the
-// per-axis tables is the coordinate gradient:
-//   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k buf[i,j,k] F2_c[k,v]
-// (innermost axis first: its two possible tables, mask and coordinate, are shared by the channels),
-// the radius channel against its [points x taps] table, the separate-filter variant against the
-// [points x coords] table of the centre coordinates. grad [N, C_out, *out]; either output may be
-// skipped (undefined).
 // The sums over every output point (the bias gradient, the separate filter's coordinate gradient):
 // accumulated in double for float32, so that their error does not grow with the number of points
-// (a random search found the bias gradient's float32 error 5-10x that of ATen's cascade sum with
-// one running float32 sum); and the radius channel's, in blocks of this many points.
+// (with one running float32 sum, a random search found the bias gradient's error 3-8x that of
+// ATen's cascade sum); and the radius channel's, in blocks of this many points.
 constexpr int64_t kSumBlock = 256;
 
 // sum over p in [0, n) of term(p), accumulated in double where acc_t is float (vectorised).
@@ -48,6 +39,15 @@ acc_t long_sum(int64_t n, const Term& term) {
   return static_cast<acc_t>(total);
 }
 
+// The gradients of coord_weight and of the bias from grad_output, in one parallel pass over the
+// output channels: channel o's planes are summed over the batch into a buffer (the coordinate term
+// is the same for every sample), whose sum is the bias gradient and whose contraction with the
+// per-axis tables is the coordinate gradient:
+//   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k buf[i,j,k] F2_c[k,v]
+// (innermost axis first: its two possible tables, mask and coordinate, are shared by the channels),
+// the radius channel against its [points x taps] table, the separate-filter variant against the
+// [points x coords] table of the centre coordinates. grad [N, C_out, *out]; either output may be
+// skipped (undefined).
 template <typename scalar_t, typename acc_t>
 void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor* coord_grad, at::Tensor* bias_grad) {
   const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
