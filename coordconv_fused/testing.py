@@ -31,6 +31,7 @@ __all__ = [
     "why_backend_may_be_missing",
     "torch_ships_triton",
     "assert_low_precision_matches_float64",
+    "assert_as_accurate_as_aten",
     "assert_autocast_grads_match_float64",
     "emulated_epilogue_policy",
 ]
@@ -344,6 +345,47 @@ def assert_low_precision_matches_float64(
         bound = scale * mags[name] + torch.finfo(dtype).tiny
         worst = (err / bound).max().item() if err.numel() else 0.0
         assert worst <= 1.0, f"{backend} {name} in {dtype}: error {worst:.2f}x the derived bound"
+
+
+def _float32_errors(backend: str, case: Case, seed: int = 0) -> dict[str, tuple[float, float]]:
+    """For ``backend``'s float32 output and every gradient on ``case``: the largest error against the
+    float64 reference on the same values (and output gradient), and the largest float64 magnitude."""
+    t32 = case.make_tensors(torch.float32, "cpu", seed)
+    t64 = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in t32.items()}
+    out, exact = case.run(backend, t32), case.run("reference", t64)
+    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    present, present64 = _present(t32), _present(t64)
+    got = torch.autograd.grad(out, list(present.values()), grad.float(), allow_unused=True)
+    want = torch.autograd.grad(exact, list(present64.values()), grad, allow_unused=True)
+    pairs = [("output", out, exact)] + list(zip(present, got, want))
+    errors = {}
+    for name, value, expected in pairs:
+        expected = torch.zeros_like(present64[name]) if expected is None else expected
+        value = torch.zeros_like(expected) if value is None else value.double()
+        if expected.numel() == 0:
+            errors[name] = (0.0, 0.0)
+        else:
+            errors[name] = ((value - expected).abs().max().item(), expected.abs().max().item())
+    return errors
+
+
+def assert_as_accurate_as_aten(
+    backend: str, case: Case, names: Sequence[str] = ("output", "input", "coord_weight", "bias"), factor: float = 4.0
+) -> None:
+    """``backend`` in float32 on the CPU, against the float64 reference: the error of the output and
+    of each gradient in ``names`` at most ``factor`` times that of the reference's own float32
+    result (ATen's convolutions and reductions); below that, a floor of a few float32 ulps at the
+    scale of the result or of 1 (the test tensors are of unit scale), for results that cancel to
+    near zero, where ATen may be lucky. Unlike a fixed tolerance, this holds for any depth of
+    reduction, and it catches a kernel whose float32 sums lose accuracy that ATen's keep (e.g. one
+    running sum over a large image)."""
+    mine, aten = _float32_errors(backend, case), _float32_errors("reference", case)
+    for name in names:
+        if name not in mine:
+            continue
+        (err, magnitude), (aten_err, _) = mine[name], aten[name]
+        bound = factor * max(aten_err, 8 * torch.finfo(torch.float32).eps * max(magnitude, 1.0))
+        assert err <= bound, f"{backend} {name}: float32 error {err:.2e}, ATen's {aten_err:.2e} (bound {bound:.2e})"
 
 
 def assert_autocast_grads_match_float64(module: Any, x: Tensor, dtype: torch.dtype) -> None:

@@ -8,6 +8,7 @@ from coordconv_fused import CoordConv2d, available_backends, coord_conv2d
 from coordconv_fused.backends import native as extension
 from coordconv_fused.testing import (
     Case,
+    assert_as_accurate_as_aten,
     assert_layer_matches_reference,
     assert_matches_reference,
     emulated_epilogue_policy,
@@ -150,21 +151,6 @@ def test_cpp_matches_reference(case, dtype):
     assert_matches_reference("cpp", case, dtype)
 
 
-def _float32_errors(backend: str, case: Case) -> dict[str, float]:
-    """The largest error, against the float64 reference, of ``backend``'s float32 output and
-    gradients on ``case`` (the same inputs and output gradient), by name."""
-    t32 = case.make_tensors(torch.float32, "cpu", 0)
-    t64 = {n: t.detach().double().requires_grad_() for n, t in t32.items() if t is not None}
-    t32 = {n: t for n, t in t32.items() if t is not None}
-    out, exact = case.run(backend, t32), case.run("reference", t64)
-    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = torch.autograd.grad(out, list(t32.values()), grad.float())
-    want = torch.autograd.grad(exact, list(t64.values()), grad)
-    errors = {"output": (out.double() - exact).abs().max().item()}
-    errors.update({n: (g.double() - w).abs().max().item() for n, g, w in zip(t32, got, want)})
-    return errors
-
-
 # Gradients that sum over every output point (the bias's; the separate filter's and the radius
 # channel's coordinate gradients), in float32: as accurate as ATen's own reductions against a
 # float64 oracle. (One running float32 sum over the points erred 3-8x more than ATen's on these
@@ -180,9 +166,7 @@ def _float32_errors(backend: str, case: Case) -> dict[str, float]:
     ids=str,
 )  # fmt: skip
 def test_cpp_long_reductions_as_accurate_as_aten(case):
-    cpp, aten = _float32_errors("cpp", case), _float32_errors("reference", case)
-    for name in ("bias", "coord_weight"):
-        assert cpp[name] <= 3 * aten[name] + 1e-7, f"{name}: float32 error {cpp[name]:.2e}, ATen's {aten[name]:.2e}"
+    assert_as_accurate_as_aten("cpp", case, names=("bias", "coord_weight"), factor=3.0)
 
 
 # The SIMD direct kernel (float32, 1-D/2-D, groups 1, shallow: csrc/cpu/direct_simd.h): register

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from coordconv_fused.testing import (
     BACKENDS_UNDER_TEST,
     Case,
+    assert_as_accurate_as_aten,
     assert_matches_reference,
     supported,
     why_backend_may_be_missing,
@@ -82,3 +83,45 @@ def test_random_problems_match_reference(case, dtype):
     for backend in BACKENDS + ["auto"]:
         if supported(backend, case):
             assert_matches_reference(backend, case, dtype)
+
+
+@st.composite
+def wide_cases(draw):
+    """1-D/2-D layers with rows up to 160 wide and up to a few thousand output points: the widths
+    where the CPU kernels tile their rows, and reductions long enough for float32 rounding to show."""
+    nd = draw(st.integers(1, 2))
+    kernel = tuple(draw(st.integers(1, 7)) for _ in range(nd))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.sampled_from([1, 1, 2])) for _ in range(nd))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"]))
+    padding = tuple(draw(st.integers(0, 3)) for _ in range(nd))
+    sizes = [draw(st.integers(1, 20)) for _ in range(nd - 1)] + [draw(st.integers(1, 160))]
+    if mode == "reflect":
+        sizes = [max(n, p + 1) for n, p in zip(sizes, padding)]
+    elif mode == "circular":
+        sizes = [max(n, p) for n, p in zip(sizes, padding)]
+    sizes = tuple(max(n, d * (k - 1) + 1 - 2 * p) for n, k, d, p in zip(sizes, kernel, dilation, padding))
+    return Case(
+        sizes,
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 8)),
+        draw(st.integers(1, 9)),
+        kernel,
+        stride,
+        padding,
+        dilation,
+        1,
+        mode,
+        draw(st.booleans()),
+        draw(st.booleans()) and draw(st.booleans()),
+        draw(st.booleans()),
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=wide_cases())
+def test_random_wide_layers_as_accurate_as_aten(case):
+    """float32 against a float64 oracle: the `cpp` backend's output and its input, coordinate and
+    bias gradients no less accurate than ATen's own float32 result (the data filter's gradient is
+    ATen's in both; the `torch` backend is ATen's throughout)."""
+    assert_as_accurate_as_aten("cpp", case)
