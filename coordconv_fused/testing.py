@@ -314,12 +314,12 @@ def _magnitudes(case: Case, t64: dict[str, Tensor | None], grad64: Tensor) -> di
     return mags
 
 
-def assert_low_precision_matches_float64(
-    backend: str, case: Case, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0
-) -> None:
-    """``backend`` run in ``dtype`` against the float64 reference on the same (``dtype``-exact)
-    values: the output and every gradient within the bound of :func:`_bound_scale` times the
-    magnitudes of their terms, element by element."""
+def _against_float64(
+    backend: str, case: Case, dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0
+) -> tuple[list[tuple[str, Tensor, Tensor]], dict[str, Tensor | None], Tensor]:
+    """``backend`` run in ``dtype`` and the reference in float64 on the same (``dtype``-exact) values
+    and output gradient: ``(name, value as float64, float64 value)`` for the output and every
+    gradient (zeros where a path is unused), the float64 tensors, and the output gradient."""
     tensors = case.make_tensors(dtype, device, seed)
     t64 = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in tensors.items()}
     out = case.run(backend, tensors)
@@ -328,20 +328,30 @@ def assert_low_precision_matches_float64(
     g = g.to(dtype=dtype, device=device)
     present, present64 = _present(tensors), _present(t64)
     names = list(present)
-    got = dict(zip(names, torch.autograd.grad(out, list(present.values()), g, allow_unused=True)))
-    want = dict(zip(names, torch.autograd.grad(ref, [present64[n] for n in names], g.double(), allow_unused=True)))
-    mags = _magnitudes(case, t64, g.double())
+    got = torch.autograd.grad(out, list(present.values()), g, allow_unused=True)
+    want = torch.autograd.grad(ref, [present64[n] for n in names], g.double(), allow_unused=True)
+    pairs = [("output", out.double(), ref)]
+    for name, value, expected in zip(names, got, want):
+        expected = torch.zeros_like(present64[name]) if expected is None else expected
+        pairs.append((name, torch.zeros_like(expected) if value is None else value.double(), expected))
+    return pairs, t64, g.double()
+
+
+def assert_low_precision_matches_float64(
+    backend: str, case: Case, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu", seed: int = 0
+) -> None:
+    """``backend`` run in ``dtype`` against the float64 reference on the same (``dtype``-exact)
+    values: the output and every gradient within the bound of :func:`_bound_scale` times the
+    magnitudes of their terms, element by element."""
+    pairs, t64, g64 = _against_float64(backend, case, dtype, device, seed)
+    mags = _magnitudes(case, t64, g64)
     taps = math.prod(case._kernel())
-    n_points = ref.shape[0] * math.prod(ref.shape[2:])
+    out_shape = pairs[0][2].shape
+    n_points = out_shape[0] * math.prod(out_shape[2:])
     reduction = max((case.in_channels // case.groups + case.ndim + 1) * taps, n_points, case.out_channels * taps)
     scale = _bound_scale(dtype, reduction)
-    checks = [("output", out, ref)] + [(n, got[n], want[n]) for n in names]
-    for name, value, expected in checks:
-        if expected is None:
-            expected = torch.zeros_like(t64[name])
-        if value is None:
-            value = torch.zeros_like(expected)
-        err = (value.double() - expected).abs()
+    for name, value, expected in pairs:
+        err = (value - expected).abs()
         bound = scale * mags[name] + torch.finfo(dtype).tiny
         worst = (err / bound).max().item() if err.numel() else 0.0
         assert worst <= 1.0, f"{backend} {name} in {dtype}: error {worst:.2f}x the derived bound"
@@ -349,24 +359,12 @@ def assert_low_precision_matches_float64(
 
 def _float32_errors(backend: str, case: Case, seed: int = 0) -> dict[str, tuple[float, float]]:
     """For ``backend``'s float32 output and every gradient on ``case``: the largest error against the
-    float64 reference on the same values (and output gradient), and the largest float64 magnitude."""
-    t32 = case.make_tensors(torch.float32, "cpu", seed)
-    t64 = {n: (t.detach().double().requires_grad_() if t is not None else None) for n, t in t32.items()}
-    out, exact = case.run(backend, t32), case.run("reference", t64)
-    grad = torch.randn(exact.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
-    present, present64 = _present(t32), _present(t64)
-    got = torch.autograd.grad(out, list(present.values()), grad.float(), allow_unused=True)
-    want = torch.autograd.grad(exact, list(present64.values()), grad, allow_unused=True)
-    pairs = [("output", out, exact)] + list(zip(present, got, want))
-    errors = {}
-    for name, value, expected in pairs:
-        expected = torch.zeros_like(present64[name]) if expected is None else expected
-        value = torch.zeros_like(expected) if value is None else value.double()
-        if expected.numel() == 0:
-            errors[name] = (0.0, 0.0)
-        else:
-            errors[name] = ((value - expected).abs().max().item(), expected.abs().max().item())
-    return errors
+    float64 reference, and the largest float64 magnitude."""
+    pairs, _, _ = _against_float64(backend, case, torch.float32, "cpu", seed)
+    return {
+        name: ((value - expected).abs().max().item(), expected.abs().max().item()) if expected.numel() else (0.0, 0.0)
+        for name, value, expected in pairs
+    }
 
 
 def assert_as_accurate_as_aten(
