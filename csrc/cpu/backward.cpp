@@ -23,10 +23,10 @@ namespace {
 
 // ---- gradient of coord_weight (and of the bias) ---------------------------------------------------
 
-// The sums over every output point (the bias gradient, the separate filter's coordinate gradient):
-// accumulated in double for float32, so that their error does not grow with the number of points
-// (with one running float32 sum, a random search found the bias gradient's error 3-8x that of
-// ATen's cascade sum); and the radius channel's, in blocks of this many points.
+// The sums over every output point (the separate filter's coordinate gradient): accumulated in
+// double for float32, so that their error does not grow with the number of points (with one running
+// float32 sum, a random search found such sums' error 3-8x that of ATen's cascade sum); the radius
+// channel's in blocks of this many points. (The bias gradient is ATen's own sum.)
 constexpr int64_t kSumBlock = 256;
 
 // sum over p in [0, n) of term(p), accumulated in double where acc_t is float (vectorised).
@@ -39,15 +39,16 @@ acc_t long_sum(int64_t n, const Term& term) {
   return static_cast<acc_t>(total);
 }
 
-// The gradients of coord_weight and of the bias from grad_output, in one parallel pass over the
-// output channels: channel o's planes are summed over the batch into a buffer (the coordinate term
-// is the same for every sample), whose sum is the bias gradient and whose contraction with the
-// per-axis tables is the coordinate gradient:
-//   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k buf[i,j,k] F2_c[k,v]
-// (innermost axis first: its two possible tables, mask and coordinate, are shared by the channels),
-// the radius channel against its [points x taps] table, the separate-filter variant against the
-// [points x coords] table of the centre coordinates. grad [N, C_out, *out]; either output may be
-// skipped (undefined).
+// The gradients of coord_weight and of the bias from grad_output. Each output channel's planes are
+// summed over the batch (the coordinate term is the same for every sample: `sums`, [C_out, points],
+// grad itself for a batch of one), whose sum over the points is the bias gradient (ATen's sum) and
+// whose contraction with the per-axis tables is the coordinate gradient:
+//   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k sums[o,i,j,k] F2_c[k,v]
+// as matrix products over all channels at once, innermost axis first (the only output-sized one,
+// against its two possible tables, mask and coordinate, side by side); the radius channel against its
+// [points x taps] table, the separate-filter variant against the [points x coords] table of the
+// centre coordinates, per channel in parallel.
+// grad [N, C_out, *out]; either output may be skipped (undefined).
 template <typename scalar_t, typename acc_t>
 void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor* coord_grad, at::Tensor* bias_grad) {
   const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -58,121 +59,81 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   const int64_t O = g.c_out, N = dense ? g.n : 1, points = g.out_points();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps;
-  const bool want_cw = coord_grad != nullptr;
-  GradTables tables;
-  if (want_cw) tables = cached_grad_tables<scalar_t, acc_t>(g, acc_opts);
+  // The batch sums: grad itself for one sample in the accumulation dtype, else summed per channel.
+  at::Tensor sums;
+  if (N == 1 && std::is_same_v<scalar_t, acc_t>) {
+    sums = gc.view({O, points});
+  } else {
+    sums = at::empty({O, points}, acc_opts);
+    const scalar_t* gp = gc.data_ptr<scalar_t>();
+    acc_t* sp = sums.data_ptr<acc_t>();
+    at::parallel_for(0, O, grain_for(N * points), [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        acc_t* dst = sp + o * points;
+        std::fill(dst, dst + points, acc_t(0));
+        for (int64_t n = 0; n < N; ++n) {
+          const scalar_t* src = gp + (n * O + o) * points;
+#pragma omp simd
+          for (int64_t p = 0; p < points; ++p) dst[p] += static_cast<acc_t>(src[p]);
+        }
+      }
+    });
+  }
+  if (bias_grad != nullptr) *bias_grad = sums.sum(1);
+  if (coord_grad == nullptr) return;
+  const GradTables tables = cached_grad_tables<scalar_t, acc_t>(g, acc_opts);
   const AxisTables& t = tables.axis;
-  const at::Tensor &R = tables.radius, &C = tables.centre;
-  at::Tensor cw = want_cw ? at::empty({O, per_o}, acc_opts) : at::Tensor();
-  at::Tensor b = bias_grad != nullptr ? at::empty({O}, acc_opts) : at::Tensor();
-  const scalar_t* gp = gc.data_ptr<scalar_t>();
-  acc_t* cwp = want_cw ? cw.data_ptr<acc_t>() : nullptr;
-  acc_t* bp = b.defined() ? b.data_ptr<acc_t>() : nullptr;
   auto ptr = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
-  const acc_t* rp = ptr(R);
-  const acc_t* cp = ptr(C);
-  // Each axis channel's factor tables (see factors()) and whether its innermost one is the coordinate.
-  std::array<std::array<const acc_t*, 2>, 3> outer{};
-  std::array<bool, 3> coord_inner{};
-  if (want_cw && !g.separate) {
+  const acc_t* rp = ptr(tables.radius);
+  const acc_t* cp = ptr(tables.centre);
+  at::Tensor cw = at::empty({O, per_o}, acc_opts);
+  if (!g.separate) {
+    // inner[o, i, j, f * KW + v] = sum_k sums[o, i, j, k] F2_f[k, v], f = 0: mask, 1: coordinate
+    const at::Tensor inner =
+        at::mm(sums.view({O * OD * OH, OW}), at::cat({t.mask[2], t.value[2]}, 1)).view({O * OD, OH, 2 * KW});
     for (int64_t c = 0; c < g.ndim; ++c) {
       const auto f = factors(g, t, c);
-      outer[c] = {f[0].data_ptr<acc_t>(), f[1].data_ptr<acc_t>()};
-      coord_inner[c] = f[2].is_same(t.value[2]);
+      const int64_t half = f[2].is_same(t.value[2]) ? 1 : 0;
+      // mid[o, i, u, v] = sum_j F1[j, u] inner[o, i, j, v]; then sum_i F0[i, t] mid[o, i, u, v]
+      const at::Tensor mid = at::matmul(f[1].t(), inner.narrow(2, half * KW, KW));  // [O * OD, KH, KW]
+      cw.narrow(1, c * taps, taps).view({O, KD, KH * KW}).copy_(at::matmul(f[0].t(), mid.view({O, OD, KH * KW})));
     }
   }
-  // The innermost axis's tables transposed to [kernel, out], for reductions along output rows.
-  std::vector<acc_t> mask_w_t, value_w_t;
-  if (want_cw && !g.separate) {
-    mask_w_t.resize(KW * OW);
-    value_w_t.resize(KW * OW);
-    const acc_t* m2 = t.mask[2].data_ptr<acc_t>();
-    const acc_t* v2 = t.value[2].data_ptr<acc_t>();
-    for (int64_t k = 0; k < OW; ++k)
-      for (int64_t v = 0; v < KW; ++v) {
-        mask_w_t[v * OW + k] = m2[k * KW + v];
-        value_w_t[v * OW + k] = v2[k * KW + v];
-      }
+  if (!g.separate && !g.with_r) {
+    *coord_grad = cw;
+    return;
   }
+  const acc_t* sp = sums.data_ptr<acc_t>();
+  acc_t* cwp = cw.data_ptr<acc_t>();
   // Per-thread scratch, allocated here rather than in the workers (a worker's first malloc would
   // give it its own glibc arena, which later allocations there keep growing).
-  const int64_t scratch_len = points + 2 * OD * OH * KW + OD * KH * KW + taps;
+  const int64_t scratch_len = taps;
   const at::Tensor scratch = at::empty({at::get_num_threads(), scratch_len}, acc_opts);
-  at::parallel_for(0, O, grain_for((N + 2 * KW + nc) * points), [&](int64_t begin, int64_t end) {
-    acc_t* const buf = scratch.data_ptr<acc_t>() + at::get_thread_num() * scratch_len;
-    acc_t* const inner = buf + points;
-    acc_t* const mid = inner + 2 * OD * OH * KW;
+  at::parallel_for(0, O, grain_for(g.separate ? nc * points : points * taps), [&](int64_t begin, int64_t end) {
+    acc_t* const block = scratch.data_ptr<acc_t>() + at::get_thread_num() * scratch_len;
     for (int64_t o = begin; o < end; ++o) {
-      std::fill(buf, buf + points, acc_t(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const scalar_t* src = gp + (n * O + o) * points;
-        acc_t* dst = buf;
-#pragma omp simd
-        for (int64_t p = 0; p < points; ++p) dst[p] += static_cast<acc_t>(src[p]);
-      }
-      if (bp != nullptr) bp[o] = long_sum<acc_t>(points, [&](int64_t p) { return buf[p]; });
-      if (cwp == nullptr) continue;
+      const acc_t* buf = sp + o * points;
       acc_t* out = cwp + o * per_o;
       if (g.separate) {
         for (int64_t c = 0; c < nc; ++c)
           out[c] = long_sum<acc_t>(points, [&](int64_t p) { return buf[p] * cp[p * nc + c]; });
         continue;
       }
-      // inner[f][i, j, v] = sum_k buf[i, j, k] F2_f[k, v], f = 0: mask, 1: coordinate (vectorised
-      // reductions along the output row, against the transposed table)
-      for (int f = 0; f < 2; ++f) {
-        const acc_t* F2t = f == 0 ? mask_w_t.data() : value_w_t.data();
-        acc_t* dst = inner + f * OD * OH * KW;
-        for (int64_t r = 0; r < OD * OH; ++r) {
-          const acc_t* row = buf + r * OW;
-          for (int64_t v = 0; v < KW; ++v) {
-            const acc_t* col = F2t + v * OW;
-            acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t k = 0; k < OW; ++k) s += row[k] * col[k];
-            dst[r * KW + v] = s;
-          }
+      // the radius channel (per block of points, then into dst: see kSumBlock)
+      acc_t* dst = out + g.ndim * taps;
+      std::fill(dst, dst + taps, acc_t(0));
+      for (int64_t start = 0; start < points; start += kSumBlock) {
+        std::fill(block, block + taps, acc_t(0));
+        for (int64_t p = start; p < std::min(points, start + kSumBlock); ++p) {
+          const acc_t bv = buf[p];
+          const acc_t* row = rp + p * taps;
+          for (int64_t tap = 0; tap < taps; ++tap) block[tap] += bv * row[tap];
         }
-      }
-      for (int64_t c = 0; c < g.ndim; ++c) {
-        const auto [F0, F1] = outer[c];
-        const acc_t* src = inner + (coord_inner[c] ? OD * OH * KW : 0);
-        // mid[i, u, v] = sum_j F1[j, u] src[i, j, v]
-        std::fill(mid, mid + OD * KH * KW, acc_t(0));
-        for (int64_t i = 0; i < OD; ++i)
-          for (int64_t j = 0; j < OH; ++j)
-            for (int64_t u = 0; u < KH; ++u) {
-              const acc_t f = F1[j * KH + u];
-              if (f == acc_t(0)) continue;
-              for (int64_t v = 0; v < KW; ++v) mid[(i * KH + u) * KW + v] += f * src[(i * OH + j) * KW + v];
-            }
-        // out[c, t, u, v] = sum_i F0[i, t] mid[i, u, v]
-        acc_t* dst = out + c * taps;
-        for (int64_t tt = 0; tt < KD; ++tt)
-          for (int64_t uv = 0; uv < KH * KW; ++uv) {
-            acc_t s = 0;
-            for (int64_t i = 0; i < OD; ++i) s += F0[i * KD + tt] * mid[i * KH * KW + uv];
-            dst[tt * KH * KW + uv] = s;
-          }
-      }
-      if (g.with_r) {
-        acc_t* dst = out + g.ndim * taps;
-        acc_t* block = mid + OD * KH * KW;  // (per block of points, then into dst: see kSumBlock)
-        std::fill(dst, dst + taps, acc_t(0));
-        for (int64_t start = 0; start < points; start += kSumBlock) {
-          std::fill(block, block + taps, acc_t(0));
-          for (int64_t p = start; p < std::min(points, start + kSumBlock); ++p) {
-            const acc_t bv = buf[p];
-            const acc_t* row = rp + p * taps;
-            for (int64_t tap = 0; tap < taps; ++tap) block[tap] += bv * row[tap];
-          }
-          for (int64_t tap = 0; tap < taps; ++tap) dst[tap] += block[tap];
-        }
+        for (int64_t tap = 0; tap < taps; ++tap) dst[tap] += block[tap];
       }
     }
   });
-  if (coord_grad != nullptr) *coord_grad = cw;
-  if (bias_grad != nullptr) *bias_grad = b;
+  *coord_grad = cw;
 }
 
 }  // namespace
