@@ -170,7 +170,7 @@ def test_cpp_long_reductions_as_accurate_as_aten(case):
 
 
 # The SIMD direct kernel (float32, 1-D/2-D, groups 1, shallow: csrc/cpu/direct_simd.h): register
-# tiles of 4 output channels x 4 vectors of 16 columns (AVX-512) or 2 vectors of 8 (AVX2) over a
+# tiles of 4 or 6 output channels x 4 vectors of 16 columns (AVX-512) or 4 x 3 vectors of 8 (AVX2) over a
 # zero-margined, stride-phase-split copy of the input. So: rows of one ragged vector, of several
 # vectors, of a full tile plus a ragged rest; channel counts around multiples of 4; zero padding
 # wider than the kernel; strides 2, 3 and 4 (phase split) with dilation; depth 1 and depth 144.
@@ -191,17 +191,23 @@ AVX512_CASES = [
 ]
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+# (avx512_6x4: the AVX-512 kernel's second tile shape, 6 output channels per tile, forced by name
+# on the cases with more than one tile of 4 channels, where it is a candidate)
+@pytest.mark.parametrize("isa", ["avx512", "avx512_6x4", "avx2"])
 @pytest.mark.parametrize("case", AVX512_CASES, ids=str)
 def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
-    if not getattr(extension, f"{isa}_direct_available")():
-        pytest.skip(f"the CPU has no {isa.upper()} (the kernel is not used there)")
-    if isa == "avx512":
+    base = isa.removesuffix("_6x4")
+    if not getattr(extension, f"{base}_direct_available")():
+        pytest.skip(f"the CPU has no {base.upper()} (the kernel is not used there)")
+    if isa == "avx512_6x4" and case.out_channels <= 4:
+        pytest.skip("one tile of 4 channels: the second tile shape is no candidate")
+    if base == "avx512":
         monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
     else:
         monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
-    monkeypatch.setenv("COORDCONV_CPU_KERNEL", "direct")  # this kernel whatever the measurement would choose
-    event = f"coordconv_fused::{isa}_direct"
+    # this kernel whatever the measurement would choose
+    monkeypatch.setenv("COORDCONV_CPU_KERNEL", "avx512_direct_6x4" if isa == "avx512_6x4" else "direct")
+    event = f"coordconv_fused::{base}_direct"
     calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), event)
     assert calls > 0, f"the case did not take the {isa} kernel"
 

@@ -45,13 +45,16 @@ def kernel_mode(monkeypatch):
     native.clear_kernel_choices()
 
 
-@pytest.mark.parametrize("mode", ["aten", "direct", "heuristic", "measure"])
+# (forced by name: "avx512_direct_6x4" is the AVX-512 kernel's second tile shape, 6 output channels
+# per tile: C_out = 5, 6 and 8 above end in a partial tile; where it is no candidate, e.g. without
+# AVX-512, the fixed rule's pick runs)
+@pytest.mark.parametrize("mode", ["aten", "direct", "avx512_direct_6x4", "heuristic", "measure"])
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "no-avx512"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_every_candidate_matches_reference(case, mode, avx512, kernel_mode):
     kernel_mode(mode, avx512)
     assert_matches_reference("cpp", case, torch.float32)
-    if case.ndim == 2 and mode in ("aten", "direct"):
+    if case.ndim == 2 and mode in ("aten", "direct", "avx512_direct_6x4"):
         assert_matches_reference("cpp", case, torch.float64)
 
 
@@ -74,6 +77,37 @@ def test_forced_modes_take_their_kernel(isa, kernel_mode):
     kernel_mode("aten", avx512=isa == "avx512")
     assert kernel_events(lambda: m(x).sum().backward(), event)[0] == 0
     assert native.kernel_choices() == []  # forced modes measure nothing
+
+
+def test_both_avx512_tile_shapes_are_measured_and_forceable(kernel_mode):
+    """The AVX-512 kernel's two tile shapes (4 or 6 output channels per tile) are both candidates of
+    the measured forward where C_out exceeds one tile of 4; each can be forced by name (its forward
+    is the AVX-512 kernel's; the input gradient keeps the first shape), and matches the reference."""
+    if not native.avx512_direct_available():
+        pytest.skip("the CPU has no AVX-512 (the kernel is not used there)")
+    m = CoordConv2d(3, 8, 3, padding=1, backend="cpp")
+    x = torch.randn(2, 3, 16, 40)
+    kernel_mode("measure")
+    with torch.no_grad():
+        m(x)
+    (choice,) = native.kernel_choices()
+    assert {"avx512_direct", "avx512_direct_6x4"} <= set(choice["candidates_us"])
+    with torch.no_grad():
+        CoordConv2d(3, 4, 3, padding=1, backend="cpp")(x)  # C_out = 4: one tile of the first shape
+    assert "avx512_direct_6x4" not in native.kernel_choices()[-1]["candidates_us"]
+    for name in ("avx512_direct", "avx512_direct_6x4"):
+        kernel_mode(name)
+        with torch.no_grad():
+            assert kernel_events(lambda: m(x), "coordconv_fused::avx512_direct")[0] == 1
+        assert native.kernel_choices() == []
+    m.backend = "reference"
+    with torch.no_grad():
+        expected = m(x)
+    m.backend = "cpp"
+    for name in ("avx512_direct", "avx512_direct_6x4"):
+        kernel_mode(name)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), expected, atol=2e-5, rtol=2e-5)
 
 
 def test_choices_are_cached_per_shape_dtype_and_threads(kernel_mode):
@@ -128,7 +162,9 @@ def test_other_ranks_are_measured_too(layer, kernel_mode):
 def test_unknown_mode_is_an_error(kernel_mode):
     kernel_mode("fastest")
     m = CoordConv2d(1, 2, 1, backend="cpp")
-    with pytest.raises(RuntimeError, match="COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten"):
+    with pytest.raises(
+        RuntimeError, match="COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten, row_"
+    ):
         m(torch.randn(1, 1, 4, 4))
 
 

@@ -70,7 +70,8 @@ def kernel_choices() -> list[dict]:
 
     The choice is made by measurement the first time a layer is seen (``COORDCONV_CPU_KERNEL``:
     ``measure``, the default; ``heuristic`` for the fixed thresholds of docs/tuning.md; ``direct`` or
-    ``aten`` to force one implementation). Each dict also has ``key``, the layer's lookup key, with
+    ``aten`` to force one kind of implementation; an implementation's name, e.g. ``avx512_direct_6x4``,
+    to force it where it is a candidate). Each dict also has ``key``, the layer's lookup key, with
     which :mod:`.choice_file` saves the choices to a file and restores them in a later process."""
     return [] if LOAD_ERROR is not None else _C.kernel_choices()
 

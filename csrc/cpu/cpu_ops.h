@@ -36,9 +36,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef pre_pad, c10::string_view pre_pad_mode, bool with_r,
     bool separate, std::array<bool, 4> output_mask);
 
-// y = the SIMD direct kernel's output (forward.cpp) in `isa` for float32 input x, weight
-// [C_out, C_in, (kh,) kw], the coordinate term P (or null) and bias (or undefined).
-void run_direct_simd(Isa isa, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
+// y = the output of the SIMD direct kernel `impl` (forward.cpp; is_simd(impl)) for float32 input x,
+// weight [C_out, C_in, (kh,) kw], the coordinate term P (or null) and bias (or undefined).
+void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
                      const at::Tensor& bias, at::Tensor& y);
 
 // COORDCONV_NO_AVX512 set: the AVX-512 kernels are not used, the AVX2 ones are where the CPU has
@@ -53,9 +53,13 @@ inline std::optional<Isa> direct_isa() {
   return std::nullopt;
 }
 
-// The SIMD direct kernel in `isa` as an implementation of kernel_choice.h, and back.
+// The SIMD direct kernel in `isa` (its first tile shape) as an implementation of kernel_choice.h; which
+// implementations are SIMD kernels, and their ISA and channels per tile.
 inline Impl simd_impl(Isa isa) { return isa == Isa::kAvx512 ? Impl::kAvx512Direct : Impl::kAvx2Direct; }
-inline bool is_simd(Impl impl) { return impl == Impl::kAvx512Direct || impl == Impl::kAvx2Direct; }
-inline Isa isa_of(Impl impl) { return impl == Impl::kAvx512Direct ? Isa::kAvx512 : Isa::kAvx2; }
+inline bool is_simd(Impl impl) {
+  return impl == Impl::kAvx512Direct || impl == Impl::kAvx512Direct6x4 || impl == Impl::kAvx2Direct;
+}
+inline Isa isa_of(Impl impl) { return impl == Impl::kAvx2Direct ? Isa::kAvx2 : Isa::kAvx512; }
+inline int64_t oc_block_of(Impl impl) { return impl == Impl::kAvx512Direct6x4 ? kOcBlockWide : kOcBlock; }
 
 }  // namespace coordconv

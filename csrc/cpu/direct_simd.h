@@ -9,15 +9,18 @@
 //     Then the input column read by tap tw for output column j, j * sw + tw * dw - pw, is column
 //     j + floor(d / sw) of phase (d mod sw), d = tw * dw - pw: a tap reads a vector of consecutive
 //     output columns with one unmasked load, whatever the stride, and zero padding costs nothing.
-//  2. Register tiles of kOcBlock output channels x VECS vectors of columns start from the bias,
-//     accumulate the data taps (VECS loads and kOcBlock weight broadcasts feed kOcBlock * VECS
-//     FMAs), add the coordinate term P (closed form, see coord_term.h) and are stored once. A
-//     row's last tile is narrower and its last vector partial.
+//  2. Register tiles of OCB output channels x VECS vectors of columns start from the bias,
+//     accumulate the data taps (VECS loads and OCB weight broadcasts feed OCB * VECS FMAs), add
+//     the coordinate term P (closed form, see coord_term.h) and are stored once. A row's last tile
+//     is narrower and its last vector partial.
 //
-// The tile is written once, over GCC vector types (`F32x16`, `F32x8`), and compiled for each ISA by
-// an entry function with that target (`direct_items_avx512`, `direct_items_avx2`), selected at run
-// time: the extension builds and runs on any x86-64 CPU. The AVX-512 tile shape was measured
-// (docs/tuning.md); AVX2 has half the registers: 3 vectors per tile (measured, docs/tuning.md).
+// The tile is written once, over GCC vector types (`F32x16`, `F32x8`), and compiled for each ISA and
+// tile shape by an entry function with that target (`direct_items_avx512`, `direct_items_avx512_6x4`,
+// `direct_items_avx2`), selected at run time: the extension builds and runs on any x86-64 CPU.
+// AVX-512 has two tile shapes, 4 and 6 channels x 4 vectors: which is faster depends on the
+// microarchitecture and the layer (4 x 4 on a Zen 4's 3->32 layer, 6 x 4 on a Xeon's 7x7 stem,
+// docs/tuning.md), so both are candidates of the measured choice (kernel_choice.h). AVX2 has half
+// the registers: 4 channels x 3 vectors (measured, docs/tuning.md).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -38,8 +41,9 @@ namespace coordconv {
 // The instruction sets the kernel is compiled for (and a direct implementation of kernel_choice.h).
 enum class Isa { kAvx512, kAvx2 };
 
-constexpr int64_t kOcBlock = 4;  // output channels per register tile
-constexpr int64_t kLanes = 16;   // the layout's vector unit: float32 lanes of a zmm (two ymm)
+constexpr int64_t kOcBlock = 4;      // output channels per register tile (AVX2, and AVX-512's first shape)
+constexpr int64_t kOcBlockWide = 6;  // ...per tile of AVX-512's second shape (24 accumulators)
+constexpr int64_t kLanes = 16;       // the layout's vector unit: float32 lanes of a zmm (two ymm)
 
 // Where the AVX-512 kernel beats oneDNN + the coordinate epilogue, as measured on one machine
 // (docs/tuning.md): the fixed rule of COORDCONV_CPU_KERNEL=heuristic.
@@ -133,22 +137,22 @@ struct DirectArgs {
   float* y;
 };
 
-// One register tile: output channels oc0 .. oc0 + kOcBlock - 1 (those >= C_out computed from zero
+// One register tile: output channels oc0 .. oc0 + OCB - 1 (those >= C_out computed from zero
 // weights and not stored), columns j0 .. j0 + VECS * lanes - 1 of output row oh of sample n, of which
 // the first `width` are stored. wpack: [C_in * KH * KW][oc_padded], tap-major, zero past C_out.
-template <typename V, int VECS>
+template <typename V, int VECS, int OCB>
 __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0,
                                                        int64_t j0, int64_t width) {
   constexpr int64_t lanes = sizeof(V) / sizeof(float);
   const Geometry& g = *a.g;
   const int64_t H = g.padded[1], OH = g.out[1], OW = g.out[2];
   const int64_t KH = g.kernel[1], KW = g.kernel[2], C = g.c_in;
-  const int64_t on = g.c_out - oc0 < kOcBlock ? g.c_out - oc0 : kOcBlock;
+  const int64_t on = g.c_out - oc0 < OCB ? g.c_out - oc0 : OCB;
   // Start from the bias; P is added at the end, its lines prefetched now (read first, a P line from
   // L3 would hold up every FMA chain of the tile).
-  V acc[kOcBlock][VECS];
-#pragma GCC unroll 4
-  for (int o = 0; o < kOcBlock; ++o) {
+  V acc[OCB][VECS];
+#pragma GCC unroll 8
+  for (int o = 0; o < OCB; ++o) {
     const int64_t oc = oc0 + (o < on ? o : 0);
     const float b = a.bias != nullptr ? a.bias[oc] : 0.0f;
 #pragma GCC unroll 4
@@ -168,16 +172,16 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
         V xv[VECS];
 #pragma GCC unroll 4
         for (int v = 0; v < VECS; ++v) xv[v] = load<V>(row + lanes * v);
-#pragma GCC unroll 4
-        for (int o = 0; o < kOcBlock; ++o) {
+#pragma GCC unroll 8
+        for (int o = 0; o < OCB; ++o) {
 #pragma GCC unroll 4
           for (int v = 0; v < VECS; ++v) acc[o][v] += wt[o] * xv[v];  // contracted to FMAs
         }
       }
     }
   }
-#pragma GCC unroll 4
-  for (int o = 0; o < kOcBlock; ++o) {  // (constant indices: the accumulators stay in registers)
+#pragma GCC unroll 8
+  for (int o = 0; o < OCB; ++o) {  // (constant indices: the accumulators stay in registers)
     if (o >= on) break;
     const int64_t plane = (n * g.c_out + oc0 + o) * OH + oh;
     const float* prow = a.P != nullptr ? a.P + ((oc0 + o) * OH + oh) * OW + j0 : nullptr;
@@ -198,43 +202,51 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
 }
 
 // The narrower tile of a row's rest: `vecs` (1 .. VECS) vectors.
-template <typename V, int VECS>
+template <typename V, int VECS, int OCB>
 __attribute__((always_inline)) inline void rest_tile(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0,
                                                      int64_t j0, int64_t width, int64_t vecs) {
   if constexpr (VECS > 0) {
-    if (vecs == VECS) return direct_tile<V, VECS>(a, n, oh, oc0, j0, width);
-    rest_tile<V, VECS - 1>(a, n, oh, oc0, j0, width, vecs);
+    if (vecs == VECS) return direct_tile<V, VECS, OCB>(a, n, oh, oc0, j0, width);
+    rest_tile<V, VECS - 1, OCB>(a, n, oh, oc0, j0, width, vecs);
   }
 }
 
 // Items [begin, end) of (sample, channel block, output row), each: full tiles along the row, then
 // one narrower tile for the rest.
-template <typename V, int VECS>
+template <typename V, int VECS, int OCB>
 __attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int64_t begin, int64_t end) {
   constexpr int64_t lanes = sizeof(V) / sizeof(float), tile = VECS * lanes;
   const Geometry& g = *a.g;
-  const int64_t blocks = (g.c_out + kOcBlock - 1) / kOcBlock, OH = g.out[1], OW = g.out[2];
+  const int64_t blocks = (g.c_out + OCB - 1) / OCB, OH = g.out[1], OW = g.out[2];
   const int64_t full = OW / tile * tile, rest = OW - full;
   for (int64_t item = begin; item < end; ++item) {
-    // rows innermost: a thread streams through kOcBlock output planes (and the same planes of P) at a time
-    const int64_t oh = item % OH, oc0 = (item / OH) % blocks * kOcBlock, n = item / (blocks * OH);
-    for (int64_t j0 = 0; j0 < full; j0 += tile) direct_tile<V, VECS>(a, n, oh, oc0, j0, tile);
-    if (rest > 0) rest_tile<V, VECS>(a, n, oh, oc0, full, rest, (rest + lanes - 1) / lanes);
+    // rows innermost: a thread streams through OCB output planes (and the same planes of P) at a time
+    const int64_t oh = item % OH, oc0 = (item / OH) % blocks * OCB, n = item / (blocks * OH);
+    for (int64_t j0 = 0; j0 < full; j0 += tile) direct_tile<V, VECS, OCB>(a, n, oh, oc0, j0, tile);
+    if (rest > 0) rest_tile<V, VECS, OCB>(a, n, oh, oc0, full, rest, (rest + lanes - 1) / lanes);
   }
 }
 
-// The entry points, one per ISA: the tile compiled for its registers (32 zmm: 4 x 4 accumulators of
-// 16 floats; 16 ymm: 4 x 3 of 8, with the 3 input vectors and the broadcast weight all 16, no spill).
+// The entry points, one per ISA and tile shape: the tile compiled for its registers (32 zmm: 4 x 4 or
+// 6 x 4 accumulators of 16 floats beside the 4 input vectors and a broadcast weight; 16 ymm: 4 x 3 of
+// 8, with the 3 input vectors and the broadcast weight all 16, no spill).
 __attribute__((target("avx512f"))) inline void direct_items_avx512(const DirectArgs& a, int64_t begin, int64_t end) {
-  direct_items<F32x16, 4>(a, begin, end);
+  direct_items<F32x16, 4, kOcBlock>(a, begin, end);
+}
+__attribute__((target("avx512f"))) inline void direct_items_avx512_6x4(const DirectArgs& a, int64_t begin,
+                                                                       int64_t end) {
+  direct_items<F32x16, 4, kOcBlockWide>(a, begin, end);
 }
 __attribute__((target("avx2,fma"))) inline void direct_items_avx2(const DirectArgs& a, int64_t begin, int64_t end) {
-  direct_items<F32x8, 3>(a, begin, end);
+  direct_items<F32x8, 3, kOcBlock>(a, begin, end);
 }
 
-// The whole output: (sample, channel block, row) items in parallel. xs: the pass-1 buffer.
-inline void direct_forward_simd(Isa isa, const Geometry& g, const SplitLayout& s, const float* x, float* xs,
-                                const float* wpack, int64_t oc_padded, const float* P, const float* bias, float* y) {
+// The whole output: (sample, channel block, row) items in parallel, in tiles of `oc_block` (kOcBlock,
+// or kOcBlockWide in AVX-512) channels. xs: the pass-1 buffer; wpack: the weights, [tap][oc_padded]
+// with oc_padded a multiple of oc_block.
+inline void direct_forward_simd(Isa isa, int64_t oc_block, const Geometry& g, const SplitLayout& s, const float* x,
+                                float* xs, const float* wpack, int64_t oc_padded, const float* P, const float* bias,
+                                float* y) {
   // (a profiler event: tests and users see which layers take which kernel)
   RECORD_FUNCTION(isa == Isa::kAvx512 ? "coordconv_fused::avx512_direct" : "coordconv_fused::avx2_direct",
                   c10::ArrayRef<const c10::IValue>{});
@@ -242,10 +254,16 @@ inline void direct_forward_simd(Isa isa, const Geometry& g, const SplitLayout& s
   std::vector<int64_t> tap_offsets(g.kernel[2]);
   for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
   const DirectArgs args{&g, &s, tap_offsets.data(), xs, wpack, oc_padded, P, bias, y};
-  const int64_t items = g.n * g.out[1] * ((g.c_out + kOcBlock - 1) / kOcBlock);
-  at::parallel_for(0, items, grain_for(kOcBlock * g.out[2] * g.k_data()), [&](int64_t begin, int64_t end) {
+  TORCH_INTERNAL_ASSERT(oc_block == kOcBlock || (isa == Isa::kAvx512 && oc_block == kOcBlockWide));
+  TORCH_INTERNAL_ASSERT(oc_padded % oc_block == 0);
+  const int64_t items = g.n * g.out[1] * ((g.c_out + oc_block - 1) / oc_block);
+  at::parallel_for(0, items, grain_for(oc_block * g.out[2] * g.k_data()), [&](int64_t begin, int64_t end) {
     if (isa == Isa::kAvx512) {
-      direct_items_avx512(args, begin, end);
+      if (oc_block == kOcBlockWide) {
+        direct_items_avx512_6x4(args, begin, end);
+      } else {
+        direct_items_avx512(args, begin, end);
+      }
     } else {
       direct_items_avx2(args, begin, end);
     }
@@ -256,8 +274,8 @@ inline void direct_forward_simd(Isa isa, const Geometry& g, const SplitLayout& s
 
 inline bool isa_supported(Isa) { return false; }
 
-inline void direct_forward_simd(Isa, const Geometry&, const SplitLayout&, const float*, float*, const float*, int64_t,
-                                const float*, const float*, float*) {}
+inline void direct_forward_simd(Isa, int64_t, const Geometry&, const SplitLayout&, const float*, float*, const float*,
+                                int64_t, const float*, const float*, float*) {}
 
 #endif
 

@@ -127,8 +127,7 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
     using acc_t = at::opmath_type<scalar_t>;
     if (is_simd(impl)) {
       if constexpr (std::is_same_v<scalar_t, float>) {
-        run_direct_simd(isa_of(impl), g, input, weight, P.data_ptr<float>(),
-                        g.has_bias ? bias->contiguous() : at::Tensor(), y);
+        run_direct_simd(impl, g, input, weight, P.data_ptr<float>(), g.has_bias ? bias->contiguous() : at::Tensor(), y);
       }
     } else if (impl == Impl::kRowDirect) {
       const at::Tensor x = input.contiguous(), w = weight.contiguous();
@@ -147,12 +146,13 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
 
 }  // namespace
 
-// y = the SIMD direct kernel's output in `isa` for float32 input x, weight [C_out, C_in, (kh,) kw],
+// y = the output of the SIMD direct kernel `impl` for float32 input x, weight [C_out, C_in, (kh,) kw],
 // the coordinate term P (or null) and bias (or undefined).
-void run_direct_simd(Isa isa, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
+void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
                      const at::Tensor& bias, at::Tensor& y) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
-  const int64_t oc_padded = (g.c_out + kOcBlock - 1) / kOcBlock * kOcBlock, K = g.k_data();
+  const int64_t block = oc_block_of(impl);
+  const int64_t oc_padded = (g.c_out + block - 1) / block * block, K = g.k_data();
   at::Tensor wpack = at::empty({K, oc_padded}, weight.options());  // [tap][channel], zero past C_out
   float* wp = wpack.data_ptr<float>();
   const float* ws = w.data_ptr<float>();
@@ -160,8 +160,9 @@ void run_direct_simd(Isa isa, const Geometry& g, const at::Tensor& input, const 
     for (int64_t o = 0; o < oc_padded; ++o) wp[k * oc_padded + o] = o < g.c_out ? ws[o * K + k] : 0.0f;
   const SplitLayout layout = split_layout(g);
   at::Tensor xs = at::empty({g.n * g.c_in * g.padded[1] * layout.floats_per_row()}, x.options());
-  direct_forward_simd(isa, g, layout, x.data_ptr<float>(), xs.data_ptr<float>(), wpack.data_ptr<float>(), oc_padded, P,
-                      bias.defined() ? bias.data_ptr<float>() : nullptr, y.data_ptr<float>());
+  direct_forward_simd(isa_of(impl), block, g, layout, x.data_ptr<float>(), xs.data_ptr<float>(),
+                      wpack.data_ptr<float>(), oc_padded, P, bias.defined() ? bias.data_ptr<float>() : nullptr,
+                      y.data_ptr<float>());
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
@@ -178,12 +179,16 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_term_cpu",
                                   [&] { P = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight); });
   // The candidates: ATen/oneDNN + the coordinate epilogue, the row kernel on shallow layers, the
-  // AVX-512 kernel where it applies (kernel_choice.h chooses among them).
+  // SIMD kernel where it applies (in AVX-512 both its tile shapes, the second where C_out fills more
+  // than one tile of the first; kernel_choice.h chooses among them).
   const auto format = conv_output_format(input, weight);
   const bool dense = format == at::MemoryFormat::Contiguous;
   std::vector<Impl> candidates{Impl::kAten};
   if (dense && g.k_data() <= kRowCandidateMaxK) candidates.push_back(Impl::kRowDirect);
-  if (const auto isa = simd_eligible(g, input, format)) candidates.push_back(simd_impl(*isa));
+  if (const auto isa = simd_eligible(g, input, format)) {
+    candidates.push_back(simd_impl(*isa));
+    if (*isa == Isa::kAvx512 && g.c_out > kOcBlock) candidates.push_back(Impl::kAvx512Direct6x4);
+  }
   const Impl heuristic = use_avx512_direct(g, input, format)     ? Impl::kAvx512Direct
                          : dense && g.k_data() <= kCpuDirectMaxK ? Impl::kRowDirect
                                                                  : Impl::kAten;

@@ -147,10 +147,10 @@ at::Tensor input_grad_kernel(Isa isa, const at::Tensor& grad, const at::Tensor& 
       const at::Tensor w = phase_weight(weight, ph);
       const Geometry g = phase_geometry(grad, weight, ph);
       if (sh == 1 && sw == 1) {
-        run_direct_simd(isa, g, grad_c, w, nullptr, at::Tensor(), out);
+        run_direct_simd(simd_impl(isa), g, grad_c, w, nullptr, at::Tensor(), out);
       } else {
         at::Tensor part = at::empty(target.sizes(), input.options());
-        run_direct_simd(isa, g, grad_c, w, nullptr, at::Tensor(), part);
+        run_direct_simd(simd_impl(isa), g, grad_c, w, nullptr, at::Tensor(), part);
         target.copy_(part);
       }
     }

@@ -14,15 +14,22 @@
 namespace coordconv {
 namespace {
 
-enum class Mode { kMeasure, kHeuristic, kDirect, kAten };
+enum class Mode { kMeasure, kHeuristic, kDirect, kForced };
 
-Mode mode() {
+constexpr Impl kAllImpls[] = {Impl::kAten, Impl::kRowDirect, Impl::kAvx512Direct, Impl::kAvx512Direct6x4,
+                              Impl::kAvx2Direct};
+
+// The mode of COORDCONV_CPU_KERNEL, and for kForced the implementation it names ("aten" is one).
+Mode mode(Impl* forced) {
   const char* v = std::getenv("COORDCONV_CPU_KERNEL");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "measure") == 0) return Mode::kMeasure;
   if (std::strcmp(v, "heuristic") == 0) return Mode::kHeuristic;
   if (std::strcmp(v, "direct") == 0) return Mode::kDirect;
-  if (std::strcmp(v, "aten") == 0) return Mode::kAten;
-  TORCH_CHECK(false, "COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten; got '", v, "'");
+  if (impl_from_name(v, forced)) return Mode::kForced;
+  TORCH_CHECK(false,
+              "COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten, row_direct, avx512_direct, "
+              "avx512_direct_6x4, avx2_direct; got '",
+              v, "'");
 }
 
 // The choices made so far, in order, and an index from a layer's lookup key into them (looked up on
@@ -118,12 +125,14 @@ const char* impl_name(Impl impl) {
       return "avx512_direct";
     case Impl::kAvx2Direct:
       return "avx2_direct";
+    case Impl::kAvx512Direct6x4:
+      return "avx512_direct_6x4";
   }
   return "?";
 }
 
 bool impl_from_name(const std::string& name, Impl* impl) {
-  for (Impl i : {Impl::kAten, Impl::kRowDirect, Impl::kAvx512Direct, Impl::kAvx2Direct}) {
+  for (Impl i : kAllImpls) {
     if (name == impl_name(i)) {
       *impl = i;
       return true;
@@ -136,13 +145,17 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
                  Impl heuristic, const std::function<void(Impl)>& run) {
   TORCH_INTERNAL_ASSERT(!candidates.empty() && candidates.front() == Impl::kAten);
   if (candidates.size() == 1) return candidates.front();
-  switch (mode()) {
+  const auto has = [&](Impl i) { return std::find(candidates.begin(), candidates.end(), i) != candidates.end(); };
+  Impl forced = Impl::kAten;
+  switch (mode(&forced)) {
     case Mode::kHeuristic:
       return heuristic;
-    case Mode::kAten:
+    case Mode::kForced:
+      return has(forced) ? forced : heuristic;
+    case Mode::kDirect:  // a SIMD kernel (its first tile shape) before the row kernel
+      for (Impl i : {Impl::kAvx512Direct, Impl::kAvx2Direct, Impl::kRowDirect})
+        if (has(i)) return i;
       return Impl::kAten;
-    case Mode::kDirect:
-      return *std::max_element(candidates.begin(), candidates.end());  // a SIMD kernel before the row kernel
     case Mode::kMeasure:
       break;
   }

@@ -10,8 +10,11 @@
 // COORDCONV_CPU_KERNEL (read on every call, so tests and benchmarks can switch it):
 //   measure    (default) choose by measurement, cached per layer
 //   heuristic  the fixed thresholds of docs/tuning.md, no measurement
-//   direct     force the direct kernels where eligible (AVX-512 or AVX2, else the row kernel)
+//   direct     force the direct kernels where eligible (AVX-512 or AVX2 in their first tile shape,
+//              else the row kernel)
 //   aten       force ATen/oneDNN plus the coordinate epilogue
+//   an implementation's name (impl_name, e.g. avx512_direct_6x4): force it where it is a candidate,
+//              the fixed rule's pick elsewhere
 // What was chosen, with the times measured: coordconv_fused.backends.native.kernel_choices(); saved
 // to and loaded from a file by save_kernel_choices / load_kernel_choices there (a loaded choice is
 // used only while its implementation is still a candidate for the layer: otherwise it is measured).
@@ -27,7 +30,9 @@
 
 namespace coordconv {
 
-enum class Impl : int { kAten = 0, kRowDirect = 1, kAvx512Direct = 2, kAvx2Direct = 3 };
+// (kAvx512Direct and kAvx512Direct6x4: the AVX-512 kernel with tiles of 4 or 6 output channels x 4
+// vectors, direct_simd.h)
+enum class Impl : int { kAten = 0, kRowDirect = 1, kAvx512Direct = 2, kAvx2Direct = 3, kAvx512Direct6x4 = 4 };
 const char* impl_name(Impl impl);
 // The implementation named `name` (impl_name's inverse); false if there is none.
 bool impl_from_name(const std::string& name, Impl* impl);
