@@ -169,6 +169,28 @@ def test_cpp_long_reductions_as_accurate_as_aten(case):
     assert_as_accurate_as_aten("cpp", case, names=("bias", "coord_weight"), factor=3.0)
 
 
+# The coordinate gradient's contraction over the output rows (csrc/cpu/backward.cpp) runs as ATen's
+# batched matrix products from C_out * OD * OH * KH * KW = 32768 multiply-adds on, as a loop per
+# channel below: layers on both sides of that size, in 1-D, 2-D and 3-D, with the radius channel
+# and pre-padding; every gradient against the reference, and float32's within a few times ATen's
+# own error against float64.
+BACKWARD_SIZE_CASES = [
+    Case((64, 48), batch=2, in_channels=2, out_channels=32, kernel_size=5, padding=2),  # 51,200: batched
+    Case((40, 30), batch=3, in_channels=2, out_channels=20, kernel_size=(3, 7), stride=(1, 2), padding=(1, 3),
+         padding_mode="reflect", with_r=True),  # 16,800: loop
+    Case((41, 30), batch=1, in_channels=3, out_channels=64, kernel_size=(5, 3), dilation=(2, 1), padding=4,
+         with_r=True),  # 39,360: batched, with the radius
+    Case((6, 20, 20), batch=2, in_channels=1, out_channels=40, kernel_size=3, padding=1),  # 43,200: batched, 3-D
+    Case((500,), batch=2, in_channels=2, out_channels=8, kernel_size=9, padding=4),  # 72: loop, 1-D
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BACKWARD_SIZE_CASES, ids=str)
+def test_cpp_coordinate_gradient_on_both_paths(case):
+    assert_matches_reference("cpp", case, torch.float64)
+    assert_as_accurate_as_aten("cpp", case, names=("bias", "coord_weight"), factor=3.0)
+
+
 # The SIMD direct kernel (float32, 1-D/2-D, groups 1, shallow: csrc/cpu/direct_simd.h): register
 # tiles of 4 or 6 output channels x 4 vectors of 16 columns (AVX-512) or 4 x 3 vectors of 8 (AVX2) over a
 # zero-margined, stride-phase-split copy of the input. So: rows of one ragged vector, of several

@@ -23,11 +23,17 @@ namespace {
 
 // ---- gradient of coord_weight (and of the bias) ---------------------------------------------------
 
-// The sums over every output point (the separate filter's coordinate gradient): accumulated in
-// double for float32, so that their error does not grow with the number of points (with one running
-// float32 sum, a random search found such sums' error 3-8x that of ATen's cascade sum); the radius
-// channel's in blocks of this many points. (The bias gradient is ATen's own sum.)
+// The sums over every output point (the separate filter's coordinate gradient, the bias gradient's
+// sum of row sums): accumulated in double for float32, so that their error does not grow with the
+// number of terms (with one running float32 sum, a random search found the bias gradient's error
+// 3-8x that of ATen's cascade sum); the radius channel's in blocks of this many points.
 constexpr int64_t kSumBlock = 256;
+
+// From this many multiply-adds (C_out * OD * OH * KH * KW) on, the contraction over the output rows
+// runs as ATen's batched matrix products (the stem (1,3,224,224)->64 7x7/2: 351K; see docs/tuning.md);
+// below, as a loop per channel, which costs less per call (a tiny layer's backward then makes no ATen
+// call but the one GEMM).
+constexpr int64_t kBatchedRowsMin = 32768;
 
 // sum over p in [0, n) of term(p), accumulated in double where acc_t is float (vectorised).
 template <typename acc_t, typename Term>
@@ -41,14 +47,15 @@ acc_t long_sum(int64_t n, const Term& term) {
 
 // The gradients of coord_weight and of the bias from grad_output. Each output channel's planes are
 // summed over the batch (the coordinate term is the same for every sample: `sums`, [C_out, points],
-// grad itself for a batch of one), whose sum over the points is the bias gradient (ATen's sum) and
-// whose contraction with the per-axis tables is the coordinate gradient:
+// grad itself for a batch of one in the accumulation dtype), then contracted with the coordinate
+// term's tables:
 //   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k sums[o,i,j,k] F2_c[k,v]
-// as matrix products over all channels at once, innermost axis first (the only output-sized one,
-// against its two possible tables, mask and coordinate, side by side); the radius channel against its
-// [points x taps] table, the separate-filter variant against the [points x coords] table of the
-// centre coordinates, per channel in parallel.
-// grad [N, C_out, *out]; either output may be skipped (undefined).
+// The innermost contraction, the only output-sized one, for every channel and output row at once:
+// one matrix product with the row tables (F2's two possible tables, mask and coordinate, and a column
+// of ones whose products are the rows' sums, for the bias gradient); then per channel, in parallel,
+// the small rest, the radius channel against its [points x taps] table and the separate-filter
+// variant against the [points x coords] table of the centre coordinates. grad [N, C_out, *out];
+// either output may be skipped (undefined).
 template <typename scalar_t, typename acc_t>
 void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor* coord_grad, at::Tensor* bias_grad) {
   const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
@@ -58,7 +65,7 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   const at::Tensor gc = dense ? grad : grad.sum(0, /*keepdim=*/true).contiguous();
   const int64_t O = g.c_out, N = dense ? g.n : 1, points = g.out_points();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
-  const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps;
+  const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps, rows = OD * OH;
   // The batch sums: grad itself for one sample in the accumulation dtype, else summed per channel.
   at::Tensor sums;
   if (N == 1 && std::is_same_v<scalar_t, acc_t>) {
@@ -79,39 +86,53 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
       }
     });
   }
-  if (bias_grad != nullptr) *bias_grad = sums.sum(1);
-  if (coord_grad == nullptr) return;
   const GradTables tables = cached_grad_tables<scalar_t, acc_t>(g, acc_opts);
   const AxisTables& t = tables.axis;
+  // inner[o, i, j, :] = sums[o, i, j, :] x row_tables: [mask products (KW) | coordinate products (KW) |]
+  // the row's sum; only the sum for the separate filter
+  const int64_t width = tables.row_tables.size(1);
+  const at::Tensor inner = at::mm(sums.view({O * rows, OW}), tables.row_tables);
+  const bool want_cw = coord_grad != nullptr;
+  at::Tensor cw = want_cw ? at::empty({O, per_o}, acc_opts) : at::Tensor();
+  at::Tensor b = bias_grad != nullptr ? at::empty({O}, acc_opts) : at::Tensor();
   auto ptr = [](const at::Tensor& x) { return x.defined() ? x.data_ptr<acc_t>() : nullptr; };
+  const acc_t* sp = sums.data_ptr<acc_t>();
+  const acc_t* ip = inner.data_ptr<acc_t>();
   const acc_t* rp = ptr(tables.radius);
   const acc_t* cp = ptr(tables.centre);
-  at::Tensor cw = at::empty({O, per_o}, acc_opts);
-  if (!g.separate) {
-    // inner[o, i, j, f * KW + v] = sum_k sums[o, i, j, k] F2_f[k, v], f = 0: mask, 1: coordinate
-    const at::Tensor inner =
-        at::mm(sums.view({O * OD * OH, OW}), at::cat({t.mask[2], t.value[2]}, 1)).view({O * OD, OH, 2 * KW});
-    for (int64_t c = 0; c < g.ndim; ++c) {
-      const auto f = factors(g, t, c);
-      const int64_t half = f[2].is_same(t.value[2]) ? 1 : 0;
-      // mid[o, i, u, v] = sum_j F1[j, u] inner[o, i, j, v]; then sum_i F0[i, t] mid[o, i, u, v]
-      const at::Tensor mid = at::matmul(f[1].t(), inner.narrow(2, half * KW, KW));  // [O * OD, KH, KW]
+  acc_t* cwp = ptr(cw);
+  acc_t* bp = ptr(b);
+  // Each axis channel's outer factor tables (see factors()) and where its innermost products start;
+  // on large layers, the rest of its contraction for all channels at once:
+  //   mid[o, i, u, v] = sum_j F1[j, u] inner[o, i, j, v];  G[o, t, u, v] = sum_i F0[i, t] mid[o, i, u, v]
+  std::array<std::array<const acc_t*, 2>, 3> outer{};
+  std::array<int64_t, 3> inner_at{};
+  const bool axes = want_cw && !g.separate;
+  const bool batched = axes && O * rows * KH * KW >= kBatchedRowsMin;
+  for (int64_t c = 0; axes && c < g.ndim; ++c) {
+    const auto f = factors(g, t, c);
+    outer[c] = {f[0].data_ptr<acc_t>(), f[1].data_ptr<acc_t>()};
+    inner_at[c] = f[2].is_same(t.value[2]) ? KW : 0;
+    if (batched) {
+      const at::Tensor mid = at::matmul(f[1].t(), inner.view({O * OD, OH, width}).narrow(2, inner_at[c], KW));
       cw.narrow(1, c * taps, taps).view({O, KD, KH * KW}).copy_(at::matmul(f[0].t(), mid.view({O, OD, KH * KW})));
     }
   }
-  if (!g.separate && !g.with_r) {
-    *coord_grad = cw;
-    return;
-  }
-  const acc_t* sp = sums.data_ptr<acc_t>();
-  acc_t* cwp = cw.data_ptr<acc_t>();
   // Per-thread scratch, allocated here rather than in the workers (a worker's first malloc would
   // give it its own glibc arena, which later allocations there keep growing).
-  const int64_t scratch_len = taps;
+  const int64_t scratch_len = OD * KH * KW + taps;
   const at::Tensor scratch = at::empty({at::get_num_threads(), scratch_len}, acc_opts);
-  at::parallel_for(0, O, grain_for(g.separate ? nc * points : points * taps), [&](int64_t begin, int64_t end) {
-    acc_t* const block = scratch.data_ptr<acc_t>() + at::get_thread_num() * scratch_len;
+  const int64_t radius_cost = g.with_r ? points * taps : 0;
+  const int64_t cost = rows + (!want_cw     ? 0
+                               : g.separate ? nc * points
+                               : batched    ? radius_cost
+                                            : nc * rows * KH * KW + radius_cost);
+  at::parallel_for(0, O, grain_for(cost), [&](int64_t begin, int64_t end) {
+    acc_t* const mid = scratch.data_ptr<acc_t>() + at::get_thread_num() * scratch_len;
     for (int64_t o = begin; o < end; ++o) {
+      const acc_t* in = ip + o * rows * width;  // this channel's rows of inner
+      if (bp != nullptr) bp[o] = long_sum<acc_t>(rows, [&](int64_t r) { return in[r * width + width - 1]; });
+      if (cwp == nullptr) continue;
       const acc_t* buf = sp + o * points;
       acc_t* out = cwp + o * per_o;
       if (g.separate) {
@@ -119,21 +140,45 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
           out[c] = long_sum<acc_t>(points, [&](int64_t p) { return buf[p] * cp[p * nc + c]; });
         continue;
       }
-      // the radius channel (per block of points, then into dst: see kSumBlock)
-      acc_t* dst = out + g.ndim * taps;
-      std::fill(dst, dst + taps, acc_t(0));
-      for (int64_t start = 0; start < points; start += kSumBlock) {
-        std::fill(block, block + taps, acc_t(0));
-        for (int64_t p = start; p < std::min(points, start + kSumBlock); ++p) {
-          const acc_t bv = buf[p];
-          const acc_t* row = rp + p * taps;
-          for (int64_t tap = 0; tap < taps; ++tap) block[tap] += bv * row[tap];
+      for (int64_t c = 0; !batched && c < g.ndim; ++c) {
+        const auto [F0, F1] = outer[c];
+        const acc_t* src = in + inner_at[c];
+        // mid[i, u, v] = sum_j F1[j, u] src[i, j, v]
+        std::fill(mid, mid + OD * KH * KW, acc_t(0));
+        for (int64_t i = 0; i < OD; ++i)
+          for (int64_t j = 0; j < OH; ++j)
+            for (int64_t u = 0; u < KH; ++u) {
+              const acc_t f = F1[j * KH + u];
+              if (f == acc_t(0)) continue;
+              for (int64_t v = 0; v < KW; ++v) mid[(i * KH + u) * KW + v] += f * src[(i * OH + j) * width + v];
+            }
+        // out[c, t, u, v] = sum_i F0[i, t] mid[i, u, v]
+        acc_t* dst = out + c * taps;
+        for (int64_t tt = 0; tt < KD; ++tt)
+          for (int64_t uv = 0; uv < KH * KW; ++uv) {
+            acc_t s = 0;
+            for (int64_t i = 0; i < OD; ++i) s += F0[i * KD + tt] * mid[i * KH * KW + uv];
+            dst[tt * KH * KW + uv] = s;
+          }
+      }
+      if (g.with_r) {
+        acc_t* dst = out + g.ndim * taps;
+        acc_t* block = mid + OD * KH * KW;  // (per block of points, then into dst: see kSumBlock)
+        std::fill(dst, dst + taps, acc_t(0));
+        for (int64_t start = 0; start < points; start += kSumBlock) {
+          std::fill(block, block + taps, acc_t(0));
+          for (int64_t p = start; p < std::min(points, start + kSumBlock); ++p) {
+            const acc_t bv = buf[p];
+            const acc_t* row = rp + p * taps;
+            for (int64_t tap = 0; tap < taps; ++tap) block[tap] += bv * row[tap];
+          }
+          for (int64_t tap = 0; tap < taps; ++tap) dst[tap] += block[tap];
         }
-        for (int64_t tap = 0; tap < taps; ++tap) dst[tap] += block[tap];
       }
     }
   });
-  *coord_grad = cw;
+  if (coord_grad != nullptr) *coord_grad = cw;
+  if (bias_grad != nullptr) *bias_grad = b;
 }
 
 }  // namespace

@@ -195,6 +195,10 @@ struct GradTables {
   AxisTables axis;    // full coordinate kernel
   at::Tensor radius;  // full coordinate kernel with the radius channel
   at::Tensor centre;  // separate filter
+  // [OW, width]: what each output row is multiplied with, as one matrix: the innermost axis's mask
+  // and coordinate tables side by side (full coordinate kernel; none for the separate filter), then
+  // a column of ones (the row's sum, for the bias gradient).
+  at::Tensor row_tables;
 };
 
 struct GradTablesEntry {
@@ -218,11 +222,14 @@ GradTables cached_grad_tables(const Geometry& g, const at::TensorOptions& acc_op
     }
   }
   GradTables t;
+  const at::Tensor ones = at::ones({g.out[2], 1}, acc_opts);
   if (g.separate) {
     t.centre = centre_table<scalar_t, acc_t>(g, acc_opts);
+    t.row_tables = ones;
   } else {
     t.axis = axis_tables<scalar_t, acc_t>(g, acc_opts);
     if (g.with_r) t.radius = radius_table<scalar_t, acc_t>(g, t.axis, acc_opts);
+    t.row_tables = at::cat({t.axis.mask[2], t.axis.value[2], ones}, 1);
   }
   std::lock_guard<std::mutex> lock(cache_mutex());
   auto& entries = grad_tables_cache();
