@@ -9,6 +9,7 @@
 #include <cstring>
 #include <mutex>
 #include <sstream>
+#include <string>
 #include <unordered_map>
 
 namespace coordconv {
@@ -26,10 +27,9 @@ Mode mode(Impl* forced) {
   if (std::strcmp(v, "heuristic") == 0) return Mode::kHeuristic;
   if (std::strcmp(v, "direct") == 0) return Mode::kDirect;
   if (impl_from_name(v, forced)) return Mode::kForced;
-  TORCH_CHECK(false,
-              "COORDCONV_CPU_KERNEL must be one of measure, heuristic, direct, aten, row_direct, avx512_direct, "
-              "avx512_direct_6x4, avx2_direct; got '",
-              v, "'");
+  std::string names = "measure, heuristic, direct";
+  for (Impl i : kAllImpls) names += std::string(", ") + impl_name(i);
+  TORCH_CHECK(false, "COORDCONV_CPU_KERNEL must be one of ", names, "; got '", v, "'");
 }
 
 // The choices made so far, in order, and an index from a layer's lookup key into them (looked up on
