@@ -210,6 +210,11 @@ AVX512_CASES = [
     Case((37,), in_channels=3, out_channels=18, kernel_size=5, stride=2, padding=2, with_r=True),
     Case((12, 60), batch=1, in_channels=16, out_channels=20, kernel_size=3, padding="same"),
     Case((9, 130), batch=3, in_channels=1, out_channels=7, kernel_size=1),
+    # output rows in bands of 16 (the last one partial) over two samples; odd width split in 2 phases
+    Case((37, 41), batch=2, in_channels=3, out_channels=13, kernel_size=3, stride=(1, 2), padding=1),
+    # pre-padding that maps positions (the coordinate term not affine in the rows: P read everywhere)
+    Case((20, 24), in_channels=2, out_channels=7, kernel_size=3, padding=1, padding_mode="replicate"),
+    Case((19, 18), in_channels=2, out_channels=6, kernel_size=5, padding=2, padding_mode="circular"),
 ]
 
 
@@ -232,6 +237,32 @@ def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
     event = f"coordconv_fused::{base}_direct"
     calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), event)
     assert calls > 0, f"the case did not take the {isa} kernel"
+
+
+# The kernel adds the coordinate term from two [C_out, OW] tables on the rows where it is affine (every
+# tap row inside the input) and reads P on the others; not with the radius, the separate filter, or a
+# pre-padding mode that maps positions (the parity above covers the values, this which path ran).
+@pytest.mark.parametrize(
+    "case,affine",
+    [
+        (Case((40, 45), in_channels=3, out_channels=10, kernel_size=7, stride=2, padding=3), True),
+        (Case((37, 41), batch=2, in_channels=3, out_channels=13, kernel_size=3, stride=(1, 2), padding=1), True),
+        (Case((20, 24), in_channels=2, out_channels=5, kernel_size=3), True),
+        (Case((20, 24), in_channels=2, out_channels=5, kernel_size=3, padding=1, with_r=True), False),
+        (Case((20, 24), in_channels=2, out_channels=5, kernel_size=3, padding=1, separate=True), False),
+        (AVX512_CASES[-1], False),
+        (Case((2, 24), in_channels=2, out_channels=5, kernel_size=3, padding=1), False),  # < 3 inner rows
+    ],
+    ids=str,
+)
+def test_cpp_direct_kernel_affine_coordinate_rows(case, affine, monkeypatch):
+    isa = next((i for i in ("avx512", "avx2") if getattr(extension, f"{i}_direct_available")()), None)
+    if isa is None:
+        pytest.skip("the CPU has neither AVX-512 nor AVX2 (no SIMD kernel)")
+    monkeypatch.setenv("COORDCONV_CPU_KERNEL", "direct")
+    event = "coordconv_fused::affine_coord_rows"
+    calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), event)
+    assert (calls > 0) == affine
 
 
 @pytest.mark.parametrize(

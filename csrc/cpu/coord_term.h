@@ -16,7 +16,9 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 #include <mutex>
@@ -100,10 +102,68 @@ inline std::array<at::Tensor, 3> factors(const Geometry& g, const AxisTables& t,
   return {axis == 0 ? t.value[0] : t.mask[0], axis == 1 ? t.value[1] : t.mask[1], axis == 2 ? t.value[2] : t.mask[2]};
 }
 
+// The rows of P in affine form, for the float32 direct kernel (direct_simd.h): wherever every tap
+// row of an output row lies inside the input (the row masks all ones), the row coordinate each tap
+// reads grows linearly with the output row, so P[o, oh, :] = U[o, :] + (oh - lo) V[o, :] for
+// lo <= oh < hi. Two [C_out, OW] tables that stay in cache then stand for the output-sized P on all
+// but the border rows, which the kernel would otherwise read from memory beside writing the output.
+struct AffineRows {
+  at::Tensor uv;  // [2, C_out, OW] float32: U, then V; undefined where P has no affine rows
+  int64_t lo = 0, hi = 0;
+};
+
+// P and its affine rows (those only for a float32 2-D layer without the radius channel).
+struct CoordTerm {
+  at::Tensor P;
+  AffineRows affine;
+};
+
+constexpr int64_t kMinAffineRows = 3;
+
+// U, V from the per-row factor table F1 [OH, c KH] (P = F1 x E, E [C_out, 1, c KH, OW]): F1's rows
+// lo and hi - 1 fix the line (in double); every row between must lie on it to the coordinates'
+// rounding (float32 coordinate values are rounded, so they are affine only to a few ulps; a pre-padding
+// mode that maps positions non-linearly fails the check and leaves P as it is).
+inline AffineRows affine_rows(const Geometry& g, const AxisTables& t, const at::Tensor& F1, const at::Tensor& E) {
+  AffineRows r;
+  const int64_t OH = g.out[1], KH = g.kernel[1];
+  if (g.out[0] != 1 || OH < kMinAffineRows) return r;
+  const at::Tensor mask_t = t.mask[1].to(at::kDouble).contiguous(), F_t = F1.to(at::kDouble).contiguous();
+  const double *mask = mask_t.const_data_ptr<double>(), *f = F_t.const_data_ptr<double>();
+  const auto inside = [&](int64_t oh) {
+    return std::all_of(mask + oh * KH, mask + (oh + 1) * KH, [](double m) { return m == 1.0; });
+  };
+  int64_t lo = 0;
+  while (lo < OH && !inside(lo)) ++lo;
+  int64_t hi = lo;
+  while (hi < OH && inside(hi)) ++hi;
+  if (hi - lo < kMinAffineRows) return r;
+  const int64_t cols = F_t.size(1);
+  at::Tensor coef = at::empty({2, cols}, F_t.options());
+  double* c = coef.data_ptr<double>();
+  double deviation = 0, scale = 1;
+  for (int64_t k = 0; k < cols; ++k) {
+    c[k] = f[lo * cols + k];
+    c[cols + k] = (f[(hi - 1) * cols + k] - c[k]) / static_cast<double>(hi - 1 - lo);
+    for (int64_t oh = lo; oh < hi; ++oh) {
+      const double v = f[oh * cols + k];
+      deviation = std::max(deviation, std::abs(v - (c[k] + static_cast<double>(oh - lo) * c[cols + k])));
+      scale = std::max(scale, std::abs(v));
+    }
+  }
+  if (deviation > 8 * std::numeric_limits<float>::epsilon() * scale) return r;
+  // [2, c KH] x [C_out, c KH, OW] -> [C_out, 2, OW] -> [2, C_out, OW]
+  r.uv = at::matmul(coef.to(E.scalar_type()), E.select(1, 0)).transpose(0, 1).to(at::kFloat).contiguous();
+  r.lo = lo;
+  r.hi = hi;
+  return r;
+}
+
 // The axis channels' part of P as matrix products, the output-sized one last and shared by all
 // channels:  P[o,i,j,k] = sum_c sum_u F1_c[j,u] E_c[o,i,u,k],  E_c = F0_c x (w_c x F2_c^T).
 // (A 4-operand einsum contracted left to right builds output-sized intermediates per channel.)
-inline at::Tensor axis_coord_term(const Geometry& g, const AxisTables& t, const at::Tensor& cw) {
+// With `affine`, also P's affine rows.
+inline at::Tensor axis_coord_term(const Geometry& g, const AxisTables& t, const at::Tensor& cw, AffineRows* affine) {
   const int64_t O = g.c_out, KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2], OD = g.out[0];
   std::vector<at::Tensor> f1, e;
   for (int64_t c = 0; c < g.ndim; ++c) {
@@ -112,25 +172,29 @@ inline at::Tensor axis_coord_term(const Geometry& g, const AxisTables& t, const 
     e.push_back(at::matmul(f[0], a.reshape({O, KD, KH * g.out[2]})).view({O, OD, KH, g.out[2]}));
     f1.push_back(f[1]);
   }
-  return at::matmul(at::cat(f1, 1), at::cat(e, 2)).contiguous();  // [OH, c KH] x [O, OD, c KH, OW]
+  const at::Tensor F1 = at::cat(f1, 1), E = at::cat(e, 2);
+  if (affine != nullptr) *affine = affine_rows(g, t, F1, E);
+  return at::matmul(F1, E).contiguous();  // [OH, c KH] x [O, OD, c KH, OW]
 }
 
-// P = the coordinate term, [C_out, OD, OH, OW] in the accumulation dtype.
+// P = the coordinate term, [C_out, OD, OH, OW] in the accumulation dtype, and (float32) its affine rows.
 template <typename scalar_t, typename acc_t>
-at::Tensor coord_term_table(const Geometry& g, const at::Tensor& coord_weight) {
+CoordTerm coord_term_table(const Geometry& g, const at::Tensor& coord_weight) {
   const auto acc_opts = coord_weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   const at::Tensor cw = coord_weight.to(acc_opts.dtype_opt()->toScalarType()).reshape({g.c_out, g.num_coords, -1});
   if (g.separate) {
     const at::Tensor C = centre_table<scalar_t, acc_t>(g, acc_opts);
-    return at::mm(cw.select(2, 0), C.t()).view({g.c_out, g.out[0], g.out[1], g.out[2]});
+    return {at::mm(cw.select(2, 0), C.t()).view({g.c_out, g.out[0], g.out[1], g.out[2]}), {}};
   }
   const AxisTables t = axis_tables<scalar_t, acc_t>(g, acc_opts);
-  at::Tensor P = axis_coord_term(g, t, cw);
+  CoordTerm term;
+  const bool affine = std::is_same_v<scalar_t, float> && !g.with_r;
+  term.P = axis_coord_term(g, t, cw, affine ? &term.affine : nullptr);
   if (g.with_r) {
     const at::Tensor R = radius_table<scalar_t, acc_t>(g, t, acc_opts);
-    P.view({g.c_out, -1}).addmm_(cw.select(1, g.ndim), R.t());
+    term.P.view({g.c_out, -1}).addmm_(cw.select(1, g.ndim), R.t());
   }
-  return P;
+  return term;
 }
 
 // ---- cache of P --------------------------------------------------------------------------------
@@ -142,7 +206,7 @@ at::Tensor coord_term_table(const Geometry& g, const at::Tensor& coord_weight) {
 struct CacheEntry {
   Geometry key{};
   at::Tensor coord_weight;  // a copy of the values P was computed from
-  at::Tensor P;
+  CoordTerm term;
 };
 
 inline Geometry cache_key(Geometry g) {
@@ -166,7 +230,7 @@ std::mutex& cache_mutex();
 std::unordered_map<const c10::TensorImpl*, CacheEntry>& cache();
 
 template <typename scalar_t, typename acc_t>
-at::Tensor cached_coord_term(const Geometry& g, const at::Tensor& coord_weight) {
+CoordTerm cached_coord_term(const Geometry& g, const at::Tensor& coord_weight) {
   const Geometry key = cache_key(g);
   const c10::TensorImpl* impl = coord_weight.unsafeGetTensorImpl();
   {
@@ -176,14 +240,14 @@ at::Tensor cached_coord_term(const Geometry& g, const at::Tensor& coord_weight) 
         it->second.coord_weight.sizes() == coord_weight.sizes() &&
         it->second.coord_weight.scalar_type() == coord_weight.scalar_type() &&
         same_values(it->second.coord_weight, coord_weight)) {
-      return it->second.P;
+      return it->second.term;
     }
   }
-  at::Tensor P = coord_term_table<scalar_t, acc_t>(g, coord_weight);
+  CoordTerm term = coord_term_table<scalar_t, acc_t>(g, coord_weight);
   std::lock_guard<std::mutex> lock(cache_mutex());
   if (cache().size() >= kMaxCacheEntries) cache().clear();
-  cache()[impl] = CacheEntry{key, coord_weight.clone(at::MemoryFormat::Contiguous), P};
-  return P;
+  cache()[impl] = CacheEntry{key, coord_weight.clone(at::MemoryFormat::Contiguous), term};
+  return term;
 }
 
 // ---- cache of the backward's tables ------------------------------------------------------------

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "../geometry.h"
+#include "coord_term.h"
 #include "direct_simd.h"
 #include "kernel_choice.h"
 
@@ -37,9 +38,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     bool separate, std::array<bool, 4> output_mask);
 
 // y = the output of the SIMD direct kernel `impl` (forward.cpp; is_simd(impl)) for float32 input x,
-// weight [C_out, C_in, (kh,) kw], the coordinate term P (or null) and bias (or undefined).
-void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
-                     const at::Tensor& bias, at::Tensor& y);
+// weight [C_out, C_in, (kh,) kw], the coordinate term (or null: none) and bias (or undefined).
+void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                     const CoordTerm* coord, const at::Tensor& bias, at::Tensor& y);
 
 // COORDCONV_NO_AVX512 set: the AVX-512 kernels are not used, the AVX2 ones are where the CPU has
 // them (what an AVX2-only CPU runs; for A/B measurements and bisecting: read on every call that

@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -88,21 +89,36 @@ inline bool isa_supported(Isa isa) {
   return isa == Isa::kAvx512 ? avx512 : avx2;
 }
 
-// Pass 1: xs[(n * C + c) * H + ih] = the phase rows of x[n, c, ih, :].
+// Pass 1: xs[(n * C + c) * H + ih] = the phase rows of x[n, c, ih, :]: each phase row its zero
+// margin, its columns, zeros to the end (only the margins are cleared; strides 1 and 2, the common
+// ones, copy with constant strides the compiler vectorises).
 inline void split_input(const Geometry& g, const SplitLayout& s, const float* x, float* xs) {
-  const int64_t W = g.padded[2], rows = g.n * g.c_in * g.padded[1];
+  const int64_t W = g.padded[2], rows = g.n * g.c_in * g.padded[1], sw = s.stride;
   at::parallel_for(0, rows, grain_for(s.floats_per_row()), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* src = x + r * W;
+      const float* __restrict src = x + r * W;
       float* dst = xs + r * s.floats_per_row();
-      std::memset(dst, 0, sizeof(float) * s.floats_per_row());
-      if (s.stride == 1) {
-        std::memcpy(dst + s.margin, src, sizeof(float) * W);
+      for (int64_t p = 0; p < sw; ++p) {
+        float* phase = dst + p * s.row_len;
+        const int64_t len = p < W ? (W - p + sw - 1) / sw : 0;
+        std::memset(phase, 0, sizeof(float) * s.margin);
+        std::memset(phase + s.margin + len, 0, sizeof(float) * (s.row_len - s.margin - len));
+      }
+      float* __restrict p0 = dst + s.margin;
+      if (sw == 1) {
+        std::memcpy(p0, src, sizeof(float) * W);
+      } else if (sw == 2) {
+        float* __restrict p1 = p0 + s.row_len;
+        for (int64_t q = 0; q < W / 2; ++q) {
+          p0[q] = src[2 * q];
+          p1[q] = src[2 * q + 1];
+        }
+        if (W % 2 != 0) p0[W / 2] = src[W - 1];
       } else {
-        for (int64_t p = 0; p < s.stride && p < W; ++p) {
-          float* phase = dst + p * s.row_len + s.margin;
-          const int64_t len = (W - p + s.stride - 1) / s.stride;
-          for (int64_t q = 0; q < len; ++q) phase[q] = src[q * s.stride + p];
+        for (int64_t p = 0; p < sw && p < W; ++p) {
+          float* phase = p0 + p * s.row_len;
+          const int64_t len = (W - p + sw - 1) / sw;
+          for (int64_t q = 0; q < len; ++q) phase[q] = src[q * sw + p];
         }
       }
     }
@@ -132,14 +148,19 @@ struct DirectArgs {
   const SplitLayout* s;
   const int64_t* tap_offsets;
   const float *xs, *wpack;
-  int64_t oc_padded;
-  const float *P, *bias;  // P may be null: no coordinate term (e.g. for an input gradient)
+  // The coordinate term, if any (none e.g. for an input gradient): output rows [lo, hi) add
+  // U + (oh - lo) V (uv: [2, C_out, OW], coord_term.h's AffineRows; may be null), the others P's
+  // row (P: [C_out, OH, OW]; null: no coordinate term).
+  const float *P, *uv;
+  int64_t lo, hi;
+  const float* bias;
   float* y;
 };
 
 // One register tile: output channels oc0 .. oc0 + OCB - 1 (those >= C_out computed from zero
 // weights and not stored), columns j0 .. j0 + VECS * lanes - 1 of output row oh of sample n, of which
-// the first `width` are stored. wpack: [C_in * KH * KW][oc_padded], tap-major, zero past C_out.
+// the first `width` are stored. wpack: [C_out / OCB (rounded up)][C_in * KH * KW][OCB], each channel
+// block's weights together, tap-major, zero past C_out.
 template <typename V, int VECS, int OCB>
 __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0,
                                                        int64_t j0, int64_t width) {
@@ -148,8 +169,10 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
   const int64_t H = g.padded[1], OH = g.out[1], OW = g.out[2];
   const int64_t KH = g.kernel[1], KW = g.kernel[2], C = g.c_in;
   const int64_t on = g.c_out - oc0 < OCB ? g.c_out - oc0 : OCB;
-  // Start from the bias; P is added at the end, its lines prefetched now (read first, a P line from
-  // L3 would hold up every FMA chain of the tile).
+  const bool affine = a.uv != nullptr && oh >= a.lo && oh < a.hi;
+  const float* P = affine ? nullptr : a.P;
+  // Start from the bias; the coordinate term is added at the end, P's lines prefetched now (read
+  // first, a P line from L3 would hold up every FMA chain of the tile).
   V acc[OCB][VECS];
 #pragma GCC unroll 8
   for (int o = 0; o < OCB; ++o) {
@@ -157,17 +180,19 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
     const float b = a.bias != nullptr ? a.bias[oc] : 0.0f;
 #pragma GCC unroll 4
     for (int v = 0; v < VECS; ++v) {
-      if (a.P != nullptr) __builtin_prefetch(a.P + (oc * OH + oh) * OW + j0 + lanes * v);
+      if (P != nullptr) __builtin_prefetch(P + (oc * OH + oh) * OW + j0 + lanes * v);
       acc[o][v] = V{} + b;
     }
   }
+  const float* wblock = a.wpack + oc0 * g.k_data();  // = (oc0 / OCB) * K * OCB
+  const int64_t fpr = a.s->floats_per_row();
   for (int64_t ci = 0; ci < C; ++ci) {
     for (int64_t th = 0; th < KH; ++th) {
       const int64_t ih = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
       if (ih < 0 || ih >= H) continue;  // a zero-padding row
-      const float* rows = a.xs + ((n * C + ci) * H + ih) * a.s->floats_per_row() + j0;
-      const float* wt = a.wpack + ((ci * KH + th) * KW) * a.oc_padded + oc0;
-      for (int64_t tw = 0; tw < KW; ++tw, wt += a.oc_padded) {
+      const float* rows = a.xs + ((n * C + ci) * H + ih) * fpr + j0;
+      const float* wt = wblock + ((ci * KH + th) * KW) * OCB;
+      for (int64_t tw = 0; tw < KW; ++tw, wt += OCB) {
         const float* row = rows + a.tap_offsets[tw];
         V xv[VECS];
 #pragma GCC unroll 4
@@ -180,22 +205,33 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
       }
     }
   }
+  const float t = static_cast<float>(oh - a.lo);
 #pragma GCC unroll 8
   for (int o = 0; o < OCB; ++o) {  // (constant indices: the accumulators stay in registers)
     if (o >= on) break;
     const int64_t plane = (n * g.c_out + oc0 + o) * OH + oh;
-    const float* prow = a.P != nullptr ? a.P + ((oc0 + o) * OH + oh) * OW + j0 : nullptr;
+    const float* prow = P != nullptr ? P + ((oc0 + o) * OH + oh) * OW + j0 : nullptr;
+    const float* urow = affine ? a.uv + (oc0 + o) * OW + j0 : nullptr;
+    const float* vrow = affine ? urow + g.c_out * OW : nullptr;
     float* yrow = a.y + plane * OW + j0;
 #pragma GCC unroll 4
     for (int v = 0; v < VECS; ++v) {
       const int64_t left = width - lanes * v;  // columns of this vector to store
+      V out = acc[o][v];
       if (left >= lanes) {
-        store<V>(yrow + lanes * v, prow != nullptr ? acc[o][v] + load<V>(prow + lanes * v) : acc[o][v]);
-      } else {  // the row's partial last vector (P and y end there), through a buffer
+        if (affine) {
+          out += load<V>(urow + lanes * v) + t * load<V>(vrow + lanes * v);
+        } else if (prow != nullptr) {
+          out += load<V>(prow + lanes * v);
+        }
+        store<V>(yrow + lanes * v, out);
+      } else {  // the row's partial last vector (the tables and y end there), through a buffer
         float part[lanes];
-        store<V>(part, acc[o][v]);
-        for (int64_t l = 0; l < left; ++l)
-          yrow[lanes * v + l] = part[l] + (prow != nullptr ? prow[lanes * v + l] : 0.0f);
+        store<V>(part, out);
+        for (int64_t l = 0; l < left; ++l) {
+          const int64_t j = lanes * v + l;
+          yrow[j] = part[l] + (affine ? urow[j] + t * vrow[j] : prow != nullptr ? prow[j] : 0.0f);
+        }
       }
     }
   }
@@ -211,8 +247,14 @@ __attribute__((always_inline)) inline void rest_tile(const DirectArgs& a, int64_
   }
 }
 
-// Items [begin, end) of (sample, channel block, output row), each: full tiles along the row, then
-// one narrower tile for the rest.
+// Output rows per band (see direct_items).
+constexpr int64_t kBandRows = 16;
+
+// Items [begin, end) of (sample, output row), each: full tiles along the row, then one narrower
+// tile for the rest. In the order sample, band of kBandRows output rows, channel block, row: every
+// channel block of a band reads the band's input rows while they are in cache (about
+// (kBandRows * stride + kh) rows of C_in channels; rows innermost had each block stream the whole
+// input through the cache again), and a thread's rows are in one part of the input.
 template <typename V, int VECS, int OCB>
 __attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int64_t begin, int64_t end) {
   constexpr int64_t lanes = sizeof(V) / sizeof(float), tile = VECS * lanes;
@@ -220,8 +262,9 @@ __attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int
   const int64_t blocks = (g.c_out + OCB - 1) / OCB, OH = g.out[1], OW = g.out[2];
   const int64_t full = OW / tile * tile, rest = OW - full;
   for (int64_t item = begin; item < end; ++item) {
-    // rows innermost: a thread streams through OCB output planes (and the same planes of P) at a time
-    const int64_t oh = item % OH, oc0 = (item / OH) % blocks * OCB, n = item / (blocks * OH);
+    const int64_t n = item / (blocks * OH), i = item % (blocks * OH);
+    const int64_t band = i / (blocks * kBandRows), rows = std::min(kBandRows, OH - band * kBandRows);
+    const int64_t k = i - band * blocks * kBandRows, oc0 = k / rows * OCB, oh = band * kBandRows + k % rows;
     for (int64_t j0 = 0; j0 < full; j0 += tile) direct_tile<V, VECS, OCB>(a, n, oh, oc0, j0, tile);
     if (rest > 0) rest_tile<V, VECS, OCB>(a, n, oh, oc0, full, rest, (rest + lanes - 1) / lanes);
   }
@@ -242,20 +285,19 @@ __attribute__((target("avx2,fma"))) inline void direct_items_avx2(const DirectAr
 }
 
 // The whole output: (sample, channel block, row) items in parallel, in tiles of `oc_block` (kOcBlock,
-// or kOcBlockWide in AVX-512) channels. xs: the pass-1 buffer; wpack: the weights, [tap][oc_padded]
-// with oc_padded a multiple of oc_block.
+// or kOcBlockWide in AVX-512) channels. xs: the pass-1 buffer; wpack: the weights, [block][tap][oc_block]
+// (pack_weights); P, uv, lo, hi: the coordinate term as in DirectArgs.
 inline void direct_forward_simd(Isa isa, int64_t oc_block, const Geometry& g, const SplitLayout& s, const float* x,
-                                float* xs, const float* wpack, int64_t oc_padded, const float* P, const float* bias,
-                                float* y) {
+                                float* xs, const float* wpack, const float* P, const float* uv, int64_t lo, int64_t hi,
+                                const float* bias, float* y) {
   // (a profiler event: tests and users see which layers take which kernel)
   RECORD_FUNCTION(isa == Isa::kAvx512 ? "coordconv_fused::avx512_direct" : "coordconv_fused::avx2_direct",
                   c10::ArrayRef<const c10::IValue>{});
   split_input(g, s, x, xs);
   std::vector<int64_t> tap_offsets(g.kernel[2]);
   for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
-  const DirectArgs args{&g, &s, tap_offsets.data(), xs, wpack, oc_padded, P, bias, y};
+  const DirectArgs args{&g, &s, tap_offsets.data(), xs, wpack, P, uv, lo, hi, bias, y};
   TORCH_INTERNAL_ASSERT(oc_block == kOcBlock || (isa == Isa::kAvx512 && oc_block == kOcBlockWide));
-  TORCH_INTERNAL_ASSERT(oc_padded % oc_block == 0);
   const int64_t items = g.n * g.out[1] * ((g.c_out + oc_block - 1) / oc_block);
   at::parallel_for(0, items, grain_for(oc_block * g.out[2] * g.k_data()), [&](int64_t begin, int64_t end) {
     if (isa == Isa::kAvx512) {
@@ -275,7 +317,7 @@ inline void direct_forward_simd(Isa isa, int64_t oc_block, const Geometry& g, co
 inline bool isa_supported(Isa) { return false; }
 
 inline void direct_forward_simd(Isa, int64_t, const Geometry&, const SplitLayout&, const float*, float*, const float*,
-                                int64_t, const float*, const float*, float*) {}
+                                const float*, const float*, int64_t, int64_t, const float*, float*) {}
 
 #endif
 

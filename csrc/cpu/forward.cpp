@@ -114,20 +114,21 @@ bool use_avx512_direct(const Geometry& g, const at::Tensor& input, at::MemoryFor
   return simd_eligible(g, input, format) == Isa::kAvx512 && avx512_direct_pays(g);
 }
 
-// The output by one implementation; P: the coordinate term (accumulation dtype).
+// The output by one implementation; coord: the coordinate term (P in the accumulation dtype).
 at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
-                        const c10::optional<at::Tensor>& bias, const at::Tensor& P, at::IntArrayRef stride,
+                        const c10::optional<at::Tensor>& bias, const CoordTerm& coord, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef output_padding,
                         int64_t groups) {
   at::Tensor y = impl == Impl::kAten
                      ? at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups)
                      : at::empty(output_sizes(g), input.options());
   if (y.numel() == 0) return y;
+  const at::Tensor& P = coord.P;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_conv_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (is_simd(impl)) {
       if constexpr (std::is_same_v<scalar_t, float>) {
-        run_direct_simd(impl, g, input, weight, P.data_ptr<float>(), g.has_bias ? bias->contiguous() : at::Tensor(), y);
+        run_direct_simd(impl, g, input, weight, &coord, g.has_bias ? bias->contiguous() : at::Tensor(), y);
       }
     } else if (impl == Impl::kRowDirect) {
       const at::Tensor x = input.contiguous(), w = weight.contiguous();
@@ -147,22 +148,39 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
 }  // namespace
 
 // y = the output of the SIMD direct kernel `impl` for float32 input x, weight [C_out, C_in, (kh,) kw],
-// the coordinate term P (or null) and bias (or undefined).
-void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight, const float* P,
-                     const at::Tensor& bias, at::Tensor& y) {
+// the coordinate term (or null) and bias (or undefined).
+void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                     const CoordTerm* coord, const at::Tensor& bias, at::Tensor& y) {
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const int64_t block = oc_block_of(impl);
-  const int64_t oc_padded = (g.c_out + block - 1) / block * block, K = g.k_data();
-  at::Tensor wpack = at::empty({K, oc_padded}, weight.options());  // [tap][channel], zero past C_out
+  const int64_t blocks = (g.c_out + block - 1) / block, K = g.k_data();
+  // [channel block][tap][channel in block], zero past C_out: a tile's weights lie together
+  at::Tensor wpack = at::empty({blocks, K, block}, weight.options());
   float* wp = wpack.data_ptr<float>();
   const float* ws = w.data_ptr<float>();
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t o = 0; o < oc_padded; ++o) wp[k * oc_padded + o] = o < g.c_out ? ws[o * K + k] : 0.0f;
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t o = 0; o < block; ++o) {
+        const int64_t oc = b * block + o;
+        *wp++ = oc < g.c_out ? ws[oc * K + k] : 0.0f;
+      }
   const SplitLayout layout = split_layout(g);
   at::Tensor xs = at::empty({g.n * g.c_in * g.padded[1] * layout.floats_per_row()}, x.options());
-  direct_forward_simd(isa_of(impl), block, g, layout, x.data_ptr<float>(), xs.data_ptr<float>(),
-                      wpack.data_ptr<float>(), oc_padded, P, bias.defined() ? bias.data_ptr<float>() : nullptr,
-                      y.data_ptr<float>());
+  const AffineRows* affine = coord != nullptr && coord->affine.uv.defined() ? &coord->affine : nullptr;
+  const auto launch = [&] {
+    direct_forward_simd(isa_of(impl), block, g, layout, x.data_ptr<float>(), xs.data_ptr<float>(),
+                        wpack.data_ptr<float>(), coord != nullptr ? coord->P.data_ptr<float>() : nullptr,
+                        affine != nullptr ? affine->uv.data_ptr<float>() : nullptr, affine != nullptr ? affine->lo : 0,
+                        affine != nullptr ? affine->hi : 0, bias.defined() ? bias.data_ptr<float>() : nullptr,
+                        y.data_ptr<float>());
+  };
+  if (affine != nullptr) {
+    // (a profiler event: tests see which layers add the coordinate term from its affine rows)
+    RECORD_FUNCTION("coordconv_fused::affine_coord_rows", c10::ArrayRef<const c10::IValue>{});
+    launch();
+  } else {
+    launch();
+  }
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
@@ -175,9 +193,10 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   if (g.n * g.c_out * g.out_points() == 0) {
     return at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
   }
-  at::Tensor P;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_term_cpu",
-                                  [&] { P = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight); });
+  CoordTerm coord;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_term_cpu", [&] {
+    coord = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight);
+  });
   // The candidates: ATen/oneDNN + the coordinate epilogue, the row kernel on shallow layers, the
   // SIMD kernel where it applies (in AVX-512 both its tile shapes, the second where C_out fills more
   // than one tile of the first; kernel_choice.h chooses among them).
@@ -193,7 +212,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
                          : dense && g.k_data() <= kCpuDirectMaxK ? Impl::kRowDirect
                                                                  : Impl::kAten;
   auto run = [&](Impl impl) {
-    return forward_impl(impl, g, input, weight, bias, P, stride, padding, dilation, output_padding, groups);
+    return forward_impl(impl, g, input, weight, bias, coord, stride, padding, dilation, output_padding, groups);
   };
   const Impl impl = choose_impl("forward", g, input.scalar_type(), candidates, heuristic, [&](Impl c) { run(c); });
   return run(impl);
