@@ -159,9 +159,10 @@ struct DirectArgs {
 
 // One register tile: output channels oc0 .. oc0 + OCB - 1 (those >= C_out computed from zero
 // weights and not stored), columns j0 .. j0 + VECS * lanes - 1 of output row oh of sample n, of which
-// the first `width` are stored. wpack: [C_out / OCB (rounded up)][C_in * KH * KW][OCB], each channel
-// block's weights together, tap-major, zero past C_out.
-template <typename V, int VECS, int OCB>
+// the first `width` are stored. wpack: [C_out / BLOCK (rounded up)][C_in * KH * KW][BLOCK], each
+// channel block's weights together, tap-major, zero past C_out; a tile computes the first OCB
+// channels of its block (OCB < BLOCK: the narrower tile of a last block with few channels left).
+template <typename V, int VECS, int OCB, int BLOCK = OCB>
 __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0,
                                                        int64_t j0, int64_t width) {
   constexpr int64_t lanes = sizeof(V) / sizeof(float);
@@ -184,15 +185,15 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
       acc[o][v] = V{} + b;
     }
   }
-  const float* wblock = a.wpack + oc0 * g.k_data();  // = (oc0 / OCB) * K * OCB
+  const float* wblock = a.wpack + oc0 * g.k_data();  // = (oc0 / BLOCK) * K * BLOCK
   const int64_t fpr = a.s->floats_per_row();
   for (int64_t ci = 0; ci < C; ++ci) {
     for (int64_t th = 0; th < KH; ++th) {
       const int64_t ih = oh * g.stride[1] - g.pad[1] + th * g.dil[1];
       if (ih < 0 || ih >= H) continue;  // a zero-padding row
       const float* rows = a.xs + ((n * C + ci) * H + ih) * fpr + j0;
-      const float* wt = wblock + ((ci * KH + th) * KW) * OCB;
-      for (int64_t tw = 0; tw < KW; ++tw, wt += OCB) {
+      const float* wt = wblock + ((ci * KH + th) * KW) * BLOCK;
+      for (int64_t tw = 0; tw < KW; ++tw, wt += BLOCK) {
         const float* row = rows + a.tap_offsets[tw];
         V xv[VECS];
 #pragma GCC unroll 4
@@ -238,13 +239,22 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
 }
 
 // The narrower tile of a row's rest: `vecs` (1 .. VECS) vectors.
-template <typename V, int VECS, int OCB>
+template <typename V, int VECS, int OCB, int BLOCK = OCB>
 __attribute__((always_inline)) inline void rest_tile(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0,
                                                      int64_t j0, int64_t width, int64_t vecs) {
   if constexpr (VECS > 0) {
-    if (vecs == VECS) return direct_tile<V, VECS, OCB>(a, n, oh, oc0, j0, width);
-    rest_tile<V, VECS - 1, OCB>(a, n, oh, oc0, j0, width, vecs);
+    if (vecs == VECS) return direct_tile<V, VECS, OCB, BLOCK>(a, n, oh, oc0, j0, width);
+    rest_tile<V, VECS - 1, OCB, BLOCK>(a, n, oh, oc0, j0, width, vecs);
   }
+}
+
+// One output row of one channel block: full tiles along the row, then one narrower tile for the rest.
+template <typename V, int VECS, int OCB, int BLOCK = OCB>
+__attribute__((always_inline)) inline void direct_row(const DirectArgs& a, int64_t n, int64_t oh, int64_t oc0) {
+  constexpr int64_t lanes = sizeof(V) / sizeof(float), tile = VECS * lanes;
+  const int64_t OW = a.g->out[2], full = OW / tile * tile, rest = OW - full;
+  for (int64_t j0 = 0; j0 < full; j0 += tile) direct_tile<V, VECS, OCB, BLOCK>(a, n, oh, oc0, j0, tile);
+  if (rest > 0) rest_tile<V, VECS, OCB, BLOCK>(a, n, oh, oc0, full, rest, (rest + lanes - 1) / lanes);
 }
 
 // Output rows per band (see direct_items).
@@ -257,16 +267,20 @@ constexpr int64_t kBandRows = 16;
 // input through the cache again), and a thread's rows are in one part of the input.
 template <typename V, int VECS, int OCB>
 __attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int64_t begin, int64_t end) {
-  constexpr int64_t lanes = sizeof(V) / sizeof(float), tile = VECS * lanes;
   const Geometry& g = *a.g;
-  const int64_t blocks = (g.c_out + OCB - 1) / OCB, OH = g.out[1], OW = g.out[2];
-  const int64_t full = OW / tile * tile, rest = OW - full;
+  const int64_t blocks = (g.c_out + OCB - 1) / OCB, OH = g.out[1];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t n = item / (blocks * OH), i = item % (blocks * OH);
     const int64_t band = i / (blocks * kBandRows), rows = std::min(kBandRows, OH - band * kBandRows);
     const int64_t k = i - band * blocks * kBandRows, oc0 = k / rows * OCB, oh = band * kBandRows + k % rows;
-    for (int64_t j0 = 0; j0 < full; j0 += tile) direct_tile<V, VECS, OCB>(a, n, oh, oc0, j0, tile);
-    if (rest > 0) rest_tile<V, VECS, OCB>(a, n, oh, oc0, full, rest, (rest + lanes - 1) / lanes);
+    if constexpr (OCB > kOcBlock) {
+      // a last block of at most kOcBlock channels in a tile of kOcBlock (e.g. 64 = 10 x 6 + 4)
+      if (g.c_out - oc0 <= kOcBlock) {
+        direct_row<V, VECS, kOcBlock, OCB>(a, n, oh, oc0);
+        continue;
+      }
+    }
+    direct_row<V, VECS, OCB>(a, n, oh, oc0);
   }
 }
 
