@@ -11,8 +11,11 @@
 //     output columns with one unmasked load, whatever the stride, and zero padding costs nothing.
 //  2. Register tiles of OCB output channels x VECS vectors of columns start from the bias,
 //     accumulate the data taps (VECS loads and OCB weight broadcasts feed OCB * VECS FMAs), add
-//     the coordinate term P (closed form, see coord_term.h) and are stored once. A row's last tile
-//     is narrower and its last vector partial.
+//     the coordinate term (closed form, see coord_term.h: from two small tables on the rows where
+//     it is affine, from the output-sized P on the border rows) and are stored once. A row's last
+//     tile is narrower and its last vector partial; output rows go in bands across channel blocks.
+//     The tile's arithmetic runs at ~85% of the FMA peak from L1; what it loses beyond that is
+//     memory (the input rows that miss L1, docs/tuning.md), hence the bands and the small tables.
 //
 // The tile is written once, over GCC vector types (`F32x16`, `F32x8`), and compiled for each ISA and
 // tile shape by an entry function with that target (`direct_items_avx512`, `direct_items_avx512_6x4`,
@@ -260,11 +263,11 @@ __attribute__((always_inline)) inline void direct_row(const DirectArgs& a, int64
 // Output rows per band (see direct_items).
 constexpr int64_t kBandRows = 16;
 
-// Items [begin, end) of (sample, output row), each: full tiles along the row, then one narrower
-// tile for the rest. In the order sample, band of kBandRows output rows, channel block, row: every
-// channel block of a band reads the band's input rows while they are in cache (about
-// (kBandRows * stride + kh) rows of C_in channels; rows innermost had each block stream the whole
-// input through the cache again), and a thread's rows are in one part of the input.
+// Items [begin, end) of (sample, channel block, output row), each one row of one block (direct_row),
+// in the order sample, band of kBandRows output rows, channel block, row: every channel block of a
+// band reads the band's input rows while they are in cache (about kBandRows * stride + kh rows of
+// C_in channels; rows innermost had each block stream the whole input through the cache again), and
+// a thread's rows are in one part of the input.
 template <typename V, int VECS, int OCB>
 __attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int64_t begin, int64_t end) {
   const Geometry& g = *a.g;
