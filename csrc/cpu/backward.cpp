@@ -35,6 +35,10 @@ constexpr int64_t kSumBlock = 256;
 // call but the one GEMM).
 constexpr int64_t kBatchedRowsMin = 32768;
 
+// Below this many multiply-adds, the row contraction below is a plain loop, not at::mm (whose call
+// costs a few microseconds: a tiny layer's backward).
+constexpr int64_t kLoopProductMax = 16384;
+
 // sum over p in [0, n) of term(p), accumulated in double where acc_t is float (vectorised).
 template <typename acc_t, typename Term>
 acc_t long_sum(int64_t n, const Term& term) {
@@ -91,7 +95,20 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   // inner[o, i, j, :] = sums[o, i, j, :] x row_tables: [mask products (KW) | coordinate products (KW) |]
   // the row's sum; only the sum for the separate filter
   const int64_t width = tables.row_tables.size(1);
-  const at::Tensor inner = at::mm(sums.view({O * rows, OW}), tables.row_tables);
+  at::Tensor inner;
+  if (O * rows * OW * width >= kLoopProductMax) {
+    inner = at::mm(sums.view({O * rows, OW}), tables.row_tables);
+  } else {  // (a small product: a loop costs less than at::mm's dispatch)
+    inner = at::zeros({O * rows, width}, acc_opts);
+    const acc_t* a = sums.data_ptr<acc_t>();
+    const acc_t* b = tables.row_tables.data_ptr<acc_t>();
+    acc_t* c = inner.data_ptr<acc_t>();
+    for (int64_t r = 0; r < O * rows; ++r)
+      for (int64_t k = 0; k < OW; ++k) {
+        const acc_t v = a[r * OW + k];
+        for (int64_t j = 0; j < width; ++j) c[r * width + j] += v * b[k * width + j];
+      }
+  }
   const bool want_cw = coord_grad != nullptr;
   at::Tensor cw = want_cw ? at::empty({O, per_o}, acc_opts) : at::Tensor();
   at::Tensor b = bias_grad != nullptr ? at::empty({O}, acc_opts) : at::Tensor();
@@ -202,6 +219,22 @@ at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& i
 
 // ---- the whole backward ---------------------------------------------------------------------------
 
+namespace {
+
+// Below this many multiply-adds per gradient, the input and weight gradients are one
+// convolution_backward call: on the Xeon, (1,3,8,8)->8 3x3 37 us against 54 for two calls,
+// (1,16,32,32)->16 1.02x, (8,32,32,32)->32 still 1.01x (docs/tuning.md).
+constexpr int64_t kOneCallMacs = int64_t(1) << 22;
+
+// Multiply-adds of one of the input and weight gradients: each grad_output point meets C_in / groups
+// x taps weights.
+int64_t gradient_macs(const at::Tensor& grad, const at::Tensor& weight) {
+  const int64_t c_out = weight.size(0);
+  return c_out == 0 ? 0 : grad.numel() * (weight.numel() / c_out);
+}
+
+}  // namespace
+
 // Gradients of (input, weight, coord_weight, bias), each only where output_mask asks (else
 // undefined): the coordinate and bias gradients in the one pass above, the input gradient by the
 // direct kernel where it pays, the rest by ATen's convolution_backward.
@@ -228,10 +261,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     if (need_cw) grad_cw = grad_cw.view(coord_weight.sizes()).to(coord_weight.scalar_type());
     if (need_b) grad_b = grad_b.to(grad.scalar_type());
   }
-  // Input and weight gradients in separate calls: as fast as one convolution_backward computing
-  // both, and its peak memory is lower (docs/tuning.md).
+  // Input and weight gradients in separate calls: on large layers as fast as one convolution_backward
+  // computing both, with a lower peak memory; on small ones (below kOneCallMacs), where a call's fixed
+  // cost counts, in one call when ATen computes the input gradient (docs/tuning.md).
+  const Impl in_impl =
+      need_in ? input_grad_impl(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups)
+              : Impl::kAten;
+  if (need_in && need_w && in_impl == Impl::kAten && !transposed && gradient_macs(grad, weight) < kOneCallMacs) {
+    std::tie(grad_in, grad_w, std::ignore) =
+        at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
+                                 output_padding, groups, {true, true, false});
+    return {grad_in, grad_w, grad_cw, grad_b};
+  }
   if (need_in)
-    grad_in = input_grad_cpu(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+    grad_in =
+        input_grad_by(in_impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
   if (need_w) {
     grad_w = std::get<1>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation,
                                                   transposed, output_padding, groups, {false, true, false}));

@@ -25,6 +25,15 @@ at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                           at::IntArrayRef output_padding, int64_t groups);
 
+// The input gradient's implementation for this layer (ATen's convolution_backward or the SIMD direct
+// kernel, measured the first time the layer is seen: kernel_choice.h), and the gradient by `impl`.
+Impl input_grad_impl(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                     int64_t groups);
+at::Tensor input_grad_by(Impl impl, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                         at::IntArrayRef output_padding, int64_t groups);
+
 at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& input, const at::Tensor& weight,
                                  const at::Tensor& coord_weight, at::IntArrayRef stride, at::IntArrayRef padding,
                                  at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,

@@ -160,26 +160,37 @@ at::Tensor input_grad_kernel(Isa isa, const at::Tensor& grad, const at::Tensor& 
 
 }  // namespace
 
-at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                          at::IntArrayRef output_padding, int64_t groups) {
-  const AutocastOff autocast_off;
-  auto run = [&](Impl impl) {
-    if (is_simd(impl)) return input_grad_kernel(isa_of(impl), grad, input, weight, stride, padding, dilation);
-    return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation,
-                                                transposed, output_padding, groups, {true, false, false}));
-  };
+Impl input_grad_impl(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                     at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                     int64_t groups) {
   const auto isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
-  if (!isa) return run(Impl::kAten);
+  if (!isa) return Impl::kAten;
   const Impl heuristic =
       input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
   // (the layer, as the key of the measured choice: the convolution's geometry, nothing pre-padded)
   const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
   const Geometry layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups,
                                        no_pre_pad, "zeros", false, false);
-  const Impl impl = choose_impl("input_grad", layer, input.scalar_type(), {Impl::kAten, simd_impl(*isa)}, heuristic,
-                                [&](Impl c) { run(c); });
-  return run(impl);
+  return choose_impl("input_grad", layer, input.scalar_type(), {Impl::kAten, simd_impl(*isa)}, heuristic, [&](Impl c) {
+    input_grad_by(c, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+  });
+}
+
+at::Tensor input_grad_by(Impl impl, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                         at::IntArrayRef output_padding, int64_t groups) {
+  const AutocastOff autocast_off;
+  if (is_simd(impl)) return input_grad_kernel(isa_of(impl), grad, input, weight, stride, padding, dilation);
+  return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
+                                              output_padding, groups, {true, false, false}));
+}
+
+at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
+                          at::IntArrayRef output_padding, int64_t groups) {
+  const AutocastOff autocast_off;
+  const Impl impl = input_grad_impl(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+  return input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
 }
 
 }  // namespace coordconv
