@@ -10,6 +10,7 @@
 #include "cpu/direct_simd.h"
 #include "epilogue_policy_py.h"
 #include "cpu/kernel_choice.h"
+#include "prepared_call.h"
 
 namespace {
 // Whether the CPU backend's AVX-512 direct kernel can run on this CPU (for tests and reports).
@@ -132,6 +133,10 @@ PyMethodDef methods[] = {
      "Get (-1) or set the CUDA epilogue's policy: 0 rule, 1 vectors, 2 scalars, 3 split; returns the previous."},
     {"avx2_direct_available", avx2_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX2 direct kernel can run on this CPU."},
+    {"prepare_call", coordconv::py_prepare_call, METH_VARARGS,
+     "A handle for call_prepared: the op's name and its arguments after the tensors, converted once."},
+    {"call_prepared", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(coordconv::py_call_prepared)),
+     METH_FASTCALL, "call_prepared(handle, input, weight, coord_weight, bias): the prepared op's output."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -496,6 +496,74 @@ def test_cached_backward_tables_follow_geometry_and_dtype(variant):
             assert_matches_reference("cpp", case, dtype, check=("coord_weight", "bias"))
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_prepared_call_is_the_op_and_defers_to_torch_function(padding_mode):
+    """The cpp backend's per-call path (csrc/prepared_call.cpp: the op's arguments converted once) gives
+    torch.ops' bits, with the gradients; a tensor subclass with __torch_function__, or a torch function mode,
+    sees the op as through torch.ops (the prepared call declines, torch.ops takes it)."""
+    from torch.overrides import TorchFunctionMode
+
+    torch.manual_seed(0)
+    layer = CoordConv2d(3, 8, 3, padding=1, padding_mode=padding_mode, with_r=True, backend="cpp")
+    x = torch.randn(2, 3, 9, 7, requires_grad=True)
+    seen = []
+
+    class Logged(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Mode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    y = layer(x)  # the first call of this signature validates and prepares
+    calls, _ = kernel_events(lambda: layer(x), "coordconv_fused::coord_conv_ext")
+    assert calls == 1
+    expected = coord_conv2d(
+        x, layer.weight, layer.coord_weight, layer.bias, padding=1, padding_mode=padding_mode, with_r=True,
+        backend="reference",
+    )  # fmt: skip
+    torch.testing.assert_close(layer(x), y, atol=0, rtol=0)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(layer(x), (x, layer.weight, layer.coord_weight, layer.bias), g)
+    want = torch.autograd.grad(expected, (x, layer.weight, layer.coord_weight, layer.bias), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    out = layer(x.detach().as_subclass(Logged))
+    assert type(out) is Logged and "coordconv_fused.coord_conv_ext.default" in seen
+    seen.clear()
+    with Mode():
+        torch.testing.assert_close(layer(x), y, atol=0, rtol=0)
+    assert "coordconv_fused.coord_conv_ext.default" in seen
+
+
+def test_prepared_call_errors_are_python_exceptions():
+    """The prepared call raises what the op raises (a C++ check becomes a RuntimeError), and refuses what is
+    not its handle or not its arguments."""
+    from coordconv_fused import _C
+
+    handle = _C.prepare_call("coordconv_fused::coord_conv_ext", [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                             [0, 0, 0, 0], "zeros", False, False)  # fmt: skip
+    w, cw = torch.randn(4, 3, 3, 3), torch.randn(4, 2, 3, 3)
+    assert _C.call_prepared(handle, torch.randn(1, 3, 5, 5), w, cw, None).shape == (1, 4, 5, 5)
+    with pytest.raises(RuntimeError):
+        _C.call_prepared(handle, torch.randn(1, 5, 5, 5), w, cw, None)  # 5 input channels for a 3-channel weight
+    with pytest.raises(TypeError, match="call_prepared"):
+        _C.call_prepared(handle, torch.randn(1, 3, 5, 5), w, cw)
+    with pytest.raises(ValueError):
+        _C.call_prepared(object(), torch.randn(1, 3, 5, 5), w, cw, None)
+    with pytest.raises(RuntimeError, match="coord_conv_nonexistent"):
+        _C.prepare_call("coordconv_fused::coord_conv_nonexistent", [1], [1], [1], False, [0], 1, [0, 0], "zeros",
+                        False, False)  # fmt: skip
+    with pytest.raises(TypeError):
+        _C.prepare_call("coordconv_fused::coord_conv_ext", [1, "a"], [1, 1], [1, 1], False, [0, 0], 1, [0, 0, 0, 0],
+                        "zeros", False, False)  # fmt: skip
+
+
 def test_auto_prefers_cpp_on_cpu():
     from coordconv_fused.backends import resolve_backend
     from coordconv_fused.spec import make_spec

@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops import call_coord_conv_op, define_native_ops, prepare_call, register_native_coord_conv_op
+from ..ops import (
+    call_coord_conv_op,
+    define_native_ops,
+    pre_pad,
+    prepare_call,
+    register_native_coord_conv_op,
+    static_arguments,
+)
 from ..spec import ConvSpec
 from .base import Backend
 
@@ -140,7 +147,27 @@ if LOAD_ERROR is None:
 
 
 def _prepare(spec: ConvSpec):
-    return prepare_call(torch.ops.coordconv_fused.coord_conv_ext, spec)
+    """The per-call path of a spec: ``_C.call_prepared`` with the op's non-tensor arguments converted
+    once (torch.ops' generic argument matching costs ~5 µs a call, csrc/prepared_call.cpp), and
+    torch.ops' path where an argument is not a plain tensor (``__torch_function__``)."""
+    generic = prepare_call(torch.ops.coordconv_fused.coord_conv_ext, spec)
+    pads, mode, args = static_arguments(spec)
+    handle = _C.prepare_call("coordconv_fused::coord_conv_ext", *args)
+    call_prepared = _C.call_prepared
+
+    if pads is None:
+
+        def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
+            out = call_prepared(handle, input, weight, coord_weight, bias)
+            return generic(input, weight, coord_weight, bias) if out is NotImplemented else out
+
+        return call
+
+    def call_padded(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
+        out = call_prepared(handle, pre_pad(input, pads, mode), weight, coord_weight, bias)
+        return generic(input, weight, coord_weight, bias) if out is NotImplemented else out
+
+    return call_padded
 
 
 cpp_backend: Backend = Backend(

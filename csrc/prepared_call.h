@@ -1,0 +1,17 @@
+// coordconv_fused._C.prepare_call / call_prepared: the `cpp` and `cuda` backends' per-call path
+// (prepared_call.cpp).
+#pragma once
+
+#include <Python.h>
+
+namespace coordconv {
+
+// prepare_call(op_name, stride, padding, dilation, transposed, output_padding, groups, pre_pad,
+// pre_pad_mode, with_r, separate) -> an opaque handle (a capsule) for call_prepared.
+PyObject* py_prepare_call(PyObject* self, PyObject* args);
+
+// call_prepared(handle, input, weight, coord_weight, bias) -> the op's output, or NotImplemented
+// where an argument is not a plain tensor (a __torch_function__ override or mode: torch.ops then).
+PyObject* py_call_prepared(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+
+}  // namespace coordconv
