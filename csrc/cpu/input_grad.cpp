@@ -188,7 +188,6 @@ at::Tensor input_grad_by(Impl impl, const at::Tensor& grad, const at::Tensor& in
 at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                           at::IntArrayRef output_padding, int64_t groups) {
-  const AutocastOff autocast_off;
   const Impl impl = input_grad_impl(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
   return input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
 }
