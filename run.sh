@@ -55,7 +55,7 @@ setup() {
     fi
   fi
   extras=$(echo "$installed $extras" | tr ' ' '\n' | grep -v '^$' | sort -u | paste -sd, -)
-  say "installing coordconv-fused${extras:+[$extras]} in editable mode and building its C++ extension (~1 minute)"
+  say "installing coordconv-fused${extras:+[$extras]} in editable mode and building its C++ extension (minutes on 2 cores; more with FORCE_CUDA=1)"
   mkdir -p build
   rm -f "$stamp_file"
   local status
