@@ -239,9 +239,10 @@ def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
     assert calls > 0, f"the case did not take the {isa} kernel"
 
 
-# The kernel adds the coordinate term from two [C_out, OW] tables on the rows where it is affine (every
-# tap row inside the input) and reads P on the others; not with the radius, the separate filter, or a
-# pre-padding mode that maps positions (the parity above covers the values, this which path ran).
+# The SIMD kernel, and the epilogue after oneDNN ("aten"), add the coordinate term from two [C_out, OW]
+# tables on the rows where it is affine (every tap row inside the input) and read P on the others; not
+# with the radius, the separate filter, or a pre-padding mode that maps positions (the values checked
+# against the reference, and which path ran).
 @pytest.mark.parametrize(
     "case,affine",
     [
@@ -255,11 +256,12 @@ def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
     ],
     ids=str,
 )
-def test_cpp_direct_kernel_affine_coordinate_rows(case, affine, monkeypatch):
-    isa = next((i for i in ("avx512", "avx2") if getattr(extension, f"{i}_direct_available")()), None)
-    if isa is None:
+@pytest.mark.parametrize("kernel", ["direct", "aten"])
+def test_cpp_affine_coordinate_rows(case, affine, kernel, monkeypatch):
+    simd = any(getattr(extension, f"{i}_direct_available")() for i in ("avx512", "avx2"))
+    if kernel == "direct" and not simd:
         pytest.skip("the CPU has neither AVX-512 nor AVX2 (no SIMD kernel)")
-    monkeypatch.setenv("COORDCONV_CPU_KERNEL", "direct")
+    monkeypatch.setenv("COORDCONV_CPU_KERNEL", kernel)
     event = "coordconv_fused::affine_coord_rows"
     calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), event)
     assert (calls > 0) == affine

@@ -102,11 +102,12 @@ inline std::array<at::Tensor, 3> factors(const Geometry& g, const AxisTables& t,
   return {axis == 0 ? t.value[0] : t.mask[0], axis == 1 ? t.value[1] : t.mask[1], axis == 2 ? t.value[2] : t.mask[2]};
 }
 
-// The rows of P in affine form, for the float32 direct kernel (direct_simd.h): wherever every tap
-// row of an output row lies inside the input (the row masks all ones), the row coordinate each tap
-// reads grows linearly with the output row, so P[o, oh, :] = U[o, :] + (oh - lo) V[o, :] for
-// lo <= oh < hi. Two [C_out, OW] tables that stay in cache then stand for the output-sized P on all
-// but the border rows, which the kernel would otherwise read from memory beside writing the output.
+// The rows of P in affine form, for the float32 direct kernel (direct_simd.h) and the epilogue after
+// oneDNN (forward.cpp): wherever every tap row of an output row lies inside the input (the row masks
+// all ones), the row coordinate each tap reads grows linearly with the output row, so
+// P[o, oh, :] = U[o, :] + (oh - lo) V[o, :] for lo <= oh < hi. Two [C_out, OW] tables that stay in
+// cache then stand for the output-sized P on all but the border rows, which the kernel would otherwise
+// read from memory beside the output.
 struct AffineRows {
   at::Tensor uv;  // [2, C_out, OW] float32: U, then V; undefined where P has no affine rows
   int64_t lo = 0, hi = 0;

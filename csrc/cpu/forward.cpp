@@ -2,7 +2,8 @@
 //  * a direct kernel (small C_in * taps, e.g. a network's first layer): data taps + P + bias in a
 //    single pass over the output (the SIMD kernel of direct_simd.h in AVX-512 or AVX2 where the CPU
 //    has them, or a row kernel vectorised by the compiler); or
-//  * ATen/oneDNN convolution for the data, and P added in one parallel in-place pass.
+//  * ATen/oneDNN convolution for the data, and P added in one parallel in-place pass (from P's
+//    affine rows where it has them, as the SIMD kernel does).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -81,17 +82,51 @@ void direct_forward_cpu(const Geometry& g, const scalar_t* x, const scalar_t* w,
   });
 }
 
+// y += P, over every plane of the output (the epilogue of the ATen/oneDNN candidate). Where P has
+// affine rows (float32, coord_term.h), rows [lo, hi) add U + (oh - lo) V from the two [C_out, OW]
+// tables, which stay in cache, and only the border rows read P: the pass then moves little more than
+// the output it updates (on a batch-1 layer P is as large as the output).
 template <typename scalar_t, typename acc_t>
-void add_coord_term_cpu(const Geometry& g, const acc_t* P, scalar_t* y) {
-  const int64_t points = g.out_points();
-  at::parallel_for(0, g.n * g.c_out, grain_for(points), [&](int64_t begin, int64_t end) {
-    for (int64_t plane = begin; plane < end; ++plane) {
-      const acc_t* p = P + (plane % g.c_out) * points;
-      scalar_t* yp = y + plane * points;
+void add_coord_term_cpu(const Geometry& g, const CoordTerm& coord, scalar_t* y) {
+  const int64_t points = g.out_points(), OW = g.out[2];
+  const acc_t* P = coord.P.data_ptr<acc_t>();
+  const AffineRows& a = coord.affine;
+  const bool affine = std::is_same_v<acc_t, float> && a.uv.defined();
+  const float* uv = affine ? a.uv.data_ptr<float>() : nullptr;
+  const int64_t lo = affine ? a.lo * OW : points, hi = affine ? a.hi * OW : points;  // flat offsets in a plane
+  const auto add = [](scalar_t* __restrict yp, const acc_t* __restrict p, int64_t n) {
 #pragma omp simd
-      for (int64_t i = 0; i < points; ++i) yp[i] = static_cast<scalar_t>(static_cast<acc_t>(yp[i]) + p[i]);
-    }
-  });
+    for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<scalar_t>(static_cast<acc_t>(yp[i]) + p[i]);
+  };
+  const auto body = [&] {
+    at::parallel_for(0, g.n * g.c_out, grain_for(points), [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t co = plane % g.c_out;
+        const acc_t* p = P + co * points;
+        scalar_t* yp = y + plane * points;
+        add(yp, p, lo);
+        if (affine) {
+          const float* __restrict u = uv + co * OW;
+          const float* __restrict v = u + g.c_out * OW;
+          for (int64_t r = lo; r < hi; r += OW) {
+            const float t = static_cast<float>((r - lo) / OW);
+            scalar_t* __restrict yr = yp + r;
+#pragma omp simd
+            for (int64_t j = 0; j < OW; ++j)
+              yr[j] = static_cast<scalar_t>(static_cast<acc_t>(yr[j]) + (u[j] + t * v[j]));
+          }
+        }
+        add(yp + hi, p + hi, points - hi);
+      }
+    });
+  };
+  if (affine) {
+    // (the event the direct kernel records too: tests see which layers use the affine rows)
+    RECORD_FUNCTION("coordconv_fused::affine_coord_rows", c10::ArrayRef<const c10::IValue>{});
+    body();
+  } else {
+    body();
+  }
 }
 
 // The row kernel is a candidate up to this depth C_in/groups * taps (beyond, it loses everywhere).
@@ -135,7 +170,7 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
       direct_forward_cpu<scalar_t, acc_t>(g, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), P.data_ptr<acc_t>(),
                                           g.has_bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
     } else if (y.is_contiguous()) {
-      add_coord_term_cpu<scalar_t, acc_t>(g, P.data_ptr<acc_t>(), y.data_ptr<scalar_t>());
+      add_coord_term_cpu<scalar_t, acc_t>(g, coord, y.data_ptr<scalar_t>());
     } else {  // e.g. channels_last: let ATen broadcast over the layout
       auto sizes = output_sizes(g);
       sizes[0] = 1;
