@@ -47,8 +47,8 @@ bool from_hex(const std::string& hex, std::string* bytes) {
   return true;
 }
 
-// The cpp backend's measured choices: a list of dicts {key, op, layer, chosen, candidates_us: {name: us}}
-// (key: the lookup key in hex, what add_kernel_choices needs to restore a choice).
+// The cpp backend's measured choices: a list of dicts {key, op, layer, chosen, candidates_us: {name: us},
+// measurements} (key: the lookup key in hex, what add_kernel_choices needs to restore a choice).
 PyObject* kernel_choices(PyObject*, PyObject*) {
   const auto choices = coordconv::kernel_choices();
   PyObject* list = PyList_New(0);
@@ -59,8 +59,9 @@ PyObject* kernel_choices(PyObject*, PyObject*) {
       PyDict_SetItemString(times, coordconv::impl_name(c.candidates[i]), us);
       Py_DECREF(us);
     }
-    PyObject* item = Py_BuildValue("{s:s,s:s,s:s,s:s,s:N}", "key", to_hex(c.key).c_str(), "op", c.op.c_str(), "layer",
-                                   c.layer.c_str(), "chosen", coordconv::impl_name(c.chosen), "candidates_us", times);
+    PyObject* item = Py_BuildValue("{s:s,s:s,s:s,s:s,s:N,s:i}", "key", to_hex(c.key).c_str(), "op", c.op.c_str(),
+                                   "layer", c.layer.c_str(), "chosen", coordconv::impl_name(c.chosen), "candidates_us",
+                                   times, "measurements", c.measurements);
     PyList_Append(list, item);
     Py_DECREF(item);
   }
@@ -113,6 +114,8 @@ PyObject* add_kernel_choices(PyObject*, PyObject* list) {
         }
       }
     }
+    PyObject* measurements = PyDict_GetItemString(d, "measurements");  // (absent in older files)
+    if (measurements != nullptr && PyLong_Check(measurements)) c.measurements = PyLong_AsLong(measurements);
     added += coordconv::add_kernel_choice(c) ? 1 : 0;
   }
   return PyLong_FromLong(added);
@@ -143,5 +146,10 @@ PyMethodDef methods[] = {
 // Importing coordconv_fused._C loads this library and so registers the ops.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "coordconv-fused C++/CUDA ops", -1, methods};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "KERNEL_CHOICE_CONFIRM_CALLS", coordconv::kConfirmAfterCalls) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }

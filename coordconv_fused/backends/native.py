@@ -34,6 +34,7 @@ __all__ = [
     "cuda_backend",
     "kernel_choices",
     "clear_kernel_choices",
+    "choice_confirm_calls",
     "cuda_epilogue_policy",
     "EPILOGUE_POLICIES",
 ]
@@ -73,7 +74,9 @@ def avx2_direct_available() -> bool:
 def kernel_choices() -> list[dict]:
     """What the ``cpp`` backend chose for each layer it has measured in this process: dicts with
     ``op`` ("forward" or "input_grad"), ``layer`` (shape, dtype, threads), ``chosen`` and
-    ``candidates_us`` (each candidate's time, microseconds, best of the timed calls).
+    ``candidates_us`` (each candidate's time, microseconds, best of the timed calls) and
+    ``measurements`` (1, or 2 once the candidates were timed again, :func:`choice_confirm_calls`
+    calls after the first; each then keeps its best time of both, and the choice is made again).
 
     The choice is made by measurement the first time a layer is seen (``COORDCONV_CPU_KERNEL``:
     ``measure``, the default; ``heuristic`` for the fixed thresholds of docs/tuning.md; ``direct`` or
@@ -81,6 +84,12 @@ def kernel_choices() -> list[dict]:
     to force it where it is a candidate). Each dict also has ``key``, the layer's lookup key, with
     which :mod:`.choice_file` saves the choices to a file and restores them in a later process."""
     return [] if LOAD_ERROR is not None else _C.kernel_choices()
+
+
+def choice_confirm_calls() -> int:
+    """After how many further calls of a layer its measured choice is timed a second time (a first
+    call may find the machine busy or the memory cold: csrc/cpu/kernel_choice.h)."""
+    return 0 if LOAD_ERROR is not None else int(_C.KERNEL_CHOICE_CONFIRM_CALLS)
 
 
 def clear_kernel_choices() -> None:

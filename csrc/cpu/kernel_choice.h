@@ -39,13 +39,25 @@ bool impl_from_name(const std::string& name, Impl* impl);
 
 // One measured choice: the op ("forward", "input_grad"), the layer, what won, and the time of each
 // candidate (microseconds, the best of the timed calls), in the order of `candidates`; `key` is the
-// lookup key (bytes: the op and the layer's fields, dtype and thread count).
+// lookup key (bytes: the op and the layer's fields, dtype and thread count); `measurements`, how
+// many times the candidates were timed (1, then 2 once confirmed: kConfirmAfterCalls); `calls_left`,
+// the calls of the layer until that second timing (0: none pending).
 struct KernelChoice {
   std::string key, op, layer;
   Impl chosen;
   std::vector<Impl> candidates;
   std::vector<double> micros;
+  int measurements = 1;
+  int calls_left = 0;
 };
+
+// A layer's first call may find the machine busy, or a candidate's memory cold, for the few
+// milliseconds its measurement takes: seen on a 2-core EPYC, the AVX2 input-gradient kernel of the
+// input layer (32,3,64,64)->32 timed 11.8 ms there (6.7-7.8 ms in eight later measurements), so
+// the slower ATen path (9.8 ms) was kept and the layer ran at 1.06x nn.Conv2d's time instead of
+// 0.93x. So the candidates are timed once more this many calls later, each keeping its best time
+// of the two measurements, and the choice is made again from those.
+constexpr int kConfirmAfterCalls = 8;
 
 // A measured candidate replaces the fixed rule's pick only when it is faster by more than this
 // factor: a tie within the measurement's noise (the best of three single calls, on a machine that may
