@@ -208,6 +208,22 @@ def _shallow_layer_call():
         return layer, x, layer(x)
 
 
+def test_cpu_model_has_family_and_model(tmp_path):
+    """Two CPUs a virtual machine names alike ("AMD EPYC") are told apart by family and model: in
+    the choice file's fingerprint and the benchmark's machine line."""
+
+    def cpuinfo(family: int) -> str:
+        path = tmp_path / f"cpuinfo-{family}"
+        path.write_text(
+            f"processor\t: 0\ncpu family\t: {family}\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+            "flags\t\t: fpu avx2 fma\n\nprocessor\t: 1\ncpu family\t: 99\nmodel\t\t: 9\n"
+        )
+        return str(path)
+
+    assert choice_file.cpu_model_and_flags(cpuinfo(23)) == ("AMD EPYC, family 23 model 1", {"fpu", "avx2", "fma"})
+    assert choice_file.cpu_model_and_flags(cpuinfo(25))[0] == "AMD EPYC, family 25 model 1"
+
+
 def test_choices_saved_and_loaded_are_not_measured_again(kernel_mode, tmp_path):
     kernel_mode("measure")
     layer, x, y = _shallow_layer_call()

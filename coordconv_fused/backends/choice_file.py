@@ -36,21 +36,28 @@ ISA_CAP_VARIABLES = ("COORDCONV_NO_AVX512", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_
 ATen's limits (with all at AVX2 a process computes as on an AVX2-only CPU)."""
 
 
-def cpu_model_and_flags() -> tuple[str, set[str]]:
-    """The CPU's model name and feature flags (from /proc/cpuinfo; the platform's processor name
-    and no flags where there is none)."""
+def cpu_model_and_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str]]:
+    """The CPU's model name, with its family and model numbers where the file gives them (a virtual
+    machine may show only "AMD EPYC": a Zen 1 and a Zen 3 then differ only there), and its feature
+    flags (from ``cpuinfo``; the platform's processor name and no flags where there is none)."""
     model, flags = platform.processor() or platform.machine(), set()
+    numbers: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                key = key.strip()
+                if key == "model name" and model in ("", platform.machine(), platform.processor()):
                     model = value.strip()
-                elif key.strip() == "flags":
+                elif key in ("cpu family", "model") and key not in numbers:
+                    numbers[key] = value.strip()
+                elif key == "flags":
                     flags = set(value.split())
                     break
     except OSError:
         pass
+    if len(numbers) == 2:
+        model += f", family {numbers['cpu family']} model {numbers['model']}"
     return model, flags
 
 
