@@ -161,8 +161,11 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
   }
   const int threads = at::get_num_threads();
   std::string key = lookup_key(op, g, dtype, threads);
-  const auto h = std::find(candidates.begin(), candidates.end(), heuristic) - candidates.begin();
-  const int64_t heuristic_at = h < static_cast<int64_t>(candidates.size()) ? h : -1;
+  // (the fixed rule's pick among the candidates, -1 if absent: needed only when measuring)
+  const auto heuristic_at = [&]() -> int64_t {
+    const auto h = std::find(candidates.begin(), candidates.end(), heuristic) - candidates.begin();
+    return h < static_cast<int64_t>(candidates.size()) ? h : -1;
+  };
   {
     std::unique_lock<std::mutex> lock(choices_mutex());
     const auto it = choices().index.find(key);
@@ -178,7 +181,7 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
         lock.unlock();
         const std::vector<double> again = time_micros(candidates, run);
         for (size_t i = 0; i < best.size(); ++i) best[i] = std::min(best[i], again[i]);
-        const Impl now = candidates[pick_measured(best, heuristic_at)];
+        const Impl now = candidates[pick_measured(best, heuristic_at())];
         lock.lock();
         const auto still = choices().index.find(key);  // (unless cleared meanwhile)
         if (still != choices().index.end()) {
@@ -192,7 +195,7 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
     }
   }
   KernelChoice choice{key, op, describe(g, dtype, threads), Impl::kAten, candidates, time_micros(candidates, run)};
-  choice.chosen = candidates[pick_measured(choice.micros, heuristic_at)];
+  choice.chosen = candidates[pick_measured(choice.micros, heuristic_at())];
   choice.calls_left = kConfirmAfterCalls;
   std::lock_guard<std::mutex> lock(choices_mutex());
   Choices& c = choices();
