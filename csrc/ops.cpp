@@ -9,6 +9,7 @@
 
 #include "cpu/direct_simd.h"
 #include "epilogue_policy_py.h"
+#include "cpu/blocked_output.h"
 #include "cpu/kernel_choice.h"
 #include "prepared_call.h"
 
@@ -123,12 +124,14 @@ PyObject* add_kernel_choices(PyObject*, PyObject* list) {
 
 PyObject* clear_kernel_choices(PyObject*, PyObject*) {
   coordconv::clear_kernel_choices();
+  coordconv::clear_blocked_formats();
   Py_RETURN_NONE;
 }
 
 PyMethodDef methods[] = {
     {"kernel_choices", kernel_choices, METH_NOARGS, "The cpp backend's kernel choices measured so far."},
-    {"clear_kernel_choices", clear_kernel_choices, METH_NOARGS, "Forget the measured kernel choices."},
+    {"clear_kernel_choices", clear_kernel_choices, METH_NOARGS,
+     "Forget the measured kernel choices (and the oneDNN output formats recognised)."},
     {"add_kernel_choices", add_kernel_choices, METH_O, "Restore kernel choices (kernel_choices()'s format)."},
     {"avx512_direct_available", avx512_direct_available, METH_NOARGS,
      "True when the cpp backend's AVX-512 direct kernel (shallow float32 layers) can run on this CPU."},

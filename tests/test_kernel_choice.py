@@ -46,15 +46,16 @@ def kernel_mode(monkeypatch):
 
 
 # (forced by name: "avx512_direct_6x4" is the AVX-512 kernel's second tile shape, 6 output channels
-# per tile: C_out = 5, 6 and 8 above end in a partial tile; where it is no candidate, e.g. without
-# AVX-512, the fixed rule's pick runs)
-@pytest.mark.parametrize("mode", ["aten", "direct", "avx512_direct_6x4", "heuristic", "measure"])
+# per tile: C_out = 5, 6 and 8 above end in a partial tile; "onednn_blocked" oneDNN's blocked output
+# read back in one pass (tests/test_blocked_output.py); where the one named is no candidate, e.g.
+# without AVX-512, the fixed rule's pick runs)
+@pytest.mark.parametrize("mode", ["aten", "direct", "avx512_direct_6x4", "onednn_blocked", "heuristic", "measure"])
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "no-avx512"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_every_candidate_matches_reference(case, mode, avx512, kernel_mode):
     kernel_mode(mode, avx512)
     assert_matches_reference("cpp", case, torch.float32)
-    if case.ndim == 2 and mode in ("aten", "direct", "avx512_direct_6x4"):
+    if case.ndim == 2 and mode in ("aten", "direct", "avx512_direct_6x4", "onednn_blocked"):
         assert_matches_reference("cpp", case, torch.float64)
 
 

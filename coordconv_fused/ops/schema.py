@@ -68,10 +68,12 @@ NATIVE_OPS = {
 # gradients, so that second-order gradients are exact.
 COMPOSITE_OPS = {"coord_weight_grad_aten": GRAD_SCHEMA}
 # Test-only (coordconv_fused._C_testing): the CUDA backend's host code and kernel bodies, run on the
-# CPU by an emulation of the grid.
+# CPU by an emulation of the grid; the cpp backend's pass over oneDNN's blocked output on a given
+# buffer (csrc/cpu/blocked_pass.h).
 TESTING_OPS = {
     "coord_conv_cuda_emulated": SCHEMA,
     "coord_conv_cuda_emulated_coord_weight_grad": GRAD_SCHEMA,
+    "blocked_output_pass": "(Tensor blocked, Tensor P, Tensor? uv, int lo, int hi) -> Tensor",
 }
 
 _LIBRARIES: dict[str, torch.library.Library] = {}

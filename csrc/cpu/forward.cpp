@@ -1,4 +1,5 @@
 // The `cpp` backend's forward, one of (chosen per layer by kernel_choice.h):
+//  * oneDNN's convolution into its blocked layout, and one pass to NCHW adding P (blocked_output.h);
 //  * a direct kernel (small C_in * taps, e.g. a network's first layer): data taps + P + bias in a
 //    single pass over the output (the SIMD kernel of direct_simd.h in AVX-512 or AVX2 where the CPU
 //    has them, or a row kernel vectorised by the compiler); or
@@ -17,6 +18,7 @@
 #include <vector>
 
 #include "../geometry.h"
+#include "blocked_output.h"
 #include "coord_term.h"
 #include "cpu_ops.h"
 #include "direct_simd.h"
@@ -154,6 +156,11 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
                         const c10::optional<at::Tensor>& bias, const CoordTerm& coord, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, at::IntArrayRef output_padding,
                         int64_t groups) {
+  if (impl == Impl::kOnednnBlocked) {
+    at::Tensor y = forward_blocked(g, input, weight, bias, coord, stride, padding, dilation);
+    if (y.defined()) return y;
+    impl = Impl::kAten;  // (the layer's output format is not known: blocked_output.h)
+  }
   at::Tensor y = impl == Impl::kAten
                      ? at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups)
                      : at::empty(output_sizes(g), input.options());
@@ -232,12 +239,14 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_term_cpu", [&] {
     coord = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight);
   });
-  // The candidates: ATen/oneDNN + the coordinate epilogue, the row kernel on shallow layers, the
+  // The candidates: ATen/oneDNN + the coordinate epilogue, oneDNN + the fused reorder and epilogue
+  // where its output is blocked, the row kernel on shallow layers, the
   // SIMD kernel where it applies (in AVX-512 both its tile shapes, the second where C_out fills more
   // than one tile of the first; kernel_choice.h chooses among them).
   const auto format = conv_output_format(input, weight);
   const bool dense = format == at::MemoryFormat::Contiguous;
   std::vector<Impl> candidates{Impl::kAten};
+  if (blocked_output_eligible(g, input, format)) candidates.push_back(Impl::kOnednnBlocked);
   if (dense && g.k_data() <= kRowCandidateMaxK) candidates.push_back(Impl::kRowDirect);
   if (const auto isa = simd_eligible(g, input, format)) {
     candidates.push_back(simd_impl(*isa));

@@ -17,8 +17,8 @@ namespace {
 
 enum class Mode { kMeasure, kHeuristic, kDirect, kForced };
 
-constexpr Impl kAllImpls[] = {Impl::kAten, Impl::kRowDirect, Impl::kAvx512Direct, Impl::kAvx512Direct6x4,
-                              Impl::kAvx2Direct};
+constexpr Impl kAllImpls[] = {Impl::kAten,       Impl::kRowDirect,    Impl::kAvx512Direct, Impl::kAvx512Direct6x4,
+                              Impl::kAvx2Direct, Impl::kOnednnBlocked};
 
 // The mode of COORDCONV_CPU_KERNEL, and for kForced the implementation it names ("aten" is one).
 Mode mode(Impl* forced) {
@@ -49,9 +49,10 @@ Choices& choices() {
   return c;
 }
 
-// The op, every field of the geometry but the output's strides (they follow from the rest), the
-// dtype and the thread count, as bytes (field by field: no padding bytes in the key).
-std::string lookup_key(const char* op, const Geometry& g, at::ScalarType dtype, int threads) {
+}  // namespace
+
+// (field by field: no padding bytes in the key)
+std::string layer_key(const char* op, const Geometry& g, at::ScalarType dtype, int threads) {
   std::vector<int64_t> f{g.n,
                          g.c_in,
                          g.c_out,
@@ -71,6 +72,8 @@ std::string lookup_key(const char* op, const Geometry& g, at::ScalarType dtype, 
   key.append(reinterpret_cast<const char*>(f.data()), f.size() * sizeof(int64_t));
   return key;
 }
+
+namespace {
 
 constexpr size_t kMaxEntries = 1024;
 constexpr int kRounds = 3;  // timed rounds, candidates interleaved, after one warm-up call each
@@ -127,6 +130,8 @@ const char* impl_name(Impl impl) {
       return "avx2_direct";
     case Impl::kAvx512Direct6x4:
       return "avx512_direct_6x4";
+    case Impl::kOnednnBlocked:
+      return "onednn_blocked";
   }
   return "?";
 }
@@ -160,7 +165,7 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
       break;
   }
   const int threads = at::get_num_threads();
-  std::string key = lookup_key(op, g, dtype, threads);
+  std::string key = layer_key(op, g, dtype, threads);
   // (the fixed rule's pick among the candidates, -1 if absent: needed only when measuring)
   const auto heuristic_at = [&]() -> int64_t {
     const auto h = std::find(candidates.begin(), candidates.end(), heuristic) - candidates.begin();

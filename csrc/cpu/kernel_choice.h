@@ -32,7 +32,16 @@ namespace coordconv {
 
 // (kAvx512Direct and kAvx512Direct6x4: the AVX-512 kernel with tiles of 4 or 6 output channels x 4
 // vectors, direct_simd.h)
-enum class Impl : int { kAten = 0, kRowDirect = 1, kAvx512Direct = 2, kAvx2Direct = 3, kAvx512Direct6x4 = 4 };
+// kOnednnBlocked: oneDNN into its blocked layout + one pass to NCHW with the coordinate term
+// (blocked_output.h).
+enum class Impl : int {
+  kAten = 0,
+  kRowDirect = 1,
+  kAvx512Direct = 2,
+  kAvx2Direct = 3,
+  kAvx512Direct6x4 = 4,
+  kOnednnBlocked = 5
+};
 const char* impl_name(Impl impl);
 // The implementation named `name` (impl_name's inverse); false if there is none.
 bool impl_from_name(const std::string& name, Impl* impl);
@@ -83,6 +92,10 @@ inline size_t pick_measured(const std::vector<double>& micros, int64_t heuristic
 // computes the op with `impl` (its result discarded) for the measurement.
 Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const std::vector<Impl>& candidates,
                  Impl heuristic, const std::function<void(Impl)>& run);
+
+// The lookup key of `op` on the layer `g` (its batch included) in `dtype` with `threads` threads:
+// every field of the geometry but the output's strides (they follow from the rest), as bytes.
+std::string layer_key(const char* op, const Geometry& g, at::ScalarType dtype, int threads);
 
 // The choices measured so far in this process, and forgetting them (tests, benchmarks).
 std::vector<KernelChoice> kernel_choices();

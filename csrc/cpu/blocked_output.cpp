@@ -1,0 +1,157 @@
+// oneDNN's convolution into its blocked layout + one pass to NCHW with the coordinate term
+// (blocked_output.h).
+#include "blocked_output.h"
+
+#include <ATen/Context.h>
+#include <ATen/Parallel.h>
+#include <ATen/record_function.h>
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "blocked_pass.h"
+#include "direct_simd.h"
+#include "kernel_choice.h"
+
+namespace coordconv {
+namespace {
+
+// A layer's output format: `block` channels per block (0: not known), and the calls that found none.
+struct Format {
+  int64_t block = 0;
+  int misses = 0;
+};
+constexpr int kMaxMisses = 3;
+
+std::mutex& formats_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::unordered_map<std::string, Format>& formats() {
+  static std::unordered_map<std::string, Format> f;
+  return f;
+}
+
+std::string format_key(const Geometry& g) { return layer_key("blocked_output", g, at::kFloat, at::get_num_threads()); }
+
+// The buffer of a oneDNN tensor, through PyTorch's stable C shim; null where it has none.
+const float* onednn_buffer(at::Tensor& t) {
+  void* ptr = nullptr;
+  if (aoti_torch_get_data_ptr(torch::aot_inductor::tensor_pointer_to_tensor_handle(&t), &ptr) != AOTI_TORCH_SUCCESS)
+    return nullptr;
+  return static_cast<const float*>(ptr);
+}
+
+// Offset of element (n, c, h, w) in the format of `block` channels per block: [N][C/b][H][W][b].
+inline int64_t blocked_offset(const OutputShape& s, int64_t block, int64_t n, int64_t c, int64_t hw) {
+  return ((n * (s.c / block) + c / block) * s.oh * s.ow + hw) * block + c % block;
+}
+
+// Whether `src` read in the format of `block` equals `dense` (NCHW) bit for bit.
+bool reads_as(const OutputShape& s, const float* src, int64_t block, const float* dense) {
+  const int64_t hw = s.oh * s.ow;
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t c = 0; c < s.c; ++c) {
+      const float* d = dense + (n * s.c + c) * hw;
+      for (int64_t i = 0; i < hw; ++i)
+        if (std::memcmp(src + blocked_offset(s, block, n, c, i), d + i, sizeof(float)) != 0) return false;
+    }
+  return true;
+}
+
+// The block of `ym`'s format among those blocked_output.h names, by its reading against oneDNN's own
+// reorder: 0 where none reads as it, -1 where several do (data that cannot tell them apart, e.g. all
+// zeros). (Every format read has C a multiple of its block, so none is larger than the NCHW output:
+// no read leaves oneDNN's buffer, whatever its format.)
+constexpr int64_t kAmbiguous = -1;
+
+int64_t recognise(const OutputShape& s, const float* src, const at::Tensor& ym) {
+  const at::Tensor dense = ym.to_dense().contiguous();
+  std::vector<int64_t> blocks;
+  for (int64_t b : {int64_t{1}, int64_t{8}, int64_t{16}, s.c})
+    if (s.c % b == 0 && std::find(blocks.begin(), blocks.end(), b) == blocks.end()) blocks.push_back(b);
+  int64_t found = 0;
+  for (int64_t b : blocks) {
+    if (!reads_as(s, src, b, dense.const_data_ptr<float>())) continue;
+    if (found != 0) return kAmbiguous;
+    found = b;
+  }
+  return found;
+}
+
+}  // namespace
+
+bool blocked_output_eligible(const Geometry& g, const at::Tensor& input, at::MemoryFormat format) {
+#if defined(COORDCONV_HAVE_SIMD_KERNEL)
+  if (!(at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && isa_supported(Isa::kAvx2) &&
+        input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous && g.ndim == 2 && g.groups == 1 &&
+        input.numel() <= g.n * g.c_out * g.out_points()))
+    return false;
+  std::lock_guard<std::mutex> lock(formats_mutex());
+  const auto it = formats().find(format_key(g));
+  return it == formats().end() || it->second.misses < kMaxMisses;
+#else
+  (void)g, (void)input, (void)format;
+  return false;
+#endif
+}
+
+at::Tensor forward_blocked(const Geometry& g, const at::Tensor& input, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const CoordTerm& coord, at::IntArrayRef stride,
+                           at::IntArrayRef padding, at::IntArrayRef dilation) {
+#if defined(COORDCONV_HAVE_SIMD_KERNEL)
+  const std::string key = format_key(g);
+  Format known;
+  {
+    std::lock_guard<std::mutex> lock(formats_mutex());
+    const auto it = formats().find(key);
+    if (it != formats().end()) known = it->second;
+  }
+  if (known.block == 0 && known.misses >= kMaxMisses) return at::Tensor();
+  at::Tensor ym = at::mkldnn_convolution(input.contiguous().to_mkldnn(), weight.contiguous(), bias, padding, stride,
+                                         dilation, /*groups=*/1);
+  const OutputShape s{g.n, g.c_out, g.out[1], g.out[2]};
+  const float* src = onednn_buffer(ym);
+  if (src == nullptr) return at::Tensor();
+  if (known.block == 0) {
+    const int64_t block = recognise(s, src, ym);
+    if (block == kAmbiguous) return at::Tensor();  // (not a miss: the next call's data may tell)
+    std::lock_guard<std::mutex> lock(formats_mutex());
+    Format& f = formats()[key];
+    f.block = block;
+    f.misses += block == 0;
+    if (block == 0) return at::Tensor();
+    known = f;
+  }
+  at::Tensor y = at::empty(output_sizes(g), input.options());
+  const AffineRows& a = coord.affine;
+  const BlockedPass pass{s,
+                         known.block,
+                         src,
+                         coord.P.const_data_ptr<float>(),
+                         a.uv.defined() ? a.uv.const_data_ptr<float>() : nullptr,
+                         a.lo,
+                         a.hi,
+                         y.data_ptr<float>()};
+  RECORD_FUNCTION("coordconv_fused::onednn_blocked", c10::ArrayRef<const c10::IValue>{});
+  run_blocked_pass(pass);
+  return y;
+#else
+  (void)g, (void)input, (void)weight, (void)bias, (void)coord, (void)stride, (void)padding, (void)dilation;
+  return at::Tensor();
+#endif
+}
+
+void clear_blocked_formats() {
+  std::lock_guard<std::mutex> lock(formats_mutex());
+  formats().clear();
+}
+
+}  // namespace coordconv
