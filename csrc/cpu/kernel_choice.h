@@ -13,7 +13,8 @@
 //   direct     force the direct kernels where eligible (AVX-512 or AVX2 in their first tile shape,
 //              else the row kernel)
 //   aten       force ATen/oneDNN plus the coordinate epilogue
-//   an implementation's name (impl_name, e.g. avx512_direct_6x4): force it where it is a candidate,
+//   an implementation's name (impl_name, e.g. avx512_direct_6x4, onednn_blocked): force it where it
+//              is a candidate,
 //              the fixed rule's pick elsewhere
 // What was chosen, with the times measured: coordconv_fused.backends.native.kernel_choices(); saved
 // to and loaded from a file by save_kernel_choices / load_kernel_choices there (a loaded choice is
