@@ -32,7 +32,7 @@ CASES = [
     Case((12, 13), in_channels=2, out_channels=8, kernel_size=3, padding=2, dilation=2, with_r=True),
     # pre-padding by reflection, 24 channels (3 blocks of 8, or NHWC)
     Case((11, 9), in_channels=3, out_channels=24, kernel_size=3, padding=1, padding_mode="reflect"),
-    # 5 channels: a format padded to a block of 8 reads as none of those known (then ATen's path)
+    # 5 channels: no candidate (oneDNN pads a partial block), so the fixed rule's pick runs
     Case((10, 10), in_channels=1, out_channels=5, kernel_size=3, padding=1),
     # rectangular kernel and stride, separate coordinate kernel
     Case((9, 33), in_channels=4, out_channels=32, kernel_size=(1, 5), stride=(1, 2), padding=(0, 2), separate=True),
@@ -107,11 +107,13 @@ def test_measured_among_the_candidates_where_it_applies(monkeypatch):
 
     stem, image = CoordConv2d(3, 64, 7, stride=2, padding=3), torch.randn(1, 3, 40, 40)
     assert "onednn_blocked" in candidates(stem, image)
-    # not: float64, channels_last, groups, an input larger than the output, 1-D, oneDNN disabled
+    # not: float64, channels_last, groups, C_out not a multiple of 8, an input larger than the
+    # output, 1-D, oneDNN disabled
     assert "onednn_blocked" not in candidates(stem.double(), image.double())
     stem.float()
     assert "onednn_blocked" not in candidates(stem, image.to(memory_format=torch.channels_last))
     assert "onednn_blocked" not in candidates(CoordConv2d(4, 8, 3, groups=2), torch.randn(1, 4, 12, 12))
+    assert "onednn_blocked" not in candidates(CoordConv2d(3, 12, 3), torch.randn(1, 3, 12, 12))
     assert "onednn_blocked" not in candidates(CoordConv2d(16, 4, 3, padding=1), torch.randn(1, 16, 12, 12))
     assert "onednn_blocked" not in candidates(CoordConv1d(3, 8, 3), torch.randn(2, 3, 30))
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)

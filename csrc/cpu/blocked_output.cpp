@@ -92,7 +92,7 @@ bool blocked_output_eligible(const Geometry& g, const at::Tensor& input, at::Mem
 #if defined(COORDCONV_HAVE_SIMD_KERNEL)
   if (!(at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && isa_supported(Isa::kAvx2) &&
         input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous && g.ndim == 2 && g.groups == 1 &&
-        input.numel() <= g.n * g.c_out * g.out_points()))
+        g.c_out % 8 == 0 && input.numel() <= g.n * g.c_out * g.out_points()))
     return false;
   std::lock_guard<std::mutex> lock(formats_mutex());
   const auto it = formats().find(format_key(g));
@@ -115,11 +115,20 @@ at::Tensor forward_blocked(const Geometry& g, const at::Tensor& input, const at:
     if (it != formats().end()) known = it->second;
   }
   if (known.block == 0 && known.misses >= kMaxMisses) return at::Tensor();
-  at::Tensor ym = at::mkldnn_convolution(input.contiguous().to_mkldnn(), weight.contiguous(), bias, padding, stride,
-                                         dilation, /*groups=*/1);
+  at::Tensor ym;
+  const float* src = nullptr;
+  try {
+    ym = at::mkldnn_convolution(input.contiguous().to_mkldnn(), weight.contiguous(), bias, padding, stride, dilation,
+                                /*groups=*/1);
+    src = onednn_buffer(ym);
+  } catch (const c10::Error&) {  // (a layer oneDNN refuses here: computed by ATen's path, and not tried again)
+  }
+  if (src == nullptr) {
+    std::lock_guard<std::mutex> lock(formats_mutex());
+    formats()[key].misses = kMaxMisses;
+    return at::Tensor();
+  }
   const OutputShape s{g.n, g.c_out, g.out[1], g.out[2]};
-  const float* src = onednn_buffer(ym);
-  if (src == nullptr) return at::Tensor();
   if (known.block == 0) {
     const int64_t block = recognise(s, src, ym);
     if (block == kAmbiguous) return at::Tensor();  // (not a miss: the next call's data may tell)

@@ -17,8 +17,9 @@
 // buffer), the one whose reading equals oneDNN's own reorder (`to_dense`) exactly, if exactly one
 // does. Where none or several do (a format not among these, or data that cannot tell them apart),
 // the call computes through the `aten` implementation and the next call tries again; a layer whose
-// output read as none of them 3 times is not tried further (nor measured). oneDNN's primitive (and so the format) is a
-// function of the shapes, the CPU and the thread count, all in the key.
+// output read as none of them 3 times, or on which oneDNN's convolution fails, is not tried further
+// (nor measured). oneDNN's primitive (and so the format) is a function of the shapes, the CPU and
+// the thread count, all in the key.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -29,6 +30,7 @@
 namespace coordconv {
 
 // Whether this implementation is a candidate for the layer: float32, 2-D, NCHW in and out, groups 1,
+// C_out a multiple of 8 (oneDNN pads a last partial block of 8 or 16 channels: no format read here),
 // a PyTorch built with oneDNN (and not disabled by torch.backends.mkldnn.enabled = False), an x86 CPU
 // with AVX2, and an input no larger than the output (the input is copied into a oneDNN tensor first,
 // a pass that only a layer whose output dominates repays; the measurement decides the rest).
