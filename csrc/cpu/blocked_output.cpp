@@ -9,6 +9,7 @@
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -28,6 +29,12 @@ struct Format {
   int misses = 0;
 };
 constexpr int kMaxMisses = 3;
+
+// Whether some layer has reached kMaxMisses: until one has, a call's eligibility looks nothing up.
+std::atomic<bool>& any_given_up() {
+  static std::atomic<bool> v{false};
+  return v;
+}
 
 std::mutex& formats_mutex() {
   static std::mutex m;
@@ -94,6 +101,7 @@ bool blocked_output_eligible(const Geometry& g, const at::Tensor& input, at::Mem
         input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous && g.ndim == 2 && g.groups == 1 &&
         g.c_out % 8 == 0 && input.numel() <= g.n * g.c_out * g.out_points()))
     return false;
+  if (!any_given_up().load(std::memory_order_relaxed)) return true;
   std::lock_guard<std::mutex> lock(formats_mutex());
   const auto it = formats().find(format_key(g));
   return it == formats().end() || it->second.misses < kMaxMisses;
@@ -126,6 +134,7 @@ at::Tensor forward_blocked(const Geometry& g, const at::Tensor& input, const at:
   if (src == nullptr) {
     std::lock_guard<std::mutex> lock(formats_mutex());
     formats()[key].misses = kMaxMisses;
+    any_given_up() = true;
     return at::Tensor();
   }
   const OutputShape s{g.n, g.c_out, g.out[1], g.out[2]};
@@ -136,6 +145,7 @@ at::Tensor forward_blocked(const Geometry& g, const at::Tensor& input, const at:
     Format& f = formats()[key];
     f.block = block;
     f.misses += block == 0;
+    if (f.misses >= kMaxMisses) any_given_up() = true;
     if (block == 0) return at::Tensor();
     known = f;
   }
@@ -161,6 +171,7 @@ at::Tensor forward_blocked(const Geometry& g, const at::Tensor& input, const at:
 void clear_blocked_formats() {
   std::lock_guard<std::mutex> lock(formats_mutex());
   formats().clear();
+  any_given_up() = false;
 }
 
 }  // namespace coordconv
