@@ -19,7 +19,6 @@ namespace coordconv {
 // The output's shape, as the pass reads and writes it.
 struct OutputShape {
   int64_t n, c, oh, ow;
-  int64_t numel() const { return n * c * oh * ow; }
 };
 
 // The pass, over tasks (n, channel block, output row): y[n, c, oh, :] = the blocked row + the

@@ -240,9 +240,9 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
     coord = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight);
   });
   // The candidates: ATen/oneDNN + the coordinate epilogue, oneDNN + the fused reorder and epilogue
-  // where its output is blocked, the row kernel on shallow layers, the
-  // SIMD kernel where it applies (in AVX-512 both its tile shapes, the second where C_out fills more
-  // than one tile of the first; kernel_choice.h chooses among them).
+  // where its output is blocked, the row kernel on shallow layers, the SIMD kernel where it applies
+  // (in AVX-512 both its tile shapes, the second where C_out fills more than one tile of the first;
+  // kernel_choice.h chooses among them).
   const auto format = conv_output_format(input, weight);
   const bool dense = format == at::MemoryFormat::Contiguous;
   std::vector<Impl> candidates{Impl::kAten};
