@@ -75,3 +75,50 @@ def test_compile_inductor_backward(backend):
     expected = _fwd_bwd(model, model, x, g)
     got = _fwd_bwd(compiled, model, x, g)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "size, kernel, stride, padding, dilation",
+    [
+        ((9, 7), (3, 3), (1, 1), (1, 1), (1, 1)),
+        ((12, 10), (3, 2), (2, 1), (1, 0), (1, 2)),
+        ((8, 8), (1, 1), (1, 1), (0, 0), (1, 1)),
+    ],
+)
+def test_term_by_gemm_matches_the_convolution(size, kernel, stride, padding, dilation):
+    """The GEMM form of the coordinate term (what a GPU compiles) equals the batch-of-one
+    convolution (what the CPU compiles and exporters get), on the value and the filter's gradient,
+    in float64: it runs only on a GPU under torch.compile, so its arithmetic is checked here."""
+    from coordconv_fused.geometry import conv_output_size
+    from coordconv_fused.ops.aten import term_by_gemm
+
+    torch.manual_seed(0)
+    coords = torch.randn(1, 3, *size, dtype=torch.float64)
+    cw = torch.randn(5, 3, *kernel, dtype=torch.float64, requires_grad=True)
+    out_sizes = [conv_output_size(n, k, s, p, p, d) for n, k, s, p, d in zip(size, kernel, stride, padding, dilation)]
+    expected = torch.nn.functional.conv2d(coords, cw, None, stride, padding, dilation)
+    got = term_by_gemm(coords, cw, out_sizes, stride, padding, dilation)
+    torch.testing.assert_close(got, expected)
+    g = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, cw, g)
+    (got_grad,) = torch.autograd.grad(got, cw, g)
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
+def test_cpu_compiles_the_term_as_a_convolution():
+    """On the CPU the compiled graph holds two convolutions (data and coordinate term) and no GEMM
+    over an im2col matrix (docs/tuning.md measured the convolution faster there)."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    m = CoordConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 9, 11)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True, backend=capture)(x), m(x))
+    (gm,) = graphs
+    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    assert targets.count(torch.convolution) == 2
+    assert torch.nn.functional.unfold not in targets

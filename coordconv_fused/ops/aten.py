@@ -156,11 +156,18 @@ def coordinate_term(
         and torch.compiler.is_compiling()
         and not torch.compiler.is_exporting()
     ):
-        cols = F.unfold(coords, coord_weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
-        term = coord_weight.reshape(coord_weight.shape[0], -1) @ cols[0]
-        return term.view(1, coord_weight.shape[0], *out_sizes)
+        return term_by_gemm(coords, coord_weight, out_sizes, stride, padding, dilation)
     term_args = _term_conv_args(input.dim() - 2, stride, padding, dilation, transposed, output_padding, separate)
     return torch.convolution(coords, coord_weight, None, *term_args)
+
+
+def term_by_gemm(coords: Tensor, coord_weight: Tensor, out_sizes, stride, padding, dilation) -> Tensor:
+    """The 2-D full filter's coordinate term as one GEMM of the filter ``[C_out, d*kh*kw]`` with the
+    im2col matrix of the ``[1, d, H, W]`` coordinates (:func:`coordinate_term` under
+    ``torch.compile`` on a GPU); the same numbers as the batch-of-one convolution, up to rounding."""
+    cols = F.unfold(coords, coord_weight.shape[2:], dilation=dilation, padding=padding, stride=stride)
+    term = coord_weight.reshape(coord_weight.shape[0], -1) @ cols[0]
+    return term.view(1, coord_weight.shape[0], *out_sizes)
 
 
 def _term_conv_args(ndim: int, stride, padding, dilation, transposed, output_padding, separate: bool) -> tuple:
