@@ -36,8 +36,10 @@ CASES = [
     Case((10, 10), in_channels=1, out_channels=5, kernel_size=3, padding=1),
     # rectangular kernel and stride, separate coordinate kernel
     Case((9, 33), in_channels=4, out_channels=32, kernel_size=(1, 5), stride=(1, 2), padding=(0, 2), separate=True),
-    # an input as large as the output (the largest it is a candidate for)
+    # an input as large as the output, and one 4x larger (16 channels to 8, stride 2): the input is
+    # handed to oneDNN as a view of its memory, whatever its size
     Case((6, 6), in_channels=8, out_channels=8, kernel_size=1),
+    Case((13, 12), in_channels=16, out_channels=8, kernel_size=3, stride=2, padding=1),
 ]
 
 
@@ -67,6 +69,24 @@ def test_forced_takes_the_fused_pass(forced):
     with torch.no_grad():
         assert kernel_events(lambda: m(x), EVENT)[0] == 1
         got = m(x)
+        m.backend = "reference"
+        torch.testing.assert_close(got, m(x), atol=2e-5, rtol=2e-5)
+
+
+@needs_candidate
+def test_the_input_is_not_copied(forced):
+    """After a layer's first call (which checks the view once), oneDNN reads the input through a view
+    of its memory: no `to_mkldnn` copy of it on any call."""
+    torch.manual_seed(0)
+    m = CoordConv2d(16, 32, 3, padding=1, backend="cpp")
+    x = torch.randn(2, 16, 20, 24)
+    with torch.no_grad():
+        m(x)
+        with torch.profiler.profile() as prof:
+            got = m(x)
+        names = [e.name for e in prof.events()]
+        assert EVENT in names
+        assert "aten::to_mkldnn" not in names
         m.backend = "reference"
         torch.testing.assert_close(got, m(x), atol=2e-5, rtol=2e-5)
 
@@ -107,14 +127,14 @@ def test_measured_among_the_candidates_where_it_applies(monkeypatch):
 
     stem, image = CoordConv2d(3, 64, 7, stride=2, padding=3), torch.randn(1, 3, 40, 40)
     assert "onednn_blocked" in candidates(stem, image)
-    # not: float64, channels_last, groups, C_out not a multiple of 8, an input larger than the
-    # output, 1-D, oneDNN disabled
+    # also where the input is larger than the output (it is not copied)
+    assert "onednn_blocked" in candidates(CoordConv2d(16, 8, 3, padding=1, stride=2), torch.randn(1, 16, 12, 12))
+    # not: float64, channels_last, groups, C_out not a multiple of 8, 1-D, oneDNN disabled
     assert "onednn_blocked" not in candidates(stem.double(), image.double())
     stem.float()
     assert "onednn_blocked" not in candidates(stem, image.to(memory_format=torch.channels_last))
     assert "onednn_blocked" not in candidates(CoordConv2d(4, 8, 3, groups=2), torch.randn(1, 4, 12, 12))
     assert "onednn_blocked" not in candidates(CoordConv2d(3, 12, 3), torch.randn(1, 3, 12, 12))
-    assert "onednn_blocked" not in candidates(CoordConv2d(16, 4, 3, padding=1), torch.randn(1, 16, 12, 12))
     assert "onednn_blocked" not in candidates(CoordConv1d(3, 8, 3), torch.randn(2, 3, 30))
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     assert "onednn_blocked" not in candidates(stem, image)

@@ -3,6 +3,7 @@
 #include "blocked_output.h"
 
 #include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -11,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -23,10 +25,14 @@
 namespace coordconv {
 namespace {
 
-// A layer's output format: `block` channels per block (0: not known), and the calls that found none.
+// A layer's output format: `block` channels per block (0: not known), and the calls that found none;
+// and the serialized oneDNN description of its input's plain layout (see input_view), empty until
+// made (or where it cannot be: the input is then copied).
 struct Format {
   int64_t block = 0;
   int misses = 0;
+  std::shared_ptr<const std::vector<uint8_t>> input_md;
+  bool input_md_failed = false;
 };
 constexpr int kMaxMisses = 3;
 
@@ -54,6 +60,48 @@ const float* onednn_buffer(at::Tensor& t) {
   if (aoti_torch_get_data_ptr(torch::aot_inductor::tensor_pointer_to_tensor_handle(&t), &ptr) != AOTI_TORCH_SUCCESS)
     return nullptr;
   return static_cast<const float*>(ptr);
+}
+
+// The serialized oneDNN memory description of a plain (NCHW) float32 tensor of `sizes`: the one
+// oneDNN gives an empty oneDNN tensor of that shape (`mkldnn::_get_mkldnn_serialized_md`, which
+// AOTInductor uses to save oneDNN constants). Null where that op is not there.
+std::shared_ptr<const std::vector<uint8_t>> plain_md(at::IntArrayRef sizes) {
+  const auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_get_mkldnn_serialized_md", ""});
+  if (!op.has_value()) return nullptr;
+  const at::Tensor empty = at::empty(sizes, at::TensorOptions().dtype(at::kFloat).layout(at::kMkldnn));
+  const at::Tensor blob = op->typed<at::Tensor(const at::Tensor&)>().call(empty).contiguous();
+  if (blob.scalar_type() != at::kByte || blob.numel() == 0) return nullptr;
+  const uint8_t* b = blob.const_data_ptr<uint8_t>();
+  return std::make_shared<const std::vector<uint8_t>>(b, b + blob.numel());
+}
+
+// A oneDNN tensor over `input`'s own memory (contiguous NCHW float32), described by `md`, through
+// the stable C shim's tensor-from-blob (the path AOTInductor takes for oneDNN constants): no copy.
+// Undefined where the shim refuses. The view does not own the memory: `input` outlives its use.
+at::Tensor input_view(const at::Tensor& input, const std::vector<uint8_t>& md) {
+  AtenTensorHandle handle = nullptr;
+  const std::vector<int64_t> sizes = input.sizes().vec(), strides = input.strides().vec();
+  if (aoti_torch_create_tensor_from_blob_v2(const_cast<void*>(input.const_data_ptr()), input.dim(), sizes.data(),
+                                            strides.data(), 0, aoti_torch_dtype_float32(), aoti_torch_device_type_cpu(),
+                                            0, &handle, aoti_torch_layout__mkldnn(), md.data(),
+                                            static_cast<int64_t>(md.size())) != AOTI_TORCH_SUCCESS)
+    return at::Tensor();
+  at::Tensor view = *torch::aot_inductor::tensor_handle_to_tensor_pointer(handle);
+  aoti_torch_delete_tensor_object(handle);
+  return view;
+}
+
+// plain_md for `x`'s shape, once a view of `x` by it reads back as `x` exactly (oneDNN's own reorder
+// to dense): null where it cannot be made or does not.
+std::shared_ptr<const std::vector<uint8_t>> checked_plain_md(const at::Tensor& x) {
+  try {
+    auto md = plain_md(x.sizes());
+    if (!md) return nullptr;
+    const at::Tensor view = input_view(x, *md);
+    return view.defined() && at::equal(view.to_dense(), x) ? md : nullptr;
+  } catch (const c10::Error&) {
+    return nullptr;
+  }
 }
 
 // Offset of element (n, c, h, w) in the format of `block` channels per block: [N][C/b][H][W][b].
@@ -99,7 +147,7 @@ bool blocked_output_eligible(const Geometry& g, const at::Tensor& input, at::Mem
 #if defined(COORDCONV_HAVE_SIMD_KERNEL)
   if (!(at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && isa_supported(Isa::kAvx2) &&
         input.scalar_type() == at::kFloat && format == at::MemoryFormat::Contiguous && g.ndim == 2 && g.groups == 1 &&
-        g.c_out % 8 == 0 && input.numel() <= g.n * g.c_out * g.out_points()))
+        g.c_out % 8 == 0))
     return false;
   if (!any_given_up().load(std::memory_order_relaxed)) return true;
   std::lock_guard<std::mutex> lock(formats_mutex());
@@ -126,8 +174,19 @@ at::Tensor forward_blocked(const Geometry& g, const at::Tensor& input, const at:
   at::Tensor ym;
   const float* src = nullptr;
   try {
-    ym = at::mkldnn_convolution(input.contiguous().to_mkldnn(), weight.contiguous(), bias, padding, stride, dilation,
-                                /*groups=*/1);
+    // The input as a oneDNN tensor: a view of its memory where its description could be made (then
+    // oneDNN reorders it into its blocked input layout, as in ATen's NCHW convolution), else a copy.
+    const at::Tensor x = input.contiguous();
+    if (!known.input_md && !known.input_md_failed) {
+      known.input_md = checked_plain_md(x);
+      std::lock_guard<std::mutex> lock(formats_mutex());
+      Format& f = formats()[key];
+      f.input_md = known.input_md;
+      f.input_md_failed = !known.input_md;
+    }
+    at::Tensor xm = known.input_md ? input_view(x, *known.input_md) : at::Tensor();
+    if (!xm.defined()) xm = x.to_mkldnn();
+    ym = at::mkldnn_convolution(xm, weight.contiguous(), bias, padding, stride, dilation, /*groups=*/1);
     src = onednn_buffer(ym);
   } catch (const c10::Error&) {  // (a layer oneDNN refuses here: computed by ATen's path, and not tried again)
   }

@@ -9,7 +9,12 @@
 // and the epilogue are one pass: it reads the blocked buffer (8 pixels x 8 channels per register
 // transpose), adds the coordinate term (from its affine rows where it has them) and writes NCHW.
 //
-// The blocked buffer is reached through PyTorch's stable C shim (`aoti_torch_get_data_ptr`, which
+// The input is handed to oneDNN without a copy: a oneDNN tensor over the input's own memory, made by
+// PyTorch's stable C shim from the serialized oneDNN description of a plain tensor of its shape (the
+// way AOTInductor loads oneDNN constants; checked once per layer to read back as the input exactly,
+// else the input is copied). oneDNN then reorders it into its blocked input layout, as it does in
+// ATen's NCHW convolution: the passes over memory are those of `nn.Conv2d`, the epilogue in one of
+// them. The blocked output is reached through the same shim (`aoti_torch_get_data_ptr`, which
 // returns a oneDNN tensor's buffer); its format is oneDNN's choice, not declared in any header a wheel
 // ships. So the format is recognised, per layer and thread count, on the layer's first call: of the
 // channel-blocked formats [N][C/b][H][W][b] with b in {1, 8, 16, C} that divide C (b = 1 is NCHW,
@@ -31,9 +36,8 @@ namespace coordconv {
 
 // Whether this implementation is a candidate for the layer: float32, 2-D, NCHW in and out, groups 1,
 // C_out a multiple of 8 (oneDNN pads a last partial block of 8 or 16 channels: no format read here),
-// a PyTorch built with oneDNN (and not disabled by torch.backends.mkldnn.enabled = False), an x86 CPU
-// with AVX2, and an input no larger than the output (the input is copied into a oneDNN tensor first,
-// a pass that only a layer whose output dominates repays; the measurement decides the rest).
+// a PyTorch built with oneDNN (and not disabled by torch.backends.mkldnn.enabled = False) and an x86
+// CPU with AVX2.
 bool blocked_output_eligible(const Geometry& g, const at::Tensor& input, at::MemoryFormat format);
 
 // The output [N, C_out, OH, OW] computed this way (conv + bias in oneDNN, the coordinate term in the

@@ -246,14 +246,17 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   const auto format = conv_output_format(input, weight);
   const bool dense = format == at::MemoryFormat::Contiguous;
   std::vector<Impl> candidates{Impl::kAten};
-  if (blocked_output_eligible(g, input, format)) candidates.push_back(Impl::kOnednnBlocked);
+  const bool blocked = blocked_output_eligible(g, input, format);
+  if (blocked) candidates.push_back(Impl::kOnednnBlocked);
   if (dense && g.k_data() <= kRowCandidateMaxK) candidates.push_back(Impl::kRowDirect);
   if (const auto isa = simd_eligible(g, input, format)) {
     candidates.push_back(simd_impl(*isa));
     if (*isa == Isa::kAvx512 && g.c_out > kOcBlock) candidates.push_back(Impl::kAvx512Direct6x4);
   }
+  // (oneDNN's own passes with the epilogue in one of them rather than after them, where it applies)
   const Impl heuristic = use_avx512_direct(g, input, format)     ? Impl::kAvx512Direct
                          : dense && g.k_data() <= kCpuDirectMaxK ? Impl::kRowDirect
+                         : blocked                               ? Impl::kOnednnBlocked
                                                                  : Impl::kAten;
   auto run = [&](Impl impl) {
     return forward_impl(impl, g, input, weight, bias, coord, stride, padding, dilation, output_padding, groups);
