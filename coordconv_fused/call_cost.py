@@ -111,6 +111,14 @@ def host_overhead(
     return result
 
 
+EAGER = "Conv2d + ReLU, eager"
+
+# From this many times the eager model's time on, the compiled Conv2d + ReLU is flagged as not
+# measuring the layer (e.g. with ATen capped by ATEN_CPU_CAPABILITY=avx2, inductor's oneDNN
+# convolutions took 155-290 ms against 5-9 ms eager, on a Xeon, 2026-12-02).
+SLOW_COMPILED = 2.0
+
+
 def compiled_ratio(
     device: str = "cpu",
     shape: tuple[int, int, int, int] = (8, 64, 56, 56),
@@ -119,21 +127,25 @@ def compiled_ratio(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """``torch.compile(CoordConv2d + ReLU)`` against ``torch.compile(Conv2d + ReLU)`` (forward,
-    inference), 3x3, ``C -> C`` channels."""
+    inference), 3x3, ``C -> C`` channels; and the eager ``Conv2d + ReLU`` in the same rounds, so
+    that a compiled convolution much slower than eager (a sign that the comparison measures
+    something other than the layer) shows."""
     torch.manual_seed(0)
     c = shape[1]
     x = torch.randn(*shape, device=device)
     models = {
         "Conv2d + ReLU": nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()),
         "CoordConv2d + ReLU": nn.Sequential(CoordConv2d(c, c, 3, padding=1), nn.ReLU()),
+        EAGER: nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU()),
     }
     calls = {}
     for name, model in models.items():
-        compiled = torch.compile(model.to(device).eval())
+        model = model.to(device).eval()
+        run = model if name == EAGER else torch.compile(model)
 
-        def call(compiled=compiled):
+        def call(run=run):
             with torch.no_grad():
-                compiled(x)
+                run(x)
 
         calls[name] = call
     times = _rounds(calls, rounds, per_round, device)
@@ -168,9 +180,20 @@ def format_host_overhead(result: dict) -> str:
 def format_compiled(result: dict) -> str:
     r = result["results"]
     ours = r["CoordConv2d + ReLU"]
-    return (
+    text = (
         f"torch.compile, forward, {tuple(result['shape'])} 3x3 on {result['device']} (torch {result['torch']}): "
         f"Conv2d + ReLU {r['Conv2d + ReLU']['median_us'] / 1e3:.3f} ms, CoordConv2d + ReLU "
         f"{ours['median_us'] / 1e3:.3f} ms: {ours['ratio']:.3f}× (paired rounds {ours['ratio_min']:.3f}–"
         f"{ours['ratio_max']:.3f}×)."
     )
+    eager = r.get(EAGER)
+    if eager is None:  # (a report from before the eager model was timed)
+        return text
+    text += f" Eager Conv2d + ReLU: {eager['median_us'] / 1e3:.3f} ms."
+    slowdown = r["Conv2d + ReLU"]["median_us"] / eager["median_us"]
+    if slowdown >= SLOW_COMPILED:
+        text += (
+            f" **The compiled Conv2d + ReLU runs {slowdown:.1f}× slower than eager here: the compiled ratio "
+            "measures that, not the coordinate term.**"
+        )
+    return text

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import torch
+
+from coordconv_fused import call_cost
+
 
 def test_bench_quick_smoke(tmp_path):
     out = tmp_path / "bench.json"
@@ -86,3 +90,24 @@ def test_missing_tool_dependency_names_the_extra(monkeypatch):
         assert "pip install 'coordconv-fused[bench]'" in str(e) and "matplotlib" in str(e)
     else:
         raise AssertionError("no exit for a missing dependency")
+
+
+def _compiled_result(compiled_us: float, eager_us: float) -> dict:
+    def entry(us, ratio):
+        return {"median_us": us, "min_us": us, "max_us": us, "ratio": ratio, "ratio_min": ratio, "ratio_max": ratio}
+
+    results = {
+        "Conv2d + ReLU": entry(compiled_us, 1.0),
+        "CoordConv2d + ReLU": entry(1.02 * compiled_us, 1.02),
+        call_cost.EAGER: entry(eager_us, eager_us / compiled_us),
+    }
+    return {"shape": [8, 64, 56, 56], "device": "cpu", "torch": torch.__version__, "rounds": 5, "results": results}
+
+
+def test_compiled_report_flags_a_compiled_convolution_slower_than_eager():
+    """The compiled comparison gives the eager Conv2d + ReLU beside it, and says so where the compiled
+    convolution itself is far slower than eager (then the ratio measures that, not the layer)."""
+    normal = call_cost.format_compiled(_compiled_result(5_000.0, 5_200.0))
+    assert "1.020×" in normal and "Eager Conv2d + ReLU: 5.200 ms" in normal and "slower than eager" not in normal
+    slow = call_cost.format_compiled(_compiled_result(280_000.0, 9_000.0))
+    assert "runs 31.1× slower than eager" in slow
