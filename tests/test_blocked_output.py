@@ -92,6 +92,24 @@ def test_the_input_is_not_copied(forced):
 
 
 @needs_candidate
+def test_an_input_inside_a_larger_tensor(forced):
+    """The view starts at the input's first element: a contiguous input at an offset in its storage
+    (a slice of a batch) gives what its copy gives, call after call with new data."""
+    torch.manual_seed(0)
+    m = CoordConv2d(8, 16, 3, padding=1, backend="cpp")
+    with torch.no_grad():
+        for _ in range(3):
+            batch = torch.randn(5, 8, 14, 18)
+            x = batch[2:4]
+            assert x.is_contiguous() and x.storage_offset() > 0
+            got = m(x)
+            torch.testing.assert_close(got, m(x.clone()), atol=0, rtol=0)
+            m.backend = "reference"
+            torch.testing.assert_close(got, m(x), atol=2e-5, rtol=2e-5)
+            m.backend = "cpp"
+
+
+@needs_candidate
 def test_data_that_cannot_tell_formats_apart_waits_for_data_that_can(forced):
     """All-zero data reads alike in every format: that call is computed by ATen (exactly), and the
     format is recognised on a later call whose data tells."""
