@@ -92,6 +92,22 @@ def test_the_input_is_not_copied(forced):
 
 
 @needs_candidate
+def test_a_nan_in_the_first_input_does_not_cost_the_view(forced):
+    """The view is checked against the input bit for bit on the layer's first call: a NaN there
+    (unequal to itself) does not make the layer copy its input on every later call."""
+    torch.manual_seed(0)
+    m = CoordConv2d(8, 16, 3, padding=1, backend="cpp")
+    x = torch.randn(2, 8, 10, 12)
+    x[0, 3, 4, 5] = float("nan")
+    with torch.no_grad():
+        assert m(x).isnan().any()
+        x = torch.randn(2, 8, 10, 12)
+        with torch.profiler.profile() as prof:
+            m(x)
+        assert "aten::to_mkldnn" not in [e.name for e in prof.events()]
+
+
+@needs_candidate
 def test_an_input_inside_a_larger_tensor(forced):
     """The view starts at the input's first element: a contiguous input at an offset in its storage
     (a slice of a batch) gives what its copy gives, call after call with new data."""

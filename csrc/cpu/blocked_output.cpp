@@ -80,25 +80,28 @@ std::shared_ptr<const std::vector<uint8_t>> plain_md(at::IntArrayRef sizes) {
 // Undefined where the shim refuses. The view does not own the memory: `input` outlives its use.
 at::Tensor input_view(const at::Tensor& input, const std::vector<uint8_t>& md) {
   AtenTensorHandle handle = nullptr;
-  const std::vector<int64_t> sizes = input.sizes().vec(), strides = input.strides().vec();
-  if (aoti_torch_create_tensor_from_blob_v2(const_cast<void*>(input.const_data_ptr()), input.dim(), sizes.data(),
-                                            strides.data(), 0, aoti_torch_dtype_float32(), aoti_torch_device_type_cpu(),
-                                            0, &handle, aoti_torch_layout__mkldnn(), md.data(),
-                                            static_cast<int64_t>(md.size())) != AOTI_TORCH_SUCCESS)
+  if (aoti_torch_create_tensor_from_blob_v2(const_cast<void*>(input.const_data_ptr()), input.dim(),
+                                            input.sizes().data(), input.strides().data(), 0, aoti_torch_dtype_float32(),
+                                            aoti_torch_device_type_cpu(), 0, &handle, aoti_torch_layout__mkldnn(),
+                                            md.data(), static_cast<int64_t>(md.size())) != AOTI_TORCH_SUCCESS)
     return at::Tensor();
   at::Tensor view = *torch::aot_inductor::tensor_handle_to_tensor_pointer(handle);
   aoti_torch_delete_tensor_object(handle);
   return view;
 }
 
-// plain_md for `x`'s shape, once a view of `x` by it reads back as `x` exactly (oneDNN's own reorder
-// to dense): null where it cannot be made or does not.
+// plain_md for `x`'s shape, once a view of `x` by it reads back as `x` bit for bit (oneDNN's own
+// reorder to dense; NaNs included): null where it cannot be made or does not.
 std::shared_ptr<const std::vector<uint8_t>> checked_plain_md(const at::Tensor& x) {
   try {
     auto md = plain_md(x.sizes());
     if (!md) return nullptr;
     const at::Tensor view = input_view(x, *md);
-    return view.defined() && at::equal(view.to_dense(), x) ? md : nullptr;
+    if (!view.defined()) return nullptr;
+    const at::Tensor dense = view.to_dense().contiguous();
+    return dense.sizes() == x.sizes() && std::memcmp(dense.const_data_ptr(), x.const_data_ptr(), x.nbytes()) == 0
+               ? md
+               : nullptr;
   } catch (const c10::Error&) {
     return nullptr;
   }
