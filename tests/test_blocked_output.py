@@ -74,6 +74,21 @@ def test_forced_takes_the_fused_pass(forced):
 
 
 @needs_candidate
+def test_the_fixed_rule_takes_it_where_onednn_would_run_the_layer(monkeypatch):
+    """COORDCONV_CPU_KERNEL=heuristic: a layer no direct kernel takes (64 -> 64 channels, 3x3) runs
+    `onednn_blocked`; one it is no candidate for (float64) runs oneDNN + epilogue."""
+    monkeypatch.setenv("COORDCONV_CPU_KERNEL", "heuristic")
+    native.clear_kernel_choices()
+    torch.manual_seed(0)
+    m = CoordConv2d(64, 64, 3, padding=1, backend="cpp")
+    x = torch.randn(2, 64, 12, 12)
+    with torch.no_grad():
+        assert kernel_events(lambda: m(x), EVENT)[0] == 1
+        assert kernel_events(lambda: m.double()(x.double()), EVENT)[0] == 0
+    assert native.kernel_choices() == []  # (the fixed rule measures nothing)
+
+
+@needs_candidate
 def test_the_input_is_not_copied(forced):
     """After a layer's first call (which checks the view once), oneDNN reads the input through a view
     of its memory: no `to_mkldnn` copy of it on any call."""
