@@ -186,9 +186,7 @@ def format_compiled(result: dict) -> str:
         f"{ours['median_us'] / 1e3:.3f} ms: {ours['ratio']:.3f}× (paired rounds {ours['ratio_min']:.3f}–"
         f"{ours['ratio_max']:.3f}×)."
     )
-    eager = r.get(EAGER)
-    if eager is None:  # (a report from before the eager model was timed)
-        return text
+    eager = r[EAGER]
     text += f" Eager Conv2d + ReLU: {eager['median_us'] / 1e3:.3f} ms."
     slowdown = r["Conv2d + ReLU"]["median_us"] / eager["median_us"]
     if slowdown >= SLOW_COMPILED:
