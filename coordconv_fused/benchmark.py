@@ -2,7 +2,10 @@
 
 Every round runs every provider once, in a rotated order, so that machine noise hits all providers
 alike; a provider's cost is the median over rounds of its per-round ratio to plain ``nn.Conv2d``
-on the same input (the floor). Memory is measured two ways: the bytes autograd holds between
+on the same input (the floor). A provider's sample in a round is the mean time of a run of
+consecutive calls, as many as make the fastest provider's run last :data:`SAMPLE_SECONDS` (the same
+count for every provider of a shape and mode): one call of a millisecond layer is too short a sample
+to be steady. Memory is measured two ways: the bytes autograd holds between
 forward and backward (saved-tensor hooks: exact and deterministic), and the peak resident-set
 growth of one forward+backward in a fresh subprocess. ``coordconv-fused bench`` prints the report.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -141,17 +145,38 @@ class ForeignLoad:
         return max(0.0, (busy - own) / (wall * (os.cpu_count() or 1)))
 
 
-def _time_once(fn: Callable, x: torch.Tensor, mode: str) -> float:
+SAMPLE_SECONDS = 0.03
+"""The least duration of one timed sample (a run of consecutive calls) of the fastest provider."""
+_MAX_CALLS = 200
+
+
+def _time_calls(fn: Callable, x: torch.Tensor, mode: str, calls: int = 1) -> float:
+    """Mean seconds per call over ``calls`` consecutive calls of ``fn`` on ``x`` (forward without
+    autograd, or forward and backward with gradients reset before each call, so that none of them
+    accumulates into an earlier one)."""
     if mode == "forward":
-        t0 = time.perf_counter()
         with torch.no_grad():
-            fn(x)
-        return time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn(x)
+            return (time.perf_counter() - t0) / calls
     xg = x.requires_grad_(True)
+    params = list(getattr(fn, "parameters", lambda: [])())
     t0 = time.perf_counter()
-    out = fn(xg)
-    out.backward(torch.ones_like(out))
-    return time.perf_counter() - t0
+    for _ in range(calls):
+        xg.grad = None
+        for p in params:
+            p.grad = None
+        out = fn(xg)
+        out.backward(torch.ones_like(out))
+    return (time.perf_counter() - t0) / calls
+
+
+def calls_per_sample(fastest_seconds: float, sample_seconds: float = SAMPLE_SECONDS) -> int:
+    """Consecutive calls per timed sample for a provider taking ``fastest_seconds`` per call."""
+    if sample_seconds <= 0 or fastest_seconds <= 0:
+        return 1
+    return max(1, min(_MAX_CALLS, math.ceil(sample_seconds / fastest_seconds)))
 
 
 def held_bytes(fn: Callable, x: torch.Tensor) -> int:
@@ -221,8 +246,10 @@ def run(
     backends: Sequence[str] | None = None,
     memory: bool = True,
     progress: Callable[[str], None] | None = None,
+    sample_seconds: float = SAMPLE_SECONDS,
 ) -> dict:
-    """Time (and measure the memory of) every provider on every shape and mode."""
+    """Time (and measure the memory of) every provider on every shape and mode; each timed sample
+    lasts ``sample_seconds`` at least for the fastest provider (0: one call per sample)."""
     backends = list(backends) if backends is not None else default_backends()
     load = ForeignLoad()
     results = []
@@ -231,18 +258,19 @@ def run(
         names = list(providers)
         x = torch.randn(shape.n, shape.c, shape.h, shape.w)
         for mode in modes:
+            warm = {}
             for name in names:  # warm-up (and fill any cache a provider keeps)
                 # (the cpp backend, also behind auto, times its candidates on a layer's first call and
                 # again choice_confirm_calls() calls later: both before the timed rounds)
                 for _ in range(1 + choice_confirm_calls() if name in _MEASURING else 1):
-                    _time_once(providers[name], x.detach().clone(), mode)
+                    _time_calls(providers[name], x.detach().clone(), mode)
+                warm[name] = _time_calls(providers[name], x.detach().clone(), mode)
+            calls = calls_per_sample(min(warm.values()), sample_seconds)
             times: dict[str, list[float]] = {n: [] for n in names}
             for r in range(rounds):
                 order = names[r % len(names) :] + names[: r % len(names)]
                 for name in order:
-                    for p in getattr(providers[name], "parameters", lambda: [])():
-                        p.grad = None
-                    times[name].append(_time_once(providers[name], x.detach().clone(), mode))
+                    times[name].append(_time_calls(providers[name], x.detach().clone(), mode, calls))
                 if progress:
                     progress(f"{shape.name}: {mode}, round {r + 1}/{rounds}")
             for name in names:
@@ -255,6 +283,7 @@ def run(
                         "shape_name": shape.name,
                         "mode": mode,
                         "provider": name,
+                        "calls_per_sample": calls,
                         "median_ms": 1e3 * statistics.median(t),
                         "min_ms": 1e3 * min(t),
                         "max_ms": 1e3 * max(t),
@@ -288,6 +317,7 @@ def run(
         },
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rounds": rounds,
+        "sample_seconds": sample_seconds,
         "foreign_load": load.fraction(),
         "results": results,
         # what the cpp backend chose for each layer, by measurement (COORDCONV_CPU_KERNEL)
@@ -355,12 +385,22 @@ def choices_table(caption: str, columns: tuple[str, str], rows: list[tuple[str, 
     return lines
 
 
+def _sample_words(report: dict) -> str:
+    seconds = report.get("sample_seconds") or 0  # (None: a report from before samples were runs)
+    if seconds <= 0:
+        return ", one call per sample"
+    return (
+        f", each sample the mean of consecutive calls lasting {1e3 * seconds:.0f} ms or more for the "
+        "fastest provider (the count per shape and mode in the table)"
+    )
+
+
 def format_report(report: dict) -> str:
     """Markdown: timing table, memory table, target check, machine line."""
     lines = [
         "| shape | mode | provider | median ms | min–max ms | ratio to nn.Conv2d (medians) "
-        "| paired ratio median (min–max) | vs naive |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| paired ratio median (min–max) | vs naive | calls per sample |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"]:
         if r["mode"] == "memory":
@@ -368,7 +408,8 @@ def format_report(report: dict) -> str:
         lines.append(
             f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['median_ms']:.2f} | "
             f"{r['min_ms']:.2f}–{r['max_ms']:.2f} | {r['ratio']:.2f}× | {r['paired_ratio_median']:.2f}× "
-            f"({r['paired_ratio_min']:.2f}–{r['paired_ratio_max']:.2f}) | {r['vs_naive']:.2f}× |"
+            f"({r['paired_ratio_min']:.2f}–{r['paired_ratio_max']:.2f}) | {r['vs_naive']:.2f}× | "
+            f"{r.get('calls_per_sample', 1)} |"
         )
     mem = [r for r in report["results"] if r["mode"] == "memory"]
     if mem:
@@ -415,7 +456,7 @@ def format_report(report: dict) -> str:
     lines.append("")
     lines.append(
         f"{report['date']}; {m['processor']}, {m['cpus']} CPUs, {m['threads']} threads, torch "
-        f"{m['torch']}; {report['rounds']} interleaved rounds; GLIBC_TUNABLES="
+        f"{m['torch']}; {report['rounds']} interleaved rounds{_sample_words(report)}; GLIBC_TUNABLES="
         f"{m['glibc_tunables'] or '(unset)'}."
     )
     load = report.get("foreign_load")

@@ -73,7 +73,14 @@ def _bench(args: argparse.Namespace) -> int:
             bar.set_postfix_str(message)
             bar.update(1)
 
-        report = benchmark.run(shapes, modes, rounds=rounds, memory=not args.no_memory, progress=progress)
+        report = benchmark.run(
+            shapes,
+            modes,
+            rounds=rounds,
+            memory=not args.no_memory,
+            progress=progress,
+            sample_seconds=0 if args.quick else benchmark.SAMPLE_SECONDS,  # (a smoke run: one call a sample)
+        )
         if not args.no_call_cost:
             # a smoke run takes one short round; torch.compile (tens of seconds of compilation) only in full runs
             report["host_overhead"] = call_cost.host_overhead(

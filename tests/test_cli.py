@@ -45,6 +45,7 @@ def test_bench_quick_smoke(tmp_path):
     assert memory["coordconv[torch]"]["peak_bytes"] > 0
     # A smoke run states no verdict on the targets.
     assert "not judged: 1 round(s) is a smoke run" in proc.stdout
+    assert {r["calls_per_sample"] for r in timed} == {1} and "one call per sample" in proc.stdout
     assert "all met" not in proc.stdout and "missed" not in proc.stdout
     assert "AVX" in report["machine"]["processor"] or "AVX" not in open("/proc/cpuinfo").read().upper()
 
@@ -111,3 +112,25 @@ def test_compiled_report_flags_a_compiled_convolution_slower_than_eager():
     assert "1.020×" in normal and "Eager Conv2d + ReLU: 5.200 ms" in normal and "slower than eager" not in normal
     slow = call_cost.format_compiled(_compiled_result(280_000.0, 9_000.0))
     assert "runs 31.1× slower than eager" in slow
+
+
+def test_a_timed_sample_is_a_run_of_calls_without_accumulated_gradients():
+    """``bench`` times each sample as consecutive calls (as many as make the fastest provider's run
+    last SAMPLE_SECONDS); forward+backward resets the gradients before each call."""
+    from coordconv_fused import benchmark
+
+    assert benchmark.calls_per_sample(0.001, 0.03) == 30
+    assert benchmark.calls_per_sample(0.05, 0.03) == 1
+    assert benchmark.calls_per_sample(1e-9, 0.03) == 200  # (capped)
+    assert benchmark.calls_per_sample(0.001, 0) == 1  # (a smoke run)
+
+    conv = torch.nn.Conv2d(3, 4, 3)
+    calls = []
+    conv.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 3, 8, 8)
+    assert benchmark._time_calls(conv, x, "forward+backward", 3) > 0
+    assert len(calls) == 3
+    expected = torch.autograd.grad(conv(x).sum(), conv.weight)[0]
+    torch.testing.assert_close(conv.weight.grad, expected)  # one call's gradient, not three
+    fresh = x.detach().requires_grad_()
+    torch.testing.assert_close(x.grad, torch.autograd.grad(conv(fresh).sum(), fresh)[0])
