@@ -47,6 +47,7 @@ __all__ = [
     "choices_table",
     "plot",
     "ForeignLoad",
+    "steadiness",
 ]
 
 
@@ -347,19 +348,55 @@ def _mib(b: int | None) -> str:
 MIN_JUDGED_ROUNDS = 3
 
 
+# Above this max/min of nn.Conv2d's own times over the rounds, a row's ratios are called unsteady.
+UNSTEADY = 1.25
+
+
+def _floor_spread(report: dict) -> dict[tuple[str, str], float]:
+    """max/min of the floor's times over the rounds, per (shape, mode): how steady the machine was."""
+    return {
+        (r["shape"], r["mode"]): r["max_ms"] / r["min_ms"] if r["min_ms"] > 0 else float("inf")
+        for r in report["results"]
+        if r["provider"] == FLOOR and r["mode"] != "memory"
+    }
+
+
+def steadiness(report: dict) -> str:
+    """One line: how much nn.Conv2d's own time varied over the rounds, and on how many rows beyond
+    :data:`UNSTEADY` (where ratios move by as much: a VM whose memory bandwidth or clock varies)."""
+    spread = _floor_spread(report)
+    if not spread:
+        return ""
+    (shape, mode), worst = max(spread.items(), key=lambda kv: kv[1])
+    unsteady = sum(v > UNSTEADY for v in spread.values())
+    verdict = (
+        f"above {UNSTEADY:.2f}× on {unsteady} of {len(spread)} rows: an unsteady machine, ratios there move as much"
+        if unsteady
+        else "steady"
+    )
+    return (
+        f"Steadiness: nn.Conv2d's own time varied by up to {worst:.2f}× (max/min) over the rounds "
+        f"({shape}, {mode}); {verdict}."
+    )
+
+
 def _target_misses(report: dict) -> list[str]:
     """Where `auto` misses the targets: ratio to the floor, slower than naive, more memory held."""
     misses = []
     rows = report["results"]
+    spread = _floor_spread(report)
     for r in rows:
         if r["provider"] != "coordconv[auto]":
             continue
         if r["mode"] in TARGETS:
             target = TARGETS[r["mode"]]
             if r["ratio"] > target:
+                unsteady = spread[(r["shape"], r["mode"])]
+                note = f"; nn.Conv2d's own time varied {unsteady:.2f}× over the rounds" if unsteady > UNSTEADY else ""
                 misses.append(
                     f"{r['shape']} {r['mode']}: {r['ratio']:.3f}× > {target:.2f}× "
-                    f"(over by {100 * (r['ratio'] / target - 1):.1f}%)"
+                    f"(over by {100 * (r['ratio'] / target - 1):.1f}%; paired-round median "
+                    f"{r['paired_ratio_median']:.2f}×{note})"
                 )
             if r["vs_naive"] > 1.0:
                 misses.append(f"{r['shape']} {r['mode']}: slower than the naive concatenation ({r['vs_naive']:.2f}×)")
@@ -467,6 +504,8 @@ def format_report(report: dict) -> str:
             else "quiet"
         )
         lines.append(f"Foreign CPU load during the run: {100 * load:.0f}% ({verdict}).")
+    if report["rounds"] > 1 and steadiness(report):
+        lines.append(steadiness(report))
     return "\n".join(lines)
 
 

@@ -134,3 +134,47 @@ def test_a_timed_sample_is_a_run_of_calls_without_accumulated_gradients():
     torch.testing.assert_close(conv.weight.grad, expected)  # one call's gradient, not three
     fresh = x.detach().requires_grad_()
     torch.testing.assert_close(x.grad, torch.autograd.grad(conv(fresh).sum(), fresh)[0])
+
+
+def _synthetic_report(floor_min_max: tuple[float, float], auto_ratio: float) -> dict:
+    from coordconv_fused import benchmark
+
+    def row(provider, median, lo, hi, ratio):
+        return {
+            "shape": "s",
+            "shape_name": "s",
+            "mode": "forward",
+            "provider": provider,
+            "median_ms": median,
+            "min_ms": lo,
+            "max_ms": hi,
+            "ratio": ratio,
+            "paired_ratio_median": ratio,
+            "paired_ratio_min": ratio,
+            "paired_ratio_max": ratio,
+            "vs_naive": 0.5,
+        }
+
+    lo, hi = floor_min_max
+    return {
+        "rounds": 5,
+        "results": [
+            row(benchmark.FLOOR, 1.0, lo, hi, 1.0),
+            row(benchmark.NAIVE, 2.0, 2.0, 2.0, 2.0),
+            row("coordconv[auto]", auto_ratio, auto_ratio, auto_ratio, auto_ratio),
+        ],
+    }
+
+
+def test_the_report_says_how_steady_the_floor_was():
+    """A miss on a row where nn.Conv2d's own time varied much over the rounds says so; the report's
+    steadiness line counts such rows."""
+    from coordconv_fused import benchmark
+
+    steady, unsteady = _synthetic_report((0.95, 1.05), 1.2), _synthetic_report((0.8, 1.6), 1.2)
+    assert "steady." in benchmark.steadiness(steady) and "unsteady" not in benchmark.steadiness(steady)
+    assert "2.00×" in benchmark.steadiness(unsteady) and "above 1.25× on 1 of 1 rows" in benchmark.steadiness(unsteady)
+    [miss] = benchmark._target_misses(steady)
+    assert "1.200× > 1.10×" in miss and "varied" not in miss
+    [miss] = benchmark._target_misses(unsteady)
+    assert "nn.Conv2d's own time varied 2.00× over the rounds" in miss
