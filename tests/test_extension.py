@@ -191,6 +191,24 @@ def test_cpp_coordinate_gradient_on_both_paths(case):
     assert_as_accurate_as_aten("cpp", case, names=("bias", "coord_weight"), factor=3.0)
 
 
+# The coordinate and bias gradients' first pass (csrc/cpu/backward.cpp): each channel's batch sum,
+# four samples at a time (batches of 4, 5, 8 and 9: the groups and the rest), then its rows against
+# the row tables, four columns at a time (tables of 1, 3, 7 and 11 columns, rows no multiple of a
+# vector's length); float32 runs the AVX2 build of the row products where the CPU has AVX2.
+BATCH_SUM_CASES = [
+    Case((9, 13), batch=4, out_channels=3, kernel_size=1),
+    Case((9, 13), batch=5, out_channels=3, padding=1, with_r=True),
+    Case((7, 23), batch=8, out_channels=2, kernel_size=5, stride=2, padding=2),
+    Case((6, 17), batch=9, out_channels=3, padding=1, separate=True),
+]
+
+
+@pytest.mark.parametrize("case", BATCH_SUM_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpp_batch_sums_and_row_products(case, dtype):
+    assert_matches_reference("cpp", case, dtype)
+
+
 # The SIMD direct kernel (float32, 1-D/2-D, groups 1, shallow: csrc/cpu/direct_simd.h): register
 # tiles of 4 or 6 output channels x 4 vectors of 16 columns (AVX-512) or 4 x 3 vectors of 8 (AVX2) over a
 # zero-margined, stride-phase-split copy of the input. So: rows of one ragged vector, of several

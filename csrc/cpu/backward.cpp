@@ -35,10 +35,6 @@ constexpr int64_t kSumBlock = 256;
 // call but the one GEMM).
 constexpr int64_t kBatchedRowsMin = 32768;
 
-// Below this many multiply-adds, the row contraction below is a plain loop, not at::mm (whose call
-// costs a few microseconds: a tiny layer's backward).
-constexpr int64_t kLoopProductMax = 16384;
-
 // sum over p in [0, n) of term(p), accumulated in double where acc_t is float (vectorised).
 template <typename acc_t, typename Term>
 acc_t long_sum(int64_t n, const Term& term) {
@@ -49,14 +45,90 @@ acc_t long_sum(int64_t n, const Term& term) {
   return static_cast<acc_t>(total);
 }
 
+// dst[p] = the sum over the n_samples planes src + n * stride of their element p, in acc_t: four
+// planes per pass over dst (dst stays in cache; the planes stream from memory once).
+template <typename scalar_t, typename acc_t>
+void batch_sum(const scalar_t* src, int64_t stride, int64_t n_samples, int64_t len, acc_t* dst) {
+  if (n_samples == 0) {
+    std::fill(dst, dst + len, acc_t(0));
+    return;
+  }
+  const auto cast = [](scalar_t v) { return static_cast<acc_t>(v); };
+  int64_t n = 0;
+  for (; n + 4 <= n_samples; n += 4) {
+    const scalar_t *a = src + n * stride, *b = a + stride, *c = b + stride, *d = c + stride;
+    if (n == 0) {
+#pragma omp simd
+      for (int64_t p = 0; p < len; ++p) dst[p] = (cast(a[p]) + cast(b[p])) + (cast(c[p]) + cast(d[p]));
+    } else {
+#pragma omp simd
+      for (int64_t p = 0; p < len; ++p) dst[p] += (cast(a[p]) + cast(b[p])) + (cast(c[p]) + cast(d[p]));
+    }
+  }
+  for (; n < n_samples; ++n) {
+    const scalar_t* a = src + n * stride;
+    if (n == 0) {
+#pragma omp simd
+      for (int64_t p = 0; p < len; ++p) dst[p] = cast(a[p]);
+    } else {
+#pragma omp simd
+      for (int64_t p = 0; p < len; ++p) dst[p] += cast(a[p]);
+    }
+  }
+}
+
+// out[r, j] = sum over k < len of rows[r, k] columns[j, k], for r < n_rows and j < width (row-major;
+// `columns` holds a multiple of 4 rows, zero beyond width): four columns per pass over a row, so that
+// four independent sums hide the latency of the additions.
+template <typename acc_t>
+__attribute__((always_inline)) inline void row_products_loop(const acc_t* rows, int64_t n_rows, int64_t len,
+                                                             const acc_t* columns, int64_t width, acc_t* out) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const acc_t* a = rows + r * len;
+    for (int64_t j = 0; j < width; j += 4) {
+      const acc_t *b0 = columns + j * len, *b1 = b0 + len, *b2 = b1 + len, *b3 = b2 + len;
+      acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t k = 0; k < len; ++k) {
+        const acc_t v = a[k];
+        s0 += v * b0[k];
+        s1 += v * b1[k];
+        s2 += v * b2[k];
+        s3 += v * b3[k];
+      }
+      const acc_t sums[4] = {s0, s1, s2, s3};
+      for (int64_t i = 0; i < 4 && j + i < width; ++i) out[r * width + j + i] = sums[i];
+    }
+  }
+}
+
+#if defined(COORDCONV_HAVE_SIMD_KERNEL)
+// The same loop compiled for AVX2 and FMA (8 lanes; the portable build has 4): float32.
+__attribute__((target("avx2,fma"))) void row_products_avx2(const float* rows, int64_t n_rows, int64_t len,
+                                                           const float* columns, int64_t width, float* out) {
+  row_products_loop<float>(rows, n_rows, len, columns, width, out);
+}
+#endif
+
+template <typename acc_t>
+void row_products(const acc_t* rows, int64_t n_rows, int64_t len, const acc_t* columns, int64_t width, acc_t* out) {
+#if defined(COORDCONV_HAVE_SIMD_KERNEL)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (isa_supported(Isa::kAvx2)) return row_products_avx2(rows, n_rows, len, columns, width, out);
+  }
+#endif
+  row_products_loop<acc_t>(rows, n_rows, len, columns, width, out);
+}
+
 // The gradients of coord_weight and of the bias from grad_output. Each output channel's planes are
 // summed over the batch (the coordinate term is the same for every sample: `sums`, [C_out, points],
 // grad itself for a batch of one in the accumulation dtype), then contracted with the coordinate
 // term's tables:
 //   G_c[o,t,u,v] = sum_i F0_c[i,t] sum_j F1_c[j,u] sum_k sums[o,i,j,k] F2_c[k,v]
-// The innermost contraction, the only output-sized one, for every channel and output row at once:
-// one matrix product with the row tables (F2's two possible tables, mask and coordinate, and a column
-// of ones whose products are the rows' sums, for the bias gradient); then per channel, in parallel,
+// The innermost contraction, the only output-sized one, in the pass that makes the batch sums: each
+// row of a channel's summed plane against the row tables (F2's two possible tables, mask and
+// coordinate, and a column of ones whose products are the rows' sums, for the bias gradient); then
+// per channel, in parallel,
 // the small rest, the radius channel against its [points x taps] table and the separate-filter
 // variant against the [points x coords] table of the centre coordinates. grad [N, C_out, *out];
 // either output may be skipped (undefined).
@@ -70,44 +142,30 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   const int64_t O = g.c_out, N = dense ? g.n : 1, points = g.out_points();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps, rows = OD * OH;
-  // The batch sums: grad itself for one sample in the accumulation dtype, else summed per channel.
-  at::Tensor sums;
-  if (N == 1 && std::is_same_v<scalar_t, acc_t>) {
-    sums = gc.view({O, points});
-  } else {
-    sums = at::empty({O, points}, acc_opts);
-    const scalar_t* gp = gc.data_ptr<scalar_t>();
-    acc_t* sp = sums.data_ptr<acc_t>();
-    at::parallel_for(0, O, grain_for(N * points), [&](int64_t begin, int64_t end) {
-      for (int64_t o = begin; o < end; ++o) {
-        acc_t* dst = sp + o * points;
-        std::fill(dst, dst + points, acc_t(0));
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* src = gp + (n * O + o) * points;
-#pragma omp simd
-          for (int64_t p = 0; p < points; ++p) dst[p] += static_cast<acc_t>(src[p]);
-        }
-      }
-    });
-  }
   const GradTables tables = cached_grad_tables<scalar_t, acc_t>(g, acc_opts);
   const AxisTables& t = tables.axis;
-  // inner[o, i, j, :] = sums[o, i, j, :] x row_tables: [mask products (KW) | coordinate products (KW) |]
-  // the row's sum; only the sum for the separate filter
+  // Per channel, in parallel: its batch sum (`sums`, [C_out, points]: grad itself for one sample in
+  // the accumulation dtype) and, while that plane is in cache, its rows' products with the row tables
+  //   inner[o, i, j, :] = sums[o, i, j, :] x row_tables
+  // ([mask products (KW) | coordinate products (KW) |] the row's sum; only the sum for the separate
+  // filter). (As one at::mm, that product of a tall matrix with a few columns ran at 8 GFLOP/s:
+  // 0.44 ms of the high-resolution layer's backward on the Zen 5, the batch sums 2.2 ms.)
   const int64_t width = tables.row_tables.size(1);
-  at::Tensor inner;
-  if (O * rows * OW * width >= kLoopProductMax) {
-    inner = at::mm(sums.view({O * rows, OW}), tables.row_tables);
-  } else {  // (a small product: a loop costs less than at::mm's dispatch)
-    inner = at::zeros({O * rows, width}, acc_opts);
-    const acc_t* a = sums.data_ptr<acc_t>();
-    const acc_t* b = tables.row_tables.data_ptr<acc_t>();
-    acc_t* c = inner.data_ptr<acc_t>();
-    for (int64_t r = 0; r < O * rows; ++r)
-      for (int64_t k = 0; k < OW; ++k) {
-        const acc_t v = a[r * OW + k];
-        for (int64_t j = 0; j < width; ++j) c[r * width + j] += v * b[k * width + j];
+  const bool view = N == 1 && std::is_same_v<scalar_t, acc_t>;
+  const at::Tensor sums = view ? gc.view({O, points}) : at::empty({O, points}, acc_opts);
+  const at::Tensor inner = at::empty({O * rows, width}, acc_opts);
+  {
+    const scalar_t* gp = gc.const_data_ptr<scalar_t>();
+    const acc_t* columns = tables.row_columns.const_data_ptr<acc_t>();
+    acc_t* sp = sums.data_ptr<acc_t>();
+    acc_t* ip = inner.data_ptr<acc_t>();
+    at::parallel_for(0, O, grain_for(N * points + points * width), [&](int64_t begin, int64_t end) {
+      for (int64_t o = begin; o < end; ++o) {
+        acc_t* plane = sp + o * points;
+        if (!view) batch_sum<scalar_t, acc_t>(gp + o * points, O * points, N, points, plane);
+        row_products<acc_t>(plane, rows, OW, columns, width, ip + o * rows * width);
       }
+    });
   }
   const bool want_cw = coord_grad != nullptr;
   at::Tensor cw = want_cw ? at::empty({O, per_o}, acc_opts) : at::Tensor();

@@ -264,6 +264,7 @@ struct GradTables {
   // and coordinate tables side by side (full coordinate kernel; none for the separate filter), then
   // a column of ones (the row's sum, for the bias gradient).
   at::Tensor row_tables;
+  at::Tensor row_columns;  // row_tables transposed, [width rounded up to 4, OW], zero beyond width
 };
 
 struct GradTablesEntry {
@@ -296,6 +297,9 @@ GradTables cached_grad_tables(const Geometry& g, const at::TensorOptions& acc_op
     if (g.with_r) t.radius = radius_table<scalar_t, acc_t>(g, t.axis, acc_opts);
     t.row_tables = at::cat({t.axis.mask[2], t.axis.value[2], ones}, 1);
   }
+  const int64_t width = t.row_tables.size(1);
+  t.row_columns = at::zeros({(width + 3) / 4 * 4, g.out[2]}, acc_opts);
+  t.row_columns.narrow(0, 0, width).copy_(t.row_tables.t());
   std::lock_guard<std::mutex> lock(cache_mutex());
   auto& entries = grad_tables_cache();
   if (entries.size() >= kMaxCacheEntries) entries.clear();
