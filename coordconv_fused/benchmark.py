@@ -504,8 +504,9 @@ def format_report(report: dict) -> str:
             else "quiet"
         )
         lines.append(f"Foreign CPU load during the run: {100 * load:.0f}% ({verdict}).")
-    if report["rounds"] > 1 and steadiness(report):
-        lines.append(steadiness(report))
+    steady = steadiness(report) if report["rounds"] > 1 else ""
+    if steady:
+        lines.append(steady)
     return "\n".join(lines)
 
 
