@@ -32,7 +32,7 @@ constexpr int64_t kSumBlock = 256;
 // From this many multiply-adds (C_out * OD * OH * KH * KW) on, the contraction over the output rows
 // runs as ATen's batched matrix products (the stem (1,3,224,224)->64 7x7/2: 351K; see docs/tuning.md);
 // below, as a loop per channel, which costs less per call (a tiny layer's backward then makes no ATen
-// call but the one GEMM).
+// call).
 constexpr int64_t kBatchedRowsMin = 32768;
 
 // sum over p in [0, n) of term(p), accumulated in double where acc_t is float (vectorised).
@@ -146,11 +146,11 @@ void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor*
   const AxisTables& t = tables.axis;
   // Per channel, in parallel: its batch sum (`sums`, [C_out, points]: grad itself for one sample in
   // the accumulation dtype) and, while that plane is in cache, its rows' products with the row tables
-  //   inner[o, i, j, :] = sums[o, i, j, :] x row_tables
+  //   inner[o, i, j, :] = sums[o, i, j, :] x the row tables (tables.row_columns, transposed)
   // ([mask products (KW) | coordinate products (KW) |] the row's sum; only the sum for the separate
   // filter). (As one at::mm, that product of a tall matrix with a few columns ran at 8 GFLOP/s:
   // 0.44 ms of the high-resolution layer's backward on the Zen 5, the batch sums 2.2 ms.)
-  const int64_t width = tables.row_tables.size(1);
+  const int64_t width = tables.row_width;
   const bool view = N == 1 && std::is_same_v<scalar_t, acc_t>;
   const at::Tensor sums = view ? gc.view({O, points}) : at::empty({O, points}, acc_opts);
   const at::Tensor inner = at::empty({O * rows, width}, acc_opts);

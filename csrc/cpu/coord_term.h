@@ -260,11 +260,11 @@ struct GradTables {
   AxisTables axis;    // full coordinate kernel
   at::Tensor radius;  // full coordinate kernel with the radius channel
   at::Tensor centre;  // separate filter
-  // [OW, width]: what each output row is multiplied with, as one matrix: the innermost axis's mask
-  // and coordinate tables side by side (full coordinate kernel; none for the separate filter), then
-  // a column of ones (the row's sum, for the bias gradient).
-  at::Tensor row_tables;
-  at::Tensor row_columns;  // row_tables transposed, [width rounded up to 4, OW], zero beyond width
+  // What each output row is multiplied with, one column of OW values per row of this [width rounded
+  // up to 4, OW] table (zero beyond width): the innermost axis's mask and coordinate tables (full
+  // coordinate kernel; none for the separate filter), then ones (the row's sum, for the bias gradient).
+  at::Tensor row_columns;
+  int64_t row_width = 0;
 };
 
 struct GradTablesEntry {
@@ -289,17 +289,18 @@ GradTables cached_grad_tables(const Geometry& g, const at::TensorOptions& acc_op
   }
   GradTables t;
   const at::Tensor ones = at::ones({g.out[2], 1}, acc_opts);
+  at::Tensor columns;  // [OW, width]
   if (g.separate) {
     t.centre = centre_table<scalar_t, acc_t>(g, acc_opts);
-    t.row_tables = ones;
+    columns = ones;
   } else {
     t.axis = axis_tables<scalar_t, acc_t>(g, acc_opts);
     if (g.with_r) t.radius = radius_table<scalar_t, acc_t>(g, t.axis, acc_opts);
-    t.row_tables = at::cat({t.axis.mask[2], t.axis.value[2], ones}, 1);
+    columns = at::cat({t.axis.mask[2], t.axis.value[2], ones}, 1);
   }
-  const int64_t width = t.row_tables.size(1);
-  t.row_columns = at::zeros({(width + 3) / 4 * 4, g.out[2]}, acc_opts);
-  t.row_columns.narrow(0, 0, width).copy_(t.row_tables.t());
+  t.row_width = columns.size(1);
+  t.row_columns = at::zeros({(t.row_width + 3) / 4 * 4, g.out[2]}, acc_opts);
+  t.row_columns.narrow(0, 0, t.row_width).copy_(columns.t());
   std::lock_guard<std::mutex> lock(cache_mutex());
   auto& entries = grad_tables_cache();
   if (entries.size() >= kMaxCacheEntries) entries.clear();
