@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .backends import AUTO_MEASURED, dispatch, resolve_backend
+from .backends import AUTO_MEASURED, compiled_term_op, dispatch, resolve_backend
 from .backends import generation as backends_generation
 from .ops.arguments import autocast_device_type
 from .ops.aten import composite as coord_conv_composite
@@ -64,7 +64,8 @@ def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
 
 def _composite_wanted(backend: str) -> bool:
     """Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile: the data
-    convolution plus the batch-of-one coordinate term, which inductor fuses into neighbouring
+    convolution plus the batch-of-one coordinate term (on the CPU the C++ term op, one node:
+    :func:`~coordconv_fused.backends.compiled_term_op`), whose add inductor fuses into neighbouring
     pointwise ops and whose gradients AOT autograd derives. Eager calls keep the fused backends."""
     if torch.compiler.is_compiling():
         return backend != "reference"
@@ -82,7 +83,8 @@ def _run(
         input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     check_tensors(input, weight, coord_weight, bias, spec)
     if _composite_wanted(backend):
-        out = coord_conv_composite(input, weight, coord_weight, bias, spec)
+        term_op = compiled_term_op(backend, input, spec)
+        out = coord_conv_composite(input, weight, coord_weight, bias, spec, term_op=term_op)
     else:
         out = dispatch(backend, input, weight, coord_weight, bias, spec)
     return out.squeeze(0) if unbatched else out

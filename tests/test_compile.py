@@ -105,9 +105,7 @@ def test_term_by_gemm_matches_the_convolution(size, kernel, stride, padding, dil
     torch.testing.assert_close(got_grad, expected_grad)
 
 
-def test_cpu_compiles_the_term_as_a_convolution():
-    """On the CPU the compiled graph holds two convolutions (data and coordinate term) and no GEMM
-    over an im2col matrix (docs/tuning.md measured the convolution faster there)."""
+def _compiled_graph_targets(m, x, backend_name="capture"):
     torch._dynamo.reset()
     graphs = []
 
@@ -115,10 +113,91 @@ def test_cpu_compiles_the_term_as_a_convolution():
         graphs.append(gm)
         return gm.forward
 
-    m = CoordConv2d(4, 6, 3, padding=1)
-    x = torch.randn(2, 4, 9, 11)
     torch.testing.assert_close(torch.compile(m, fullgraph=True, backend=capture)(x), m(x))
     (gm,) = graphs
-    targets = [node.target for node in gm.graph.nodes if node.op == "call_function"]
+    return [node.target for node in gm.graph.nodes if node.op == "call_function"]
+
+
+def test_cpu_compiles_the_torch_backends_term_as_a_convolution():
+    """Backend ``torch`` (plain PyTorch) compiles to two convolutions on the CPU (data and
+    coordinate term) and no GEMM over an im2col matrix (docs/tuning.md measured the convolution
+    faster there)."""
+    targets = _compiled_graph_targets(CoordConv2d(4, 6, 3, padding=1, backend="torch"), torch.randn(2, 4, 9, 11))
     assert targets.count(torch.convolution) == 2
     assert torch.nn.functional.unfold not in targets
+    assert not [t for t in targets if "coordconv_fused" in str(t)]
+
+
+@pytest.mark.backend("cpp")
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_cpu_compiles_the_term_as_the_cpp_op(backend):
+    """With the C++ extension, a compiled CPU layer is the data convolution plus the C++
+    coordinate term, one node (kept while coord_weight holds the same values), added to it."""
+    targets = _compiled_graph_targets(CoordConv2d(4, 6, 3, padding=1, backend=backend), torch.randn(2, 4, 9, 11))
+    assert targets.count(torch.convolution) == 1
+    assert [str(t) for t in targets if "coordconv_fused" in str(t)] == ["coordconv_fused.coord_conv_ext_term"]
+
+
+@pytest.mark.backend("cpp")
+def test_exported_graph_stays_aten():
+    """torch.export keeps the coordinate term as ATen ops (a portable program), also on the CPU."""
+    m = CoordConv2d(4, 6, 3, padding=1).eval()
+    x = torch.randn(2, 4, 9, 11)
+    ep = torch.export.export(m, (x,))
+    targets = [str(node.target) for node in ep.graph.nodes if node.op == "call_function"]
+    assert not [t for t in targets if "coordconv_fused" in t], targets
+    torch.testing.assert_close(ep.module()(x), m(x))
+
+
+@pytest.mark.backend("cpp")
+@pytest.mark.parametrize(
+    "variant", [{}, {"with_r": True, "stride": 2}, {"coord_kernel_size": 1}, {"padding_mode": "reflect"}], ids=str
+)
+def test_compiled_term_follows_coord_weight(variant):
+    """A compiled inference layer keeps its coordinate term while coord_weight holds the same
+    values and makes it again when they change: in place (the version counter moves), through
+    ``.data`` (it does not), or a new parameter; every output equals the reference backend's."""
+    torch.manual_seed(0)
+    m = CoordConv2d(3, 5, 3, padding=1, **variant).eval()
+    ref = CoordConv2d(3, 5, 3, padding=1, backend="reference", **variant).eval()
+    compiled = torch.compile(m, fullgraph=True)
+    x = torch.randn(2, 3, 10, 9)
+
+    def check():
+        ref.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+
+    torch._dynamo.reset()
+    check()
+    check()
+    with torch.no_grad():
+        m.coord_weight.mul_(2)
+    check()
+    m.coord_weight.data.add_(1)
+    check()
+    m.coord_weight = torch.nn.Parameter(torch.randn_like(m.coord_weight))
+    check()
+
+
+@pytest.mark.backend("cpp")
+def test_compiled_term_trains():
+    """A compiled layer trained for a few steps (coord_weight changes each step) follows eager
+    step for step: outputs, and every gradient through the C++ term's registered backward."""
+    torch.manual_seed(0)
+    eager = nn.Sequential(CoordConv2d(3, 4, 3, padding=1, with_r=True), nn.ReLU())
+    twin = nn.Sequential(CoordConv2d(3, 4, 3, padding=1, with_r=True), nn.ReLU())
+    twin.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(twin, fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, twin)]
+    for _ in range(3):
+        x = torch.randn(2, 3, 8, 7)
+        outs = []
+        for model, fn, opt in zip((eager, twin), (eager, compiled), opts):
+            opt.zero_grad()
+            out = fn(x)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            outs.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+            opt.step()
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from ..ops.aten import TermOp
 from ..spec import ConvSpec
 from . import aten, native, reference, triton
 from . import choice_file as choice_file  # (COORDCONV_CPU_KERNEL_CACHE is read at import)
@@ -47,6 +48,7 @@ __all__ = [
     "get_backend",
     "resolve_backend",
     "dispatch",
+    "compiled_term_op",
     "generation",
     "AUTO_PREFERENCE",
     "AUTO_MEASURED",
@@ -192,6 +194,17 @@ def dispatch(
 ) -> Tensor:
     """Run the CoordConv described by ``spec`` on backend ``name``."""
     return resolve_backend(name, input, weight, spec, coord_weight, bias).fn(input, weight, coord_weight, bias, spec)
+
+
+def compiled_term_op(name: str, input: Tensor, spec: ConvSpec) -> TermOp | None:
+    """What makes the coordinate term in a graph ``torch.compile`` makes of a call on backend
+    ``name`` (the graph is otherwise ATen ops: :func:`coordconv_fused.ops.aten.composite`): the C++
+    term on the CPU (:func:`.native.compiled_term_op`); None, the ATen term, for ``torch`` (plain
+    PyTorch, asked for by name), ``reference`` (not compiled as ATen ops) and wherever the C++ term
+    does not apply."""
+    if name in ("torch", "reference"):
+        return None
+    return native.compiled_term_op(input, spec)
 
 
 register_backend(reference.backend)

@@ -19,8 +19,10 @@ from ..ops import (
     pre_pad,
     prepare_call,
     register_native_coord_conv_op,
+    register_native_term_op,
     static_arguments,
 )
+from ..ops.aten import TermOp
 from ..spec import ConvSpec
 from .base import Backend
 
@@ -30,6 +32,7 @@ __all__ = [
     "avx2_direct_available",
     "has_cuda_kernels",
     "coord_conv_cpp",
+    "compiled_term_op",
     "cpp_backend",
     "cuda_backend",
     "kernel_choices",
@@ -153,6 +156,26 @@ def coord_conv_cpp(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Te
 
 if LOAD_ERROR is None:
     register_native_coord_conv_op("coord_conv_ext", fused_backward=True)
+    register_native_term_op("coord_conv_ext_term")
+
+
+def compiled_term_op(input: Tensor, spec: ConvSpec) -> TermOp | None:
+    """The op that makes the coordinate term in a graph ``torch.compile`` makes of a CPU layer:
+    ``coordconv_fused::coord_conv_ext_term``, the ``cpp`` backend's closed-form term (three small
+    contractions of per-axis tables), kept while ``coord_weight`` holds the same values
+    (csrc/cpu/coord_term.h), so that an inference graph copies the term instead of running a
+    batch-of-one convolution each call; its gradient is the ATen one (ops/autograd.py). None where
+    the graph stays plain ATen: not compiling, exporting, the extension absent, a GPU or a
+    transposed layer (docs/tuning.md has the figures)."""
+    if (
+        LOAD_ERROR is not None
+        or spec.transposed
+        or input.device.type != "cpu"
+        or not torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+    ):
+        return None
+    return torch.ops.coordconv_fused.coord_conv_ext_term
 
 
 def _prepare(spec: ConvSpec):

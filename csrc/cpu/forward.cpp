@@ -84,11 +84,12 @@ void direct_forward_cpu(const Geometry& g, const scalar_t* x, const scalar_t* w,
   });
 }
 
-// y += P, over every plane of the output (the epilogue of the ATen/oneDNN candidate). Where P has
-// affine rows (float32, coord_term.h), rows [lo, hi) add U + (oh - lo) V from the two [C_out, OW]
-// tables, which stay in cache, and only the border rows read P: the pass then moves little more than
-// the output it updates (on a batch-1 layer P is as large as the output).
-template <typename scalar_t, typename acc_t>
+// y += P, over every plane of the output (the epilogue of the ATen/oneDNN candidate), or with
+// `accumulate` false y = P (the term op). Where P has affine rows (float32, coord_term.h), rows
+// [lo, hi) add U + (oh - lo) V from the two [C_out, OW] tables, which stay in cache, and only the
+// border rows read P: the pass then moves little more than the output it updates (on a batch-1 layer
+// P is as large as the output).
+template <typename scalar_t, typename acc_t, bool accumulate = true>
 void add_coord_term_cpu(const Geometry& g, const CoordTerm& coord, scalar_t* y) {
   const int64_t points = g.out_points(), OW = g.out[2];
   const acc_t* P = coord.P.data_ptr<acc_t>();
@@ -98,7 +99,8 @@ void add_coord_term_cpu(const Geometry& g, const CoordTerm& coord, scalar_t* y) 
   const int64_t lo = affine ? a.lo * OW : points, hi = affine ? a.hi * OW : points;  // flat offsets in a plane
   const auto add = [](scalar_t* __restrict yp, const acc_t* __restrict p, int64_t n) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<scalar_t>(static_cast<acc_t>(yp[i]) + p[i]);
+    for (int64_t i = 0; i < n; ++i)
+      yp[i] = static_cast<scalar_t>((accumulate ? static_cast<acc_t>(yp[i]) : acc_t(0)) + p[i]);
   };
   const auto body = [&] {
     at::parallel_for(0, g.n * g.c_out, grain_for(points), [&](int64_t begin, int64_t end) {
@@ -115,7 +117,7 @@ void add_coord_term_cpu(const Geometry& g, const CoordTerm& coord, scalar_t* y) 
             scalar_t* __restrict yr = yp + r;
 #pragma omp simd
             for (int64_t j = 0; j < OW; ++j)
-              yr[j] = static_cast<scalar_t>(static_cast<acc_t>(yr[j]) + (u[j] + t * v[j]));
+              yr[j] = static_cast<scalar_t>((accumulate ? static_cast<acc_t>(yr[j]) : acc_t(0)) + (u[j] + t * v[j]));
           }
         }
         add(yp + hi, p + hi, points - hi);
@@ -223,6 +225,13 @@ void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, cons
   } else {
     launch();
   }
+}
+
+void write_coord_term(const Geometry& g, const CoordTerm& coord, at::Tensor& out) {
+  TORCH_CHECK(out.is_contiguous() && out.numel() == g.n * g.c_out * g.out_points(), "write_coord_term: bad output");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "write_coord_term", [&] {
+    add_coord_term_cpu<scalar_t, at::opmath_type<scalar_t>, false>(g, coord, out.data_ptr<scalar_t>());
+  });
 }
 
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
