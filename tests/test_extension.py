@@ -366,17 +366,14 @@ def test_backward_op(kwargs, mask, emulated_cuda):
 
 
 @pytest.mark.parametrize("kernel", ["aten", "measure"])
-@pytest.mark.parametrize(
-    "size,one_call",
-    # (batch, C_in, H, W); per gradient 2 * 4 * 7 * 6 * 3 * 9 = 9,072 multiply-adds, and 2 * 4 * 64 * 64 *
-    # 16 * 9 = 4.7M, over kOneCallMacs (4.2M, csrc/cpu/backward.cpp)
-    [((2, 3, 7, 6), True), ((2, 16, 64, 64), False)],
-    ids=["small", "large"],
-)
-def test_backward_op_input_and_weight_gradients_in_one_or_two_calls(size, one_call, kernel, monkeypatch, emulated_cuda):
-    """Below kOneCallMacs, where ATen computes the input gradient, the input and weight gradients are one
-    convolution_backward call (its fixed cost counts on small layers); above, two (a lower peak memory): both
-    against the generic backward, and the calls counted. (Measured: a kernel may take the input gradient.)"""
+@pytest.mark.parametrize("size", [(2, 3, 7, 6), (2, 16, 64, 64)], ids=["small", "large"])
+@pytest.mark.parametrize("need_in", [True, False], ids=["input_grad", "no_input_grad"])
+def test_backward_op_calls_nn_conv2ds_convolution_backward(size, need_in, kernel, monkeypatch, emulated_cuda):
+    """Where ATen computes the input gradient (or none is asked for), the input, weight and bias
+    gradients are one convolution_backward call with nn.Conv2d's arguments (the bias gradient
+    included); where the direct kernel computes the input gradient, that call computes the weight
+    gradient alone. Both against the generic backward, and the calls and their output masks
+    recorded. (Measured: a kernel may take the input gradient.)"""
     monkeypatch.setenv("COORDCONV_CPU_KERNEL", kernel)
     n, c_in, h, w_ = size
     x, w, cw, b, *rest = _op_args(c_in=c_in)
@@ -384,19 +381,27 @@ def test_backward_op_input_and_weight_gradients_in_one_or_two_calls(size, one_ca
     y = torch.ops.coordconv_fused.coord_conv_cuda_emulated(x, w, cw, b, *rest)
     g = torch.randn_like(y)
     expected = torch.autograd.grad(y, (x, w, cw, b), g)
-    args = (g, x.detach(), w.detach(), cw.detach(), *rest, [True] * 4)
+    mask = [need_in, True, True, True]
+    args = (g, x.detach(), w.detach(), cw.detach(), *rest, mask)
     extension.clear_kernel_choices()
     torch.ops.coordconv_fused.coord_conv_ext_backward(*args)  # (a measured choice is made on this first call)
     chosen = [c["chosen"] for c in extension.kernel_choices() if c["op"] == "input_grad"]
     aten_input_grad = kernel == "aten" or not chosen or chosen[0] == "aten"
     got = []
-    calls, _ = kernel_events(
-        lambda: got.extend(torch.ops.coordconv_fused.coord_conv_ext_backward(*args)), "aten::convolution_backward"
-    )
-    for name, e, r in zip(("input", "weight", "coord_weight", "bias"), expected, got):
+    with torch.profiler.profile(record_shapes=True) as prof:
+        got.extend(torch.ops.coordconv_fused.coord_conv_ext_backward(*args))
+    masks = [
+        e.concrete_inputs[-1] for e in prof.events() if e.name == "aten::convolution_backward" and e.concrete_inputs
+    ]
+    for name, e, r, asked in zip(("input", "weight", "coord_weight", "bias"), expected, got, mask):
+        if not asked:
+            assert r is None, name
+            continue
         torch.testing.assert_close(r, e, atol=2e-4, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
-    # (the input gradient by the kernel: convolution_backward for the weight gradient only)
-    assert calls == (1 if one_call or not aten_input_grad else 2)
+    if not need_in or aten_input_grad:
+        assert masks == [[need_in, True, True]]
+    else:  # (the input gradient by the kernel)
+        assert masks == [[False, True, False]]
 
 
 def test_backward_op_grad_layouts():

@@ -1,6 +1,7 @@
-// The `cpp` backend's backward: the gradients of coord_weight and of the bias in one pass over
-// grad_output (per output channel: its batch sum, contracted with the coordinate term's tables), the
-// input gradient by input_grad.cpp, the weight gradient by ATen's convolution_backward.
+// The `cpp` backend's backward: the gradient of coord_weight in one pass over grad_output (per output
+// channel: its batch sum, contracted with the coordinate term's tables), the input, weight and bias
+// gradients by nn.Conv2d's own convolution_backward call, or the input gradient by input_grad.cpp's
+// kernel where it was chosen (the bias gradient then in the same pass).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -277,25 +278,12 @@ at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& i
 
 // ---- the whole backward ---------------------------------------------------------------------------
 
-namespace {
-
-// Below this many multiply-adds per gradient, the input and weight gradients are one
-// convolution_backward call: on the Xeon, (1,3,8,8)->8 3x3 37 us against 54 for two calls,
-// (1,16,32,32)->16 1.02x, (8,32,32,32)->32 still 1.01x (docs/tuning.md).
-constexpr int64_t kOneCallMacs = int64_t(1) << 22;
-
-// Multiply-adds of one of the input and weight gradients: each grad_output point meets C_in / groups
-// x taps weights.
-int64_t gradient_macs(const at::Tensor& grad, const at::Tensor& weight) {
-  const int64_t c_out = weight.size(0);
-  return c_out == 0 ? 0 : grad.numel() * (weight.numel() / c_out);
-}
-
-}  // namespace
-
 // Gradients of (input, weight, coord_weight, bias), each only where output_mask asks (else
-// undefined): the coordinate and bias gradients in the one pass above, the input gradient by the
-// direct kernel where it pays, the rest by ATen's convolution_backward.
+// undefined). Where ATen computes the input gradient (or none is asked for), the input, weight and
+// bias gradients are nn.Conv2d's own convolution_backward call, the same arguments: that part then
+// costs what nn.Conv2d's backward costs on any CPU, and the one pass above adds the coordinate
+// gradient. Where the direct kernel computes the input gradient, ATen's call computes the weight
+// gradient alone and the pass the bias gradient too (docs/tuning.md).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
@@ -310,33 +298,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const at::Tensor grad = (need_in || need_w) && !grad_output.is_non_overlapping_and_dense()
                               ? grad_output.contiguous(grad_output.suggest_memory_format())
                               : grad_output;
-  at::Tensor grad_in, grad_w, grad_cw, grad_b;
-  if (need_cw || need_b) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "coord_conv_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      coord_and_bias_grads<scalar_t, acc_t>(g, grad, need_cw ? &grad_cw : nullptr, need_b ? &grad_b : nullptr);
-    });
-    if (need_cw) grad_cw = grad_cw.view(coord_weight.sizes()).to(coord_weight.scalar_type());
-    if (need_b) grad_b = grad_b.to(grad.scalar_type());
-  }
-  // Input and weight gradients in separate calls: on large layers as fast as one convolution_backward
-  // computing both, with a lower peak memory; on small ones (below kOneCallMacs), where a call's fixed
-  // cost counts, in one call when ATen computes the input gradient (docs/tuning.md).
   const Impl in_impl =
       need_in ? input_grad_impl(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups)
               : Impl::kAten;
-  if (need_in && need_w && in_impl == Impl::kAten && !transposed && gradient_macs(grad, weight) < kOneCallMacs) {
-    std::tie(grad_in, grad_w, std::ignore) =
-        at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
-                                 output_padding, groups, {true, true, false});
-    return {grad_in, grad_w, grad_cw, grad_b};
+  const bool conv_call = need_w || (need_in && in_impl == Impl::kAten);  // one convolution_backward
+  const bool bias_in_conv = need_b && conv_call && in_impl == Impl::kAten;
+  at::Tensor grad_in, grad_w, grad_cw, grad_b;
+  if (need_cw || (need_b && !bias_in_conv)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "coord_conv_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      coord_and_bias_grads<scalar_t, acc_t>(g, grad, need_cw ? &grad_cw : nullptr,
+                                            need_b && !bias_in_conv ? &grad_b : nullptr);
+    });
+    if (need_cw) grad_cw = grad_cw.view(coord_weight.sizes()).to(coord_weight.scalar_type());
+    if (grad_b.defined()) grad_b = grad_b.to(grad.scalar_type());
   }
-  if (need_in)
+  const bool aten_in = need_in && in_impl == Impl::kAten;
+  if (need_in && !aten_in)
     grad_in =
         input_grad_by(in_impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
-  if (need_w) {
-    grad_w = std::get<1>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation,
-                                                  transposed, output_padding, groups, {false, true, false}));
+  if (conv_call) {
+    const std::vector<int64_t> bias_sizes{weight.size(0)};
+    at::Tensor in, w, b;
+    std::tie(in, w, b) = at::convolution_backward(
+        grad, input, weight, bias_in_conv ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, stride, padding,
+        dilation, transposed, output_padding, groups, {aten_in, need_w, bias_in_conv});
+    if (aten_in) grad_in = in;
+    if (need_w) grad_w = w;
+    if (bias_in_conv) grad_b = b;
   }
   return {grad_in, grad_w, grad_cw, grad_b};
 }
