@@ -167,16 +167,22 @@ def test_a_choice_is_timed_a_second_time_once(kernel_mode):
         assert native.kernel_choices() == [second]  # no third measurement
 
 
-def test_backward_measures_the_input_gradient(kernel_mode):
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["weight_grad", "frozen_weight"])
+def test_backward_measures_the_input_gradient(kernel_mode, weight_grad):
+    """The input gradient's implementation is measured: with the weight gradient wanted too, as the
+    whole of what each candidate runs (op "backward": nn.Conv2d's one convolution_backward call, or
+    the kernel's input gradient plus ATen's weight gradient); alone otherwise (op "input_grad")."""
     kernel_mode("measure")
     m = CoordConv2d(2, 8, 3, padding=1, backend="cpp")
+    m.weight.requires_grad_(weight_grad)
     x = torch.randn(2, 2, 10, 24, requires_grad=True)
     m(x).sum().backward()
     ops = {c["op"] for c in native.kernel_choices()}
     assert "forward" in ops
     # ATen's is the input gradient's only candidate where there is no SIMD kernel (AVX-512 or AVX2)
     simd = native.avx512_direct_available() or native.avx2_direct_available()
-    assert ("input_grad" in ops) == simd
+    assert ("backward" in ops) == (simd and weight_grad)
+    assert ("input_grad" in ops) == (simd and not weight_grad)
 
 
 @pytest.mark.parametrize("layer", [CoordConv1d(2, 3, 3), CoordConv3d(1, 2, 3)], ids=["1d", "3d"])

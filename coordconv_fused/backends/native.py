@@ -76,7 +76,9 @@ def avx2_direct_available() -> bool:
 
 def kernel_choices() -> list[dict]:
     """What the ``cpp`` backend chose for each layer it has measured in this process: dicts with
-    ``op`` ("forward" or "input_grad"), ``layer`` (shape, dtype, threads), ``chosen`` and
+    ``op`` ("forward", "input_grad", or "backward": the input gradient's choice where the weight
+    gradient is wanted too, timed as the whole of each candidate's work), ``layer`` (shape, dtype,
+    threads), ``chosen`` and
     ``candidates_us`` (each candidate's time, microseconds, best of the timed calls) and
     ``measurements`` (1, or 2 once the candidates were timed again, :func:`choice_confirm_calls`
     calls after the first; each then keeps its best time of both, and the choice is made again).

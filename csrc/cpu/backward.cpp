@@ -283,7 +283,9 @@ at::Tensor coord_weight_grad_cpu(const at::Tensor& grad_sum, const at::Tensor& i
 // bias gradients are nn.Conv2d's own convolution_backward call, the same arguments: that part then
 // costs what nn.Conv2d's backward costs on any CPU, and the one pass above adds the coordinate
 // gradient. Where the direct kernel computes the input gradient, ATen's call computes the weight
-// gradient alone and the pass the bias gradient too (docs/tuning.md).
+// gradient alone and the pass the bias gradient too (docs/tuning.md). With the weight gradient
+// wanted, which of the two runs is measured as a whole (backward_impl: the kernel's input gradient
+// alone may be faster than ATen's and still lose to nn.Conv2d's one call for both).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
@@ -299,8 +301,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
                               ? grad_output.contiguous(grad_output.suggest_memory_format())
                               : grad_output;
   const Impl in_impl =
-      need_in ? input_grad_impl(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups)
-              : Impl::kAten;
+      !need_in ? Impl::kAten
+      : need_w
+          ? backward_impl(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups, need_b)
+          : input_grad_impl(grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
   const bool conv_call = need_w || (need_in && in_impl == Impl::kAten);  // one convolution_backward
   const bool bias_in_conv = need_b && conv_call && in_impl == Impl::kAten;
   at::Tensor grad_in, grad_w, grad_cw, grad_b;

@@ -41,6 +41,12 @@ void write_coord_term(const Geometry& g, const CoordTerm& coord, at::Tensor& out
 Impl input_grad_impl(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
                      int64_t groups);
+// The same choice where the weight gradient is wanted too, timed as the whole of what each candidate
+// then runs: nn.Conv2d's convolution_backward call (input, weight and, with need_b, bias gradients), or
+// the SIMD kernel's input gradient and ATen's weight gradient (op "backward").
+Impl backward_impl(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                   at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
+                   int64_t groups, bool need_b);
 at::Tensor input_grad_by(Impl impl, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                          at::IntArrayRef output_padding, int64_t groups);
