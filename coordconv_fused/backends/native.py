@@ -22,6 +22,7 @@ from ..ops import (
     register_native_term_op,
     static_arguments,
 )
+from ..ops.arguments import exporting
 from ..ops.aten import TermOp
 from ..spec import ConvSpec
 from .base import Backend
@@ -174,7 +175,7 @@ def compiled_term_op(input: Tensor, spec: ConvSpec) -> TermOp | None:
         or spec.transposed
         or input.device.type != "cpu"
         or not torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
+        or exporting()
     ):
         return None
     return torch.ops.coordconv_fused.coord_conv_ext_term

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..spec import ConvSpec
 
-__all__ = ["static_arguments", "pre_pad", "op_arguments", "autocast_device_type"]
+__all__ = ["static_arguments", "pre_pad", "op_arguments", "autocast_device_type", "exporting"]
 
 _AUTOCAST_DEVICE_TYPE: dict[torch.device, str | None] = {}
 
@@ -25,6 +25,13 @@ def autocast_device_type(device: torch.device) -> str | None:
     except KeyError:
         available = torch.amp.is_autocast_available(device.type)
         return _AUTOCAST_DEVICE_TYPE.setdefault(device, device.type if available else None)
+
+
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing: the flag it sets, read directly. Dynamo before torch 2.12
+    (e.g. 2.11) answers ``torch.compiler.is_exporting()`` with True under any ``torch.compile``."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
 
 
 def static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..coords import centre_coord_channels, padded_coord_channels
 from ..geometry import image_sizes, pairs
 from ..spec import ConvSpec
-from .arguments import op_arguments, pre_pad, static_arguments
+from .arguments import exporting, op_arguments, pre_pad, static_arguments
 
 __all__ = [
     "coord_input",
@@ -154,7 +154,7 @@ def coordinate_term(
         and not (transposed or separate)
         and coords.device.type != "cpu"
         and torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not exporting()
     ):
         return term_by_gemm(coords, coord_weight, out_sizes, stride, padding, dilation)
     term_args = _term_conv_args(input.dim() - 2, stride, padding, dilation, transposed, output_padding, separate)
