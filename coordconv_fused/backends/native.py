@@ -166,8 +166,9 @@ def compiled_term_op(input: Tensor, spec: ConvSpec) -> TermOp | None:
     """The op that makes the coordinate term in a graph ``torch.compile`` makes of a CPU layer:
     ``coordconv_fused::coord_conv_ext_term``, the ``cpp`` backend's closed-form term (three small
     contractions of per-axis tables), kept while ``coord_weight`` holds the same values
-    (csrc/cpu/coord_term.h), so that an inference graph copies the term instead of running a
-    batch-of-one convolution each call; its gradient is the ATen one (ops/autograd.py). None where
+    (csrc/cpu/coord_term.h) and written afresh each call from its affine rows, instead of a
+    batch-of-one convolution in the graph; its autograd is in C++
+    (csrc/autograd/coord_term_autograd.cpp), its gradient the ATen coordinate gradient. None where
     the graph stays plain ATen: not compiling, exporting, the extension absent, a GPU or a
     transposed layer (docs/tuning.md has the figures)."""
     if (
