@@ -158,46 +158,60 @@ at::Tensor input_grad_kernel(Isa isa, const at::Tensor& grad, const at::Tensor& 
   return out;
 }
 
+// What the input gradient's choice for a layer starts from: the direct kernel's ISA (none where the
+// kernel does not apply: then ATen's call is the one candidate), the fixed rule's pick, and the layer
+// as the key of the measured choice (the convolution's geometry, nothing pre-padded).
+struct InputGradChoice {
+  std::optional<Isa> isa;
+  Impl heuristic = Impl::kAten;
+  Geometry layer{};
+};
+
+InputGradChoice input_grad_choice(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  bool transposed, int64_t groups) {
+  InputGradChoice c;
+  c.isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
+  if (!c.isa) return c;
+  c.heuristic =
+      input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
+  const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
+  c.layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, no_pre_pad,
+                          "zeros", false, false);
+  return c;
+}
+
 }  // namespace
 
 Impl input_grad_impl(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                      at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
                      int64_t groups) {
-  const auto isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
-  if (!isa) return Impl::kAten;
-  const Impl heuristic =
-      input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
-  // (the layer, as the key of the measured choice: the convolution's geometry, nothing pre-padded)
-  const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
-  const Geometry layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups,
-                                       no_pre_pad, "zeros", false, false);
-  return choose_impl("input_grad", layer, input.scalar_type(), {Impl::kAten, simd_impl(*isa)}, heuristic, [&](Impl c) {
-    input_grad_by(c, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
-  });
+  const InputGradChoice c = input_grad_choice(grad, input, weight, stride, padding, dilation, transposed, groups);
+  if (!c.isa) return Impl::kAten;
+  return choose_impl(
+      "input_grad", c.layer, input.scalar_type(), {Impl::kAten, simd_impl(*c.isa)}, c.heuristic, [&](Impl impl) {
+        input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+      });
 }
 
 Impl backward_impl(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
                    int64_t groups, bool need_b) {
-  const auto isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
-  if (!isa) return Impl::kAten;
-  const Impl heuristic =
-      input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
-  const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
-  Geometry layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, no_pre_pad,
-                                 "zeros", false, false);
-  layer.has_bias = need_b;  // (timed with the bias gradient where it is asked for)
+  InputGradChoice c = input_grad_choice(grad, input, weight, stride, padding, dilation, transposed, groups);
+  if (!c.isa) return Impl::kAten;
+  c.layer.has_bias = need_b;  // (timed with the bias gradient where it is asked for)
   const std::vector<int64_t> bias_sizes{weight.size(0)};
-  return choose_impl("backward", layer, input.scalar_type(), {Impl::kAten, simd_impl(*isa)}, heuristic, [&](Impl c) {
-    if (c == Impl::kAten) {  // nn.Conv2d's call
-      at::convolution_backward(grad, input, weight, need_b ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, stride,
-                               padding, dilation, transposed, output_padding, groups, {true, true, need_b});
-    } else {
-      input_grad_by(c, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
-      at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed, output_padding,
-                               groups, {false, true, false});
-    }
-  });
+  return choose_impl(
+      "backward", c.layer, input.scalar_type(), {Impl::kAten, simd_impl(*c.isa)}, c.heuristic, [&](Impl impl) {
+        if (impl == Impl::kAten) {  // nn.Conv2d's call
+          at::convolution_backward(grad, input, weight, need_b ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt,
+                                   stride, padding, dilation, transposed, output_padding, groups, {true, true, need_b});
+        } else {
+          input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+          at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
+                                   output_padding, groups, {false, true, false});
+        }
+      });
 }
 
 at::Tensor input_grad_by(Impl impl, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
