@@ -233,25 +233,32 @@ AVX512_CASES = [
     # pre-padding that maps positions (the coordinate term not affine in the rows: P read everywhere)
     Case((20, 24), in_channels=2, out_channels=7, kernel_size=3, padding=1, padding_mode="replicate"),
     Case((19, 18), in_channels=2, out_channels=6, kernel_size=5, padding=2, padding_mode="circular"),
+    # at most 3 output channels (the 3-channel tile's forward), a row of 6 vectors and a rest of 2
+    Case((18, 131), batch=2, in_channels=5, out_channels=3, kernel_size=3, padding=1),
+    Case((13, 40), in_channels=2, out_channels=2, kernel_size=5, stride=2, padding=2, with_r=True),
 ]
 
 
 # (avx512_6x4: the AVX-512 kernel's second tile shape, 6 output channels per tile, forced by name
-# on the cases with more than one tile of 4 channels, where it is a candidate)
-@pytest.mark.parametrize("isa", ["avx512", "avx512_6x4", "avx2"])
+# on the cases with more than one tile of 4 channels, where it is a candidate; avx512_3x6: its third,
+# 3 channels x 6 vectors, forced on the cases where the forward (C_out <= 3) or the input gradient
+# (C_in <= 3) has at most 3 channels)
+@pytest.mark.parametrize("isa", ["avx512", "avx512_6x4", "avx512_3x6", "avx2"])
 @pytest.mark.parametrize("case", AVX512_CASES, ids=str)
 def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
-    base = isa.removesuffix("_6x4")
+    base, _, tile = isa.partition("_")
     if not getattr(extension, f"{base}_direct_available")():
         pytest.skip(f"the CPU has no {base.upper()} (the kernel is not used there)")
-    if isa == "avx512_6x4" and case.out_channels <= 4:
+    if tile == "6x4" and case.out_channels <= 4:
         pytest.skip("one tile of 4 channels: the second tile shape is no candidate")
+    if tile == "3x6" and min(case.in_channels, case.out_channels) > 3:
+        pytest.skip("more than 3 channels each way: the third tile shape is no candidate")
     if base == "avx512":
         monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
     else:
         monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
     # this kernel whatever the measurement would choose
-    monkeypatch.setenv("COORDCONV_CPU_KERNEL", "avx512_direct_6x4" if isa == "avx512_6x4" else "direct")
+    monkeypatch.setenv("COORDCONV_CPU_KERNEL", f"avx512_direct_{tile}" if tile else "direct")
     event = f"coordconv_fused::{base}_direct"
     calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), event)
     assert calls > 0, f"the case did not take the {isa} kernel"

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace coordconv {
 
@@ -84,9 +85,21 @@ inline std::optional<Isa> direct_isa() {
 // implementations are SIMD kernels, and their ISA and channels per tile.
 inline Impl simd_impl(Isa isa) { return isa == Isa::kAvx512 ? Impl::kAvx512Direct : Impl::kAvx2Direct; }
 inline bool is_simd(Impl impl) {
-  return impl == Impl::kAvx512Direct || impl == Impl::kAvx512Direct6x4 || impl == Impl::kAvx2Direct;
+  return impl == Impl::kAvx512Direct || impl == Impl::kAvx512Direct6x4 || impl == Impl::kAvx512Direct3x6 ||
+         impl == Impl::kAvx2Direct;
 }
 inline Isa isa_of(Impl impl) { return impl == Impl::kAvx2Direct ? Isa::kAvx2 : Isa::kAvx512; }
-inline int64_t oc_block_of(Impl impl) { return impl == Impl::kAvx512Direct6x4 ? kOcBlockWide : kOcBlock; }
+inline int64_t oc_block_of(Impl impl) {
+  return impl == Impl::kAvx512Direct6x4 ? kOcBlockWide : impl == Impl::kAvx512Direct3x6 ? kOcBlockNarrow : kOcBlock;
+}
+// The SIMD direct kernels to measure for a convolution of `c_out` output channels in `isa`: the
+// first tile shape, and in AVX-512 the 6-channel one where C_out fills more than one 4-channel tile,
+// the 3-channel one where C_out is at most 3.
+inline std::vector<Impl> simd_candidates(Isa isa, int64_t c_out) {
+  std::vector<Impl> impls{simd_impl(isa)};
+  if (isa == Isa::kAvx512 && c_out > kOcBlock) impls.push_back(Impl::kAvx512Direct6x4);
+  if (isa == Isa::kAvx512 && c_out <= kOcBlockNarrow) impls.push_back(Impl::kAvx512Direct3x6);
+  return impls;
+}
 
 }  // namespace coordconv

@@ -20,10 +20,11 @@
 // The tile is written once, over GCC vector types (`F32x16`, `F32x8`), and compiled for each ISA and
 // tile shape by an entry function with that target (`direct_items_avx512`, `direct_items_avx512_6x4`,
 // `direct_items_avx2`), selected at run time: the extension builds and runs on any x86-64 CPU.
-// AVX-512 has two tile shapes, 4 and 6 channels x 4 vectors: which is faster depends on the
-// microarchitecture and the layer (4 x 4 on a Zen 4's 3->32 layer, 6 x 4 on a Xeon's 7x7 stem,
-// docs/tuning.md), so both are candidates of the measured choice (kernel_choice.h). AVX2 has half
-// the registers: 4 channels x 3 vectors (measured, docs/tuning.md).
+// AVX-512 has three tile shapes, 4 and 6 channels x 4 vectors, and 3 channels x 6 vectors for
+// convolutions of at most 3 output channels: which is faster depends on the microarchitecture and
+// the layer (4 x 4 on a Zen 4's 3->32 layer, 6 x 4 on a Xeon's 7x7 stem, docs/tuning.md), so each is
+// a candidate of the measured choice where it applies (kernel_choice.h). AVX2 has half the
+// registers: 4 channels x 3 vectors (measured, docs/tuning.md).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -47,7 +48,12 @@ enum class Isa { kAvx512, kAvx2 };
 
 constexpr int64_t kOcBlock = 4;      // output channels per register tile (AVX2, and AVX-512's first shape)
 constexpr int64_t kOcBlockWide = 6;  // ...per tile of AVX-512's second shape (24 accumulators)
-constexpr int64_t kLanes = 16;       // the layout's vector unit: float32 lanes of a zmm (two ymm)
+// ...per tile of AVX-512's third shape, 3 channels x 6 vectors (18 accumulators): for convolutions with
+// at most 3 output channels, chiefly the input gradient of an RGB input layer, where a 4-channel tile
+// leaves a quarter of its FMAs idle (docs/tuning.md)
+constexpr int64_t kOcBlockNarrow = 3;
+constexpr int kNarrowVecs = 6;
+constexpr int64_t kLanes = 16;  // the layout's vector unit: float32 lanes of a zmm (two ymm)
 
 // Where the AVX-512 kernel beats oneDNN + the coordinate epilogue, as measured on one machine
 // (docs/tuning.md): the fixed rule of COORDCONV_CPU_KERNEL=heuristic.
@@ -182,7 +188,7 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
   for (int o = 0; o < OCB; ++o) {
     const int64_t oc = oc0 + (o < on ? o : 0);
     const float b = a.bias != nullptr ? a.bias[oc] : 0.0f;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < VECS; ++v) {
       if (P != nullptr) __builtin_prefetch(P + (oc * OH + oh) * OW + j0 + lanes * v);
       acc[o][v] = V{} + b;
@@ -199,11 +205,11 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
       for (int64_t tw = 0; tw < KW; ++tw, wt += BLOCK) {
         const float* row = rows + a.tap_offsets[tw];
         V xv[VECS];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int v = 0; v < VECS; ++v) xv[v] = load<V>(row + lanes * v);
 #pragma GCC unroll 8
         for (int o = 0; o < OCB; ++o) {
-#pragma GCC unroll 4
+#pragma GCC unroll 8
           for (int v = 0; v < VECS; ++v) acc[o][v] += wt[o] * xv[v];  // contracted to FMAs
         }
       }
@@ -218,7 +224,7 @@ __attribute__((always_inline)) inline void direct_tile(const DirectArgs& a, int6
     const float* urow = affine ? a.uv + (oc0 + o) * OW + j0 : nullptr;
     const float* vrow = affine ? urow + g.c_out * OW : nullptr;
     float* yrow = a.y + plane * OW + j0;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < VECS; ++v) {
       const int64_t left = width - lanes * v;  // columns of this vector to store
       V out = acc[o][v];
@@ -288,7 +294,8 @@ __attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int
 }
 
 // The entry points, one per ISA and tile shape: the tile compiled for its registers (32 zmm: 4 x 4 or
-// 6 x 4 accumulators of 16 floats beside the 4 input vectors and a broadcast weight; 16 ymm: 4 x 3 of
+// 6 x 4 accumulators of 16 floats beside the 4 input vectors and a broadcast weight, or 3 x 6 beside
+// 6 input vectors; 16 ymm: 4 x 3 of
 // 8, with the 3 input vectors and the broadcast weight all 16, no spill).
 __attribute__((target("avx512f"))) inline void direct_items_avx512(const DirectArgs& a, int64_t begin, int64_t end) {
   direct_items<F32x16, 4, kOcBlock>(a, begin, end);
@@ -297,13 +304,17 @@ __attribute__((target("avx512f"))) inline void direct_items_avx512_6x4(const Dir
                                                                        int64_t end) {
   direct_items<F32x16, 4, kOcBlockWide>(a, begin, end);
 }
+__attribute__((target("avx512f"))) inline void direct_items_avx512_3x6(const DirectArgs& a, int64_t begin,
+                                                                       int64_t end) {
+  direct_items<F32x16, kNarrowVecs, kOcBlockNarrow>(a, begin, end);
+}
 __attribute__((target("avx2,fma"))) inline void direct_items_avx2(const DirectArgs& a, int64_t begin, int64_t end) {
   direct_items<F32x8, 3, kOcBlock>(a, begin, end);
 }
 
 // The whole output: (sample, channel block, row) items in parallel, in tiles of `oc_block` (kOcBlock,
-// or kOcBlockWide in AVX-512) channels. xs: the pass-1 buffer; wpack: the weights, [block][tap][oc_block]
-// (pack_weights); P, uv, lo, hi: the coordinate term as in DirectArgs.
+// or kOcBlockWide or kOcBlockNarrow in AVX-512) channels. xs: the pass-1 buffer; wpack: the weights,
+// [block][tap][oc_block] (pack_weights); P, uv, lo, hi: the coordinate term as in DirectArgs.
 inline void direct_forward_simd(Isa isa, int64_t oc_block, const Geometry& g, const SplitLayout& s, const float* x,
                                 float* xs, const float* wpack, const float* P, const float* uv, int64_t lo, int64_t hi,
                                 const float* bias, float* y) {
@@ -314,12 +325,15 @@ inline void direct_forward_simd(Isa isa, int64_t oc_block, const Geometry& g, co
   std::vector<int64_t> tap_offsets(g.kernel[2]);
   for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
   const DirectArgs args{&g, &s, tap_offsets.data(), xs, wpack, P, uv, lo, hi, bias, y};
-  TORCH_INTERNAL_ASSERT(oc_block == kOcBlock || (isa == Isa::kAvx512 && oc_block == kOcBlockWide));
+  TORCH_INTERNAL_ASSERT(oc_block == kOcBlock ||
+                        (isa == Isa::kAvx512 && (oc_block == kOcBlockWide || oc_block == kOcBlockNarrow)));
   const int64_t items = g.n * g.out[1] * ((g.c_out + oc_block - 1) / oc_block);
   at::parallel_for(0, items, grain_for(oc_block * g.out[2] * g.k_data()), [&](int64_t begin, int64_t end) {
     if (isa == Isa::kAvx512) {
       if (oc_block == kOcBlockWide) {
         direct_items_avx512_6x4(args, begin, end);
+      } else if (oc_block == kOcBlockNarrow) {
+        direct_items_avx512_3x6(args, begin, end);
       } else {
         direct_items_avx512(args, begin, end);
       }

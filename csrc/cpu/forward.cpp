@@ -259,8 +259,7 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   if (blocked) candidates.push_back(Impl::kOnednnBlocked);
   if (dense && g.k_data() <= kRowCandidateMaxK) candidates.push_back(Impl::kRowDirect);
   if (const auto isa = simd_eligible(g, input, format)) {
-    candidates.push_back(simd_impl(*isa));
-    if (*isa == Isa::kAvx512 && g.c_out > kOcBlock) candidates.push_back(Impl::kAvx512Direct6x4);
+    for (const Impl impl : simd_candidates(*isa, g.c_out)) candidates.push_back(impl);
   }
   // (oneDNN's own passes with the epilogue in one of them rather than after them, where it applies)
   const Impl heuristic = use_avx512_direct(g, input, format)     ? Impl::kAvx512Direct

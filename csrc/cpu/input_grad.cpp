@@ -123,7 +123,7 @@ at::Tensor phase_weight(const at::Tensor& weight, const AxisPhase ph[3]) {
 
 // The input gradient by the direct kernel, one stride phase (rh, rw) at a time: grad_output
 // (C_out channels) -> those input positions (C_in channels), the phase's taps flipped.
-at::Tensor input_grad_kernel(Isa isa, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
+at::Tensor input_grad_kernel(Impl impl, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
   const int64_t nd = input.dim() - 2;
   const int64_t sh = nd == 2 ? stride[0] : 1, sw = stride[nd - 1];
@@ -147,10 +147,10 @@ at::Tensor input_grad_kernel(Isa isa, const at::Tensor& grad, const at::Tensor& 
       const at::Tensor w = phase_weight(weight, ph);
       const Geometry g = phase_geometry(grad, weight, ph);
       if (sh == 1 && sw == 1) {
-        run_direct_simd(simd_impl(isa), g, grad_c, w, nullptr, at::Tensor(), out);
+        run_direct_simd(impl, g, grad_c, w, nullptr, at::Tensor(), out);
       } else {
         at::Tensor part = at::empty(target.sizes(), input.options());
-        run_direct_simd(simd_impl(isa), g, grad_c, w, nullptr, at::Tensor(), part);
+        run_direct_simd(impl, g, grad_c, w, nullptr, at::Tensor(), part);
         target.copy_(part);
       }
     }
@@ -158,11 +158,13 @@ at::Tensor input_grad_kernel(Isa isa, const at::Tensor& grad, const at::Tensor& 
   return out;
 }
 
-// What the input gradient's choice for a layer starts from: the direct kernel's ISA (none where the
-// kernel does not apply: then ATen's call is the one candidate), the fixed rule's pick, and the layer
-// as the key of the measured choice (the convolution's geometry, nothing pre-padded).
+// What the input gradient's choice for a layer starts from: the candidates (none where the direct
+// kernel does not apply: then ATen's call is the one way), the fixed rule's pick, and the layer as
+// the key of the measured choice (the convolution's geometry, nothing pre-padded). The candidates:
+// ATen, the kernel's first tile shape, and in AVX-512 its 3-channel tile where the input gradient
+// has at most 3 channels (an RGB input layer).
 struct InputGradChoice {
-  std::optional<Isa> isa;
+  std::vector<Impl> candidates;
   Impl heuristic = Impl::kAten;
   Geometry layer{};
 };
@@ -171,8 +173,10 @@ InputGradChoice input_grad_choice(const at::Tensor& grad, const at::Tensor& inpu
                                   at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                   bool transposed, int64_t groups) {
   InputGradChoice c;
-  c.isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
-  if (!c.isa) return c;
+  const auto isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
+  if (!isa) return c;
+  c.candidates = {Impl::kAten, simd_impl(*isa)};
+  if (*isa == Isa::kAvx512 && input.size(1) <= kOcBlockNarrow) c.candidates.push_back(Impl::kAvx512Direct3x6);
   c.heuristic =
       input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
   const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
@@ -187,38 +191,36 @@ Impl input_grad_impl(const at::Tensor& grad, const at::Tensor& input, const at::
                      at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
                      int64_t groups) {
   const InputGradChoice c = input_grad_choice(grad, input, weight, stride, padding, dilation, transposed, groups);
-  if (!c.isa) return Impl::kAten;
-  return choose_impl(
-      "input_grad", c.layer, input.scalar_type(), {Impl::kAten, simd_impl(*c.isa)}, c.heuristic, [&](Impl impl) {
-        input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
-      });
+  if (c.candidates.empty()) return Impl::kAten;
+  return choose_impl("input_grad", c.layer, input.scalar_type(), c.candidates, c.heuristic, [&](Impl impl) {
+    input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+  });
 }
 
 Impl backward_impl(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                    at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding,
                    int64_t groups, bool need_b) {
   InputGradChoice c = input_grad_choice(grad, input, weight, stride, padding, dilation, transposed, groups);
-  if (!c.isa) return Impl::kAten;
+  if (c.candidates.empty()) return Impl::kAten;
   c.layer.has_bias = need_b;  // (timed with the bias gradient where it is asked for)
   const std::vector<int64_t> bias_sizes{weight.size(0)};
-  return choose_impl(
-      "backward", c.layer, input.scalar_type(), {Impl::kAten, simd_impl(*c.isa)}, c.heuristic, [&](Impl impl) {
-        if (impl == Impl::kAten) {  // nn.Conv2d's call
-          at::convolution_backward(grad, input, weight, need_b ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt,
-                                   stride, padding, dilation, transposed, output_padding, groups, {true, true, need_b});
-        } else {
-          input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
-          at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
-                                   output_padding, groups, {false, true, false});
-        }
-      });
+  return choose_impl("backward", c.layer, input.scalar_type(), c.candidates, c.heuristic, [&](Impl impl) {
+    if (impl == Impl::kAten) {  // nn.Conv2d's call
+      at::convolution_backward(grad, input, weight, need_b ? at::OptionalIntArrayRef(bias_sizes) : c10::nullopt, stride,
+                               padding, dilation, transposed, output_padding, groups, {true, true, need_b});
+    } else {
+      input_grad_by(impl, grad, input, weight, stride, padding, dilation, transposed, output_padding, groups);
+      at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed, output_padding,
+                               groups, {false, true, false});
+    }
+  });
 }
 
 at::Tensor input_grad_by(Impl impl, const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                          at::IntArrayRef output_padding, int64_t groups) {
   const AutocastOff autocast_off;
-  if (is_simd(impl)) return input_grad_kernel(isa_of(impl), grad, input, weight, stride, padding, dilation);
+  if (is_simd(impl)) return input_grad_kernel(impl, grad, input, weight, stride, padding, dilation);
   return std::get<0>(at::convolution_backward(grad, input, weight, c10::nullopt, stride, padding, dilation, transposed,
                                               output_padding, groups, {true, false, false}));
 }

@@ -17,8 +17,8 @@ namespace {
 
 enum class Mode { kMeasure, kHeuristic, kDirect, kForced };
 
-constexpr Impl kAllImpls[] = {Impl::kAten,       Impl::kRowDirect,    Impl::kAvx512Direct, Impl::kAvx512Direct6x4,
-                              Impl::kAvx2Direct, Impl::kOnednnBlocked};
+constexpr Impl kAllImpls[] = {Impl::kAten,       Impl::kRowDirect,     Impl::kAvx512Direct,   Impl::kAvx512Direct6x4,
+                              Impl::kAvx2Direct, Impl::kOnednnBlocked, Impl::kAvx512Direct3x6};
 
 // The mode of COORDCONV_CPU_KERNEL, and for kForced the implementation it names ("aten" is one).
 Mode mode(Impl* forced) {
@@ -132,6 +132,8 @@ const char* impl_name(Impl impl) {
       return "avx512_direct_6x4";
     case Impl::kOnednnBlocked:
       return "onednn_blocked";
+    case Impl::kAvx512Direct3x6:
+      return "avx512_direct_3x6";
   }
   return "?";
 }
