@@ -262,8 +262,8 @@ def run(
             warm = {}
             for name in names:  # warm-up (and fill any cache a provider keeps)
                 # (the cpp backend, also behind auto, times its candidates on a layer's first call and
-                # again choice_confirm_calls() calls later: both before the timed rounds)
-                for _ in range(1 + choice_confirm_calls() if name in _MEASURING else 1):
+                # again choice_confirm_calls() calls later: all before the timed rounds)
+                for _ in range(1 + max(choice_confirm_calls(), default=0) if name in _MEASURING else 1):
                     _time_calls(providers[name], x.detach().clone(), mode)
                 warm[name] = _time_calls(providers[name], x.detach().clone(), mode)
             calls = calls_per_sample(min(warm.values()), sample_seconds)
@@ -476,7 +476,8 @@ def format_report(report: dict) -> str:
         lines += choices_table(
             f"Kernels of the cpp backend (COORDCONV_CPU_KERNEL={report.get('kernel_selection', 'measure')}; "
             "chosen by timing each candidate on the layer's first call and again "
-            f"{choice_confirm_calls()} calls later, best time of the timed calls, µs; the fixed rule's "
+            f"{' and '.join(map(str, choice_confirm_calls()))} calls later, best time of the timed calls, "
+            "µs; the fixed rule's "
             "pick is kept unless another is over 5% faster):",
             ("op", "layer"),
             [

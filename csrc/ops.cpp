@@ -5,6 +5,7 @@
 // visible in the PyTorch profiler (events named coordconv_fused::*).
 #include <Python.h>
 
+#include <iterator>
 #include <string>
 
 #include "cpu/direct_simd.h"
@@ -150,7 +151,12 @@ PyMethodDef methods[] = {
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "coordconv-fused C++/CUDA ops", -1, methods};
   PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "KERNEL_CHOICE_CONFIRM_CALLS", coordconv::kConfirmAfterCalls) != 0) {
+  if (m == nullptr) return nullptr;
+  PyObject* confirm = PyTuple_New(std::size(coordconv::kConfirmAfterCalls));
+  for (size_t i = 0; confirm != nullptr && i < std::size(coordconv::kConfirmAfterCalls); ++i)
+    PyTuple_SET_ITEM(confirm, i, PyLong_FromLong(coordconv::kConfirmAfterCalls[i]));
+  if (confirm == nullptr || PyModule_AddObject(m, "KERNEL_CHOICE_CONFIRM_CALLS", confirm) != 0) {
+    Py_XDECREF(confirm);
     Py_DECREF(m);
     return nullptr;
   }

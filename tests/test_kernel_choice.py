@@ -162,31 +162,38 @@ def test_choices_are_cached_per_shape_dtype_and_threads(kernel_mode):
         torch.set_num_threads(threads)
 
 
-def test_a_choice_is_timed_a_second_time_once(kernel_mode):
-    """A layer's candidates are timed again ``choice_confirm_calls()`` calls after its first call (a
-    first call may find the machine busy), once; each keeps the better of its two times and the
-    choice is made again from them."""
+def test_a_choice_is_timed_again_on_schedule(kernel_mode):
+    """A layer's candidates are timed again at each of ``choice_confirm_calls()`` calls after its first
+    call (a first call may find the machine busy, for longer than a few calls), and never after the
+    last; each keeps its best time of all, and the choice is made again from them."""
     kernel_mode("measure")
     m = CoordConv2d(3, 8, 3, padding=1, backend="cpp")
     x = torch.randn(2, 3, 12, 20)
-    calls = native.choice_confirm_calls()
-    assert calls > 0
+    schedule = native.choice_confirm_calls()
+    assert len(schedule) >= 2 and list(schedule) == sorted(set(schedule)) and schedule[0] > 0
     with torch.no_grad():
         m(x)
-        (first,) = native.kernel_choices()
-        assert first["measurements"] == 1
-        for _ in range(calls - 1):
+        (last,) = native.kernel_choices()
+        assert last["measurements"] == 1
+        done = 0
+        for measurement, at in enumerate(schedule, start=2):
+            for _ in range(at - done - 1):
+                m(x)
+            assert native.kernel_choices() == [last]  # not yet
             m(x)
-        assert native.kernel_choices() == [first]  # not yet
-        m(x)
-        (second,) = native.kernel_choices()
-        assert second["measurements"] == 2 and second["key"] == first["key"]
-        before, after = first["candidates_us"], second["candidates_us"]
-        assert after.keys() == before.keys() and all(0 < after[k] <= before[k] for k in before)
-        assert second["chosen"] in after
-        for _ in range(2 * calls):
+            done = at
+            (now,) = native.kernel_choices()
+            assert now["measurements"] == measurement and now["key"] == last["key"]
+            # (a candidate may drop out meanwhile: oneDNN's blocked output, given up for a layer
+            # where oneDNN does not answer in that layout; the others keep their best times)
+            before, after = last["candidates_us"], now["candidates_us"]
+            assert "aten" in after and after.keys() <= before.keys()
+            assert all(0 < after[k] <= before[k] for k in after)
+            assert now["chosen"] in after
+            last = now
+        for _ in range(2 * schedule[-1]):
             m(x)
-        assert native.kernel_choices() == [second]  # no third measurement
+        assert native.kernel_choices() == [last]  # no further measurement
 
 
 @pytest.mark.parametrize("weight_grad", [True, False], ids=["weight_grad", "frozen_weight"])

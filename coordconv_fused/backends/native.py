@@ -81,8 +81,9 @@ def kernel_choices() -> list[dict]:
     gradient is wanted too, timed as the whole of each candidate's work), ``layer`` (shape, dtype,
     threads), ``chosen`` and
     ``candidates_us`` (each candidate's time, microseconds, best of the timed calls) and
-    ``measurements`` (1, or 2 once the candidates were timed again, :func:`choice_confirm_calls`
-    calls after the first; each then keeps its best time of both, and the choice is made again).
+    ``measurements`` (1, and one more each time the candidates are timed again,
+    :func:`choice_confirm_calls` calls after the first; each keeps its best time of all, and the
+    choice is made again).
 
     The choice is made by measurement the first time a layer is seen (``COORDCONV_CPU_KERNEL``:
     ``measure``, the default; ``heuristic`` for the fixed thresholds of docs/tuning.md; ``direct`` or
@@ -92,10 +93,11 @@ def kernel_choices() -> list[dict]:
     return [] if LOAD_ERROR is not None else _C.kernel_choices()
 
 
-def choice_confirm_calls() -> int:
-    """After how many further calls of a layer its measured choice is timed a second time (a first
-    call may find the machine busy or the memory cold: csrc/cpu/kernel_choice.h)."""
-    return 0 if LOAD_ERROR is not None else int(_C.KERNEL_CHOICE_CONFIRM_CALLS)
+def choice_confirm_calls() -> tuple[int, ...]:
+    """The calls of a layer, counted after its first, at which its measured choice is timed again
+    (increasing; a first call may find the machine busy or the memory cold, for longer than a few
+    calls: csrc/cpu/kernel_choice.h). Empty without the extension."""
+    return () if LOAD_ERROR is not None else tuple(int(c) for c in _C.KERNEL_CHOICE_CONFIRM_CALLS)
 
 
 def clear_kernel_choices() -> None:

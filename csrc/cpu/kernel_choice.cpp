@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <sstream>
 #include <string>
@@ -116,6 +117,13 @@ std::vector<double> time_micros(const std::vector<Impl>& candidates, const std::
   return best;
 }
 
+// After `done` measurements of a layer (counting from its first call), the calls until the next one;
+// 0 when none is left.
+int calls_to_next_measurement(int done) {
+  if (done >= kMeasurements) return 0;
+  return kConfirmAfterCalls[done - 1] - (done > 1 ? kConfirmAfterCalls[done - 2] : 0);
+}
+
 }  // namespace
 
 const char* impl_name(Impl impl) {
@@ -181,10 +189,16 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
       // (a choice loaded from a file may name an implementation this process cannot run, e.g. one
       // saved with AVX-512 read under COORDCONV_NO_AVX512=1: then it is measured again)
       const bool runnable = std::find(candidates.begin(), candidates.end(), known.chosen) != candidates.end();
-      if (runnable && (known.calls_left == 0 || --known.calls_left > 0 || known.candidates != candidates))
-        return known.chosen;
-      if (runnable) {  // the second measurement (kConfirmAfterCalls), outside the lock
-        std::vector<double> best = known.micros;
+      if (runnable && (known.calls_left == 0 || --known.calls_left > 0)) return known.chosen;
+      if (runnable) {  // a later measurement (kConfirmAfterCalls), outside the lock
+        // (each candidate's best time so far; the candidates may have changed since, e.g. oneDNN's
+        // blocked output given up for the layer: the times are matched by implementation)
+        std::vector<double> best(candidates.size(), std::numeric_limits<double>::infinity());
+        for (size_t i = 0; i < candidates.size(); ++i) {
+          const auto was = std::find(known.candidates.begin(), known.candidates.end(), candidates[i]);
+          if (was != known.candidates.end()) best[i] = known.micros[was - known.candidates.begin()];
+        }
+        const int measurements = known.measurements + 1;
         lock.unlock();
         const std::vector<double> again = time_micros(candidates, run);
         for (size_t i = 0; i < best.size(); ++i) best[i] = std::min(best[i], again[i]);
@@ -193,9 +207,11 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
         const auto still = choices().index.find(key);  // (unless cleared meanwhile)
         if (still != choices().index.end()) {
           KernelChoice& c = choices().list[still->second];
+          c.candidates = candidates;
           c.micros = best;
           c.chosen = now;
-          c.measurements = 2;
+          c.measurements = measurements;
+          c.calls_left = calls_to_next_measurement(measurements);
         }
         return now;
       }
@@ -203,7 +219,7 @@ Impl choose_impl(const char* op, const Geometry& g, at::ScalarType dtype, const 
   }
   KernelChoice choice{key, op, describe(g, dtype, threads), Impl::kAten, candidates, time_micros(candidates, run)};
   choice.chosen = candidates[pick_measured(choice.micros, heuristic_at())];
-  choice.calls_left = kConfirmAfterCalls;
+  choice.calls_left = calls_to_next_measurement(1);
   std::lock_guard<std::mutex> lock(choices_mutex());
   Choices& c = choices();
   const auto it = c.index.find(key);

@@ -51,8 +51,8 @@ bool impl_from_name(const std::string& name, Impl* impl);
 // One measured choice: the op ("forward", "input_grad"), the layer, what won, and the time of each
 // candidate (microseconds, the best of the timed calls), in the order of `candidates`; `key` is the
 // lookup key (bytes: the op and the layer's fields, dtype and thread count); `measurements`, how
-// many times the candidates were timed (1, then 2 once confirmed: kConfirmAfterCalls); `calls_left`,
-// the calls of the layer until that second timing (0: none pending).
+// many times the candidates were timed (1, then up to kMeasurements: kConfirmAfterCalls);
+// `calls_left`, the calls of the layer until the next timing (0: none pending).
 struct KernelChoice {
   std::string key, op, layer;
   Impl chosen;
@@ -66,9 +66,12 @@ struct KernelChoice {
 // milliseconds its measurement takes: seen on a 2-core EPYC, the AVX2 input-gradient kernel of the
 // input layer (32,3,64,64)->32 timed 11.8 ms there (6.7-7.8 ms in eight later measurements), so
 // the slower ATen path (9.8 ms) was kept and the layer ran at 1.06x nn.Conv2d's time instead of
-// 0.93x. So the candidates are timed once more this many calls later, each keeping its best time
-// of the two measurements, and the choice is made again from those.
-constexpr int kConfirmAfterCalls = 8;
+// 0.93x. So the candidates are timed again 8 calls after the first, and once more 64 calls after it
+// (a slow spell can outlast 8 calls: on a 2-core Xeon capped at AVX2, the same layer's backward with
+// the kernel timed 6.8-7.5 ms for seconds at a time, 5.1-5.9 ms otherwise, docs/tuning.md), each
+// keeping its best time of all the measurements, and the choice is made again from those.
+constexpr int kConfirmAfterCalls[] = {8, 64};  // calls after the first, increasing
+constexpr int kMeasurements = 1 + static_cast<int>(sizeof(kConfirmAfterCalls) / sizeof(int));
 
 // A measured candidate replaces the fixed rule's pick only when it is faster by more than this
 // factor: a tie within the measurement's noise (the best of three single calls, on a machine that may
