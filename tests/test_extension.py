@@ -215,6 +215,7 @@ def test_cpp_batch_sums_and_row_products(case, dtype):
 # vectors, of a full tile plus a ragged rest; channel counts around multiples of 4; zero padding
 # wider than the kernel; strides 2, 3 and 4 (phase split) with dilation; depth 1 and depth 144.
 AVX512_EVENT = "coordconv_fused::avx512_direct"  # the profiler event the kernel records
+AVX2_EVENT = "coordconv_fused::avx2_direct"  # ...and its AVX2 build
 AVX512_CASES = [
     Case((5, 7)),
     Case((9, 33), out_channels=17, padding=1, with_r=True),
@@ -466,7 +467,8 @@ def test_backward_op_half_and_batch(emulated_cuda):
 )
 def test_input_grad_op(shape, no_avx512, monkeypatch):
     """The cpp backend's input gradient (a direct kernel per stride phase for layers on few channels) against
-    ATen's convolution_backward, (opcheck: tests/test_ops.py); the kernel runs exactly where avx512_input_grad_pays."""
+    ATen's convolution_backward, (opcheck: tests/test_ops.py); the kernel, AVX-512 or (capped) AVX2, runs
+    exactly where input_grad_kernel_pays."""
     monkeypatch.setenv(
         "COORDCONV_CPU_KERNEL", "heuristic"
     )  # the fixed rule (no measurement: tests/test_kernel_choice.py)
@@ -483,13 +485,15 @@ def test_input_grad_op(shape, no_avx512, monkeypatch):
     out_sizes = [(s + 2 * p - d * (kk - 1) - 1) // stride + 1 for s, p, d, kk in zip(spatial, pad, dil, k)]
     g = torch.randn(n, c_out, *out_sizes)
     got = []
+    with_avx512 = extension.avx512_direct_available() and not no_avx512
+    event = AVX512_EVENT if with_avx512 else AVX2_EVENT
     calls, _ = kernel_events(
-        lambda: got.append(torch.ops.coordconv_fused.coord_conv_ext_input_grad(g, x, w, *args)), AVX512_EVENT
+        lambda: got.append(torch.ops.coordconv_fused.coord_conv_ext_input_grad(g, x, w, *args)), event
     )
     expected = torch.ops.aten.convolution_backward(g, x, w, None, *args, [True, False, False])[0]
     torch.testing.assert_close(got[0], expected, atol=1e-4, rtol=1e-5)
-    ran = calls > 0
-    assert ran == (extension.avx512_direct_available() and not no_avx512 and c_in <= (8 if stride == 1 else 4))
+    kernel = with_avx512 or extension.avx2_direct_available()
+    assert (calls > 0) == (kernel and c_in <= (8 if stride == 1 else 4))
 
 
 def test_cached_coordinate_term_follows_coord_weight():

@@ -25,8 +25,9 @@ namespace {
 
 // For a layer on few input channels (a network's first layer), the input gradient is a convolution
 // of grad_output with the flipped, transposed weight onto those few channels (per stride phase),
-// where oneDNN's backward-data is slow; where it pays was measured on one machine (docs/tuning.md).
-inline bool avx512_input_grad_pays(int64_t c_in, int64_t c_out, int64_t taps, bool strided) {
+// where oneDNN's backward-data is slow; where it pays was measured in AVX-512 on one machine
+// (docs/tuning.md), and holds for the AVX2 kernel on the layers measured since (docs/tuning.md).
+inline bool input_grad_kernel_pays(int64_t c_in, int64_t c_out, int64_t taps, bool strided) {
   if (strided) return c_in <= 4;
   return c_in <= 8 || (c_in <= 16 && c_out * taps <= 300);
 }
@@ -68,14 +69,15 @@ std::optional<Isa> input_grad_kernel_isa(const at::Tensor& grad, const at::Tenso
   return ok ? isa : std::nullopt;
 }
 
-// ...and whether the fixed rule of docs/tuning.md takes it (COORDCONV_CPU_KERNEL=heuristic).
+// ...and whether the fixed rule of docs/tuning.md takes it (COORDCONV_CPU_KERNEL=heuristic; under
+// measurement, the pick that another candidate must beat clearly), in either ISA.
 bool input_grad_by_kernel(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, bool transposed, int64_t groups) {
   const bool strided = std::any_of(stride.begin(), stride.end(), [](int64_t v) { return v != 1; });
   int64_t taps = 1;
   for (int64_t d = 2; d < weight.dim(); ++d) taps *= weight.size(d);
-  return input_grad_kernel_isa(grad, input, weight, transposed, groups) == Isa::kAvx512 &&
-         avx512_input_grad_pays(input.size(1), weight.size(0), taps, strided);
+  return input_grad_kernel_isa(grad, input, weight, transposed, groups).has_value() &&
+         input_grad_kernel_pays(input.size(1), weight.size(0), taps, strided);
 }
 
 // The stride-1 correlation of one stride phase (ph[ax] per axis D, H, W as in Geometry) of the input
@@ -177,8 +179,7 @@ InputGradChoice input_grad_choice(const at::Tensor& grad, const at::Tensor& inpu
   if (!isa) return c;
   c.candidates = {Impl::kAten, simd_impl(*isa)};
   if (*isa == Isa::kAvx512 && input.size(1) <= kOcBlockNarrow) c.candidates.push_back(Impl::kAvx512Direct3x6);
-  c.heuristic =
-      input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? Impl::kAvx512Direct : Impl::kAten;
+  c.heuristic = input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? simd_impl(*isa) : Impl::kAten;
   const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
   c.layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, no_pre_pad,
                           "zeros", false, false);
