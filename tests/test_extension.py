@@ -241,10 +241,10 @@ AVX512_CASES = [
 
 
 # (avx512_6x4: the AVX-512 kernel's second tile shape, 6 output channels per tile, forced by name
-# on the cases with more than one tile of 4 channels, where it is a candidate; avx512_3x6: its third,
-# 3 channels x 6 vectors, forced on the cases where the forward (C_out <= 3) or the input gradient
-# (C_in <= 3) has at most 3 channels)
-@pytest.mark.parametrize("isa", ["avx512", "avx512_6x4", "avx512_3x6", "avx2"])
+# on the cases with more than one tile of 4 channels, where it is a candidate; avx512_3x6 and
+# avx2_3x4: the 3-channel tiles, 3 channels x 6 or 4 vectors, forced on the cases where the forward
+# (C_out <= 3) or the input gradient (C_in <= 3) has at most 3 channels)
+@pytest.mark.parametrize("isa", ["avx512", "avx512_6x4", "avx512_3x6", "avx2", "avx2_3x4"])
 @pytest.mark.parametrize("case", AVX512_CASES, ids=str)
 def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
     base, _, tile = isa.partition("_")
@@ -252,14 +252,14 @@ def test_cpp_direct_simd_kernel(case, isa, monkeypatch):
         pytest.skip(f"the CPU has no {base.upper()} (the kernel is not used there)")
     if tile == "6x4" and case.out_channels <= 4:
         pytest.skip("one tile of 4 channels: the second tile shape is no candidate")
-    if tile == "3x6" and min(case.in_channels, case.out_channels) > 3:
-        pytest.skip("more than 3 channels each way: the third tile shape is no candidate")
+    if tile in ("3x6", "3x4") and min(case.in_channels, case.out_channels) > 3:
+        pytest.skip("more than 3 channels each way: the 3-channel tile is no candidate")
     if base == "avx512":
         monkeypatch.delenv("COORDCONV_NO_AVX512", raising=False)
     else:
         monkeypatch.setenv("COORDCONV_NO_AVX512", "1")
     # this kernel whatever the measurement would choose
-    monkeypatch.setenv("COORDCONV_CPU_KERNEL", f"avx512_direct_{tile}" if tile else "direct")
+    monkeypatch.setenv("COORDCONV_CPU_KERNEL", f"{base}_direct_{tile}" if tile else "direct")
     event = f"coordconv_fused::{base}_direct"
     calls, _ = kernel_events(lambda: assert_matches_reference("cpp", case, torch.float32), event)
     assert calls > 0, f"the case did not take the {isa} kernel"

@@ -47,18 +47,29 @@ def kernel_mode(monkeypatch):
 
 # (forced by name: "avx512_direct_6x4" is the AVX-512 kernel's second tile shape, 6 output channels
 # per tile: C_out = 5, 6 and 8 above end in a partial tile; "avx512_direct_3x6" its third, 3 channels
-# x 6 vectors, for a forward of C_out <= 3 or an input gradient of C_in <= 3; "onednn_blocked" oneDNN's blocked output
+# x 6 vectors, for a forward of C_out <= 3 or an input gradient of C_in <= 3, and "avx2_direct_3x4"
+# the AVX2 kernel's 3-channel tile (4 vectors) there; "onednn_blocked" oneDNN's blocked output
 # read back in one pass (tests/test_blocked_output.py); where the one named is no candidate, e.g.
 # without AVX-512, the fixed rule's pick runs)
 @pytest.mark.parametrize(
-    "mode", ["aten", "direct", "avx512_direct_6x4", "avx512_direct_3x6", "onednn_blocked", "heuristic", "measure"]
+    "mode",
+    [
+        "aten",
+        "direct",
+        "avx512_direct_6x4",
+        "avx512_direct_3x6",
+        "avx2_direct_3x4",
+        "onednn_blocked",
+        "heuristic",
+        "measure",
+    ],
 )
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "no-avx512"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_every_candidate_matches_reference(case, mode, avx512, kernel_mode):
     kernel_mode(mode, avx512)
     assert_matches_reference("cpp", case, torch.float32)
-    if case.ndim == 2 and mode in ("aten", "direct", "avx512_direct_6x4", "avx512_direct_3x6", "onednn_blocked"):
+    if case.ndim == 2 and mode not in ("heuristic", "measure"):
         assert_matches_reference("cpp", case, torch.float64)
 
 
@@ -114,22 +125,24 @@ def test_both_avx512_tile_shapes_are_measured_and_forceable(kernel_mode):
             torch.testing.assert_close(m(x), expected, atol=2e-5, rtol=2e-5)
 
 
-def test_three_channel_tile_is_a_candidate_where_it_applies(kernel_mode):
-    """The AVX-512 kernel's third tile shape (3 output channels x 6 vectors) is measured for the input
-    gradient of a layer with at most 3 input channels and for the forward of a layer with at most 3
-    output channels, nowhere else; the measured layers match the reference whatever was chosen."""
-    if not native.avx512_direct_available():
-        pytest.skip("the CPU has no AVX-512 (the kernel is not used there)")
-    kernel_mode("measure")
+@pytest.mark.parametrize("isa,name", [("avx512", "avx512_direct_3x6"), ("avx2", "avx2_direct_3x4")])
+def test_three_channel_tile_is_a_candidate_where_it_applies(kernel_mode, isa, name):
+    """The SIMD kernel's 3-channel tile (3 output channels x 6 vectors in AVX-512, x 4 in AVX2) is
+    measured for the input gradient of a layer with at most 3 input channels and for the forward of a
+    layer with at most 3 output channels, nowhere else; the measured layers match the reference
+    whatever was chosen."""
+    if not getattr(native, f"{isa}_direct_available")():
+        pytest.skip(f"the CPU has no {isa.upper()} (the kernel is not used there)")
+    kernel_mode("measure", avx512=isa == "avx512")
     for c_in, c_out, grad_op, forward in ((3, 8, True, False), (8, 3, False, True), (8, 8, False, False)):
         native.clear_kernel_choices()
         m = CoordConv2d(c_in, c_out, 3, padding=1, backend="cpp")
         x = torch.randn(2, c_in, 16, 40, requires_grad=True)
         m(x).sum().backward()
         choices = {c["op"]: c for c in native.kernel_choices()}
-        assert ("avx512_direct_3x6" in choices["forward"]["candidates_us"]) == forward, (c_in, c_out)
+        assert (name in choices["forward"]["candidates_us"]) == forward, (c_in, c_out)
         grad_candidates = choices["backward"]["candidates_us"] if "backward" in choices else {}
-        assert ("avx512_direct_3x6" in grad_candidates) == grad_op, (c_in, c_out)
+        assert (name in grad_candidates) == grad_op, (c_in, c_out)
         assert_matches_reference("cpp", Case((16, 40), in_channels=c_in, out_channels=c_out, kernel_size=3, padding=1))
 
 

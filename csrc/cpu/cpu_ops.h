@@ -86,11 +86,15 @@ inline std::optional<Isa> direct_isa() {
 inline Impl simd_impl(Isa isa) { return isa == Isa::kAvx512 ? Impl::kAvx512Direct : Impl::kAvx2Direct; }
 inline bool is_simd(Impl impl) {
   return impl == Impl::kAvx512Direct || impl == Impl::kAvx512Direct6x4 || impl == Impl::kAvx512Direct3x6 ||
-         impl == Impl::kAvx2Direct;
+         impl == Impl::kAvx2Direct || impl == Impl::kAvx2Direct3x4;
 }
-inline Isa isa_of(Impl impl) { return impl == Impl::kAvx2Direct ? Isa::kAvx2 : Isa::kAvx512; }
+inline Isa isa_of(Impl impl) {
+  return impl == Impl::kAvx2Direct || impl == Impl::kAvx2Direct3x4 ? Isa::kAvx2 : Isa::kAvx512;
+}
 inline int64_t oc_block_of(Impl impl) {
-  return impl == Impl::kAvx512Direct6x4 ? kOcBlockWide : impl == Impl::kAvx512Direct3x6 ? kOcBlockNarrow : kOcBlock;
+  return impl == Impl::kAvx512Direct6x4                                   ? kOcBlockWide
+         : impl == Impl::kAvx512Direct3x6 || impl == Impl::kAvx2Direct3x4 ? kOcBlockNarrow
+                                                                          : kOcBlock;
 }
 // The SIMD direct kernels to measure for a convolution of `c_out` output channels in `isa`: the
 // first tile shape, and in AVX-512 the 6-channel one where C_out fills more than one 4-channel tile,
@@ -98,7 +102,7 @@ inline int64_t oc_block_of(Impl impl) {
 inline std::vector<Impl> simd_candidates(Isa isa, int64_t c_out) {
   std::vector<Impl> impls{simd_impl(isa)};
   if (isa == Isa::kAvx512 && c_out > kOcBlock) impls.push_back(Impl::kAvx512Direct6x4);
-  if (isa == Isa::kAvx512 && c_out <= kOcBlockNarrow) impls.push_back(Impl::kAvx512Direct3x6);
+  if (c_out <= kOcBlockNarrow) impls.push_back(isa == Isa::kAvx512 ? Impl::kAvx512Direct3x6 : Impl::kAvx2Direct3x4);
   return impls;
 }
 

@@ -19,12 +19,13 @@
 //
 // The tile is written once, over GCC vector types (`F32x16`, `F32x8`), and compiled for each ISA and
 // tile shape by an entry function with that target (`direct_items_avx512`, `direct_items_avx512_6x4`,
-// `direct_items_avx2`), selected at run time: the extension builds and runs on any x86-64 CPU.
+// `direct_items_avx2`, ...), selected at run time: the extension builds and runs on any x86-64 CPU.
 // AVX-512 has three tile shapes, 4 and 6 channels x 4 vectors, and 3 channels x 6 vectors for
 // convolutions of at most 3 output channels: which is faster depends on the microarchitecture and
 // the layer (4 x 4 on a Zen 4's 3->32 layer, 6 x 4 on a Xeon's 7x7 stem, docs/tuning.md), so each is
 // a candidate of the measured choice where it applies (kernel_choice.h). AVX2 has half the
-// registers: 4 channels x 3 vectors (measured, docs/tuning.md).
+// registers: 4 channels x 3 vectors (measured, docs/tuning.md), and 3 x 4 for at most 3 output
+// channels.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -48,11 +49,12 @@ enum class Isa { kAvx512, kAvx2 };
 
 constexpr int64_t kOcBlock = 4;      // output channels per register tile (AVX2, and AVX-512's first shape)
 constexpr int64_t kOcBlockWide = 6;  // ...per tile of AVX-512's second shape (24 accumulators)
-// ...per tile of AVX-512's third shape, 3 channels x 6 vectors (18 accumulators): for convolutions with
-// at most 3 output channels, chiefly the input gradient of an RGB input layer, where a 4-channel tile
-// leaves a quarter of its FMAs idle (docs/tuning.md)
+// ...per tile of the 3-channel shapes, AVX-512's 3 x 6 vectors (18 accumulators) and AVX2's 3 x 4 (12):
+// for convolutions with at most 3 output channels, chiefly the input gradient of an RGB input layer,
+// where a 4-channel tile leaves a quarter of its FMAs idle (docs/tuning.md)
 constexpr int64_t kOcBlockNarrow = 3;
-constexpr int kNarrowVecs = 6;
+constexpr int kNarrowVecs = 6;  // (AVX-512)
+constexpr int kNarrowVecsAvx2 = 4;
 constexpr int64_t kLanes = 16;  // the layout's vector unit: float32 lanes of a zmm (two ymm)
 
 // Where the AVX-512 kernel beats oneDNN + the coordinate epilogue, as measured on one machine
@@ -295,8 +297,8 @@ __attribute__((always_inline)) inline void direct_items(const DirectArgs& a, int
 
 // The entry points, one per ISA and tile shape: the tile compiled for its registers (32 zmm: 4 x 4 or
 // 6 x 4 accumulators of 16 floats beside the 4 input vectors and a broadcast weight, or 3 x 6 beside
-// 6 input vectors; 16 ymm: 4 x 3 of
-// 8, with the 3 input vectors and the broadcast weight all 16, no spill).
+// 6 input vectors; 16 ymm: 4 x 3 of 8, with the 3 input vectors and the broadcast weight all 16, no
+// spill, or 3 x 4, 12 accumulators: faster than 4 x 3 on 3 channels, docs/tuning.md).
 __attribute__((target("avx512f"))) inline void direct_items_avx512(const DirectArgs& a, int64_t begin, int64_t end) {
   direct_items<F32x16, 4, kOcBlock>(a, begin, end);
 }
@@ -310,6 +312,9 @@ __attribute__((target("avx512f"))) inline void direct_items_avx512_3x6(const Dir
 }
 __attribute__((target("avx2,fma"))) inline void direct_items_avx2(const DirectArgs& a, int64_t begin, int64_t end) {
   direct_items<F32x8, 3, kOcBlock>(a, begin, end);
+}
+__attribute__((target("avx2,fma"))) inline void direct_items_avx2_3x4(const DirectArgs& a, int64_t begin, int64_t end) {
+  direct_items<F32x8, kNarrowVecsAvx2, kOcBlockNarrow>(a, begin, end);
 }
 
 // The whole output: (sample, channel block, row) items in parallel, in tiles of `oc_block` (kOcBlock,
@@ -325,8 +330,8 @@ inline void direct_forward_simd(Isa isa, int64_t oc_block, const Geometry& g, co
   std::vector<int64_t> tap_offsets(g.kernel[2]);
   for (int64_t tw = 0; tw < g.kernel[2]; ++tw) tap_offsets[tw] = s.tap_offset(g, tw);
   const DirectArgs args{&g, &s, tap_offsets.data(), xs, wpack, P, uv, lo, hi, bias, y};
-  TORCH_INTERNAL_ASSERT(oc_block == kOcBlock ||
-                        (isa == Isa::kAvx512 && (oc_block == kOcBlockWide || oc_block == kOcBlockNarrow)));
+  TORCH_INTERNAL_ASSERT(oc_block == kOcBlock || oc_block == kOcBlockNarrow ||
+                        (isa == Isa::kAvx512 && oc_block == kOcBlockWide));
   const int64_t items = g.n * g.out[1] * ((g.c_out + oc_block - 1) / oc_block);
   at::parallel_for(0, items, grain_for(oc_block * g.out[2] * g.k_data()), [&](int64_t begin, int64_t end) {
     if (isa == Isa::kAvx512) {
@@ -337,6 +342,8 @@ inline void direct_forward_simd(Isa isa, int64_t oc_block, const Geometry& g, co
       } else {
         direct_items_avx512(args, begin, end);
       }
+    } else if (oc_block == kOcBlockNarrow) {
+      direct_items_avx2_3x4(args, begin, end);
     } else {
       direct_items_avx2(args, begin, end);
     }

@@ -178,7 +178,8 @@ InputGradChoice input_grad_choice(const at::Tensor& grad, const at::Tensor& inpu
   const auto isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
   if (!isa) return c;
   c.candidates = {Impl::kAten, simd_impl(*isa)};
-  if (*isa == Isa::kAvx512 && input.size(1) <= kOcBlockNarrow) c.candidates.push_back(Impl::kAvx512Direct3x6);
+  if (input.size(1) <= kOcBlockNarrow)
+    c.candidates.push_back(*isa == Isa::kAvx512 ? Impl::kAvx512Direct3x6 : Impl::kAvx2Direct3x4);
   c.heuristic = input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? simd_impl(*isa) : Impl::kAten;
   const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
   c.layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, no_pre_pad,

@@ -18,8 +18,8 @@ namespace {
 
 enum class Mode { kMeasure, kHeuristic, kDirect, kForced };
 
-constexpr Impl kAllImpls[] = {Impl::kAten,       Impl::kRowDirect,     Impl::kAvx512Direct,   Impl::kAvx512Direct6x4,
-                              Impl::kAvx2Direct, Impl::kOnednnBlocked, Impl::kAvx512Direct3x6};
+constexpr Impl kAllImpls[] = {Impl::kAten,       Impl::kRowDirect,     Impl::kAvx512Direct,    Impl::kAvx512Direct6x4,
+                              Impl::kAvx2Direct, Impl::kOnednnBlocked, Impl::kAvx512Direct3x6, Impl::kAvx2Direct3x4};
 
 // The mode of COORDCONV_CPU_KERNEL, and for kForced the implementation it names ("aten" is one).
 Mode mode(Impl* forced) {
@@ -142,6 +142,8 @@ const char* impl_name(Impl impl) {
       return "onednn_blocked";
     case Impl::kAvx512Direct3x6:
       return "avx512_direct_3x6";
+    case Impl::kAvx2Direct3x4:
+      return "avx2_direct_3x4";
   }
   return "?";
 }

@@ -32,7 +32,8 @@
 namespace coordconv {
 
 // (kAvx512Direct, kAvx512Direct6x4 and kAvx512Direct3x6: the AVX-512 kernel with tiles of 4 or 6
-// output channels x 4 vectors, or 3 x 6 for at most 3 output channels, direct_simd.h)
+// output channels x 4 vectors, or 3 x 6 for at most 3 output channels; kAvx2Direct and
+// kAvx2Direct3x4: the AVX2 kernel, 4 x 3 or 3 x 4; direct_simd.h)
 // kOnednnBlocked: oneDNN into its blocked layout + one pass to NCHW with the coordinate term
 // (blocked_output.h).
 enum class Impl : int {
@@ -42,7 +43,8 @@ enum class Impl : int {
   kAvx2Direct = 3,
   kAvx512Direct6x4 = 4,
   kOnednnBlocked = 5,
-  kAvx512Direct3x6 = 6
+  kAvx512Direct3x6 = 6,
+  kAvx2Direct3x4 = 7
 };
 const char* impl_name(Impl impl);
 // The implementation named `name` (impl_name's inverse); false if there is none.
