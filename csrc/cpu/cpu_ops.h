@@ -84,6 +84,8 @@ inline std::optional<Isa> direct_isa() {
 // The SIMD direct kernel in `isa` (its first tile shape) as an implementation of kernel_choice.h; which
 // implementations are SIMD kernels, and their ISA and channels per tile.
 inline Impl simd_impl(Isa isa) { return isa == Isa::kAvx512 ? Impl::kAvx512Direct : Impl::kAvx2Direct; }
+// ...and its 3-channel tile (convolutions of at most kOcBlockNarrow output channels).
+inline Impl narrow_impl(Isa isa) { return isa == Isa::kAvx512 ? Impl::kAvx512Direct3x6 : Impl::kAvx2Direct3x4; }
 inline bool is_simd(Impl impl) {
   return impl == Impl::kAvx512Direct || impl == Impl::kAvx512Direct6x4 || impl == Impl::kAvx512Direct3x6 ||
          impl == Impl::kAvx2Direct || impl == Impl::kAvx2Direct3x4;
@@ -97,12 +99,12 @@ inline int64_t oc_block_of(Impl impl) {
                                                                           : kOcBlock;
 }
 // The SIMD direct kernels to measure for a convolution of `c_out` output channels in `isa`: the
-// first tile shape, and in AVX-512 the 6-channel one where C_out fills more than one 4-channel tile,
-// the 3-channel one where C_out is at most 3.
+// first tile shape, in AVX-512 the 6-channel one where C_out fills more than one 4-channel tile, and
+// in either ISA the 3-channel one where C_out is at most 3.
 inline std::vector<Impl> simd_candidates(Isa isa, int64_t c_out) {
   std::vector<Impl> impls{simd_impl(isa)};
   if (isa == Isa::kAvx512 && c_out > kOcBlock) impls.push_back(Impl::kAvx512Direct6x4);
-  if (c_out <= kOcBlockNarrow) impls.push_back(isa == Isa::kAvx512 ? Impl::kAvx512Direct3x6 : Impl::kAvx2Direct3x4);
+  if (c_out <= kOcBlockNarrow) impls.push_back(narrow_impl(isa));
   return impls;
 }
 

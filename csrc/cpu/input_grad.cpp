@@ -163,8 +163,8 @@ at::Tensor input_grad_kernel(Impl impl, const at::Tensor& grad, const at::Tensor
 // What the input gradient's choice for a layer starts from: the candidates (none where the direct
 // kernel does not apply: then ATen's call is the one way), the fixed rule's pick, and the layer as
 // the key of the measured choice (the convolution's geometry, nothing pre-padded). The candidates:
-// ATen, the kernel's first tile shape, and in AVX-512 its 3-channel tile where the input gradient
-// has at most 3 channels (an RGB input layer).
+// ATen, the kernel's first tile shape, and its 3-channel tile where the input gradient has at most
+// 3 channels (an RGB input layer).
 struct InputGradChoice {
   std::vector<Impl> candidates;
   Impl heuristic = Impl::kAten;
@@ -178,8 +178,7 @@ InputGradChoice input_grad_choice(const at::Tensor& grad, const at::Tensor& inpu
   const auto isa = input_grad_kernel_isa(grad, input, weight, transposed, groups);
   if (!isa) return c;
   c.candidates = {Impl::kAten, simd_impl(*isa)};
-  if (input.size(1) <= kOcBlockNarrow)
-    c.candidates.push_back(*isa == Isa::kAvx512 ? Impl::kAvx512Direct3x6 : Impl::kAvx2Direct3x4);
+  if (input.size(1) <= kOcBlockNarrow) c.candidates.push_back(narrow_impl(*isa));
   c.heuristic = input_grad_by_kernel(grad, input, weight, stride, transposed, groups) ? simd_impl(*isa) : Impl::kAten;
   const std::vector<int64_t> no_pre_pad(2 * (input.dim() - 2), 0);
   c.layer = make_geometry(input, weight, c10::nullopt, stride, padding, dilation, transposed, groups, no_pre_pad,
