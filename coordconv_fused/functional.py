@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .backends import AUTO_MEASURED, compiled_term_op, dispatch, resolve_backend
+from .backends import AUTO_MEASURED, compiles_as_op, dispatch, resolve_backend
 from .backends import generation as backends_generation
 from .ops.arguments import autocast_device_type
 from .ops.aten import composite as coord_conv_composite
@@ -62,13 +62,15 @@ def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
     return tuple(cast)
 
 
-def _composite_wanted(backend: str) -> bool:
-    """Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile: the data
-    convolution plus the batch-of-one coordinate term (on the CPU the C++ term op, one node:
-    :func:`~coordconv_fused.backends.compiled_term_op`), whose add inductor fuses into neighbouring
-    pointwise ops and whose gradients AOT autograd derives. Eager calls keep the fused backends."""
+def _composite_wanted(backend: str, input: Tensor, spec: ConvSpec) -> bool:
+    """Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile on a GPU:
+    the data convolution plus the batch-of-one coordinate term, whose add inductor fuses into
+    neighbouring pointwise ops and whose gradients AOT autograd derives. On the CPU with the C++
+    extension a compiled graph keeps the ``cpp`` op instead, one node that adds the term inside the
+    convolution's own output pass (:func:`~coordconv_fused.backends.compiles_as_op`). Eager calls
+    keep the fused backends."""
     if torch.compiler.is_compiling():
-        return backend != "reference"
+        return backend != "reference" and not compiles_as_op(backend, input, spec)
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()  # the TorchScript-based exporter
 
 
@@ -82,9 +84,8 @@ def _run(
     if isinstance(input, Tensor):
         input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     check_tensors(input, weight, coord_weight, bias, spec)
-    if _composite_wanted(backend):
-        term_op = compiled_term_op(backend, input, spec)
-        out = coord_conv_composite(input, weight, coord_weight, bias, spec, term_op=term_op)
+    if _composite_wanted(backend, input, spec):
+        out = coord_conv_composite(input, weight, coord_weight, bias, spec)
     else:
         out = dispatch(backend, input, weight, coord_weight, bias, spec)
     return out.squeeze(0) if unbatched else out

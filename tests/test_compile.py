@@ -130,12 +130,19 @@ def test_cpu_compiles_the_torch_backends_term_as_a_convolution():
 
 @pytest.mark.backend("cpp")
 @pytest.mark.parametrize("backend", ["auto", "cpp"])
-def test_cpu_compiles_the_term_as_the_cpp_op(backend):
-    """With the C++ extension, a compiled CPU layer is the data convolution plus the C++
-    coordinate term, one node (kept while coord_weight holds the same values), added to it."""
+def test_cpu_compiles_the_layer_as_the_cpp_op(backend):
+    """With the C++ extension, a compiled CPU layer is the ``cpp`` op, one node (it adds the
+    coordinate term inside the convolution's output pass); under ``auto`` a transposed layer, which
+    the op does not implement, stays ATen ops."""
     targets = _compiled_graph_targets(CoordConv2d(4, 6, 3, padding=1, backend=backend), torch.randn(2, 4, 9, 11))
-    assert targets.count(torch.convolution) == 1
-    assert [str(t) for t in targets if "coordconv_fused" in str(t)] == ["coordconv_fused.coord_conv_ext_term"]
+    assert [str(t) for t in targets if "coordconv_fused" in str(t) or t is torch.convolution] == [
+        "coordconv_fused.coord_conv_ext.default"
+    ]
+    if backend != "auto":
+        return
+    targets = _compiled_graph_targets(CoordConvTranspose2d(4, 6, 3, backend=backend), torch.randn(2, 4, 9, 11))
+    assert targets.count(torch.convolution) == 2
+    assert not [t for t in targets if "coordconv_fused" in str(t)]
 
 
 @pytest.mark.backend("cpp")
@@ -153,10 +160,11 @@ def test_exported_graph_stays_aten():
 @pytest.mark.parametrize(
     "variant", [{}, {"with_r": True, "stride": 2}, {"coord_kernel_size": 1}, {"padding_mode": "reflect"}], ids=str
 )
-def test_compiled_term_follows_coord_weight(variant):
-    """A compiled inference layer keeps its coordinate term while coord_weight holds the same
-    values and makes it again when they change: in place (the version counter moves), through
-    ``.data`` (it does not), or a new parameter; every output equals the reference backend's."""
+def test_compiled_layer_follows_coord_weight(variant):
+    """A compiled inference layer (the ``cpp`` op, whose coordinate term is cached while
+    coord_weight holds the same values) makes the term again when they change: in place (the
+    version counter moves), through ``.data`` (it does not), or a new parameter; every output
+    equals the reference backend's."""
     torch.manual_seed(0)
     m = CoordConv2d(3, 5, 3, padding=1, **variant).eval()
     ref = CoordConv2d(3, 5, 3, padding=1, backend="reference", **variant).eval()
@@ -181,9 +189,9 @@ def test_compiled_term_follows_coord_weight(variant):
 
 
 @pytest.mark.backend("cpp")
-def test_compiled_term_trains():
+def test_compiled_layer_trains():
     """A compiled layer trained for a few steps (coord_weight changes each step) follows eager
-    step for step: outputs, and every gradient through the C++ term's registered backward."""
+    step for step: outputs, and every gradient through the ``cpp`` op's backward in the graph."""
     torch.manual_seed(0)
     eager = nn.Sequential(CoordConv2d(3, 4, 3, padding=1, with_r=True), nn.ReLU())
     twin = nn.Sequential(CoordConv2d(3, 4, 3, padding=1, with_r=True), nn.ReLU())

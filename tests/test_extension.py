@@ -120,7 +120,7 @@ def test_emulated_cuda_epilogue_policies(emulated_backend, out_channels, size, d
         out = layer(x)
         layer.backend = "reference"
         ref = layer(x.contiguous())
-    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+    tol = {"atol": 5e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}  # (a wrong term is off by ~1)
     torch.testing.assert_close(out, ref, **tol)
     assert out.is_contiguous(memory_format=torch.channels_last) == (layout != "contiguous")
 
@@ -518,6 +518,48 @@ def test_cached_coordinate_term_follows_coord_weight():
         torch.testing.assert_close(got, m(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_channels_last_term_follows_coord_weight(ndim, dtype):
+    """A channels-last output gets the coordinate term from a channels-last copy of the cached term
+    (csrc/cpu/coord_term.h, P_last): made for a cached term that had none (the layer first run on an
+    NCHW input), made again with a new term (coord_weight changed in place, through ``.data``, or a
+    new tensor); every output equals the reference backend's on the same values, in the layout
+    ``nn.Conv`` gives it."""
+    from coordconv_fused import CoordConv3d
+
+    torch.manual_seed(0)
+    layer, fmt, sizes = (CoordConv2d, torch.channels_last, (9, 7)) if ndim == 2 else (
+        CoordConv3d, torch.channels_last_3d, (5, 6, 4))  # fmt: skip
+    m = layer(3, 5, 3, padding=1, with_r=True, backend="cpp", dtype=dtype).eval()
+    x = torch.randn(2, 3, *sizes, dtype=dtype)
+    tol = {"atol": 5e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}  # (a wrong term is off by ~1)
+
+    conv = torch.nn.functional.conv2d if ndim == 2 else torch.nn.functional.conv3d
+
+    def check(xin):
+        got = m(xin)
+        plain = conv(xin, m.weight, padding=1)
+        assert got.is_contiguous(memory_format=fmt) == plain.is_contiguous(memory_format=fmt)
+        m.backend = "reference"
+        expected = m.double()(xin.double())
+        m.to(dtype).backend = "cpp"
+        torch.testing.assert_close(got, expected.to(dtype), **tol)
+
+    with torch.no_grad():
+        check(x)  # NCHW first: the cached term has no channels-last copy yet
+        check(x.contiguous(memory_format=fmt))
+        check(x.contiguous(memory_format=fmt))  # the copy reused
+        for update in (
+            lambda: m.coord_weight.mul_(-2),
+            lambda: m.coord_weight.data.add_(0.5),
+            lambda: setattr(m, "coord_weight", torch.nn.Parameter(torch.randn_like(m.coord_weight))),
+        ):
+            update()
+            check(x.contiguous(memory_format=fmt))
+            check(x)
+
+
 @pytest.mark.parametrize("variant", [{"with_r": True}, {"separate": True, "kernel_size": 3}], ids=str)
 def test_cached_backward_tables_follow_geometry_and_dtype(variant):
     """The coordinate gradient's tables are built once per geometry and dtype (csrc/cpu/coord_term.h):
@@ -687,7 +729,7 @@ def test_cuda_epilogue_policies_same_bits(dtype, channels_last, monkeypatch):
         with torch.no_grad():
             ref = layer(x)
         layer.backend = "cuda"
-        tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}
+        tol = {"atol": 5e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {}  # (a wrong term is off by ~1)
         torch.testing.assert_close(outs["rule"], ref, **tol)
 
 

@@ -165,44 +165,6 @@ def test_opcheck_backward_op(config, mask):
     torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_backward.default, args)
 
 
-TERM_CONFIGS = [name for name, c in CONFIGS.items() if not c.get("transposed")]
-
-
-@pytest.mark.backend("cpp")
-@pytest.mark.parametrize("config", TERM_CONFIGS)
-def test_opcheck_term_op(config):
-    """The C++ coordinate term (what a compiled CPU graph adds to the data convolution)."""
-    x, w, cw, _, *rest = _args(**CONFIGS[config])
-    torch.library.opcheck(torch.ops.coordconv_fused.coord_conv_ext_term.default, (x, w, cw, *rest))
-
-
-@pytest.mark.backend("cpp")
-@pytest.mark.parametrize("config", TERM_CONFIGS)
-def test_term_op_matches_the_aten_term(config):
-    """The C++ term equals the ATen one (the batch-of-one convolution of the coordinates) in
-    float64, value and coord_weight's gradient; gradcheck and gradgradcheck through its backward;
-    in the configuration's dtype to its rounding; and what it returns is the caller's (a copy of
-    the cached term)."""
-    from coordconv_fused.ops.aten import coordinate_term
-
-    op = torch.ops.coordconv_fused.coord_conv_ext_term.default
-    x, w, cw, _, *rest = _args(**{**CONFIGS[config], "dtype": torch.float64})
-    x, w = x.detach(), w.detach()
-    out_sizes = op_output_shape(x, w, rest)[2:]
-    got = op(x, w, cw, *rest)
-    expected = coordinate_term(x, w, cw, out_sizes, *rest[:5], *rest[6:])
-    assert got.shape == expected.shape and got.is_contiguous()
-    torch.testing.assert_close(got, expected)
-    g = torch.randn_like(expected)
-    torch.testing.assert_close(torch.autograd.grad(got, cw, g), torch.autograd.grad(expected, cw, g))
-    torch.autograd.gradcheck(lambda c: op(x, w, c, *rest), (cw,))
-    torch.autograd.gradgradcheck(lambda c: op(x, w, c, *rest), (cw,))
-    got.detach().zero_()
-    torch.testing.assert_close(op(x, w, cw, *rest), expected)
-    xf, wf, cwf = (t.float() for t in (x, w, cw.detach()))
-    torch.testing.assert_close(op(xf, wf, cwf, *rest), expected.float(), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.backend("cpp")
 @pytest.mark.parametrize("config", ["basic", "with_r_stride", "groups_dilation", "depth_one", "no_bias_1d"])
 def test_opcheck_input_grad_op(config):

@@ -30,7 +30,6 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..ops.aten import TermOp
 from ..spec import ConvSpec
 from . import aten, native, reference, triton
 from . import choice_file as choice_file  # (COORDCONV_CPU_KERNEL_CACHE is read at import)
@@ -48,7 +47,7 @@ __all__ = [
     "get_backend",
     "resolve_backend",
     "dispatch",
-    "compiled_term_op",
+    "compiles_as_op",
     "generation",
     "AUTO_PREFERENCE",
     "AUTO_MEASURED",
@@ -196,15 +195,11 @@ def dispatch(
     return resolve_backend(name, input, weight, spec, coord_weight, bias).fn(input, weight, coord_weight, bias, spec)
 
 
-def compiled_term_op(name: str, input: Tensor, spec: ConvSpec) -> TermOp | None:
-    """What makes the coordinate term in a graph ``torch.compile`` makes of a call on backend
-    ``name`` (the graph is otherwise ATen ops: :func:`coordconv_fused.ops.aten.composite`): the C++
-    term on the CPU (:func:`.native.compiled_term_op`); None, the ATen term, for ``torch`` (plain
-    PyTorch, asked for by name), ``reference`` (not compiled as ATen ops) and wherever the C++ term
-    does not apply."""
-    if name in ("torch", "reference"):
-        return None
-    return native.compiled_term_op(input, spec)
+def compiles_as_op(name: str, input: Tensor, spec: ConvSpec) -> bool:
+    """Whether ``torch.compile`` keeps a call on backend ``name`` as the ``cpp`` op, one node
+    (``auto`` and ``cpp`` on the CPU with the extension: :func:`.native.compiles_as_op`); elsewhere
+    the graph has the layer as ATen ops (:func:`coordconv_fused.ops.aten.composite`)."""
+    return name in ("auto", "cpp") and native.compiles_as_op(input, spec)
 
 
 register_backend(reference.backend)

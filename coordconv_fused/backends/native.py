@@ -19,11 +19,9 @@ from ..ops import (
     pre_pad,
     prepare_call,
     register_native_coord_conv_op,
-    register_native_term_op,
     static_arguments,
 )
 from ..ops.arguments import exporting
-from ..ops.aten import TermOp
 from ..spec import ConvSpec
 from .base import Backend
 
@@ -33,7 +31,7 @@ __all__ = [
     "avx2_direct_available",
     "has_cuda_kernels",
     "coord_conv_cpp",
-    "compiled_term_op",
+    "compiles_as_op",
     "cpp_backend",
     "cuda_backend",
     "kernel_choices",
@@ -161,27 +159,22 @@ def coord_conv_cpp(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Te
 
 if LOAD_ERROR is None:
     register_native_coord_conv_op("coord_conv_ext", fused_backward=True)
-    register_native_term_op("coord_conv_ext_term")
 
 
-def compiled_term_op(input: Tensor, spec: ConvSpec) -> TermOp | None:
-    """The op that makes the coordinate term in a graph ``torch.compile`` makes of a CPU layer:
-    ``coordconv_fused::coord_conv_ext_term``, the ``cpp`` backend's closed-form term (three small
-    contractions of per-axis tables), kept while ``coord_weight`` holds the same values
-    (csrc/cpu/coord_term.h) and written afresh each call from its affine rows, instead of a
-    batch-of-one convolution in the graph; its autograd is in C++
-    (csrc/autograd/coord_term_autograd.cpp), its gradient the ATen coordinate gradient. None where
-    the graph stays plain ATen: not compiling, exporting, the extension absent, a GPU or a
-    transposed layer (docs/tuning.md has the figures)."""
-    if (
-        LOAD_ERROR is not None
-        or spec.transposed
-        or input.device.type != "cpu"
-        or not torch.compiler.is_compiling()
-        or exporting()
-    ):
-        return None
-    return torch.ops.coordconv_fused.coord_conv_ext_term
+def compiles_as_op(input: Tensor, spec: ConvSpec) -> bool:
+    """Whether a graph ``torch.compile`` makes of this call keeps it as the ``cpp`` backend's op,
+    one node: on the CPU with the extension, where the op adds the coordinate term inside the
+    convolution's own output pass (csrc/cpu/forward.cpp), which a graph of ATen ops cannot: compiled
+    ``CoordConv2d + ReLU`` 0.97-0.99x compiled ``Conv2d + ReLU``, training 1.00x, against 1.03-1.05x
+    and 1.15x with the data convolution and the term as separate nodes (docs/tuning.md). Not while
+    exporting (a portable program of ATen ops), nor on a GPU or for a transposed layer."""
+    return (
+        LOAD_ERROR is None
+        and not spec.transposed
+        and input.device.type == "cpu"
+        and torch.compiler.is_compiling()
+        and not exporting()
+    )
 
 
 def _prepare(spec: ConvSpec):

@@ -5,12 +5,7 @@ path of the op-backed backends (:mod:`.call`)."""
 
 from ..geometry import image_sizes, pairs  # noqa: F401  (older import path)
 from .arguments import op_arguments, pre_pad, static_arguments
-from .autograd import (
-    define_coord_conv_op,
-    differentiable_backward,
-    register_native_coord_conv_op,
-    register_native_term_op,
-)
+from .autograd import define_coord_conv_op, differentiable_backward, register_native_coord_conv_op
 from .call import call_coord_conv_op, prepare_call
 from .schema import GRAD_SCHEMA, SCHEMA, define_native_ops
 
@@ -20,7 +15,6 @@ __all__ = [
     "define_native_ops",
     "define_coord_conv_op",
     "register_native_coord_conv_op",
-    "register_native_term_op",
     "differentiable_backward",
     "call_coord_conv_op",
     "prepare_call",

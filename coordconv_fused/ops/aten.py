@@ -227,11 +227,6 @@ def coord_weight_grad(
     )[1]
 
 
-# term_op(input, weight, coord_weight, *args) -> the coordinate term [1, C_out, *out] (the op's
-# arguments but the bias: coordconv_fused.ops.schema.TERM_SCHEMA)
-TermOp = Callable[..., Tensor]
-
-
 def forward(
     input: Tensor,
     weight: Tensor,
@@ -239,20 +234,16 @@ def forward(
     bias: Tensor | None,
     *args,
     cache: bool = False,
-    term_op: TermOp | None = None,
 ) -> Tensor:
-    """The whole layer from the op's arguments: the data convolution plus the coordinate term,
-    added in place where ``cache`` (eager calls), out of place otherwise (traced graphs). The term
-    is :func:`coordinate_term`'s ATen ops, or ``term_op``'s where given."""
+    """The whole layer from the op's arguments: the data convolution plus the coordinate term
+    (:func:`coordinate_term`), added in place where ``cache`` (eager calls), out of place otherwise
+    (traced graphs)."""
     stride, padding, dilation, transposed, output_padding, groups, pre_pad, mode, with_r, separate = args
     out = torch.convolution(input, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    if term_op is not None:
-        term = term_op(input, weight, coord_weight, *args)
-    else:
-        term = coordinate_term(
-            input, weight, coord_weight, out.shape[2:], stride, padding, dilation, transposed, output_padding,
-            pre_pad, mode, with_r, separate, cache=cache,
-        )  # fmt: skip
+    term = coordinate_term(
+        input, weight, coord_weight, out.shape[2:], stride, padding, dilation, transposed, output_padding,
+        pre_pad, mode, with_r, separate, cache=cache,
+    )  # fmt: skip
     return out.add_(term) if cache else out + term
 
 
@@ -262,14 +253,12 @@ def composite(
     coord_weight: Tensor,
     bias: Tensor | None,
     spec: ConvSpec,
-    term_op: TermOp | None = None,
 ) -> Tensor:
     """The whole layer as plain ATen ops on a batched, validated input (no custom op): what
-    exporters (ONNX) and ``torch.compile`` get. Same numbers as the ``torch`` backend. With
-    ``term_op`` (``torch.compile`` on the CPU with the C++ extension), the coordinate term is that
-    op's, one node beside the data convolution."""
+    exporters (ONNX) get, and ``torch.compile`` but on the CPU with the C++ extension
+    (:func:`coordconv_fused.backends.compiles_as_op`). Same numbers as the ``torch`` backend."""
     input, args = op_arguments(input, spec)
-    return forward(input, weight, coord_weight, bias, *args, term_op=term_op)
+    return forward(input, weight, coord_weight, bias, *args)
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}

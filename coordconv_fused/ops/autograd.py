@@ -10,8 +10,7 @@ run while autograd records a graph of the gradients (``create_graph=True``) is
 
 Ops implemented in C++ bring their autograd in C++ (csrc/autograd/coord_conv_autograd.h, the same
 backward: fused where the device has it, ATen ops plus ``coord_weight_grad_aten`` under
-``create_graph``); :func:`register_native_coord_conv_op` adds their fake kernels, and
-:func:`register_native_term_op` the fake kernel of the C++ coordinate term.
+``create_graph``); :func:`register_native_coord_conv_op` adds their fake kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ from .schema import GRAD_SCHEMA, NAMESPACE, SCHEMA
 __all__ = [
     "define_coord_conv_op",
     "register_native_coord_conv_op",
-    "register_native_term_op",
     "differentiable_backward",
 ]
 
@@ -181,18 +179,4 @@ def register_native_coord_conv_op(name: str, fused_backward: bool = False) -> No
     if fused_backward:
         torch.library.register_fake(f"{qual}_input_grad", _input_grad_fake)
         torch.library.register_fake(f"{qual}_backward", _backward_fake)
-    _register_differentiable_coord_weight_grad()
-
-
-def _term_fake(input, weight, coord_weight, *args):
-    # [1, C_out, *out], contiguous, in the input's dtype (csrc/cpu/coord_term.cpp)
-    out = torch.ops.aten.convolution(input, weight, None, *args[:6])
-    return input.new_empty((1, *out.shape[1:]))
-
-
-def register_native_term_op(name: str) -> None:
-    """Add the fake kernel to ``coordconv_fused::<name>``, the coordinate term alone, implemented in
-    C++ with its autograd (csrc/cpu/coord_term.cpp, csrc/autograd/coord_term_autograd.cpp; schema:
-    :data:`coordconv_fused.ops.schema.TERM_SCHEMA`)."""
-    torch.library.register_fake(f"{NAMESPACE}::{name}", _term_fake)
     _register_differentiable_coord_weight_grad()

@@ -21,7 +21,6 @@ __all__ = [
     "NAMESPACE",
     "SCHEMA",
     "GRAD_SCHEMA",
-    "TERM_SCHEMA",
     "INPUT_GRAD_SCHEMA",
     "BACKWARD_SCHEMA",
     "NATIVE_OPS",
@@ -48,9 +47,6 @@ SCHEMA = f"({_CONV_ARGS}) -> Tensor"
 GRAD_SCHEMA = SCHEMA.replace("Tensor input, ", "Tensor grad_sum, Tensor input, ").replace(
     "Tensor coord_weight, Tensor? bias, ", "Tensor coord_weight, "
 )
-# The coordinate term alone, [1, C_out, *out] (the forward's arguments but the bias): the term of a
-# compiled graph on the CPU, beside the data convolution as an ATen op.
-TERM_SCHEMA = SCHEMA.replace("Tensor? bias, ", "")
 # The data convolution's input gradient (CPU: a direct kernel for layers on few channels).
 INPUT_GRAD_SCHEMA = f"(Tensor grad, Tensor input, Tensor weight, {_GEOMETRY_ARGS}) -> Tensor"
 # The whole backward in one call: the gradients of (input, weight, coord_weight, bias) where
@@ -59,15 +55,13 @@ BACKWARD_SCHEMA = GRAD_SCHEMA.replace("Tensor grad_sum, ", "Tensor grad, ").repl
     ") -> Tensor", ", bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
-# The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA), and the coordinate term
-# of compiled CPU graphs (a CPU kernel only); the forward's and the term's autograd are in C++ too
-# (csrc/autograd/).
+# The ops implemented in C++ (csrc/): backends `cpp` (CPU) and `cuda` (CUDA); the forward's autograd is
+# in C++ too (csrc/autograd/).
 NATIVE_OPS = {
     "coord_conv_ext": SCHEMA,
     "coord_conv_ext_coord_weight_grad": GRAD_SCHEMA,
     "coord_conv_ext_input_grad": INPUT_GRAD_SCHEMA,
     "coord_conv_ext_backward": BACKWARD_SCHEMA,
-    "coord_conv_ext_term": TERM_SCHEMA,
 }
 # The coordinate gradient as ATen ops, implemented in Python (CompositeImplicitAutograd,
 # coordconv_fused/ops/autograd.py): the C++ backward calls it while autograd records a graph of the

@@ -1,5 +1,5 @@
 // The CPU kernels of the coord_conv_ext ops (schemas: coordconv_fused/ops/schema.py), one file per
-// concern: forward.cpp, input_grad.cpp, backward.cpp, coord_term.cpp; registered in register.cpp.
+// concern: forward.cpp, input_grad.cpp, backward.cpp (the caches: coord_term.cpp); registered in register.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -25,17 +25,6 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
 at::Tensor input_grad_cpu(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
                           at::IntArrayRef output_padding, int64_t groups);
-
-// The coordinate term alone, [1, C_out, *out] in the input's dtype (a copy of the cached closed-form P:
-// coord_term.h): what a torch.compile'd graph adds to the data convolution on the CPU.
-at::Tensor coord_term_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
-                          at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed,
-                          at::IntArrayRef output_padding, int64_t groups, at::IntArrayRef pre_pad,
-                          c10::string_view pre_pad_mode, bool with_r, bool separate);
-
-// out = P on each of g.n planes (a contiguous [g.n, C_out, *out] tensor; P's affine rows where it has
-// them: forward.cpp).
-void write_coord_term(const Geometry& g, const CoordTerm& coord, at::Tensor& out);
 
 // The input gradient's implementation for this layer (ATen's convolution_backward or the SIMD direct
 // kernel, measured the first time the layer is seen: kernel_choice.h), and the gradient by `impl`.

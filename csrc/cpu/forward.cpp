@@ -84,12 +84,11 @@ void direct_forward_cpu(const Geometry& g, const scalar_t* x, const scalar_t* w,
   });
 }
 
-// y += P, over every plane of the output (the epilogue of the ATen/oneDNN candidate), or with
-// `accumulate` false y = P (the term op). Where P has affine rows (float32, coord_term.h), rows
-// [lo, hi) add U + (oh - lo) V from the two [C_out, OW] tables, which stay in cache, and only the
+// y += P, over every plane of the output (the epilogue of the ATen/oneDNN candidate). Where P has affine rows (float32,
+// coord_term.h), rows [lo, hi) add U + (oh - lo) V from the two [C_out, OW] tables, which stay in cache, and only the
 // border rows read P: the pass then moves little more than the output it updates (on a batch-1 layer
 // P is as large as the output).
-template <typename scalar_t, typename acc_t, bool accumulate = true>
+template <typename scalar_t, typename acc_t>
 void add_coord_term_cpu(const Geometry& g, const CoordTerm& coord, scalar_t* y) {
   const int64_t points = g.out_points(), OW = g.out[2];
   const acc_t* P = coord.P.data_ptr<acc_t>();
@@ -99,8 +98,7 @@ void add_coord_term_cpu(const Geometry& g, const CoordTerm& coord, scalar_t* y) 
   const int64_t lo = affine ? a.lo * OW : points, hi = affine ? a.hi * OW : points;  // flat offsets in a plane
   const auto add = [](scalar_t* __restrict yp, const acc_t* __restrict p, int64_t n) {
 #pragma omp simd
-    for (int64_t i = 0; i < n; ++i)
-      yp[i] = static_cast<scalar_t>((accumulate ? static_cast<acc_t>(yp[i]) : acc_t(0)) + p[i]);
+    for (int64_t i = 0; i < n; ++i) yp[i] = static_cast<scalar_t>(static_cast<acc_t>(yp[i]) + p[i]);
   };
   const auto body = [&] {
     at::parallel_for(0, g.n * g.c_out, grain_for(points), [&](int64_t begin, int64_t end) {
@@ -117,7 +115,7 @@ void add_coord_term_cpu(const Geometry& g, const CoordTerm& coord, scalar_t* y) 
             scalar_t* __restrict yr = yp + r;
 #pragma omp simd
             for (int64_t j = 0; j < OW; ++j)
-              yr[j] = static_cast<scalar_t>((accumulate ? static_cast<acc_t>(yr[j]) : acc_t(0)) + (u[j] + t * v[j]));
+              yr[j] = static_cast<scalar_t>(static_cast<acc_t>(yr[j]) + (u[j] + t * v[j]));
           }
         }
         add(yp + hi, p + hi, points - hi);
@@ -180,10 +178,12 @@ at::Tensor forward_impl(Impl impl, const Geometry& g, const at::Tensor& input, c
                                           g.has_bias ? bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>());
     } else if (y.is_contiguous()) {
       add_coord_term_cpu<scalar_t, acc_t>(g, coord, y.data_ptr<scalar_t>());
-    } else {  // e.g. channels_last: let ATen broadcast over the layout
+    } else if (coord.P_last.defined() && y.is_contiguous(y.suggest_memory_format())) {
+      y.add_(coord.P_last);  // channels-last: P in the output's order, broadcast over the batch
+    } else {                 // any other layout: let ATen broadcast over it
       auto sizes = output_sizes(g);
       sizes[0] = 1;
-      y.add_(P.view(sizes).to(y.scalar_type()));
+      y.add_(P.view(sizes));
     }
   });
   return y;
@@ -227,13 +227,6 @@ void run_direct_simd(Impl impl, const Geometry& g, const at::Tensor& input, cons
   }
 }
 
-void write_coord_term(const Geometry& g, const CoordTerm& coord, at::Tensor& out) {
-  TORCH_CHECK(out.is_contiguous() && out.numel() == g.n * g.c_out * g.out_points(), "write_coord_term: bad output");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "write_coord_term", [&] {
-    add_coord_term_cpu<scalar_t, at::opmath_type<scalar_t>, false>(g, coord, out.data_ptr<scalar_t>());
-  });
-}
-
 at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                        const c10::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups,
@@ -244,15 +237,15 @@ at::Tensor forward_cpu(const at::Tensor& input, const at::Tensor& weight, const 
   if (g.n * g.c_out * g.out_points() == 0) {
     return at::convolution(input, weight, bias, stride, padding, dilation, false, output_padding, groups);
   }
+  const auto format = conv_output_format(input, weight);
   CoordTerm coord;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "coord_term_cpu", [&] {
-    coord = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight);
+    coord = cached_coord_term<scalar_t, at::opmath_type<scalar_t>>(g, coord_weight, format);
   });
   // The candidates: ATen/oneDNN + the coordinate epilogue, oneDNN + the fused reorder and epilogue
   // where its output is blocked, the row kernel on shallow layers, the SIMD kernel where it applies
   // (in AVX-512 both its tile shapes, the second where C_out fills more than one tile of the first;
   // kernel_choice.h chooses among them).
-  const auto format = conv_output_format(input, weight);
   const bool dense = format == at::MemoryFormat::Contiguous;
   std::vector<Impl> candidates{Impl::kAten};
   const bool blocked = blocked_output_eligible(g, input, format);

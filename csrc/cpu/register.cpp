@@ -10,7 +10,6 @@ TORCH_LIBRARY_IMPL(coordconv_fused, CPU, m) {
   m.impl("coord_conv_ext_coord_weight_grad", &coord_weight_grad_cpu);
   m.impl("coord_conv_ext_input_grad", &input_grad_cpu);
   m.impl("coord_conv_ext_backward", &backward_cpu);
-  m.impl("coord_conv_ext_term", &coord_term_cpu);
 }
 
 }  // namespace coordconv
