@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn as nn
 
+from .backends.native import choice_confirm_calls
 from .modules import CoordConv2d
 
 __all__ = ["host_overhead", "compiled_ratio", "format_host_overhead", "format_compiled"]
@@ -35,10 +36,12 @@ def _rounds(
     calls: Mapping[str, Callable[[], object]], rounds: int, per_round: int, device: str
 ) -> dict[str, list[float]]:
     """Seconds per call of each callable, one batch of ``per_round`` calls per round, interleaved in a
-    rotated order."""
+    rotated order, after a warm-up: plans, caches, autotuning, compilation, and the ``cpp``
+    backend's kernel choice, timed again on a schedule of calls (:func:`choice_confirm_calls`)."""
     names = list(calls)
-    for fn in calls.values():  # warm-up: plans, caches, autotuning, compilation
-        for _ in range(3):
+    warm_up = 1 + max((3, *choice_confirm_calls()))
+    for fn in calls.values():
+        for _ in range(warm_up):
             fn()
     _sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}

@@ -122,9 +122,10 @@ def _cached_call(
     if not isinstance(input, Tensor) or torch.compiler.is_compiling():
         return _run(input, weight, coord_weight, bias, make(), backend)
     device = input.device
-    device_type = autocast_device_type(device)
-    if device_type is not None and torch.is_autocast_enabled(device_type):
-        input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
+    if torch._C._is_any_autocast_enabled():  # (one C call where no autocast is on, the usual case)
+        device_type = autocast_device_type(device)
+        if device_type is not None and torch.is_autocast_enabled(device_type):
+            input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     try:
         # (what is not a tensor fails here or, with a shape, in the validation of the first call)
         key = (

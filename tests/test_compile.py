@@ -77,6 +77,33 @@ def test_compile_inductor_backward(backend):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compile_inductor_channels_last_graph(backend):
+    """A CoordConv layer after an ``nn.Conv2d``, whose graph inductor makes channels-last (on the CPU
+    the ``cpp`` op then gets the channels-last tensor as it is: ``flexible_layout``), and a
+    channels-last model: outputs and every gradient equal eager's, and the output's memory format too."""
+    torch.manual_seed(0)
+    models = [
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), CoordConv2d(8, 6, 3, padding=1, backend=backend)),
+        nn.Sequential(CoordConv2d(3, 6, 3, padding=1, with_r=True, backend=backend), nn.ReLU()).to(
+            memory_format=torch.channels_last
+        ),
+    ]
+    x = torch.randn(2, 3, 10, 9)
+    for model, xin in zip(models, (x, x.contiguous(memory_format=torch.channels_last))):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, fullgraph=True)
+        g = torch.randn(2, 6, 10, 9)
+        expected = _fwd_bwd(model, model, xin, g)
+        got = _fwd_bwd(compiled, model, xin, g)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            eager_out, compiled_out = model(xin), compiled(xin)
+        torch.testing.assert_close(compiled_out, eager_out, atol=1e-4, rtol=1e-4)
+        cl = torch.channels_last
+        assert compiled_out.is_contiguous(memory_format=cl) == eager_out.is_contiguous(memory_format=cl)
+
+
 @pytest.mark.parametrize(
     "size, kernel, stride, padding, dilation",
     [

@@ -682,6 +682,8 @@ def test_native_ops_have_their_cpu_kernels():
     for name in NATIVE_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CPU"), name
     assert torch._C._dispatch_has_kernel_for_dispatch_key("coordconv_fused::coord_conv_ext", "Autograd")
+    # (inductor hands the forward its input in the graph's layout: coordconv_fused/ops/schema.py)
+    assert torch.Tag.flexible_layout in torch.ops.coordconv_fused.coord_conv_ext.default.tags
     for name in COMPOSITE_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"coordconv_fused::{name}", "CompositeImplicitAutograd")
 

@@ -76,6 +76,16 @@ TESTING_OPS = {
     "blocked_output_pass": "(Tensor blocked, Tensor P, Tensor? uv, int lo, int hi) -> Tensor",
 }
 
+# Tags by op. The forward's kernels take any strides and give the output nn.Conv2d's memory format
+# for the input's (its fake kernel too: opcheck over channels-last inputs), so inductor may hand it a
+# tensor in whatever layout its graph has: `flexible_layout`. Without the tag a custom op's inputs are
+# copied to the strides seen when the graph was traced (`needs_exact_strides`): in a compiled CPU
+# graph whose ATen convolutions inductor makes channels-last, a CoordConv layer's input was copied
+# back to NCHW, and its convolution then ran NCHW (`Conv2d, ReLU, CoordConv2d, ReLU` on (8,64,56,56):
+# 1.065x the same with two `Conv2d`s; docs/tuning.md).
+_FLEXIBLE_LAYOUT = getattr(torch.Tag, "flexible_layout", None)
+OP_TAGS: dict[str, tuple] = {"coord_conv_ext": (_FLEXIBLE_LAYOUT,) if _FLEXIBLE_LAYOUT is not None else ()}
+
 _LIBRARIES: dict[str, torch.library.Library] = {}
 
 
@@ -83,7 +93,7 @@ def _define(group: str, ops: dict[str, str]) -> None:
     if group not in _LIBRARIES:
         lib = torch.library.Library(NAMESPACE, "FRAGMENT")
         for name, schema in ops.items():
-            lib.define(name + schema)
+            lib.define(name + schema, tags=OP_TAGS.get(name, ()))
         _LIBRARIES[group] = lib
 
 
