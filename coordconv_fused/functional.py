@@ -63,12 +63,12 @@ def _autocast(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor 
 
 
 def _composite_wanted(backend: str, input: Tensor, spec: ConvSpec) -> bool:
-    """Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile on a GPU:
-    the data convolution plus the batch-of-one coordinate term, whose add inductor fuses into
-    neighbouring pointwise ops and whose gradients AOT autograd derives. On the CPU with the C++
-    extension a compiled graph keeps the ``cpp`` op instead, one node that adds the term inside the
-    convolution's own output pass (:func:`~coordconv_fused.backends.compiles_as_op`). Eager calls
-    keep the fused backends."""
+    """Exporters get plain ATen ops (standard ONNX operators), and so does torch.compile: the data
+    convolution plus the batch-of-one coordinate term, whose add inductor fuses into neighbouring
+    pointwise ops and whose gradients AOT autograd derives -- except on the CPU with the C++
+    extension (backends ``auto`` and ``cpp``), where a compiled graph keeps the ``cpp`` op, one node
+    that adds the term inside the convolution's own output pass
+    (:func:`~coordconv_fused.backends.compiles_as_op`). Eager calls keep the fused backends."""
     if torch.compiler.is_compiling():
         return backend != "reference" and not compiles_as_op(backend, input, spec)
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()  # the TorchScript-based exporter

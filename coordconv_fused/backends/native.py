@@ -165,9 +165,10 @@ def compiles_as_op(input: Tensor, spec: ConvSpec) -> bool:
     """Whether a graph ``torch.compile`` makes of this call keeps it as the ``cpp`` backend's op,
     one node: on the CPU with the extension, where the op adds the coordinate term inside the
     convolution's own output pass (csrc/cpu/forward.cpp), which a graph of ATen ops cannot: compiled
-    ``CoordConv2d + ReLU`` 0.97-0.99x compiled ``Conv2d + ReLU``, training 1.00x, against 1.03-1.05x
-    and 1.15x with the data convolution and the term as separate nodes (docs/tuning.md). Not while
-    exporting (a portable program of ATen ops), nor on a GPU or for a transposed layer."""
+    ``CoordConv2d + ReLU`` 0.965-0.985x compiled ``Conv2d + ReLU`` on a Xeon, training 0.99-1.00x,
+    against 1.03-1.05x and 1.15x with the data convolution and the term as separate nodes
+    (docs/tuning.md). Not while exporting (a portable program of ATen ops), nor on a GPU or for a
+    transposed layer."""
     return (
         LOAD_ERROR is None
         and not spec.transposed
