@@ -560,6 +560,38 @@ def test_channels_last_term_follows_coord_weight(ndim, dtype):
             check(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("variant", [{"with_r": True}, {"coord_kernel_size": 1}], ids=str)
+def test_channels_last_backward_matches_reference(ndim, dtype, variant):
+    """A channels-last grad (what a channels-last model's backward hands the op) is summed over the
+    batch in its own memory order (csrc/batch_sum.h): every gradient equals the reference backend's,
+    also with a batch of one and with an expanded grad (``y.sum().backward()``)."""
+    from coordconv_fused import CoordConv3d
+
+    torch.manual_seed(0)
+    layer, fmt, sizes = (CoordConv2d, torch.channels_last, (9, 7)) if ndim == 2 else (
+        CoordConv3d, torch.channels_last_3d, (5, 6, 4))  # fmt: skip
+    m = layer(3, 5, 3, padding=1, backend="cpp", dtype=dtype, **variant)
+    ref = layer(3, 5, 3, padding=1, backend="reference", dtype=dtype, **variant)
+    ref.load_state_dict(m.state_dict())
+    for n in (3, 1):
+        for expanded in (False, True):
+            x = torch.randn(n, 3, *sizes, dtype=dtype).contiguous(memory_format=fmt)
+            g = torch.randn(n, 5, *sizes, dtype=dtype).contiguous(memory_format=fmt)
+            grads = []
+            for model in (m, ref):
+                model.zero_grad()
+                xin = x.detach().clone().requires_grad_()
+                out = model(xin)
+                if expanded:
+                    out.sum().backward()
+                else:
+                    out.backward(g)
+                grads.append([xin.grad, *(p.grad for p in model.parameters())])
+            torch.testing.assert_close(grads[0], grads[1])
+
+
 @pytest.mark.parametrize("variant", [{"with_r": True}, {"separate": True, "kernel_size": 3}], ids=str)
 def test_cached_backward_tables_follow_geometry_and_dtype(variant):
     """The coordinate gradient's tables are built once per geometry and dtype (csrc/cpu/coord_term.h):

@@ -26,6 +26,8 @@
 #include <tuple>
 #include <vector>
 
+#include "../batch_sum.h"
+
 namespace coordconv {
 namespace autograd {
 
@@ -94,30 +96,6 @@ struct Ops {
   }
 };
 
-// grad.sum(0, keepdim=true, dtype), for a channels-last grad reduced over the samples' contiguous
-// blocks of memory (a [N, M] view): ATen's reduction of a channels-last tensor over its batch dim is
-// up to 20x slower (coordconv_fused/ops/aten.py, batch_sum, has the measurement).
-inline at::Tensor batch_sum(const at::Tensor& grad, at::ScalarType dtype) {
-  std::vector<int64_t> order;
-  if (grad.sym_numel() == 0) {
-    return grad.sum(0, /*keepdim=*/true, dtype);
-  } else if (grad.dim() == 4 && !grad.is_contiguous() && grad.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    order = {0, 2, 3, 1};
-  } else if (grad.dim() == 5 && !grad.is_contiguous() && grad.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    order = {0, 2, 3, 4, 1};
-  } else {
-    return grad.sum(0, /*keepdim=*/true, dtype);
-  }
-  std::vector<SymInt> sample{1};
-  std::vector<int64_t> inverse(order.size());
-  for (size_t i = 0; i < order.size(); ++i) {
-    if (i > 0) sample.push_back(grad.sym_size(order[i]));
-    inverse[order[i]] = static_cast<int64_t>(i);
-  }
-  const at::Tensor flat = grad.permute(order).reshape_symint({grad.sym_size(0), -1}).sum(0, false, dtype);
-  return flat.view_symint(sample).permute(inverse);
-}
-
 // The gradients of (input, weight, coord_weight, bias) where `mask` asks (undefined elsewhere).
 template <class Op>
 Grads backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& weight,
@@ -141,7 +119,7 @@ Grads backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor
     // convolution_backward need not read grad once more for it.
     const bool half = grad.scalar_type() == at::kHalf || grad.scalar_type() == at::kBFloat16;
     const auto acc = half ? at::kFloat : grad.scalar_type();
-    grad_sum = grad.sym_size(0) == 1 && !half ? grad : batch_sum(grad, acc);
+    grad_sum = grad.sym_size(0) == 1 && !half ? grad : sum_over_batch(grad, acc);
   }
   const bool bias_in_conv = need_b && !grad_sum.defined();
   if (need_in || need_w || bias_in_conv) {

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../batch_sum.h"
 #include "../geometry.h"
 #include "coord_term.h"
 #include "cpu_ops.h"
@@ -137,9 +138,11 @@ template <typename scalar_t, typename acc_t>
 void coord_and_bias_grads(const Geometry& g, const at::Tensor& grad, at::Tensor* coord_grad, at::Tensor* bias_grad) {
   const auto acc_opts = grad.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   // A grad in another layout (channels_last, or the expanded one of y.sum().backward()) is summed
-  // over the batch by ATen first (accumulated in acc_t, rounded once): no output-sized copy.
+  // over the batch first (accumulated in acc_t, rounded once; a channels-last one over its samples'
+  // blocks of memory: ATen's sum over its batch dim took 3.5 ms of a (8,64,56,56) grad against
+  // 0.3 ms): no output-sized copy.
   const bool dense = grad.is_contiguous();
-  const at::Tensor gc = dense ? grad : grad.sum(0, /*keepdim=*/true).contiguous();
+  const at::Tensor gc = dense ? grad : sum_over_batch(grad, grad.scalar_type()).contiguous();
   const int64_t O = g.c_out, N = dense ? g.n : 1, points = g.out_points();
   const int64_t OD = g.out[0], OH = g.out[1], OW = g.out[2], KD = g.kernel[0], KH = g.kernel[1], KW = g.kernel[2];
   const int64_t taps = g.taps(), nc = g.num_coords, per_o = g.separate ? nc : nc * taps, rows = OD * OH;
