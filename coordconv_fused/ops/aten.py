@@ -144,7 +144,8 @@ def coordinate_term(
     Under ``torch.compile`` (not export) on a GPU, a 2-D full filter's term is one small GEMM of the
     filter with the im2col matrix of the coordinates (``F.unfold``, which inductor generates in
     place), as the eager device path makes it, rather than a batch-of-one convolution. On the CPU
-    it stays the convolution: compiled ``CoordConv2d + ReLU`` on (8,64,56,56)->64 measured 1.04-1.05x
+    (backend ``torch``, or no extension: elsewhere a compiled CPU graph keeps the ``cpp`` op) it
+    stays the convolution: compiled ``CoordConv2d + ReLU`` on (8,64,56,56)->64 measured 1.04-1.05x
     compiled ``Conv2d + ReLU`` that way against 1.06-1.075x with the GEMM (docs/tuning.md)."""
     coords = coord_input(
         input, weight, out_sizes, stride, padding, dilation, pre_pad, pre_pad_mode, with_r, separate, cache
