@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..coords import batched
 from ..spec import ConvSpec
 from .base import Backend
 
@@ -80,7 +81,7 @@ def coord_conv_ref(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Te
     coords = reference_coords(
         [_coordinates(torch.arange(s, dtype=f64, device=device), s) for s in sizes], spec.with_r, input.dtype
     )
-    coords = coords.unsqueeze(0).expand(n, *coords.shape)
+    coords = batched(coords, n)
 
     if spec.transposed:
         conv_t = _CONV_T[spec.ndim]
@@ -100,7 +101,7 @@ def coord_conv_ref(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Te
             )
         ]
         centres = reference_coords(axes, spec.with_r, input.dtype)
-        return data + _CONV[spec.ndim](centres.unsqueeze(0).expand(n, *centres.shape), coord_weight)
+        return data + _CONV[spec.ndim](batched(centres, n), coord_weight)
     if spec.groups == 1:
         return _conv(_cat(input, coords), torch.cat([weight, coord_weight], 1), bias, spec, 1)
     return _conv(input, weight, bias, spec, spec.groups) + _conv(coords, coord_weight, None, spec, 1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..coords import centre_coord_channels, padded_coord_channels
+from ..coords import batched, centre_coord_channels, padded_coord_channels
 from ..geometry import image_sizes, pairs
 from ..spec import ConvSpec
 from .arguments import exporting, op_arguments, pre_pad, static_arguments
@@ -120,7 +120,7 @@ def _coord_input(
             dtype=input.dtype,
             device=input.device,
         )
-    return coords.unsqueeze(0)
+    return batched(coords, 1)
 
 
 def coordinate_term(
