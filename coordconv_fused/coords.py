@@ -28,7 +28,6 @@ __all__ = [
     "coord_channels",
     "padded_coord_channels",
     "centre_coord_channels",
-    "batched",
 ]
 
 
@@ -171,14 +170,3 @@ def centre_coord_channels(
         for o, n, s, p, d, k in zip(out_sizes, in_sizes, stride, pad_before, dilation, kernel_size)
     ]
     return _grid(axes, with_r, dtype)
-
-
-def batched(coords: Tensor, n: int) -> Tensor:
-    """``coords`` (``[d, *sizes]``) as a batch ``[n, d, *sizes]`` of the same values: a view in eager
-    mode, a tensor of its own under ``torch.compile``. A compiled training graph saves the batch for
-    the backward of the convolution it feeds, and inductor (torch 2.14.1, 2.11) cannot lay out a
-    saved *view* whose strides are symbolic: with dynamic shapes, backward failed to compile
-    (``cannot determine truth value of Relational``, in ``get_stride_order``)."""
-    if torch.compiler.is_compiling():
-        return coords.new_empty((n, *coords.shape)).copy_(coords)
-    return coords.unsqueeze(0).expand(n, *coords.shape)

@@ -82,7 +82,7 @@ def test_compile_inductor_backward(backend):
 def test_compile_inductor_dynamic_shapes(backend):
     """Inductor with dynamic shapes, forward and backward (on the CPU the ``cpp`` op's fake kernel
     over symbolic sizes; the coordinate tensors a training graph saves are tensors of their own,
-    not views: ``coordconv_fused.coords.batched``): outputs and every gradient equal eager's on three
+    not views: ``coordconv_fused.ops.arguments.batched``): outputs and every gradient equal eager's on three
     input sizes, one of them a batch of one."""
     torch._dynamo.reset()
     model = _model(backend)

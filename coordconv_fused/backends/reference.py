@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..coords import batched
+from ..ops.arguments import batched
 from ..spec import ConvSpec
 from .base import Backend
 

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..spec import ConvSpec
 
-__all__ = ["static_arguments", "pre_pad", "op_arguments", "autocast_device_type", "exporting"]
+__all__ = ["static_arguments", "pre_pad", "op_arguments", "autocast_device_type", "exporting", "batched"]
 
 _AUTOCAST_DEVICE_TYPE: dict[torch.device, str | None] = {}
 
@@ -32,6 +32,18 @@ def exporting() -> bool:
     (e.g. 2.11) answers ``torch.compiler.is_exporting()`` with True under any ``torch.compile``."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
+def batched(coords: Tensor, n: int) -> Tensor:
+    """``coords`` (``[d, *sizes]``) as a batch ``[n, d, *sizes]`` of the same values: a view, but a
+    tensor of its own under ``torch.compile``. A compiled training graph saves the batch for the
+    backward of the convolution it feeds, and inductor (torch 2.14.1, 2.11) cannot lay out a saved
+    *view* whose strides are symbolic: with dynamic shapes, backward failed to compile (``cannot
+    determine truth value of Relational``, in ``get_stride_order``). Exported programs keep the view
+    (ONNX's lowering of the copy gave Conv nodes inputs of the wrong rank)."""
+    if torch.compiler.is_compiling() and not exporting():
+        return coords.new_empty((n, *coords.shape)).copy_(coords)
+    return coords.unsqueeze(0).expand(n, *coords.shape)
 
 
 def static_arguments(spec: ConvSpec) -> tuple[list[int] | None, str, tuple]:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..coords import batched, centre_coord_channels, padded_coord_channels
+from ..coords import centre_coord_channels, padded_coord_channels
 from ..geometry import image_sizes, pairs
 from ..spec import ConvSpec
-from .arguments import exporting, op_arguments, pre_pad, static_arguments
+from .arguments import batched, exporting, op_arguments, pre_pad, static_arguments
 
 __all__ = [
     "coord_input",
