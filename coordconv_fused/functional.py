@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .backends import AUTO_MEASURED, compiles_as_op, dispatch, resolve_backend
 from .backends import generation as backends_generation
-from .ops.arguments import autocast_device_type
+from .ops.arguments import autocast_device_type, transformed
 from .ops.aten import composite as coord_conv_composite
 from .spec import ConvSpec, PaddingArg, check_tensors, make_spec
 
@@ -68,7 +68,12 @@ def _composite_wanted(backend: str, input: Tensor, spec: ConvSpec) -> bool:
     pointwise ops and whose gradients AOT autograd derives -- except on the CPU with the C++
     extension (backends ``auto`` and ``cpp``), where a compiled graph keeps the ``cpp`` op, one node
     that adds the term inside the convolution's own output pass
-    (:func:`~coordconv_fused.backends.compiles_as_op`). Eager calls keep the fused backends."""
+    (:func:`~coordconv_fused.backends.compiles_as_op`). Under ``torch.func`` transforms and
+    forward-mode AD, compiled or not, ATen ops too: they have batching rules and forward derivatives,
+    the ops have neither (:func:`~coordconv_fused.ops.arguments.transformed`). Eager calls keep the
+    fused backends."""
+    if transformed():
+        return backend != "reference"
     if torch.compiler.is_compiling():
         return backend != "reference" and not compiles_as_op(backend, input, spec)
     return torch.jit.is_tracing() and torch.onnx.is_in_onnx_export()  # the TorchScript-based exporter
@@ -119,7 +124,7 @@ def _cached_call(
     key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias, backend: str
 ) -> Tensor:
     """Run a call through its plan (built by the validating path on the first call)."""
-    if not isinstance(input, Tensor) or torch.compiler.is_compiling():
+    if not isinstance(input, Tensor) or torch.compiler.is_compiling() or transformed():
         return _run(input, weight, coord_weight, bias, make(), backend)
     device = input.device
     if torch._C._is_any_autocast_enabled():  # (one C call where no autocast is on, the usual case)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops.arguments import batched
+from ..ops.arguments import batched, transformed
 from ..spec import ConvSpec
 from .base import Backend
 
@@ -111,7 +111,8 @@ def _cat(input: Tensor, coords: Tensor) -> Tensor:
     """``cat([input, coords], 1)`` in the input's memory format (as nn.Conv2d's output follows it)."""
     out = torch.cat([input, coords], 1)
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(input.dim())
-    if fmt is not None and input.is_contiguous(memory_format=fmt) and not input.is_contiguous():
+    # (vmap cannot say whether a tensor is channels-last, and nothing follows a format under it)
+    if fmt is not None and not transformed() and not input.is_contiguous() and input.is_contiguous(memory_format=fmt):
         out = out.contiguous(memory_format=fmt)
     return out
 

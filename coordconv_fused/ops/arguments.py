@@ -4,12 +4,13 @@ and the op's non-tensor arguments (see :mod:`coordconv_fused.ops.schema`)."""
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..spec import ConvSpec
 
-__all__ = ["static_arguments", "pre_pad", "op_arguments", "autocast_device_type", "exporting", "batched"]
+__all__ = ["static_arguments", "pre_pad", "op_arguments", "autocast_device_type", "exporting", "transformed", "batched"]
 
 _AUTOCAST_DEVICE_TYPE: dict[torch.device, str | None] = {}
 
@@ -32,6 +33,16 @@ def exporting() -> bool:
     (e.g. 2.11) answers ``torch.compiler.is_exporting()`` with True under any ``torch.compile``."""
     flag = getattr(torch.compiler, "_is_exporting_flag", None)
     return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) or a
+    forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is active: the layer then runs
+    as ATen ops, which have batching rules and forward derivatives. The custom ops have neither: a
+    C++ ``autograd::Function`` is refused by ``grad``/``vmap`` of ``grad`` and by forward AD, and under
+    ``jvp`` (eager or compiled) and forward AD through the functional API they gave a zero or no
+    tangent without an error (torch 2.14.1). Read while compiling too: Dynamo traces both."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def batched(coords: Tensor, n: int) -> Tensor:
