@@ -6,7 +6,7 @@ once per call, independently of the batch. See ``docs/semantics.md`` for the exa
 """
 
 from .backends import available_backends
-from .convert import convert_to_coordconv
+from .convert import convert_to_coordconv, fuse_conv_bn_eval
 from .coords import coord_channels
 from .functional import (
     coord_conv1d,
@@ -45,4 +45,5 @@ __all__ = [
     "coord_conv_transpose1d",
     "coord_conv_transpose2d",
     "coord_conv_transpose3d",
+    "fuse_conv_bn_eval",
 ]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .backends import AUTO_MEASURED, compiles_as_op, dispatch, resolve_backend
 from .backends import generation as backends_generation
@@ -219,6 +220,11 @@ def _coord_conv(
     """A (non-transposed) CoordConv call through its plan; the key is the arguments of
     :func:`_conv_spec` after the tensors (the modules build the same key, see
     ``_CoordConvNd._eager_forward``)."""
+    if has_torch_function_variadic(input, weight, coord_weight, bias):  # (torch.fx proxies, tensor subclasses)
+        return handle_torch_function(
+            CONV_FUNCTIONS[ndim], (input, weight, coord_weight, bias), input, weight, coord_weight, bias, stride,
+            padding, dilation, groups, padding_mode, with_r, backend, coord_kernel_size=coord_kernel_size,
+        )  # fmt: skip
     key = (ndim, stride, padding, dilation, groups, padding_mode, with_r, coord_kernel_size, separate)
 
     def make() -> ConvSpec:
@@ -230,6 +236,12 @@ def _coord_conv(
 def _coord_conv_transpose(
     ndim, input, weight, coord_weight, bias, stride, padding, output_padding, groups, dilation, with_r, backend
 ):
+    if has_torch_function_variadic(input, weight, coord_weight, bias):
+        return handle_torch_function(
+            CONV_TRANSPOSE_FUNCTIONS[ndim], (input, weight, coord_weight, bias), input, weight, coord_weight, bias,
+            stride, padding, output_padding, groups, dilation, with_r, backend,
+        )  # fmt: skip
+
     def make() -> ConvSpec:
         kernel = _kernel_of(weight, ndim, f"coord_conv_transpose{ndim}d")
         return make_spec(
@@ -425,3 +437,10 @@ def coord_conv_transpose3d(
     return _coord_conv_transpose(
         3, input, weight, coord_weight, bias, stride, padding, output_padding, groups, dilation, with_r, backend
     )
+
+
+CONV_FUNCTIONS = {1: coord_conv1d, 2: coord_conv2d, 3: coord_conv3d}
+CONV_TRANSPOSE_FUNCTIONS = {1: coord_conv_transpose1d, 2: coord_conv_transpose2d, 3: coord_conv_transpose3d}
+"""The public functions by spatial rank: what a tensor subclass's or a ``torch.fx.Proxy``'s
+``__torch_function__`` is given (a traced graph records one call of the function, as for
+``F.conv2d``)."""

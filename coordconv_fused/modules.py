@@ -14,7 +14,14 @@ from torch.nn import init
 
 from . import backends
 from .coords import coord_channels, num_coord_channels
-from .functional import _cached_call, _conv_spec, _coord_conv_transpose, is_separate_filter
+from .functional import (
+    CONV_FUNCTIONS,
+    CONV_TRANSPOSE_FUNCTIONS,
+    _cached_call,
+    _conv_spec,
+    _coord_conv_transpose,
+    is_separate_filter,
+)
 from .ops.arguments import static_arguments
 from .spec import PaddingArg, check_flag, make_spec
 
@@ -201,6 +208,11 @@ class _CoordConvNd(_CoordMixin):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
+        if not isinstance(input, Tensor):  # a torch.fx.Proxy (symbolic tracing): one call of the function
+            return CONV_FUNCTIONS[self._ndim](
+                input, self.weight, self.coord_weight, self.bias, self.stride, self.padding, self.dilation,
+                self.groups, self.padding_mode, self.with_r, self.backend, coord_kernel_size=self.coord_kernel_size,
+            )  # fmt: skip
         # The key and spec of functional._coord_conv, built here without its extra frame, closure and
         # keyword call: a few microseconds of a small layer's host time.
         weight, coord_weight, bias = self._forward_tensors()
@@ -370,6 +382,11 @@ class _CoordConvTransposeNd(_CoordMixin, _ConvTransposeBase):
     def _eager_forward(self, input: Tensor, output_size: list[int] | None = None) -> Tensor:
         geometry: tuple[Any, ...] = (self.stride, self.padding, self.kernel_size, self._ndim, self.dilation)
         output_padding = self._output_padding(input, output_size, *geometry)
+        if not isinstance(input, Tensor):  # a torch.fx.Proxy (symbolic tracing): one call of the function
+            return CONV_TRANSPOSE_FUNCTIONS[self._ndim](
+                input, self.weight, self.coord_weight, self.bias, self.stride, self.padding, output_padding,
+                self.groups, self.dilation, self.with_r, self.backend,
+            )  # fmt: skip
         weight, coord_weight, bias = self._forward_tensors()
         return _coord_conv_transpose(
             self._ndim,

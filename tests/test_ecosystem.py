@@ -7,6 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.distributed as dist
+import torch.fx
+import torch.fx.experimental.optimization
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torchvision
@@ -17,6 +19,11 @@ from coordconv_fused import (
     CoordConv3d,
     CoordConvTranspose2d,
     convert_to_coordconv,
+    coord_conv1d,
+    coord_conv2d,
+    coord_conv3d,
+    coord_conv_transpose2d,
+    fuse_conv_bn_eval,
 )
 from coordconv_fused.testing import assert_autocast_grads_match_float64
 
@@ -248,3 +255,145 @@ def test_convert_torchvision_resnet18(backend):
     assert grad.abs().max() > 1e-4  # a test of something: the coordinate filter does get a gradient
     opt.step()
     torch.testing.assert_close(model.conv1.coord_weight.detach(), -0.01 * model.conv1.coord_weight.grad)
+
+
+# ---- torch.fx and __torch_function__ -------------------------------------------------------------
+
+
+class _FxModel(nn.Module):
+    """Layers of every kind plus a call of the functional form, as a traced model holds them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = CoordConv1d(2, 3, 3, padding=1, padding_mode="reflect")
+        self.c2 = CoordConv2d(3, 4, 3, padding=1, with_r=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.t2 = CoordConvTranspose2d(4, 2, 3, stride=2)
+        self.c3 = CoordConv3d(1, 2, 2, coord_kernel_size=1, padding=1)
+        self.weight = nn.Parameter(torch.randn(2, 2, 3, 3))
+        self.coord_weight = nn.Parameter(torch.randn(2, 2, 1, 1))
+
+    def forward(self, x1, x2, x3):
+        y = self.t2(torch.relu(self.bn(self.c2(x2))))
+        y = coord_conv2d(y, self.weight, self.coord_weight, None, padding=1)
+        return self.c1(x1).sum() + y.sum() + self.c3(x3).square().sum()
+
+
+def test_fx_symbolic_trace_records_one_call_per_layer_and_matches_eager():
+    """``torch.fx.symbolic_trace`` (what FX quantization, ``torch.fx.experimental.optimization`` and
+    torchvision's feature extraction build on): each layer is one call of the public functional form
+    with its parameters as ``get_attr`` nodes, so the traced module trains the same parameters."""
+    torch.manual_seed(0)
+    model = _FxModel().double()
+    inputs = tuple(torch.randn(*s, dtype=torch.float64) for s in [(2, 2, 9), (2, 3, 8, 7), (1, 1, 3, 4, 3)])
+    traced = torch.fx.symbolic_trace(model)
+    targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
+    for fn in (coord_conv1d, coord_conv2d, coord_conv3d, coord_conv_transpose2d):
+        assert fn in targets, f"{fn.__name__} not recorded: {targets}"
+    assert targets.count(coord_conv2d) == 2
+    grads = []
+    for module in (model, traced):
+        module.zero_grad()
+        out = module(*inputs)
+        out.backward()
+        grads.append((out.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    for name, g in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], g, msg=lambda m, n=name: f"{n}: {m}")
+    # conv-bn folding by FX leaves the CoordConv call alone (it scales weight and bias only)
+    fused = torch.fx.experimental.optimization.fuse(model.eval())
+    with torch.no_grad():
+        torch.testing.assert_close(fused(*inputs), model(*inputs))
+
+
+def test_torchvision_feature_extractor_on_a_converted_resnet():
+    torch.manual_seed(0)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = convert_to_coordconv(torchvision.models.resnet18(weights=None, num_classes=10), with_r=True).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, CoordConv2d):
+                m.coord_weight.normal_(0, 0.1)  # (a converted layer starts at zero: make the term count)
+    seen = {}
+    model.layer2.register_forward_hook(lambda m, i, o: seen.__setitem__("layer2", o))
+    x = torch.randn(2, 3, 64, 48)
+    extractor = create_feature_extractor(model, {"layer2": "mid", "fc": "logits"})
+    with torch.no_grad():
+        got = extractor(x)
+        want = model(x)
+    torch.testing.assert_close(got["logits"], want)
+    torch.testing.assert_close(got["mid"], seen["layer2"])
+
+
+class _Tagged(torch.Tensor):
+    """A tensor subclass that logs the functions ``__torch_function__`` is asked for."""
+
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("backend", EAGER_BACKENDS)
+def test_tensor_subclass_sees_the_functional_call(backend):
+    """As for ``F.conv2d``: a subclass's ``__torch_function__`` gets the CoordConv call itself, and
+    the result is of the subclass."""
+    x = torch.randn(2, 3, 6, 5)
+    w, cw, b = torch.randn(4, 3, 3, 3), torch.randn(4, 2, 3, 3), torch.randn(4)
+    _Tagged.calls.clear()
+    out = coord_conv2d(x.as_subclass(_Tagged), w, cw, b, padding=1, backend=backend)
+    assert _Tagged.calls[0] is coord_conv2d
+    assert type(out) is _Tagged
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), coord_conv2d(x, w, cw, b, padding=1, backend=backend))
+
+
+# ---- folding a batch norm ------------------------------------------------------------------------
+
+FUSE_CASES = {
+    "2d": (lambda: CoordConv2d(3, 4, 3, padding=1, with_r=True), nn.BatchNorm2d(4), (2, 3, 7, 6)),
+    "2d-groups-no-bias": (lambda: CoordConv2d(4, 6, 3, groups=2, bias=False), nn.BatchNorm2d(6), (2, 4, 6, 6)),
+    "2d-separate": (
+        lambda: CoordConv2d(3, 4, 3, padding=1, coord_kernel_size=1),
+        nn.BatchNorm2d(4, affine=False),
+        (1, 3, 5, 5),
+    ),
+    "1d": (lambda: CoordConv1d(2, 3, 3, padding=1, padding_mode="reflect"), nn.BatchNorm1d(3), (2, 2, 9)),
+    "3d": (lambda: CoordConv3d(1, 2, 2, padding=1), nn.BatchNorm3d(2), (1, 1, 3, 4, 3)),
+    "transposed-2d": (lambda: CoordConvTranspose2d(3, 4, 3, stride=2, with_r=True), nn.BatchNorm2d(4), (2, 3, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSE_CASES))
+def test_fuse_conv_bn_eval_equals_conv_then_batch_norm(name):
+    torch.manual_seed(0)
+    make, bn, shape = FUSE_CASES[name]
+    conv, bn = make().double().eval(), bn.double().eval()
+    with torch.no_grad():
+        conv.coord_weight.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        if bn.affine:
+            bn.weight.normal_()
+            bn.bias.normal_()
+    x = torch.randn(*shape, dtype=torch.float64)
+    fused = fuse_conv_bn_eval(conv, bn)
+    assert type(fused) is type(conv) and fused is not conv
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), bn(conv(x)), rtol=1e-12, atol=1e-12)
+        conv_only = conv(x)
+    torch.testing.assert_close(conv(x), conv_only)  # (the original layer is untouched)
+
+
+def test_fuse_conv_bn_eval_refuses_what_it_cannot_fold():
+    conv, bn = CoordConv2d(3, 4, 3), nn.BatchNorm2d(4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_conv_bn_eval(conv, bn)
+    with pytest.raises(TypeError, match="expects a CoordConv layer, got Conv2d"):
+        fuse_conv_bn_eval(nn.Conv2d(3, 4, 3).eval(), bn.eval())
+    with pytest.raises(ValueError, match="5 features, the layer 4 output channels"):
+        fuse_conv_bn_eval(conv.eval(), nn.BatchNorm2d(5).eval())
+    with pytest.raises(ValueError, match="no running statistics"):
+        fuse_conv_bn_eval(conv.eval(), nn.BatchNorm2d(4, track_running_stats=False).eval())
