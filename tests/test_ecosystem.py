@@ -86,6 +86,25 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_aot_inductor_package_runs_and_matches_eager(tmp_path):
+    """Deployment without Python: ``torch.export`` (plain ATen ops) compiled ahead of time by
+    AOTInductor into a package, loaded back and run on several batch sizes."""
+    torch.manual_seed(0)
+    model = ONNX_MODELS["2d"][0]().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, CoordConv2d):
+                m.coord_weight.normal_()
+    x = torch.randn(2, 3, 9, 7)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "model.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    for n in (1, 2, 5):
+        xx = torch.randn(n, 3, 9, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(runner(xx), model(xx), atol=1e-5, rtol=1e-5)
+
+
 # ---- TorchScript ---------------------------------------------------------------------------------
 
 
