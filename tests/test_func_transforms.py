@@ -189,3 +189,24 @@ def test_transforms_under_torch_compile(backend, device):
     with torch.no_grad():
         expected = torch.nn.functional.conv2d(t, layer.weight, padding=1)  # (affine in x)
     torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.backend("cpp")
+def test_the_cpp_op_called_directly_refuses_forward_ad():
+    """The op itself (``torch.ops.coordconv_fused.coord_conv_ext``, also the ``cuda`` backend's)
+    has no forward derivative: called directly under ``jvp`` or forward AD it raises, where the
+    call below autograd would drop the tangent without a word."""
+    from coordconv_fused.ops.arguments import op_arguments
+
+    case = CASES[0]
+    names, (x, w, cw, b) = _tensors(case, "cpu")
+    x, args = op_arguments(x, case.spec())
+
+    def op(x):
+        return torch.ops.coordconv_fused.coord_conv_ext(x, w, cw, b, *args)
+
+    with pytest.raises(RuntimeError, match="has no forward derivative"):
+        jvp(op, (x,), (torch.randn_like(x),))
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="has no forward derivative"):
+        op(fwAD.make_dual(x, torch.randn_like(x)))
+    op(x)  # (and without forward AD it runs)

@@ -181,11 +181,22 @@ class CoordConvFunction : public torch::autograd::Function<CoordConvFunction<Op>
   }
 };
 
+// Whether t carries a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp; level 0, the
+// only level forward AD uses below functorch).
+inline bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+
 // The Autograd-key kernel of Op: records the node only when a gradient can flow (otherwise a plain
-// call below autograd, no node allocated).
+// call below autograd, no node allocated). Refuses forward-mode AD, which it has no rule for: the
+// call below autograd would drop the tangent without a word. (The layers and the functional API
+// never get here under forward AD: they run ATen ops there, functional.py.)
 template <class Op>
 at::Tensor coord_conv_autograd(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& coord_weight,
                                const std::optional<at::Tensor>& bias, COORDCONV_CONV_ARGS) {
+  TORCH_CHECK(!(has_tangent(input) || has_tangent(weight) || has_tangent(coord_weight) ||
+                (bias.has_value() && has_tangent(*bias))),
+              Op::name,
+              " has no forward derivative (forward-mode AD, torch.func.jvp): call the CoordConv layer or "
+              "coordconv_fused.coord_conv*d, which run as ATen ops under forward AD");
   const bool bias_grad = bias.has_value() && bias->defined() && bias->requires_grad();
   if (!at::GradMode::is_enabled() ||
       !(input.requires_grad() || weight.requires_grad() || coord_weight.requires_grad() || bias_grad)) {
