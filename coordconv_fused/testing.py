@@ -90,10 +90,6 @@ def why_backend_may_be_missing(name: str, device: str = "cpu") -> str | None:
     return None
 
 
-_CONV_FN = {1: CF.coord_conv1d, 2: CF.coord_conv2d, 3: CF.coord_conv3d}
-_CONV_T_FN = {1: CF.coord_conv_transpose1d, 2: CF.coord_conv_transpose2d, 3: CF.coord_conv_transpose3d}
-
-
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One CoordConv problem: shapes and arguments (``sizes`` is the input's spatial size)."""
@@ -166,7 +162,7 @@ class Case:
         """Call the functional API on ``backend``."""
         t = cast(dict[str, Any], tensors)
         if self.transposed:
-            conv_t: Any = _CONV_T_FN[self.ndim]
+            conv_t: Any = CF.CONV_TRANSPOSE_FUNCTIONS[self.ndim]
             return conv_t(
                 t["input"],
                 t["weight"],
@@ -180,7 +176,7 @@ class Case:
                 self.with_r,
                 backend,
             )
-        return _CONV_FN[self.ndim](
+        return CF.CONV_FUNCTIONS[self.ndim](
             t["input"],
             t["weight"],
             t["coord_weight"],
