@@ -46,10 +46,13 @@ def _axis_values(numerators: Tensor, size: int) -> Tensor:
 
     Branch-free for a symbolic size (``sym_max``/``sym_min``), so that an exported graph with a
     dynamic spatial size keeps the size-1 case instead of specialising on it; plain ``max``/``min``
-    for an ``int`` (Dynamo before torch 2.12 breaks the graph on a ``torch.sym_*`` of two ints).
+    for an ``int`` (Dynamo before torch 2.12 breaks the graph on a ``torch.sym_*`` of two ints);
+    tensor ops for a 0-d tensor (a size traced by ``torch.jit.trace`` for ONNX).
     """
     if isinstance(size, int):
         return numerators / max(size - 1, 1) * min(size - 1, 1)
+    if isinstance(size, Tensor):  # a traced size (the TorchScript-based ONNX exporter, dynamo=False)
+        return numerators / (size - 1).clamp(min=1) * (size - 1).clamp(max=1)
     den = torch.sym_max(size - 1, 1)
     scale: Any = torch.sym_min(size - 1, 1)
     return numerators / den * scale

@@ -86,6 +86,35 @@ def test_onnx_export_runs_in_onnxruntime(name, tmp_path):
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-5)
 
 
+# (the tracer's warnings come from the argument checks, which read sizes once; the outputs on other
+# shapes, size-1 axes included, show that the computation follows them)
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:Constant folding:UserWarning")
+@pytest.mark.parametrize("name", list(ONNX_MODELS))
+def test_torchscript_based_onnx_export_runs_in_onnxruntime(name, tmp_path):
+    """The older exporter (``dynamo=False``, still what many scripts call): it traces the model with
+    ``torch.jit.trace``, which gives sizes as 0-d tensors; dynamic batch and spatial axes."""
+    make, shape, other_shapes = ONNX_MODELS[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "coord_weight"):
+                m.coord_weight.normal_()
+    path = str(tmp_path / f"{name}.onnx")
+    axes = {0: "batch", **{2 + i: f"s{i}" for i in range(len(shape) - 2)}}
+    torch.onnx.export(model, (torch.randn(*shape),), path, dynamo=False, input_names=["x"], dynamic_axes={"x": axes})
+    import onnx
+
+    assert all(not n.op_type.startswith("coordconv") for n in onnx.load(path).graph.node)
+    sess = ort.InferenceSession(path)
+    for s in [shape] + other_shapes:
+        xx = torch.randn(*s)
+        with torch.no_grad():
+            expected = model(xx).numpy()
+        np.testing.assert_allclose(sess.run(None, {"x": xx.numpy()})[0], expected, atol=1e-5, rtol=1e-5)
+
+
 def test_aot_inductor_package_runs_and_matches_eager(tmp_path):
     """Deployment without Python: ``torch.export`` (plain ATen ops) compiled ahead of time by
     AOTInductor into a package, loaded back and run on several batch sizes."""
