@@ -114,6 +114,7 @@ LAYERS = [
         "coordconv_fused.ops.aten",
         "coordconv_fused.ops.autograd",
         "coordconv_fused.ops.call",
+        "coordconv_fused.ops.flops",
     },
     {
         "coordconv_fused.backends",

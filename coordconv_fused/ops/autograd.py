@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import aten
+from .flops import register_flop_formulas
 from .schema import GRAD_SCHEMA, NAMESPACE, SCHEMA
 
 __all__ = [
@@ -135,6 +136,7 @@ def define_coord_conv_op(
         grad_op.register_fake(_grad_fake)
         coord_weight_grad = grad_op
     op.register_autograd(_make_backward(coord_weight_grad), setup_context=_setup_context)
+    register_flop_formulas(name, ("", "_coord_weight_grad") if opaque_grad else ("",))
     return op
 
 
@@ -179,4 +181,6 @@ def register_native_coord_conv_op(name: str, fused_backward: bool = False) -> No
     if fused_backward:
         torch.library.register_fake(f"{qual}_input_grad", _input_grad_fake)
         torch.library.register_fake(f"{qual}_backward", _backward_fake)
+    fused = ("_input_grad", "_backward") if fused_backward else ()
+    register_flop_formulas(name, ("", "_coord_weight_grad", *fused))
     _register_differentiable_coord_weight_grad()

@@ -1,0 +1,86 @@
+"""FLOP formulas of the custom ops, for ``torch.utils.flop_counter.FlopCounterMode``.
+
+A dispatch mode sees a custom op as one call and not the ATen calls inside its kernel, so without a
+formula a counter gives a CoordConv layer on the ``cpp``/``cuda``/``triton`` backends zero FLOPs. The
+formulas count what the op computes, as PyTorch counts a convolution (multiply-adds times two;
+bias and batch sums not counted): the data convolution plus the coordinate term, a convolution of
+a *batch of one* (``[1, d, ...]``); in backward, the data convolution's input and weight gradients
+as ``aten.convolution_backward`` counts them, and the coordinate filter's gradient from the batch
+sum of the output gradient (a batch of one again). The ``torch`` backend's eager calls are ATen ops
+and are counted as such: the same totals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula
+
+from .schema import NAMESPACE
+
+__all__ = ["register_flop_formulas"]
+
+Shape = Sequence[int]
+
+
+def _t(shape: Shape) -> list[int]:
+    return [shape[1], shape[0], *shape[2:]]
+
+
+def _weight_grad(x: Shape, grad: Shape, w: Shape, transposed: bool) -> int:
+    # (aten.convolution_backward's own formula: the weight gradient as a convolution)
+    if transposed:
+        return conv_flop_count(_t(grad), _t(x), _t(w), transposed=False)
+    return conv_flop_count(_t(x), _t(grad), _t(w), transposed=False)
+
+
+def _coords(input: Shape, coord_weight: Shape, transposed: bool) -> list[int]:
+    """The coordinate batch of one the coordinate filter is applied to (for a separate filter its
+    spatial size is the output's, which ``conv_flop_count`` takes from the output shape)."""
+    return [1, coord_weight[0] if transposed else coord_weight[1], *input[2:]]
+
+
+def forward_flops(input, weight, coord_weight, bias, stride, padding, dilation, transposed, *args, out_shape, **kw):
+    term_out = [1, *out_shape[1:]]
+    coords = _coords(input, coord_weight, transposed)
+    return conv_flop_count(input, weight, out_shape, transposed) + conv_flop_count(
+        coords, coord_weight, term_out, transposed
+    )
+
+
+def coord_weight_grad_flops(grad_sum, input, weight, coord_weight, stride, padding, dilation, transposed, *a, **kw):
+    return _weight_grad(_coords(input, coord_weight, transposed), grad_sum, coord_weight, transposed)
+
+
+def input_grad_flops(grad, input, weight, stride, padding, dilation, transposed, *args, **kwargs):
+    return conv_flop_count(grad, weight, input, not transposed)
+
+
+def backward_flops(grad, input, weight, coord_weight, stride, padding, dilation, transposed, *args, **kwargs):
+    need_input, need_weight, need_coord_weight, _ = args[-1]  # output_mask, the schema's last argument
+    flops = conv_flop_count(grad, weight, input, not transposed) if need_input else 0
+    if need_weight:
+        flops += _weight_grad(input, grad, weight, transposed)
+    if need_coord_weight:
+        flops += _weight_grad(_coords(input, coord_weight, transposed), [1, *grad[1:]], coord_weight, transposed)
+    return flops
+
+
+_FORMULAS: dict[str, Callable[..., int]] = {
+    "": forward_flops,
+    "_coord_weight_grad": coord_weight_grad_flops,
+    "_input_grad": input_grad_flops,
+    "_backward": backward_flops,
+}
+
+
+def register_flop_formulas(name: str, suffixes: Sequence[str] = ("", "_coord_weight_grad")) -> None:
+    """Register the formulas of ``coordconv_fused::<name><suffix>`` for each suffix (``""`` the
+    forward, ``"_coord_weight_grad"``, ``"_input_grad"``, ``"_backward"``); once per op."""
+    for suffix in suffixes:
+        packet = getattr(getattr(torch.ops, NAMESPACE), name + suffix)
+        if packet not in flop_registry:
+            formula: Any = _FORMULAS[suffix]  # (typed by torch as a ParamSpec-preserving decorator)
+            register_flop_formula(packet)(formula)
