@@ -4,6 +4,8 @@ custom op as one call and not the ATen calls inside it: without the formulas, a 
 ``auto`` counted zero FLOPs."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -85,3 +87,23 @@ def test_flop_counter_counts_every_backend_as_the_decomposition(backend, case, r
 def test_flop_counter_counts_the_triton_ops():
     case = Case((5, 4), batch=1, in_channels=2, out_channels=2, padding=1)
     assert _counted_flops("triton", case) == _decomposition_flops(case)
+
+
+@pytest.mark.backend("cpp")
+def test_formulas_are_registered_when_the_counter_is_imported_not_before():
+    """``import coordconv_fused`` leaves ``torch.utils.flop_counter`` (and the Triton it imports)
+    unloaded; importing it afterwards registers the formulas (a fresh interpreter)."""
+    code = """
+import sys
+import torch
+import coordconv_fused
+assert "torch.utils.flop_counter" not in sys.modules
+from torch.utils.flop_counter import FlopCounterMode
+layer = coordconv_fused.CoordConv2d(3, 8, 3, padding=1, backend="cpp")
+with FlopCounterMode(display=False) as counter:
+    layer(torch.randn(2, 3, 16, 16))
+print(counter.get_total_flops())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == 2 * 256 * 9 * 8 * (2 * 3 + 2)  # data (batch 2) + term (batch 1)
