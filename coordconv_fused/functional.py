@@ -15,6 +15,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .backends import AUTO_MEASURED, compiles_as_op, dispatch, resolve_backend
 from .backends import generation as backends_generation
+from .coords import coord_channels
 from .ops.arguments import autocast_device_type, transformed
 from .ops.aten import composite as coord_conv_composite
 from .spec import ConvSpec, PaddingArg, check_tensors, make_spec
@@ -26,6 +27,7 @@ __all__ = [
     "coord_conv_transpose1d",
     "coord_conv_transpose2d",
     "coord_conv_transpose3d",
+    "add_coords",
     "is_separate_filter",
 ]
 
@@ -437,6 +439,26 @@ def coord_conv_transpose3d(
     return _coord_conv_transpose(
         3, input, weight, coord_weight, bias, stride, padding, output_padding, groups, dilation, with_r, backend
     )
+
+
+def add_coords(input: Tensor, rank: int, with_r: bool = False) -> Tensor:
+    """The explicit concatenation ``[input, c0, ..., (r)]`` of a ``[N, C, *sizes]`` (or unbatched
+    ``[C, *sizes]``) input with its ``rank`` coordinate channels (plus the radius with ``with_r``):
+    what :class:`~coordconv_fused.AddCoords` computes. Takes part in ``__torch_function__`` (one
+    call in a ``torch.fx`` graph)."""
+    if has_torch_function_variadic(input):
+        return handle_torch_function(add_coords, (input,), input, rank, with_r)
+    if input.dim() not in (rank + 1, rank + 2):
+        raise ValueError(
+            f"AddCoords(rank={rank}): expected a {rank + 2}-D (batched) or {rank + 1}-D (unbatched) input, "
+            f"got shape {list(input.shape)}"
+        )
+    if not input.is_floating_point():
+        raise ValueError(f"AddCoords: input must be a floating-point tensor, got {input.dtype}")
+    sizes = input.shape[-rank:]
+    coords = coord_channels(sizes, with_r, dtype=input.dtype, device=input.device)
+    coords = coords.expand(*input.shape[: -rank - 1], *coords.shape)
+    return torch.cat([input, coords], dim=-rank - 1)
 
 
 CONV_FUNCTIONS = {1: coord_conv1d, 2: coord_conv2d, 3: coord_conv3d}

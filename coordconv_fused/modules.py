@@ -13,13 +13,14 @@ from torch import Tensor
 from torch.nn import init
 
 from . import backends
-from .coords import coord_channels, num_coord_channels
+from .coords import num_coord_channels
 from .functional import (
     CONV_FUNCTIONS,
     CONV_TRANSPOSE_FUNCTIONS,
     _cached_call,
     _conv_spec,
     _coord_conv_transpose,
+    add_coords,
     is_separate_filter,
 )
 from .ops.arguments import static_arguments
@@ -444,17 +445,7 @@ class AddCoords(nn.Module):
         self.with_r = check_flag(with_r, "with_r")
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.dim() not in (self.rank + 1, self.rank + 2):
-            raise ValueError(
-                f"AddCoords(rank={self.rank}): expected a {self.rank + 2}-D (batched) or "
-                f"{self.rank + 1}-D (unbatched) input, got shape {list(input.shape)}"
-            )
-        if not input.is_floating_point():
-            raise ValueError(f"AddCoords: input must be a floating-point tensor, got {input.dtype}")
-        sizes = input.shape[-self.rank :]
-        coords = coord_channels(sizes, self.with_r, dtype=input.dtype, device=input.device)
-        coords = coords.expand(*input.shape[: -self.rank - 1], *coords.shape)
-        return torch.cat([input, coords], dim=-self.rank - 1)
+        return add_coords(input, self.rank, self.with_r)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, with_r={self.with_r}"

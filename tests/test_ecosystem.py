@@ -14,6 +14,7 @@ import torch.nn as nn
 import torchvision
 
 from coordconv_fused import (
+    AddCoords,
     CoordConv1d,
     CoordConv2d,
     CoordConv3d,
@@ -25,6 +26,7 @@ from coordconv_fused import (
     coord_conv_transpose2d,
     fuse_conv_bn_eval,
 )
+from coordconv_fused.functional import add_coords
 from coordconv_fused.testing import assert_autocast_grads_match_float64
 
 EAGER_BACKENDS = ["torch", "cpp", "auto"]  # (triton: tests/test_triton.py)
@@ -320,11 +322,12 @@ class _FxModel(nn.Module):
         self.c3 = CoordConv3d(1, 2, 2, coord_kernel_size=1, padding=1)
         self.weight = nn.Parameter(torch.randn(2, 2, 3, 3))
         self.coord_weight = nn.Parameter(torch.randn(2, 2, 1, 1))
+        self.add_coords = AddCoords(2, with_r=True)
 
     def forward(self, x1, x2, x3):
         y = self.t2(torch.relu(self.bn(self.c2(x2))))
         y = coord_conv2d(y, self.weight, self.coord_weight, None, padding=1)
-        return self.c1(x1).sum() + y.sum() + self.c3(x3).square().sum()
+        return self.c1(x1).sum() + y.sum() + self.c3(x3).square().sum() + self.add_coords(x2).square().mean()
 
 
 def test_fx_symbolic_trace_records_one_call_per_layer_and_matches_eager():
@@ -336,7 +339,7 @@ def test_fx_symbolic_trace_records_one_call_per_layer_and_matches_eager():
     inputs = tuple(torch.randn(*s, dtype=torch.float64) for s in [(2, 2, 9), (2, 3, 8, 7), (1, 1, 3, 4, 3)])
     traced = torch.fx.symbolic_trace(model)
     targets = [n.target for n in traced.graph.nodes if n.op == "call_function"]
-    for fn in (coord_conv1d, coord_conv2d, coord_conv3d, coord_conv_transpose2d):
+    for fn in (coord_conv1d, coord_conv2d, coord_conv3d, coord_conv_transpose2d, add_coords):
         assert fn in targets, f"{fn.__name__} not recorded: {targets}"
     assert targets.count(coord_conv2d) == 2
     grads = []
