@@ -38,10 +38,11 @@ def exporting() -> bool:
 def transformed() -> bool:
     """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) or a
     forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is active: the layer then runs
-    as ATen ops, which have batching rules and forward derivatives. The custom ops have neither: a
-    C++ ``autograd::Function`` is refused by ``grad``/``vmap`` of ``grad`` and by forward AD, and under
-    ``jvp`` (eager or compiled) and forward AD through the functional API they gave a zero or no
-    tangent without an error (torch 2.14.1). Read while compiling too: Dynamo traces both."""
+    as ATen ops, which have batching rules and forward derivatives. The custom ops have neither:
+    ``grad``/``vmap`` of ``grad`` refuse a C++ ``autograd::Function``, and under ``jvp`` (eager or
+    compiled) and forward AD the ops gave a zero or no tangent without an error (torch 2.14.1; the C++
+    op now refuses forward AD, csrc/autograd/coord_conv_autograd.h). Read while compiling too:
+    Dynamo traces both."""
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
