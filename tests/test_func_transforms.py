@@ -1,5 +1,5 @@
 """``torch.func`` transforms and forward-mode AD, as ``nn.Conv2d`` supports them: ``vmap``,
-per-sample gradients (``vmap`` of ``grad``, with ``functional_call``), ``jvp``, ``jacrev`` and
+per-sample gradients (``vmap`` of ``grad``, with ``functional_call``), ``jvp``, ``jacrev``, ``jacfwd`` and
 ``torch.autograd.forward_ad``, on every backend.
 
 The custom ops have no batching rule and no forward derivative: before the layer ran as ATen ops
@@ -13,7 +13,7 @@ autograd.
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
 
 from coordconv_fused import CoordConv2d, CoordConvTranspose2d, coord_conv2d
 from coordconv_fused.testing import Case
@@ -120,11 +120,12 @@ def test_vmap_over_inputs_and_weights_equals_a_loop(backend, case, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS[:4])
-def test_jacrev_equals_autograd_jacobian(backend, device):
+@pytest.mark.parametrize("transform", [jacrev, jacfwd])
+def test_jacobian_transforms_equal_autograd_jacobian(transform, backend, device):
     case = CASES[0]
     names, (x, *params) = _tensors(case, device)
     x = x[:1, :, :3, :3].contiguous()
-    got = jacrev(lambda x: _layer(case, backend, names)(x, *params))(x)
+    got = transform(lambda x: _layer(case, backend, names)(x, *params))(x)
     want = torch.autograd.functional.jacobian(lambda x: _layer(case, "reference", names)(x, *params), x)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
@@ -191,22 +192,30 @@ def test_transforms_under_torch_compile(backend, device):
     torch.testing.assert_close(tangent, expected, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.backend("cpp")
-def test_the_cpp_op_called_directly_refuses_forward_ad():
-    """The op itself (``torch.ops.coordconv_fused.coord_conv_ext``, also the ``cuda`` backend's)
-    has no forward derivative: called directly under ``jvp`` or forward AD it raises, where the
-    call below autograd would drop the tangent without a word."""
+@pytest.mark.parametrize(
+    "name", [pytest.param("coord_conv_ext", marks=pytest.mark.backend("cpp")), "coord_conv", "coord_conv_triton"]
+)
+def test_the_ops_called_directly_refuse_forward_ad(name):
+    """The ops themselves (``coord_conv_ext``: the ``cpp`` and ``cuda`` backends'; ``coord_conv``:
+    ``torch``'s; ``coord_conv_triton``) have no forward derivative: called directly under ``jvp``,
+    ``jacfwd`` or forward AD they raise, where the call below autograd gave a zero or no tangent
+    without a word. (The Python-registered ones cannot see ``jvp``'s tangents, so they refuse any
+    call under a forward-AD level; the C++ op refuses inputs that carry a tangent.)"""
     from coordconv_fused.ops.arguments import op_arguments
 
     case = CASES[0]
     names, (x, w, cw, b) = _tensors(case, "cpu")
     x, args = op_arguments(x, case.spec())
+    fn = getattr(torch.ops.coordconv_fused, name)
 
     def op(x):
-        return torch.ops.coordconv_fused.coord_conv_ext(x, w, cw, b, *args)
+        return fn(x, w, cw, b, *args)
 
-    with pytest.raises(RuntimeError, match="has no forward derivative"):
+    with pytest.raises(RuntimeError, match=f"coordconv_fused::{name} has no forward derivative"):
         jvp(op, (x,), (torch.randn_like(x),))
+    with pytest.raises(RuntimeError, match="has no forward derivative"):
+        jacfwd(op)(x[:1, :, :2, :2].contiguous())
     with fwAD.dual_level(), pytest.raises(RuntimeError, match="has no forward derivative"):
         op(fwAD.make_dual(x, torch.randn_like(x)))
-    op(x)  # (and without forward AD it runs)
+    if name != "coord_conv_triton":  # (Triton runs on CUDA tensors, or under TRITON_INTERPRET=1)
+        op(x)  # (and without forward AD it runs)

@@ -40,9 +40,9 @@ def transformed() -> bool:
     forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is active: the layer then runs
     as ATen ops, which have batching rules and forward derivatives. The custom ops have neither:
     ``grad``/``vmap`` of ``grad`` refuse a C++ ``autograd::Function``, and under ``jvp`` (eager or
-    compiled) and forward AD the ops gave a zero or no tangent without an error (torch 2.14.1; the C++
-    op now refuses forward AD, csrc/autograd/coord_conv_autograd.h). Read while compiling too:
-    Dynamo traces both."""
+    compiled) and forward AD the ops gave a zero or no tangent without an error (torch 2.14.1; called
+    directly, they now refuse forward AD: csrc/autograd/coord_conv_autograd.h and
+    :func:`~.autograd.define_coord_conv_op`). Read while compiling too: Dynamo traces both."""
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 

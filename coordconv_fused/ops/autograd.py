@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import aten
 from .flops import register_flop_formulas
@@ -108,6 +109,25 @@ def _make_backward(coord_weight_grad: CoordGradFn):
     return backward
 
 
+def _refusing_forward_ad(qualname: str, forward: ForwardFn) -> ForwardFn:
+    """``forward``, raising while a forward-mode AD level is open (``torch.autograd.forward_ad``,
+    ``torch.func.jvp``/``jacfwd``). A ``torch.library`` custom op has no forward-derivative
+    registration, and its kernel, below autograd, got no tangent: the output's tangent was zero or
+    missing without an error. The kernel cannot tell a ``jvp`` input from a constant (``jvp``'s
+    tangents are not visible there), so it refuses every call under a level; the layers and the
+    functional API never call it there (they run ATen ops, :func:`~.arguments.transformed`)."""
+
+    def kernel(input, weight, coord_weight, bias, *args):
+        if forward_ad._current_level >= 0:
+            raise RuntimeError(
+                f"{qualname} has no forward derivative (forward-mode AD, torch.func.jvp, jacfwd): call the "
+                "CoordConv layer or coordconv_fused.coord_conv*d, which run as ATen ops under forward AD"
+            )
+        return forward(input, weight, coord_weight, bias, *args)
+
+    return kernel
+
+
 def define_coord_conv_op(
     name: str,
     forward: ForwardFn,
@@ -115,19 +135,21 @@ def define_coord_conv_op(
     device_types: str | Sequence[str] | None = None,
     opaque_grad: bool = False,
 ):
-    """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd.
+    """Register ``coordconv_fused::<name>`` with ``forward``, a fake kernel and autograd (the op
+    refuses forward-mode AD, which it has no rule for: :func:`_refusing_forward_ad`).
 
     With ``opaque_grad`` the gradient of ``coord_weight`` is registered as its own custom op
     ``coordconv_fused::<name>_coord_weight_grad`` (for kernels that cannot be traced, e.g. Triton
     launches, so that AOT autograd and ``torch.compile`` see one node in the backward graph).
     """
+    qualname = f"{NAMESPACE}::{name}"
     op = torch.library.custom_op(
-        f"coordconv_fused::{name}", forward, mutates_args=(), schema=SCHEMA, device_types=device_types
+        qualname, _refusing_forward_ad(qualname, forward), mutates_args=(), schema=SCHEMA, device_types=device_types
     )
     op.register_fake(_fake)
     if opaque_grad:
         grad_op = torch.library.custom_op(
-            f"coordconv_fused::{name}_coord_weight_grad",
+            f"{qualname}_coord_weight_grad",
             coord_weight_grad,
             mutates_args=(),
             schema=GRAD_SCHEMA,
