@@ -15,6 +15,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .backends import AUTO_MEASURED, compiles_as_op, dispatch, resolve_backend
 from .backends import generation as backends_generation
+from .backends.native import call_signature
 from .coords import coord_channels
 from .ops.arguments import autocast_device_type, transformed
 from .ops.aten import composite as coord_conv_composite
@@ -115,6 +116,23 @@ def clear_plan_cache() -> None:
     _PLANS.clear()
 
 
+def _tensors_key(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> tuple:
+    """The shapes, dtypes and devices of a call's tensors: the part of its plan key that reads them
+    (:data:`~coordconv_fused.backends.native.call_signature` packs the same in C++)."""
+    return (
+        input.shape,
+        input.dtype,
+        input.device,
+        weight.shape,
+        weight.dtype,
+        weight.device,
+        coord_weight.shape,
+        coord_weight.dtype,
+        coord_weight.device,
+        None if bias is None else (bias.shape, bias.dtype, bias.device),
+    )
+
+
 def _measured_key(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> tuple[bool, bool]:
     """(whether a gradient is recorded, whether the input is contiguous): what a measured ``auto``
     choice depends on beyond the shapes (see :mod:`coordconv_fused.backends.measured`)."""
@@ -127,7 +145,9 @@ def _cached_call(
     key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias, backend: str
 ) -> Tensor:
     """Run a call through its plan (built by the validating path on the first call)."""
-    if not isinstance(input, Tensor) or torch.compiler.is_compiling() or transformed():
+    # (under torch.jit.trace every call takes the validating path, as the graph of the first call
+    # must be the graph of the next: the tracer's check runs the model again)
+    if not isinstance(input, Tensor) or torch.compiler.is_compiling() or transformed() or torch._C._is_tracing():
         return _run(input, weight, coord_weight, bias, make(), backend)
     device = input.device
     if torch._C._is_any_autocast_enabled():  # (one C call where no autocast is on, the usual case)
@@ -136,20 +156,14 @@ def _cached_call(
             input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     try:
         # (what is not a tensor fails here or, with a shape, in the validation of the first call)
+        tensors = NotImplemented if call_signature is None else call_signature(input, weight, coord_weight, bias)
+        if tensors is NotImplemented:
+            tensors = _tensors_key(input, weight, coord_weight, bias)
         key = (
             key_args,
             backend,
             backends_generation(),
-            input.shape,
-            input.dtype,
-            device,
-            weight.shape,
-            weight.dtype,
-            weight.device,
-            coord_weight.shape,
-            coord_weight.dtype,
-            coord_weight.device,
-            None if bias is None else (bias.shape, bias.dtype, bias.device),
+            tensors,
             # where ``auto`` chooses by measurement, the choice also depends on these
             _measured_key(input, weight, coord_weight, bias)
             if backend == "auto" and device.type in AUTO_MEASURED
@@ -169,8 +183,6 @@ def _cached_call(
         _PLANS[key] = (spec, unbatched, fn)
         return out
     spec, unbatched, fn = plan
-    if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
-        return _run(input, weight, coord_weight, bias, spec, backend)
     if unbatched:
         return fn(input.unsqueeze(0), weight, coord_weight, bias).squeeze(0)
     return fn(input, weight, coord_weight, bias)

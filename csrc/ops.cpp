@@ -144,6 +144,8 @@ PyMethodDef methods[] = {
      "A handle for call_prepared: the op's name and its arguments after the tensors, converted once."},
     {"call_prepared", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(coordconv::py_call_prepared)),
      METH_FASTCALL, "call_prepared(handle, input, weight, coord_weight, bias): the prepared op's output."},
+    {"call_signature", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(coordconv::py_call_signature)),
+     METH_FASTCALL, "call_signature(input, weight, coord_weight, bias): the tensors' shapes, dtypes, devices."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -13,6 +13,7 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <vector>
@@ -110,6 +111,34 @@ PyObject* py_call_prepared(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                               [&](auto... a) { return call->op.call(input, weight, coord_weight, bias, a...); });
   }
   return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_call_signature(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "call_signature(input, weight, coord_weight, bias)");
+    return nullptr;
+  }
+  // Per tensor: its rank, its sizes, its dtype and its device; -1 for an absent bias. (A plan's
+  // tensors are at most 5-D; room for 8.)
+  std::array<int64_t, 4 * (1 + 8 + 2)> words{};
+  size_t n = 0;
+  for (Py_ssize_t i = 0; i < 4; ++i) {
+    if (i == 3 && args[i] == Py_None) {
+      words[n++] = -1;
+      continue;
+    }
+    if (!plain_tensor(args[i])) Py_RETURN_NOTIMPLEMENTED;
+    const at::Tensor& t = THPVariable_Unpack(args[i]);
+    if (t.unsafeGetTensorImpl()->has_symbolic_sizes_strides() || t.dim() > 8) Py_RETURN_NOTIMPLEMENTED;
+    words[n++] = t.dim();
+    for (const int64_t s : t.sizes()) words[n++] = s;
+    words[n++] = static_cast<int64_t>(t.scalar_type());
+    words[n++] = (static_cast<int64_t>(t.device().type()) << 16) | (t.device().index() + 1);
+  }
+  return PyBytes_FromStringAndSize(reinterpret_cast<const char*>(words.data()),
+                                   static_cast<Py_ssize_t>(n * sizeof(int64_t)));
   END_HANDLE_TH_ERRORS
 }
 

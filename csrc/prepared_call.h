@@ -14,4 +14,9 @@ PyObject* py_prepare_call(PyObject* self, PyObject* args);
 // where an argument is not a plain tensor (a __torch_function__ override or mode: torch.ops then).
 PyObject* py_call_prepared(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
 
+// call_signature(input, weight, coord_weight, bias) -> bytes: the shapes, dtypes and devices of the
+// tensors (bias may be None), packed, for the key of a call's plan (functional.py); NotImplemented
+// where an argument is not a plain tensor, a size is symbolic, or a torch function mode is on.
+PyObject* py_call_signature(PyObject* self, PyObject* const* args, Py_ssize_t nargs);
+
 }  // namespace coordconv

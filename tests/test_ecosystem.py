@@ -167,9 +167,18 @@ def test_torchscript_script_matches_eager_and_trains():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 def test_torchscript_trace_matches_eager():
+    """Traced, every call takes the validating path: the tracer's check runs the model again and
+    needs the same graph (a plan kept from the first call gave another), and no plan is keyed by
+    the traced sizes (0-d tensors: a new plan for every traced call)."""
+    from torch.utils._pytree import tree_leaves
+
+    from coordconv_fused import functional
+
     model = _script_model()
     x = torch.randn(2, 3, 9, 7)
+    functional.clear_plan_cache()
     traced = torch.jit.trace(model, x)
+    assert not any(isinstance(leaf, torch.Tensor) for key in functional._PLANS for leaf in tree_leaves(key))
     torch.testing.assert_close(traced(x), model(x))
     x2 = torch.randn(3, 3, 9, 7)  # other batch size, same spatial size
     torch.testing.assert_close(traced(x2), model(x2))

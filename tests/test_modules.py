@@ -287,6 +287,51 @@ def test_calls_are_validated_once_per_signature(monkeypatch):
     for _ in range(2):
         with pytest.raises(ValueError, match="expects 3 input channels"):
             layer(torch.randn(2, 4, 6, 5))
+    # A parameter changed in place through .data (same object, no version bump) is validated again.
+    layer.bias.data = layer.bias.data.double()
+    with pytest.raises(ValueError, match="bias has dtype torch.float64 but input has dtype torch.float32"):
+        layer(x)
+    layer.bias.data = layer.bias.data.float()
+    layer.coord_weight.data = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match=r"coord_weight must have shape \[4, 2, 3, 3\]"):
+        layer(x)
+
+
+@pytest.mark.backend("cpp")  # (call_signature is the extension's)
+def test_call_signature_tells_apart_what_a_plan_depends_on():
+    """The tensors' part of a plan key, packed in C++: equal for tensors that differ only in their
+    values (or in being a Parameter), different for any change of shape, dtype, device or a bias
+    that is absent; ``NotImplemented`` (the Python key then) for what it does not take."""
+    from torch.overrides import TorchFunctionMode
+
+    from coordconv_fused.backends.native import call_signature
+
+    x, w, cw, b = torch.randn(2, 3, 6, 5), torch.randn(4, 3, 3, 3), torch.randn(4, 2, 3, 3), torch.randn(4)
+    base = call_signature(x, w, cw, b)
+    assert call_signature(x + 1, nn.Parameter(w), cw * 2, b.clone()) == base
+    variants = [
+        (x[:1], w, cw, b),
+        (x.view(2, 3, 5, 6), w, cw, b),
+        (x.double(), w, cw, b),
+        (x.to("meta"), w, cw, b),
+        (x.unsqueeze(-1), w.unsqueeze(-1), cw.unsqueeze(-1), b),
+        (x, w[:, :, :2], cw, b),
+        (x, w, cw.half(), b),
+        (x, w, cw, b.double()),
+        (x, w, cw, b[:2]),
+        (x, w, cw, None),
+        (x, w, cw, torch.tensor(1.0)),
+    ]
+    signatures = {call_signature(*v) for v in variants}
+    assert len(signatures) == len(variants) and base not in signatures
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert call_signature(x.as_subclass(Sub), w, cw, b) is NotImplemented
+    assert call_signature([1.0], w, cw, b) is NotImplemented
+    with TorchFunctionMode():
+        assert call_signature(x, w, cw, b) is NotImplemented
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from .base import Backend
 
 __all__ = [
     "LOAD_ERROR",
+    "call_signature",
     "avx512_direct_available",
     "avx2_direct_available",
     "has_cuda_kernels",
@@ -48,6 +49,13 @@ try:
     LOAD_ERROR: str | None = None
 except ImportError as e:  # not built, or built against another torch
     LOAD_ERROR = str(e)
+
+call_signature = None if LOAD_ERROR is not None else getattr(_C, "call_signature", None)
+"""``call_signature(input, weight, coord_weight, bias)``: the tensors' shapes, dtypes and devices
+packed in one ``bytes`` (csrc/prepared_call.cpp), the part of a call's plan key that reads the
+tensors, in one C call instead of a dozen attribute reads (0.9 -> 0.2 µs, Xeon); ``NotImplemented``
+for what it does not take (tensor subclasses, symbolic sizes, a torch function mode). None without
+the extension."""
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (add FORCE_CUDA=1 and CUDA_HOME for the CUDA kernels)"
