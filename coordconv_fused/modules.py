@@ -64,6 +64,7 @@ class _CoordMixin(_ConvBase):
         _ndim: int
 
     __jit_unused_properties__ = ["num_coords", "coord_kernel_size"]
+    __jit_ignored_attributes__ = ["_call_key"]
 
     @torch.jit.unused
     def _forward_tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -159,11 +160,34 @@ class _CoordMixin(_ConvBase):
         return out.squeeze(0) if unbatched else out
 
 
+# What a forward layer's plan key holds of its configuration (functional._cached_call): setting any
+# of these drops the key kept on the layer.
+_KEY_ATTRIBUTES = frozenset({"_ndim", "stride", "padding", "dilation", "groups", "padding_mode", "with_r", "separate"})
+
+
 class _CoordConvNd(_CoordMixin):
     if TYPE_CHECKING:
         _base: type[nn.modules.conv._ConvNd]
 
     """CoordConv over ``_ndim`` spatial dims; mixed into ``nn.Conv{1,2,3}d``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name in _KEY_ATTRIBUTES and "_call_key" in self.__dict__:  # (a constructed layer)
+            self._make_call_key()
+
+    @torch.jit.unused
+    def _make_call_key(self) -> tuple:
+        """The configuration's part of the plan key of :meth:`_eager_forward`, kept on the layer
+        (made at construction, made again when any of ``_KEY_ATTRIBUTES`` is set: under
+        ``torch.compile`` it is then a constant, never a side effect) rather than read attribute by
+        attribute on every call."""
+        key = (
+            self._ndim, self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.with_r, None,
+            self.separate,
+        )  # fmt: skip
+        self.__dict__["_call_key"] = key
+        return key
 
     def __init__(
         self,
@@ -193,6 +217,7 @@ class _CoordConvNd(_CoordMixin):
         ck = (1,) * self._ndim if self.separate else self.kernel_size
         d = num_coord_channels(self._ndim, with_r)
         self._add_coord_weight((out_channels, d, *ck), with_r, backend, {"device": device, "dtype": dtype})
+        self._make_call_key()
 
     @property
     def coord_kernel_size(self) -> int | None:
@@ -217,10 +242,7 @@ class _CoordConvNd(_CoordMixin):
         # The key and spec of functional._coord_conv, built here without its extra frame, closure and
         # keyword call: a few microseconds of a small layer's host time.
         weight, coord_weight, bias = self._forward_tensors()
-        key = (
-            self._ndim, self.stride, self.padding, self.dilation, self.groups, self.padding_mode, self.with_r, None,
-            self.separate,
-        )  # fmt: skip
+        key = self.__dict__.get("_call_key") or self._make_call_key()
         return _cached_call(
             key, lambda: _conv_spec(key[0], weight, coord_weight, *key[1:]), input, weight, coord_weight, bias,
             self.backend,

@@ -297,6 +297,28 @@ def test_calls_are_validated_once_per_signature(monkeypatch):
         layer(x)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp", "reference"])
+def test_configuration_set_after_a_call_is_followed(backend):
+    """A layer keeps its configuration's part of the plan key; setting ``stride``, ``padding``,
+    ``dilation``, ``padding_mode`` or ``with_r`` after a call takes effect on the next call, as on
+    ``nn.Conv2d``."""
+    torch.manual_seed(0)
+    layer = CoordConv2d(3, 4, 3, padding=1, backend=backend).double()
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    layer(x)
+    changes = [("stride", (2, 1)), ("padding", (0, 2)), ("dilation", (2, 2)), ("padding_mode", "reflect")]
+    for name, value in changes:
+        setattr(layer, name, value)
+        want = cc.coord_conv2d(
+            x, layer.weight, layer.coord_weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+            padding_mode=layer.padding_mode, backend="reference",
+        )  # fmt: skip
+        torch.testing.assert_close(layer(x), want, msg=lambda m, n=name: f"after setting {n}: {m}")
+    layer.with_r = True  # (coord_weight now has one channel too few: the call is validated again)
+    with pytest.raises(ValueError, match=r"coord_weight must have shape \[4, 3, 3, 3\]"):
+        layer(x)
+
+
 @pytest.mark.backend("cpp")  # (call_signature is the extension's)
 def test_call_signature_tells_apart_what_a_plan_depends_on():
     """The tensors' part of a plan key, packed in C++: equal for tensors that differ only in their
