@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .backends import AUTO_MEASURED, compiles_as_op, dispatch, resolve_backend
@@ -142,16 +143,22 @@ def _measured_key(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Ten
 
 
 def _cached_call(
-    key_args: tuple, make: Callable[[], ConvSpec], input, weight, coord_weight, bias, backend: str
+    key_args: tuple, make: Callable[[tuple, Tensor, Tensor], ConvSpec], input, weight, coord_weight, bias, backend: str
 ) -> Tensor:
-    """Run a call through its plan (built by the validating path on the first call)."""
+    """Run a call through its plan (built by the validating path on the first call); ``make(key_args,
+    weight, coord_weight)`` gives the call's spec (a module-level function: no closure per call)."""
     # (under torch.jit.trace every call takes the validating path, as the graph of the first call
     # must be the graph of the next: the tracer's check runs the model again)
-    if not isinstance(input, Tensor) or torch.compiler.is_compiling() or transformed() or torch._C._is_tracing():
-        return _run(input, weight, coord_weight, bias, make(), backend)
-    device = input.device
+    if (
+        not isinstance(input, Tensor)
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()  # (transformed(), inline: the hot path)
+        or forward_ad._current_level >= 0
+        or torch._C._is_tracing()
+    ):
+        return _run(input, weight, coord_weight, bias, make(key_args, weight, coord_weight), backend)
     if torch._C._is_any_autocast_enabled():  # (one C call where no autocast is on, the usual case)
-        device_type = autocast_device_type(device)
+        device_type = autocast_device_type(input.device)
         if device_type is not None and torch.is_autocast_enabled(device_type):
             input, weight, coord_weight, bias = _autocast(input, weight, coord_weight, bias)
     try:
@@ -159,21 +166,20 @@ def _cached_call(
         tensors = NotImplemented if call_signature is None else call_signature(input, weight, coord_weight, bias)
         if tensors is NotImplemented:
             tensors = _tensors_key(input, weight, coord_weight, bias)
+        # where ``auto`` chooses by measurement, the choice also depends on _measured_key
+        measured = backend == "auto" and input.device.type in AUTO_MEASURED
         key = (
             key_args,
             backend,
             backends_generation(),
             tensors,
-            # where ``auto`` chooses by measurement, the choice also depends on these
-            _measured_key(input, weight, coord_weight, bias)
-            if backend == "auto" and device.type in AUTO_MEASURED
-            else None,
+            _measured_key(input, weight, coord_weight, bias) if measured else None,
         )
         plan = _PLANS.get(key)
     except (AttributeError, TypeError):  # not a tensor, or an unhashable argument (e.g. a list): no plan
-        return _run(input, weight, coord_weight, bias, make(), backend)
+        return _run(input, weight, coord_weight, bias, make(key_args, weight, coord_weight), backend)
     if plan is None:
-        spec = make()
+        spec = make(key_args, weight, coord_weight)
         out = _run(input, weight, coord_weight, bias, spec, backend)  # validates, raises on bad input
         unbatched = input.dim() == spec.ndim + 1
         batched = input.unsqueeze(0) if unbatched else input
@@ -240,11 +246,22 @@ def _coord_conv(
             padding, dilation, groups, padding_mode, with_r, backend, coord_kernel_size=coord_kernel_size,
         )  # fmt: skip
     key = (ndim, stride, padding, dilation, groups, padding_mode, with_r, coord_kernel_size, separate)
+    return _cached_call(key, _spec_of_key, input, weight, coord_weight, bias, backend)
 
-    def make() -> ConvSpec:
-        return _conv_spec(ndim, weight, coord_weight, *key[1:])
 
-    return _cached_call(key, make, input, weight, coord_weight, bias, backend)
+def _spec_of_key(key: tuple, weight: Tensor, coord_weight: Tensor) -> ConvSpec:
+    """The spec of a (non-transposed) call from its plan key (:func:`_coord_conv`'s)."""
+    return _conv_spec(key[0], weight, coord_weight, *key[1:])
+
+
+def _transposed_spec_of_key(key: tuple, weight: Tensor, coord_weight: Tensor) -> ConvSpec:
+    """The spec of a transposed call from its plan key (:func:`_coord_conv_transpose`'s)."""
+    _, ndim, stride, padding, output_padding, groups, dilation, with_r = key
+    kernel = _kernel_of(weight, ndim, f"coord_conv_transpose{ndim}d")
+    return make_spec(
+        ndim, kernel, stride, padding, dilation, groups, "zeros", with_r, False, transposed=True,
+        output_padding=output_padding,
+    )  # fmt: skip
 
 
 def _coord_conv_transpose(
@@ -255,25 +272,8 @@ def _coord_conv_transpose(
             CONV_TRANSPOSE_FUNCTIONS[ndim], (input, weight, coord_weight, bias), input, weight, coord_weight, bias,
             stride, padding, output_padding, groups, dilation, with_r, backend,
         )  # fmt: skip
-
-    def make() -> ConvSpec:
-        kernel = _kernel_of(weight, ndim, f"coord_conv_transpose{ndim}d")
-        return make_spec(
-            ndim,
-            kernel,
-            stride,
-            padding,
-            dilation,
-            groups,
-            "zeros",
-            with_r,
-            False,
-            transposed=True,
-            output_padding=output_padding,
-        )
-
     key = ("transposed", ndim, stride, padding, output_padding, groups, dilation, with_r)
-    return _cached_call(key, make, input, weight, coord_weight, bias, backend)
+    return _cached_call(key, _transposed_spec_of_key, input, weight, coord_weight, bias, backend)
 
 
 def coord_conv2d(

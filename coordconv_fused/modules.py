@@ -18,8 +18,8 @@ from .functional import (
     CONV_FUNCTIONS,
     CONV_TRANSPOSE_FUNCTIONS,
     _cached_call,
-    _conv_spec,
     _coord_conv_transpose,
+    _spec_of_key,
     add_coords,
     is_separate_filter,
 )
@@ -243,10 +243,7 @@ class _CoordConvNd(_CoordMixin):
         # keyword call: a few microseconds of a small layer's host time.
         weight, coord_weight, bias = self._forward_tensors()
         key = self.__dict__.get("_call_key") or self._make_call_key()
-        return _cached_call(
-            key, lambda: _conv_spec(key[0], weight, coord_weight, *key[1:]), input, weight, coord_weight, bias,
-            self.backend,
-        )  # fmt: skip
+        return _cached_call(key, _spec_of_key, input, weight, coord_weight, bias, self.backend)
 
     def extra_repr(self) -> str:
         return (
