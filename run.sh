@@ -142,7 +142,7 @@ torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0)) if torch.c
   COORDCONV_TRITON_AUTOTUNE=0 COORDCONV_EXPECT_CUDA=1 timeout "$(left "$bench_share")" \
     "$PY" -m pytest -q -p no:cacheprovider "${workers[@]}" -k "cuda" --durations=10 \
     tests/test_parity.py tests/test_second_order.py tests/test_no_sync.py tests/test_ops.py \
-    tests/test_extension.py -o addopts="-ra" > "$out_dir/tests.log" 2>&1 || rc=$?
+    tests/test_extension.py tests/test_property.py tests/test_compile.py -o addopts="-ra" > "$out_dir/tests.log" 2>&1 || rc=$?
   say "tests exit $rc after $((SECONDS - start)) s"; tail -n 40 "$out_dir/tests.log"
   if grep -q "Fatal Python error" "$out_dir/tests.log"; then
     local debug_seconds; debug_seconds=$(left "$bench_share")

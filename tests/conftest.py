@@ -35,6 +35,15 @@ def _seed():
 
 
 @pytest.fixture
+def exact_cuda():
+    """TF32 off, so float32 is compared at float32's precision."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
 def emulated_cuda():
     """The CUDA backend's host code and kernel bodies on the CPU (the test extension
     coordconv_fused._C_testing), registered as backend "cuda_emulated" for the test's duration."""

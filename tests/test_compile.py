@@ -64,32 +64,39 @@ def test_dynamic_shapes_do_not_recompile():
     assert counter.frame_count == 1
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_compile_inductor_backward(backend):
+@pytest.mark.parametrize(
+    "backend,device", [("auto", "cpu"), ("torch", "cpu"), ("auto", "cuda")], ids=["auto-cpu", "torch-cpu", "auto-cuda"]
+)
+def test_compile_inductor_backward(backend, device, exact_cuda):
     """Inductor (the default torch.compile backend) in forward and backward: outputs and every
-    gradient equal eager's."""
+    gradient equal eager's (on CUDA: the data convolution plus the coordinate term by a GEMM,
+    ``ops.aten.term_by_gemm``, in inductor's graph; a GPU run only)."""
     torch._dynamo.reset()
-    model = _model(backend)
+    model = _model(backend).to(device)
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 3, 12, 10)
-    g = torch.randn(2, 2, 12, 10)
+    x = torch.randn(2, 3, 12, 10, device=device)
+    g = torch.randn(2, 2, 12, 10, device=device)
     expected = _fwd_bwd(model, model, x, g)
     got = _fwd_bwd(compiled, model, x, g)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
-def test_compile_inductor_dynamic_shapes(backend):
+@pytest.mark.parametrize(
+    "backend,device",
+    [("auto", "cpu"), ("torch", "cpu"), ("reference", "cpu"), ("torch", "cuda")],
+    ids=["auto-cpu", "torch-cpu", "reference-cpu", "torch-cuda"],
+)
+def test_compile_inductor_dynamic_shapes(backend, device, exact_cuda):
     """Inductor with dynamic shapes, forward and backward (on the CPU the ``cpp`` op's fake kernel
     over symbolic sizes; the coordinate tensors a training graph saves are tensors of their own,
     not views: ``coordconv_fused.ops.arguments.batched``): outputs and every gradient equal eager's on three
     input sizes, one of them a batch of one."""
     torch._dynamo.reset()
-    model = _model(backend)
+    model = _model(backend).to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     for shape in [(2, 3, 12, 10), (3, 3, 9, 14), (1, 3, 16, 8)]:
-        x = torch.randn(*shape)
-        g = torch.randn(shape[0], 2, (shape[2] + 1) // 2 * 2, (shape[3] + 1) // 2 * 2)
+        x = torch.randn(*shape, device=device)
+        g = torch.randn(shape[0], 2, (shape[2] + 1) // 2 * 2, (shape[3] + 1) // 2 * 2, device=device)
         torch.testing.assert_close(_fwd_bwd(compiled, model, x, g), _fwd_bwd(model, model, x, g), atol=1e-4, rtol=1e-4)
 
 

@@ -246,15 +246,6 @@ CUDA_BACKENDS = ["torch", "cuda", "triton", "auto"]
 CUDA_PAIRS = [(b, c) for c in CASES for b in CUDA_BACKENDS if supported(b, c)]
 
 
-@pytest.fixture
-def exact_cuda():
-    """TF32 off, so float32 is compared at float32's precision."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.parametrize("backend,case", CUDA_PAIRS, ids=[f"{b}-{_id(c)}" for b, c in CUDA_PAIRS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("device", ["cuda"])

@@ -1,6 +1,7 @@
 """Property test: random CoordConv problems (rank, shapes, arguments, dtype), every backend against
 the reference on the output and every gradient."""
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -83,6 +84,23 @@ def test_random_problems_match_reference(case, dtype):
     for backend in BACKENDS + ["auto"]:
         if supported(backend, case):
             assert_matches_reference(backend, case, dtype)
+
+
+# CUDA (where a GPU is visible; skipped, and listed at the end of the run, elsewhere). Not `triton`:
+# each random case is a new specialisation of its kernels, seconds to compile (the parity grid of
+# test_parity.py runs it on CUDA).
+CUDA_BACKENDS = ("torch", "cuda", "auto")
+
+
+@pytest.mark.parametrize("device", ["cuda"])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(case=cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_random_problems_match_reference_cuda(device, exact_cuda, case, dtype):
+    for backend in CUDA_BACKENDS:
+        if supported(backend, case):
+            assert_matches_reference(backend, case, dtype, device=device)
 
 
 @st.composite
