@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd import forward_ad
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from .backends import AUTO_MEASURED, compiles_as_op, dispatch, resolve_backend
@@ -149,13 +148,7 @@ def _cached_call(
     weight, coord_weight)`` gives the call's spec (a module-level function: no closure per call)."""
     # (under torch.jit.trace every call takes the validating path, as the graph of the first call
     # must be the graph of the next: the tracer's check runs the model again)
-    if (
-        not isinstance(input, Tensor)
-        or torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()  # (transformed(), inline: the hot path)
-        or forward_ad._current_level >= 0
-        or torch._C._is_tracing()
-    ):
+    if not isinstance(input, Tensor) or torch.compiler.is_compiling() or transformed() or torch._C._is_tracing():
         return _run(input, weight, coord_weight, bias, make(key_args, weight, coord_weight), backend)
     if torch._C._is_any_autocast_enabled():  # (one C call where no autocast is on, the usual case)
         device_type = autocast_device_type(input.device)

@@ -161,7 +161,7 @@ class _CoordMixin(_ConvBase):
 
 
 # What a forward layer's plan key holds of its configuration (functional._cached_call): setting any
-# of these drops the key kept on the layer.
+# of these makes the key kept on the layer again.
 _KEY_ATTRIBUTES = frozenset({"_ndim", "stride", "padding", "dilation", "groups", "padding_mode", "with_r", "separate"})
 
 
