@@ -13,7 +13,10 @@
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <ATen/core/grad_mode.h>
+
 #include <array>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -109,6 +112,157 @@ PyObject* py_call_prepared(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     pybind11::gil_scoped_release no_gil;
     out = autograd::with_args(call->args,
                               [&](auto... a) { return call->op.call(input, weight, coord_weight, bias, a...); });
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// ---- the `torch` backend on CPU tensors ---------------------------------------------------------
+// The same ATen calls as coordconv_fused/ops/aten.py's prepare_forward (its CPU path): the data
+// convolution with its bias, plus the batch-of-one coordinate term P = conv(coords, coord_weight),
+// added in place; P kept by the values of coord_weight where no gradient of it is wanted. Autograd
+// is ATen's (the calls are made above the Autograd key), so second order comes for free. Here only
+// the steady state: the coordinates of an input signature are made, the first time, in Python
+// (set_aten_coords).
+
+constexpr const char* kAtenCapsule = "coordconv_fused.aten_call";
+
+struct AtenCall {
+  std::vector<int64_t> stride, padding, dilation, output_padding;
+  bool transposed = false;
+  int64_t groups = 1;
+  std::vector<int64_t> t_stride, t_padding, t_dilation, t_output_padding;  // the term's convolution
+  bool t_transposed = false;
+  std::mutex mu;  // guards what follows (calls from several threads share a layer)
+  std::vector<int64_t> signature;
+  at::Tensor coords;                          // [1, d, ...] of `signature`
+  at::Tensor kept_coords, kept_weight, term;  // P of the coord_weight values `kept_weight`
+};
+
+namespace {
+
+void destroy_aten(PyObject* capsule) { delete static_cast<AtenCall*>(PyCapsule_GetPointer(capsule, kAtenCapsule)); }
+
+bool int64_list(PyObject* seq, const char* name, std::vector<int64_t>* out) {
+  std::vector<c10::SymInt> v;
+  if (!int_list(seq, name, &v)) return false;
+  out->clear();
+  for (const auto& s : v) out->push_back(s.expect_int());
+  return true;
+}
+
+// What the coordinates depend on beyond the layer: the input's sizes, dtype and device, and the
+// memory formats from which ATen lays out the output (coords are kept in the output's format).
+std::vector<int64_t> aten_signature(const at::Tensor& input, const at::Tensor& weight) {
+  std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());
+  s.push_back(static_cast<int64_t>(input.scalar_type()));
+  s.push_back(static_cast<int64_t>(input.suggest_memory_format()));
+  s.push_back(static_cast<int64_t>(weight.suggest_memory_format()));
+  return s;
+}
+
+}  // namespace
+
+PyObject* py_prepare_aten_call(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  PyObject *stride, *padding, *dilation, *output_padding, *t_stride, *t_padding, *t_dilation, *t_output_padding;
+  int transposed = 0, t_transposed = 0;
+  long long groups = 1;
+  if (!PyArg_ParseTuple(args, "OOOpOLOOOpO:prepare_aten_call", &stride, &padding, &dilation, &transposed,
+                        &output_padding, &groups, &t_stride, &t_padding, &t_dilation, &t_transposed, &t_output_padding))
+    return nullptr;
+  auto call = std::make_unique<AtenCall>();
+  if (!int64_list(stride, "stride", &call->stride) || !int64_list(padding, "padding", &call->padding) ||
+      !int64_list(dilation, "dilation", &call->dilation) ||
+      !int64_list(output_padding, "output_padding", &call->output_padding) ||
+      !int64_list(t_stride, "term stride", &call->t_stride) ||
+      !int64_list(t_padding, "term padding", &call->t_padding) ||
+      !int64_list(t_dilation, "term dilation", &call->t_dilation) ||
+      !int64_list(t_output_padding, "term output_padding", &call->t_output_padding))
+    return nullptr;
+  call->transposed = transposed != 0;
+  call->t_transposed = t_transposed != 0;
+  call->groups = groups;
+  PyObject* capsule = PyCapsule_New(call.get(), kAtenCapsule, destroy_aten);
+  if (capsule != nullptr) call.release();
+  return capsule;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_set_aten_coords(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4) {
+    PyErr_SetString(PyExc_TypeError, "set_aten_coords(handle, input, weight, coords)");
+    return nullptr;
+  }
+  auto* call = static_cast<AtenCall*>(PyCapsule_GetPointer(args[0], kAtenCapsule));
+  if (call == nullptr) return nullptr;
+  if (!plain_tensor(args[1]) || !plain_tensor(args[2]) || !plain_tensor(args[3])) Py_RETURN_NONE;
+  auto signature = aten_signature(THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]));
+  const std::lock_guard<std::mutex> lock(call->mu);
+  call->signature = std::move(signature);
+  call->coords = THPVariable_Unpack(args[3]);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_call_aten(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 5) {
+    PyErr_SetString(PyExc_TypeError, "call_aten(handle, input, weight, coord_weight, bias)");
+    return nullptr;
+  }
+  auto* call = static_cast<AtenCall*>(PyCapsule_GetPointer(args[0], kAtenCapsule));
+  if (call == nullptr) return nullptr;
+  PyObject* bias_obj = args[4];
+  if (!plain_tensor(args[1]) || !plain_tensor(args[2]) || !plain_tensor(args[3]) ||
+      (bias_obj != Py_None && !plain_tensor(bias_obj))) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  const at::Tensor& input = THPVariable_Unpack(args[1]);
+  const at::Tensor& weight = THPVariable_Unpack(args[2]);
+  const at::Tensor& coord_weight = THPVariable_Unpack(args[3]);
+  if (!input.is_cpu() || input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) Py_RETURN_NOTIMPLEMENTED;
+  const std::optional<at::Tensor> bias =
+      bias_obj == Py_None ? std::nullopt : std::optional<at::Tensor>(THPVariable_Unpack(bias_obj));
+  at::Tensor coords;
+  {
+    const auto signature = aten_signature(input, weight);
+    const std::lock_guard<std::mutex> lock(call->mu);
+    if (signature != call->signature) Py_RETURN_NOTIMPLEMENTED;
+    coords = call->coords;
+  }
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = at::convolution(input, weight, bias, call->stride, call->padding, call->dilation, call->transposed,
+                          call->output_padding, call->groups);
+    auto make_term = [&] {
+      return at::convolution(coords, coord_weight, std::nullopt, call->t_stride, call->t_padding, call->t_dilation,
+                             call->t_transposed, call->t_output_padding, 1);
+    };
+    if (coord_weight.requires_grad() && at::GradMode::is_enabled()) {
+      out.add_(make_term());
+    } else {
+      // P of the last coord_weight values, compared by value: `param.data.copy_(...)` changes a
+      // parameter without bumping its version.
+      at::Tensor term;
+      {
+        const std::lock_guard<std::mutex> lock(call->mu);
+        if (call->kept_coords.is_same(coords) && call->kept_weight.sizes() == coord_weight.sizes() &&
+            call->kept_weight.scalar_type() == coord_weight.scalar_type() && at::equal(call->kept_weight, coord_weight))
+          term = call->term;
+      }
+      if (!term.defined()) {
+        term = make_term();
+        auto kept = coord_weight.detach().clone();
+        const std::lock_guard<std::mutex> lock(call->mu);
+        call->kept_coords = coords;
+        call->kept_weight = std::move(kept);
+        call->term = term;
+      }
+      out.add_(term);
+    }
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS

@@ -774,3 +774,67 @@ def test_cuda_epilogue_policies_same_bits(dtype, channels_last, monkeypatch):
 def test_cuda_kernels_were_compiled():
     # CI builds with FORCE_CUDA=1: the CUDA sources compiled and their kernels are registered.
     assert extension.has_cuda_kernels()
+
+
+# ---- the `torch` backend's CPU path from C++ (_C.call_aten) --------------------------------------
+
+ATEN_CALL_CASES = [
+    Case((7, 5), with_r=True, padding=1),
+    Case((9, 8), stride=2, padding=1, dilation=2, groups=3, in_channels=3, out_channels=6),
+    Case((8, 7), padding=2, padding_mode="reflect", separate=True, kernel_size=3),
+    Case((8, 7), padding=(1, 2), padding_mode="circular"),
+    Case((11,), padding=1, with_r=True),
+    Case((4, 5, 3), kernel_size=2, padding=1),
+    Case((4, 3), transposed=True, stride=2, with_r=True),
+    Case((6, 5), batch=0, padding=1),
+]
+
+
+@pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
+def test_torch_backend_steady_state_from_cpp(case, monkeypatch):
+    """After the first call of an input signature (the Python path, which makes the coordinates and
+    hands them to C++), the ``torch`` backend's calls on CPU tensors are C++'s ATen calls: the same
+    output and every gradient as the reference, call after call, with and without gradients, after
+    ``coord_weight`` is changed through ``.data`` (by value, no version bump), for a channels-last
+    input, and on a new input signature."""
+    from coordconv_fused.backends import aten as torch_backend
+    from coordconv_fused.ops import aten
+
+    python_calls = []
+    prepare = aten.prepare_forward
+
+    def counting(spec):
+        fn = prepare(spec)
+        return lambda *a: python_calls.append(1) or fn(*a)
+
+    monkeypatch.setattr(aten, "prepare_forward", counting)
+    fn = torch_backend.prepare_eager(case.spec())
+    tensors = case.make_tensors(torch.float64, "cpu", seed=1)
+    names = [n for n, t in tensors.items() if t is not None]
+
+    def check(x, **changes):
+        ts = {**tensors, **changes, "input": x}
+        ref = {n: (t.detach().clone().requires_grad_() if t is not None else None) for n, t in ts.items()}
+        got = fn(*(ts[n] for n in ("input", "weight", "coord_weight", "bias")))
+        want = case.run("reference", ref)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        g = torch.randn_like(want)
+        leaves = [n for n in names if ts[n] is not None and ts[n].requires_grad]
+        got_grads = torch.autograd.grad(got, [ts[n] for n in leaves], g, allow_unused=True)
+        want_grads = torch.autograd.grad(want, [ref[n] for n in leaves], g, allow_unused=True)
+        for n, a, b in zip(leaves, got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=n: f"{n}: {m}")
+        with torch.no_grad():
+            torch.testing.assert_close(fn(*(ts[n] for n in ("input", "weight", "coord_weight", "bias"))), want)
+
+    x = tensors["input"]
+    for _ in range(3):
+        check(x)
+    assert len(python_calls) == 1  # (the first call only)
+    with torch.no_grad():
+        tensors["coord_weight"].data.mul_(-2.0)  # (no version bump: P is kept by value)
+    check(x)
+    if x.dim() == 4 and x.shape[0] > 0:
+        check(x.contiguous(memory_format=torch.channels_last))
+    check(torch.cat([x, x]) if x.shape[0] else x)
+    assert len(python_calls) <= 3  # (one per new signature)

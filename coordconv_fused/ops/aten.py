@@ -32,6 +32,8 @@ __all__ = [
     "composite",
     "batch_sum",
     "memory_order",
+    "term_conv_args",
+    "in_format_of",
 ]
 
 
@@ -158,7 +160,7 @@ def coordinate_term(
         and not exporting()
     ):
         return term_by_gemm(coords, coord_weight, out_sizes, stride, padding, dilation)
-    term_args = _term_conv_args(input.dim() - 2, stride, padding, dilation, transposed, output_padding, separate)
+    term_args = term_conv_args(input.dim() - 2, stride, padding, dilation, transposed, output_padding, separate)
     return torch.convolution(coords, coord_weight, None, *term_args)
 
 
@@ -171,7 +173,7 @@ def term_by_gemm(coords: Tensor, coord_weight: Tensor, out_sizes, stride, paddin
     return term.view(1, coord_weight.shape[0], *out_sizes)
 
 
-def _term_conv_args(ndim: int, stride, padding, dilation, transposed, output_padding, separate: bool) -> tuple:
+def term_conv_args(ndim: int, stride, padding, dilation, transposed, output_padding, separate: bool) -> tuple:
     """``torch.convolution``'s arguments after the bias for the coordinate term: the layer's geometry
     for a full coordinate filter; a plain 1x1 convolution of the receptive-field centres for a
     separate one."""
@@ -295,7 +297,7 @@ CPU_PATH = True
 convolution, the term kept by value); tests set it False to run the device path on CPU tensors."""
 
 
-def _in_format_of(coords: Tensor, out: Tensor) -> Tensor:
+def in_format_of(coords: Tensor, out: Tensor) -> Tensor:
     """``coords`` in ``out``'s memory format (channels-last outputs: the term the convolution makes
     of them is then channels-last too, and adding it reads both tensors in the same order)."""
     if out.is_contiguous() or memory_order(out) is None:
@@ -340,7 +342,7 @@ def _coord_columns(
     if channels_last_filter:  # rows (d, *taps) -> (*taps, d)
         cols = cols.view(c_in, *taps, -1).movedim(0, -2)
     cols = cols.reshape(k, -1)
-    return (cols.t().contiguous(), True) if _in_format_of(coords, out) is not coords else (cols, False)
+    return (cols.t().contiguous(), True) if in_format_of(coords, out) is not coords else (cols, False)
 
 
 def _term_from_columns(
@@ -400,7 +402,7 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
     pads, mode, args = static_arguments(spec)
     stride, padding, dilation, transposed, output_padding, groups, pre, pre_mode, with_r, separate = args
     cpu_path = CPU_PATH
-    term_args = _term_conv_args(spec.ndim, stride, padding, dilation, transposed, output_padding, separate)
+    term_args = term_conv_args(spec.ndim, stride, padding, dilation, transposed, output_padding, separate)
     # (input signature, coordinates [1, d, ...], im2col matrix, out.shape[1:] as ints)
     coords_entry: tuple = (None, None, None, None)
     term_entry: tuple = (None, None, None)  # (coordinates, coord_weight copy, P)
@@ -430,7 +432,7 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
             )
             cols = None if host else _coord_columns(coords, coord_weight, term_args, out, cw_last)
             sample = tuple(out.shape[1:])
-            coords_entry = (signature, _in_format_of(coords, out), cols, sample)
+            coords_entry = (signature, in_format_of(coords, out), cols, sample)
         if not host:
             term = _term_from_columns(cols, coord_weight, bias, transposed, cw_last)
             return _add_term(out, term, cols[1], sample)
