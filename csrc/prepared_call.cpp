@@ -16,6 +16,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <array>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -35,8 +36,6 @@ struct PreparedCall {
   c10::TypedOperatorHandle<ForwardSig> op;
   ConvArgs args;
 };
-
-void destroy(PyObject* capsule) { delete static_cast<PreparedCall*>(PyCapsule_GetPointer(capsule, kCapsule)); }
 
 // A Python sequence of ints as SymInts; false (with a Python error set) otherwise.
 bool int_list(PyObject* seq, const char* name, std::vector<c10::SymInt>* out) {
@@ -59,6 +58,39 @@ bool int_list(PyObject* seq, const char* name, std::vector<c10::SymInt>* out) {
 // Whether `obj` is a tensor that torch.ops would hand to the op as it is: a torch.Tensor or an
 // nn.Parameter (other subclasses may override __torch_function__), no torch function mode on.
 bool plain_tensor(PyObject* obj) { return THPVariable_CheckExact(obj) && !at::impl::torch_function_mode_enabled(); }
+
+// Whether a fast-call function got `expected` arguments; false with a TypeError naming `usage`.
+bool expect_args(Py_ssize_t nargs, Py_ssize_t expected, const char* usage) {
+  if (nargs == expected) return true;
+  PyErr_SetString(PyExc_TypeError, usage);
+  return false;
+}
+
+// `object` handed to a new capsule that deletes it; nullptr (and `object` still owned) on failure.
+template <typename T>
+PyObject* to_capsule(std::unique_ptr<T>& object, const char* name) {
+  PyObject* capsule = PyCapsule_New(
+      object.get(), name, [](PyObject* c) { delete static_cast<T*>(PyCapsule_GetPointer(c, PyCapsule_GetName(c))); });
+  if (capsule != nullptr) object.release();
+  return capsule;
+}
+
+// A call's tensors (input, weight, coord_weight, bias or None) from args[0..3], if all are plain.
+struct CallTensors {
+  const at::Tensor& input;
+  const at::Tensor& weight;
+  const at::Tensor& coord_weight;
+  std::optional<at::Tensor> bias;
+};
+
+std::optional<CallTensors> call_tensors(PyObject* const* args) {
+  PyObject* bias = args[3];
+  if (!plain_tensor(args[0]) || !plain_tensor(args[1]) || !plain_tensor(args[2]) ||
+      (bias != Py_None && !plain_tensor(bias)))
+    return std::nullopt;
+  return CallTensors{THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]),
+                     bias == Py_None ? std::nullopt : std::optional<at::Tensor>(THPVariable_Unpack(bias))};
+}
 
 }  // namespace
 
@@ -83,30 +115,18 @@ PyObject* py_prepare_call(PyObject*, PyObject* args) {
   a.pre_pad_mode = mode;
   a.with_r = with_r != 0;
   a.separate = separate != 0;
-  PyObject* capsule = PyCapsule_New(call.get(), kCapsule, destroy);
-  if (capsule != nullptr) call.release();
-  return capsule;
+  return to_capsule(call, kCapsule);
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* py_call_prepared(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "call_prepared(call, input, weight, coord_weight, bias)");
-    return nullptr;
-  }
+  if (!expect_args(nargs, 5, "call_prepared(call, input, weight, coord_weight, bias)")) return nullptr;
   const auto* call = static_cast<const PreparedCall*>(PyCapsule_GetPointer(args[0], kCapsule));
   if (call == nullptr) return nullptr;
-  PyObject* bias_obj = args[4];
-  if (!plain_tensor(args[1]) || !plain_tensor(args[2]) || !plain_tensor(args[3]) ||
-      (bias_obj != Py_None && !plain_tensor(bias_obj))) {
-    Py_RETURN_NOTIMPLEMENTED;  // (the caller then takes torch.ops' path, which handles the rest)
-  }
-  const at::Tensor& input = THPVariable_Unpack(args[1]);
-  const at::Tensor& weight = THPVariable_Unpack(args[2]);
-  const at::Tensor& coord_weight = THPVariable_Unpack(args[3]);
-  const std::optional<at::Tensor> bias =
-      bias_obj == Py_None ? std::nullopt : std::optional<at::Tensor>(THPVariable_Unpack(bias_obj));
+  const auto tensors = call_tensors(args + 1);
+  if (!tensors) Py_RETURN_NOTIMPLEMENTED;  // (the caller then takes torch.ops' path, which handles the rest)
+  const auto& [input, weight, coord_weight, bias] = *tensors;
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
@@ -140,8 +160,6 @@ struct AtenCall {
 };
 
 namespace {
-
-void destroy_aten(PyObject* capsule) { delete static_cast<AtenCall*>(PyCapsule_GetPointer(capsule, kAtenCapsule)); }
 
 bool int64_list(PyObject* seq, const char* name, std::vector<int64_t>* out) {
   std::vector<c10::SymInt> v;
@@ -183,18 +201,13 @@ PyObject* py_prepare_aten_call(PyObject*, PyObject* args) {
   call->transposed = transposed != 0;
   call->t_transposed = t_transposed != 0;
   call->groups = groups;
-  PyObject* capsule = PyCapsule_New(call.get(), kAtenCapsule, destroy_aten);
-  if (capsule != nullptr) call.release();
-  return capsule;
+  return to_capsule(call, kAtenCapsule);
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* py_set_aten_coords(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "set_aten_coords(handle, input, weight, coords)");
-    return nullptr;
-  }
+  if (!expect_args(nargs, 4, "set_aten_coords(handle, input, weight, coords)")) return nullptr;
   auto* call = static_cast<AtenCall*>(PyCapsule_GetPointer(args[0], kAtenCapsule));
   if (call == nullptr) return nullptr;
   if (!plain_tensor(args[1]) || !plain_tensor(args[2]) || !plain_tensor(args[3])) Py_RETURN_NONE;
@@ -208,23 +221,13 @@ PyObject* py_set_aten_coords(PyObject*, PyObject* const* args, Py_ssize_t nargs)
 
 PyObject* py_call_aten(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 5) {
-    PyErr_SetString(PyExc_TypeError, "call_aten(handle, input, weight, coord_weight, bias)");
-    return nullptr;
-  }
+  if (!expect_args(nargs, 5, "call_aten(handle, input, weight, coord_weight, bias)")) return nullptr;
   auto* call = static_cast<AtenCall*>(PyCapsule_GetPointer(args[0], kAtenCapsule));
   if (call == nullptr) return nullptr;
-  PyObject* bias_obj = args[4];
-  if (!plain_tensor(args[1]) || !plain_tensor(args[2]) || !plain_tensor(args[3]) ||
-      (bias_obj != Py_None && !plain_tensor(bias_obj))) {
-    Py_RETURN_NOTIMPLEMENTED;
-  }
-  const at::Tensor& input = THPVariable_Unpack(args[1]);
-  const at::Tensor& weight = THPVariable_Unpack(args[2]);
-  const at::Tensor& coord_weight = THPVariable_Unpack(args[3]);
+  const auto tensors = call_tensors(args + 1);
+  if (!tensors) Py_RETURN_NOTIMPLEMENTED;
+  const auto& [input, weight, coord_weight, bias] = *tensors;
   if (!input.is_cpu() || input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) Py_RETURN_NOTIMPLEMENTED;
-  const std::optional<at::Tensor> bias =
-      bias_obj == Py_None ? std::nullopt : std::optional<at::Tensor>(THPVariable_Unpack(bias_obj));
   at::Tensor coords;
   {
     const auto signature = aten_signature(input, weight);
@@ -270,10 +273,7 @@ PyObject* py_call_aten(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 
 PyObject* py_call_signature(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 4) {
-    PyErr_SetString(PyExc_TypeError, "call_signature(input, weight, coord_weight, bias)");
-    return nullptr;
-  }
+  if (!expect_args(nargs, 4, "call_signature(input, weight, coord_weight, bias)")) return nullptr;
   // Per tensor: its rank, its sizes, its dtype and its device; -1 for an absent bias. (A plan's
   // tensors are at most 5-D; room for 8.)
   std::array<int64_t, 4 * (1 + 8 + 2)> words{};
