@@ -48,10 +48,13 @@ def prepare_eager(spec: ConvSpec):
     call_aten, set_coords = native._C.call_aten, native._C.set_aten_coords
 
     def call(input: Tensor, weight: Tensor, coord_weight: Tensor, bias: Tensor | None) -> Tensor:
+        if not input.is_cpu:  # (the device path: Python, and the input padded once, there)
+            return fn(input, weight, coord_weight, bias)
         padded = input if pads is None else pre_pad(input, pads, mode)
         out = call_aten(handle, padded, weight, coord_weight, bias)
         if out is not NotImplemented:
             return out
+        # (the Python path pads again: on a signature's first call, or for a tensor subclass)
         out = fn(input, weight, coord_weight, bias)
         if type(padded) is torch.Tensor and padded.is_cpu:  # (a new signature: its coordinates for C++)
             coords = aten.coord_input(
