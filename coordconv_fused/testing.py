@@ -471,14 +471,16 @@ _EMULATED: list = []
 
 def device_path_torch_backend() -> backends.Backend:
     """A backend ``torch_device_path``: the ``torch`` backend's eager path as it runs off the CPU
-    (the bias inside the coordinate term, nothing kept by value), on CPU tensors. Register it with
+    (the bias inside the coordinate term, nothing kept by value; with the extension, the calls after
+    a signature's first made from C++), on CPU tensors. Register it with
     :func:`coordconv_fused.backends.temporary_backend`."""
+    from .backends.aten import prepare_eager
     from .ops import aten
 
     def prepare(spec: ConvSpec):
         saved, aten.CPU_PATH = aten.CPU_PATH, False
         try:
-            return aten.prepare_forward(spec)
+            return prepare_eager(spec)
         finally:
             aten.CPU_PATH = saved
 

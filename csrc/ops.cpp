@@ -147,9 +147,9 @@ PyMethodDef methods[] = {
     {"prepare_aten_call", coordconv::py_prepare_aten_call, METH_VARARGS,
      "A handle for call_aten: the torch backend's convolution arguments, converted once."},
     {"call_aten", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(coordconv::py_call_aten)), METH_FASTCALL,
-     "call_aten(handle, input, weight, coord_weight, bias): the torch backend's output on CPU tensors."},
-    {"set_aten_coords", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(coordconv::py_set_aten_coords)),
-     METH_FASTCALL, "set_aten_coords(handle, input, weight, coords): keep coords for this input's signature."},
+     "call_aten(handle, input, weight, coord_weight, bias): the torch backend's output by ATen calls."},
+    {"set_aten_entry", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(coordconv::py_set_aten_entry)),
+     METH_FASTCALL, "set_aten_entry(handle, input, weight, coord_weight, coords, columns, columns_last, out)."},
     {"call_signature", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(coordconv::py_call_signature)),
      METH_FASTCALL, "call_signature(input, weight, coord_weight, bias): the tensors' shapes, dtypes, devices."},
     {nullptr, nullptr, 0, nullptr}};

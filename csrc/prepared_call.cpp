@@ -137,15 +137,29 @@ PyObject* py_call_prepared(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// ---- the `torch` backend on CPU tensors ---------------------------------------------------------
-// The same ATen calls as coordconv_fused/ops/aten.py's prepare_forward (its CPU path): the data
-// convolution with its bias, plus the batch-of-one coordinate term P = conv(coords, coord_weight),
-// added in place; P kept by the values of coord_weight where no gradient of it is wanted. Autograd
-// is ATen's (the calls are made above the Autograd key), so second order comes for free. Here only
-// the steady state: the coordinates of an input signature are made, the first time, in Python
-// (set_aten_coords).
+// ---- the `torch` backend's steady state -----------------------------------------------------------
+// The same ATen calls as coordconv_fused/ops/aten.py's prepare_forward, made from C++ after the first
+// call of an input signature (the Python path makes the coordinates then and hands them over,
+// set_aten_entry). Autograd is ATen's (the calls are made above the Autograd key), so second order
+// comes for free.
+//  * The CPU path: the data convolution with its bias, plus the batch-of-one coordinate term
+//    P = conv(coords, coord_weight), added in place; P kept by the values of coord_weight where no
+//    gradient of it is wanted.
+//  * The device path (off the CPU; tests run it on CPU tensors): the data convolution without its
+//    bias, then P plus the bias by one small GEMM of the coordinate filter with the signature's
+//    im2col matrix, added in one pass over the output seen in its memory order. Nothing read from
+//    device memory: no synchronisation.
 
 constexpr const char* kAtenCapsule = "coordconv_fused.aten_call";
+
+// What an input signature keeps: its coordinates (CPU path) or their im2col matrix (device path).
+struct AtenEntry {
+  std::vector<int64_t> signature;
+  at::Tensor coords;   // [1, d, ...] in the output's memory format (CPU path)
+  at::Tensor columns;  // [k, points], or [points, k] where `columns_last` (device path)
+  bool columns_last = false;
+  bool out_contiguous = true;  // the output's layout the columns were made for
+};
 
 struct AtenCall {
   std::vector<int64_t> stride, padding, dilation, output_padding;
@@ -153,9 +167,9 @@ struct AtenCall {
   int64_t groups = 1;
   std::vector<int64_t> t_stride, t_padding, t_dilation, t_output_padding;  // the term's convolution
   bool t_transposed = false;
-  std::mutex mu;  // guards what follows (calls from several threads share a layer)
-  std::vector<int64_t> signature;
-  at::Tensor coords;                          // [1, d, ...] of `signature`
+  bool cpu_path = true;                       // whether CPU tensors take the CPU path
+  std::mutex mu;                              // guards what follows (calls from several threads share a layer)
+  std::shared_ptr<const AtenEntry> entry;     // replaced as a whole
   at::Tensor kept_coords, kept_weight, term;  // P of the coord_weight values `kept_weight`
 };
 
@@ -169,14 +183,99 @@ bool int64_list(PyObject* seq, const char* name, std::vector<int64_t>* out) {
   return true;
 }
 
-// What the coordinates depend on beyond the layer: the input's sizes, dtype and device, and the
-// memory formats from which ATen lays out the output (coords are kept in the output's format).
-std::vector<int64_t> aten_signature(const at::Tensor& input, const at::Tensor& weight) {
+// Whether `coord_weight` is a channels-last (not contiguous) filter: flattened in its memory order
+// (C_out, *taps, d) it is a view (ops/aten.py's _channels_last_filter).
+bool channels_last_filter(const at::Tensor& coord_weight, bool transposed) {
+  if (transposed || coord_weight.is_contiguous()) return false;
+  if (coord_weight.dim() == 4) return coord_weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (coord_weight.dim() == 5) return coord_weight.is_contiguous(at::MemoryFormat::ChannelsLast3d);
+  return false;
+}
+
+// What the kept coordinates depend on beyond the layer: the input's sizes, dtype and device, the
+// memory formats from which ATen lays out the output, and (device path) the filter's layout.
+std::vector<int64_t> aten_signature(const at::Tensor& input, const at::Tensor& weight, bool cw_last) {
   std::vector<int64_t> s(input.sizes().begin(), input.sizes().end());
   s.push_back(static_cast<int64_t>(input.scalar_type()));
+  s.push_back((static_cast<int64_t>(input.device().type()) << 16) | (input.device().index() + 1));
   s.push_back(static_cast<int64_t>(input.suggest_memory_format()));
   s.push_back(static_cast<int64_t>(weight.suggest_memory_format()));
+  s.push_back(cw_last ? 1 : 0);
   return s;
+}
+
+// The dims of an N-D tensor with the channels last: (0, 2, ..., N-1, 1).
+std::vector<int64_t> channels_to_last(int64_t ndim) {
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < ndim; ++d) order.push_back(d);
+  order.push_back(1);
+  return order;
+}
+
+// The coordinate filter as a [C_out, k] matrix (views; ops/aten.py's _filter_matrix).
+at::Tensor filter_matrix(const at::Tensor& coord_weight, bool transposed, bool cw_last) {
+  if (cw_last) return coord_weight.permute(channels_to_last(coord_weight.dim())).reshape({coord_weight.size(0), -1});
+  const at::Tensor cw = transposed ? coord_weight.movedim(1, 0) : coord_weight;
+  return cw.reshape({cw.size(0), -1});
+}
+
+// out + term for the term [C_out, points] (or [points, C_out] where `columns_last`), in place where
+// no gradient is recorded (ops/aten.py's _add_term, the same views).
+at::Tensor add_term(const at::Tensor& out, const at::Tensor& term, bool columns_last) {
+  const int64_t nd = out.dim();
+  if (!columns_last) {
+    const at::Tensor t = term.view(out.sizes().slice(1));
+    return out.requires_grad() ? out + t : out.add_(t);
+  }
+  const int64_t n = out.size(0), c = out.size(1);
+  std::vector<int64_t> sizes{n};  // out's sizes with the channels last
+  for (int64_t d = 2; d < nd; ++d) sizes.push_back(out.size(d));
+  sizes.push_back(c);
+  if (n == 0) return out + term.view(c10::IntArrayRef(sizes).slice(1)).movedim(-1, 0);
+  const at::Tensor flat = out.permute(channels_to_last(nd));  // (a contiguous view)
+  if (!out.requires_grad()) {
+    flat.view({n, -1, c}).add_(term);
+    return out;
+  }
+  std::vector<int64_t> inverse{0, nd - 1};
+  for (int64_t d = 1; d < nd - 1; ++d) inverse.push_back(d);
+  return (flat.reshape({n, -1, c}) + term).view(sizes).permute(inverse);
+}
+
+// The CPU path's output after the data convolution `out` (with its bias).
+at::Tensor cpu_path_output(AtenCall* call, at::Tensor out, const at::Tensor& coords, const at::Tensor& coord_weight) {
+  auto make_term = [&] {
+    return at::convolution(coords, coord_weight, std::nullopt, call->t_stride, call->t_padding, call->t_dilation,
+                           call->t_transposed, call->t_output_padding, 1);
+  };
+  if (coord_weight.requires_grad() && at::GradMode::is_enabled()) return out.add_(make_term());
+  // P of the last coord_weight values, compared by value: `param.data.copy_(...)` changes a
+  // parameter without bumping its version.
+  at::Tensor term;
+  {
+    const std::lock_guard<std::mutex> lock(call->mu);
+    if (call->kept_coords.is_same(coords) && call->kept_weight.sizes() == coord_weight.sizes() &&
+        call->kept_weight.scalar_type() == coord_weight.scalar_type() && at::equal(call->kept_weight, coord_weight))
+      term = call->term;
+  }
+  if (!term.defined()) {
+    term = make_term();
+    auto kept = coord_weight.detach().clone();
+    const std::lock_guard<std::mutex> lock(call->mu);
+    call->kept_coords = coords;
+    call->kept_weight = std::move(kept);
+    call->term = term;
+  }
+  return out.add_(term);
+}
+
+// The device path's term plus bias, by one GEMM: [C_out, points], or [points, C_out].
+at::Tensor device_term(const AtenEntry& e, const at::Tensor& coord_weight, const std::optional<at::Tensor>& bias,
+                       bool transposed, bool cw_last) {
+  const at::Tensor cw = filter_matrix(coord_weight, transposed, cw_last);
+  if (e.columns_last) return at::linear(e.columns, cw, bias);
+  if (!bias) return at::mm(cw, e.columns);
+  return at::addmm(bias->view({-1, 1}), cw, e.columns);
 }
 
 }  // namespace
@@ -184,10 +283,11 @@ std::vector<int64_t> aten_signature(const at::Tensor& input, const at::Tensor& w
 PyObject* py_prepare_aten_call(PyObject*, PyObject* args) {
   HANDLE_TH_ERRORS
   PyObject *stride, *padding, *dilation, *output_padding, *t_stride, *t_padding, *t_dilation, *t_output_padding;
-  int transposed = 0, t_transposed = 0;
+  int transposed = 0, t_transposed = 0, cpu_path = 1;
   long long groups = 1;
-  if (!PyArg_ParseTuple(args, "OOOpOLOOOpO:prepare_aten_call", &stride, &padding, &dilation, &transposed,
-                        &output_padding, &groups, &t_stride, &t_padding, &t_dilation, &t_transposed, &t_output_padding))
+  if (!PyArg_ParseTuple(args, "OOOpOLOOOpOp:prepare_aten_call", &stride, &padding, &dilation, &transposed,
+                        &output_padding, &groups, &t_stride, &t_padding, &t_dilation, &t_transposed, &t_output_padding,
+                        &cpu_path))
     return nullptr;
   auto call = std::make_unique<AtenCall>();
   if (!int64_list(stride, "stride", &call->stride) || !int64_list(padding, "padding", &call->padding) ||
@@ -201,20 +301,38 @@ PyObject* py_prepare_aten_call(PyObject*, PyObject* args) {
   call->transposed = transposed != 0;
   call->t_transposed = t_transposed != 0;
   call->groups = groups;
+  call->cpu_path = cpu_path != 0;
   return to_capsule(call, kAtenCapsule);
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* py_set_aten_coords(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* py_set_aten_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (!expect_args(nargs, 4, "set_aten_coords(handle, input, weight, coords)")) return nullptr;
+  if (!expect_args(nargs, 8, "set_aten_entry(handle, input, weight, coord_weight, coords, columns, columns_last, out)"))
+    return nullptr;
   auto* call = static_cast<AtenCall*>(PyCapsule_GetPointer(args[0], kAtenCapsule));
   if (call == nullptr) return nullptr;
-  if (!plain_tensor(args[1]) || !plain_tensor(args[2]) || !plain_tensor(args[3])) Py_RETURN_NONE;
-  auto signature = aten_signature(THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2]));
+  PyObject* columns = args[5];
+  if (!plain_tensor(args[1]) || !plain_tensor(args[2]) || !plain_tensor(args[3]) || !plain_tensor(args[4]) ||
+      !plain_tensor(args[7]) || (columns != Py_None && !plain_tensor(columns)))
+    Py_RETURN_NONE;  // (nothing kept: such calls take the Python path)
+  const at::Tensor& input = THPVariable_Unpack(args[1]);
+  const bool host = input.is_cpu() && call->cpu_path;
+  if (host == (columns != Py_None)) {
+    PyErr_SetString(PyExc_ValueError, "set_aten_entry: columns are kept on the device path, and only there");
+    return nullptr;
+  }
+  auto entry = std::make_shared<AtenEntry>();
+  entry->signature = aten_signature(input, THPVariable_Unpack(args[2]),
+                                    !host && channels_last_filter(THPVariable_Unpack(args[3]), call->transposed));
+  entry->coords = THPVariable_Unpack(args[4]);
+  if (!host) {
+    entry->columns = THPVariable_Unpack(columns);
+    entry->columns_last = PyObject_IsTrue(args[6]) == 1;
+    entry->out_contiguous = THPVariable_Unpack(args[7]).is_contiguous();
+  }
   const std::lock_guard<std::mutex> lock(call->mu);
-  call->signature = std::move(signature);
-  call->coords = THPVariable_Unpack(args[3]);
+  call->entry = std::move(entry);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
@@ -227,46 +345,31 @@ PyObject* py_call_aten(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const auto tensors = call_tensors(args + 1);
   if (!tensors) Py_RETURN_NOTIMPLEMENTED;
   const auto& [input, weight, coord_weight, bias] = *tensors;
-  if (!input.is_cpu() || input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) Py_RETURN_NOTIMPLEMENTED;
-  at::Tensor coords;
+  if (input.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) Py_RETURN_NOTIMPLEMENTED;
+  const bool host = input.is_cpu() && call->cpu_path;
+  const bool cw_last = !host && channels_last_filter(coord_weight, call->transposed);
+  std::shared_ptr<const AtenEntry> entry;
   {
-    const auto signature = aten_signature(input, weight);
+    const auto signature = aten_signature(input, weight, cw_last);
     const std::lock_guard<std::mutex> lock(call->mu);
-    if (signature != call->signature) Py_RETURN_NOTIMPLEMENTED;
-    coords = call->coords;
+    if (call->entry == nullptr || signature != call->entry->signature) Py_RETURN_NOTIMPLEMENTED;
+    entry = call->entry;
   }
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = at::convolution(input, weight, bias, call->stride, call->padding, call->dilation, call->transposed,
-                          call->output_padding, call->groups);
-    auto make_term = [&] {
-      return at::convolution(coords, coord_weight, std::nullopt, call->t_stride, call->t_padding, call->t_dilation,
-                             call->t_transposed, call->t_output_padding, 1);
-    };
-    if (coord_weight.requires_grad() && at::GradMode::is_enabled()) {
-      out.add_(make_term());
+    // (off the CPU the bias goes into the term: cuDNN adds a bias in a pass of its own)
+    out = at::convolution(input, weight, host ? bias : std::nullopt, call->stride, call->padding, call->dilation,
+                          call->transposed, call->output_padding, call->groups);
+    if (host) {
+      out = cpu_path_output(call, std::move(out), entry->coords, coord_weight);
+    } else if (out.is_contiguous() == entry->out_contiguous) {
+      out = add_term(out, device_term(*entry, coord_weight, bias, call->transposed, cw_last), entry->columns_last);
     } else {
-      // P of the last coord_weight values, compared by value: `param.data.copy_(...)` changes a
-      // parameter without bumping its version.
-      at::Tensor term;
-      {
-        const std::lock_guard<std::mutex> lock(call->mu);
-        if (call->kept_coords.is_same(coords) && call->kept_weight.sizes() == coord_weight.sizes() &&
-            call->kept_weight.scalar_type() == coord_weight.scalar_type() && at::equal(call->kept_weight, coord_weight))
-          term = call->term;
-      }
-      if (!term.defined()) {
-        term = make_term();
-        auto kept = coord_weight.detach().clone();
-        const std::lock_guard<std::mutex> lock(call->mu);
-        call->kept_coords = coords;
-        call->kept_weight = std::move(kept);
-        call->term = term;
-      }
-      out.add_(term);
+      out = at::Tensor();  // (a layout the signature did not foresee: the Python path, never seen)
     }
   }
+  if (!out.defined()) Py_RETURN_NOTIMPLEMENTED;
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
 }

@@ -790,24 +790,27 @@ ATEN_CALL_CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["cpu", "device"])
 @pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
-def test_torch_backend_steady_state_from_cpp(case, monkeypatch):
-    """After the first call of an input signature (the Python path, which makes the coordinates and
-    hands them to C++), the ``torch`` backend's calls on CPU tensors are C++'s ATen calls: the same
-    output and every gradient as the reference, call after call, with and without gradients, after
-    ``coord_weight`` is changed through ``.data`` (by value, no version bump), for a channels-last
-    input, and on a new input signature."""
+def test_torch_backend_steady_state_from_cpp(case, path, monkeypatch):
+    """After the first call of an input signature (the Python path, which makes the coordinates, off
+    the CPU their im2col matrix, and hands them to C++), the ``torch`` backend's calls are C++'s
+    ATen calls: the same output and every gradient as the reference, call after call, with and
+    without gradients, after ``coord_weight`` is changed through ``.data`` (by value, no version
+    bump), for a channels-last input and filter, and on a new input signature. ``device``: the path
+    that runs off the CPU (the bias in the term's GEMM, nothing kept by value), on CPU tensors."""
     from coordconv_fused.backends import aten as torch_backend
     from coordconv_fused.ops import aten
 
     python_calls = []
     prepare = aten.prepare_forward
 
-    def counting(spec):
-        fn = prepare(spec)
+    def counting(spec, on_signature=None):
+        fn = prepare(spec, on_signature)
         return lambda *a: python_calls.append(1) or fn(*a)
 
     monkeypatch.setattr(aten, "prepare_forward", counting)
+    monkeypatch.setattr(aten, "CPU_PATH", path == "cpu")
     fn = torch_backend.prepare_eager(case.spec())
     tensors = case.make_tensors(torch.float64, "cpu", seed=1)
     names = [n for n, t in tensors.items() if t is not None]
@@ -834,7 +837,19 @@ def test_torch_backend_steady_state_from_cpp(case, monkeypatch):
     with torch.no_grad():
         tensors["coord_weight"].data.mul_(-2.0)  # (no version bump: P is kept by value)
     check(x)
+
+    def steady(x, **changes):  # a call of a signature made before takes no Python
+        check(x, **changes)
+        before = len(python_calls)
+        check(x, **changes)
+        assert len(python_calls) == before, "a signature's second call ran the Python path"
+
     if x.dim() == 4 and x.shape[0] > 0:
-        check(x.contiguous(memory_format=torch.channels_last))
-    check(torch.cat([x, x]) if x.shape[0] else x)
-    assert len(python_calls) <= 3  # (one per new signature)
+        steady(x.contiguous(memory_format=torch.channels_last))
+        if not case.transposed:  # (a channels-last coordinate filter: its matrix is a view in that order)
+            cw = tensors["coord_weight"].detach().contiguous(memory_format=torch.channels_last)
+            steady(x, coord_weight=cw.requires_grad_())
+            steady(x, coord_weight=cw.detach())
+            steady(x.contiguous(memory_format=torch.channels_last), coord_weight=cw.requires_grad_())
+    steady(torch.cat([x, x]) if x.shape[0] else x)
+    assert len(python_calls) <= 5  # (at most one per new signature)

@@ -66,6 +66,36 @@ def test_torch_backend_eager_state_reads_no_data_off_cpu(fn, shape, kwargs):
         assert fn(x, w, cw, b, backend="torch", **kwargs).requires_grad
 
 
+@pytest.mark.backend("cpp")
+@pytest.mark.parametrize("fn,shape,kwargs", VARIANTS, ids=IDS)
+def test_torch_backend_steady_state_from_cpp_reads_no_data_off_cpu(fn, shape, kwargs, monkeypatch):
+    """Off the CPU the ``torch`` backend's calls after a signature's first are made from C++
+    (``_C.call_aten``): on meta tensors (plain tensors without data) that path runs, with and
+    without autograd, and reads no value, so on a GPU it cannot synchronise."""
+    from coordconv_fused.backends import aten as torch_backend
+    from coordconv_fused.ops import aten
+
+    python_calls = []
+    prepare = aten.prepare_forward
+
+    def counting(spec, on_signature=None):
+        run = prepare(spec, on_signature)
+        return lambda *a: python_calls.append(1) or run(*a)
+
+    monkeypatch.setattr(aten, "prepare_forward", counting)
+    x, w, cw, b = _tensors(fn, shape, kwargs, "meta")
+    call = torch_backend.prepare_eager(_spec_of(fn, w, kwargs))
+    want = fn(x, w, cw, b, backend="torch", **kwargs).shape
+    with torch.no_grad():
+        for _ in range(3):
+            assert call(x, w, cw, b).shape == want
+    cw.requires_grad_()
+    for _ in range(2):
+        y = call(x, w, cw, b)
+        assert y.requires_grad and y.device.type == "meta" and y.shape == want
+    assert len(python_calls) == 1  # (the first call: the Python path, which hands the state over)
+
+
 def _spec_of(fn, w, kwargs):
     from coordconv_fused.spec import make_spec
 

@@ -378,7 +378,9 @@ def _add_term(out: Tensor, term: Tensor, channels_last: bool, sample: tuple[int,
     return out.add_(term.view(*sample)) if not out.requires_grad else out + term.view(*sample)
 
 
-def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
+def prepare_forward(
+    spec: ConvSpec, on_signature: Callable[..., object] | None = None
+) -> Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
     """``fn(input, weight, coord_weight, bias)``: :func:`forward` for ``spec`` as eager ATen calls
     (autograd is ATen's, in C++; second order comes for free), keeping between calls what does not
     depend on the data:
@@ -398,7 +400,10 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
       channels-last tensor measured up to 21x slower on an H200).
 
     Each cache holds one entry, replaced as a whole (a tuple), so calls from several threads never
-    pair one signature's coordinates with another's."""
+    pair one signature's coordinates with another's. ``on_signature(input, weight, coord_weight,
+    coords, columns, columns_last, out)``, if given, is called with each new entry of plain tensors
+    (``input`` padded; ``columns`` None on the CPU path): the ``torch`` backend hands it to C++
+    (:func:`coordconv_fused.backends.aten.prepare_eager`)."""
     pads, mode, args = static_arguments(spec)
     stride, padding, dilation, transposed, output_padding, groups, pre, pre_mode, with_r, separate = args
     cpu_path = CPU_PATH
@@ -433,6 +438,9 @@ def prepare_forward(spec: ConvSpec) -> Callable[[Tensor, Tensor, Tensor, Tensor 
             cols = None if host else _coord_columns(coords, coord_weight, term_args, out, cw_last)
             sample = tuple(out.shape[1:])
             coords_entry = (signature, in_format_of(coords, out), cols, sample)
+            if on_signature is not None:
+                columns, columns_last = cols if cols is not None else (None, False)
+                on_signature(input, weight, coord_weight, coords_entry[1], columns, columns_last, out)
         if not host:
             term = _term_from_columns(cols, coord_weight, bias, transposed, cw_last)
             return _add_term(out, term, cols[1], sample)
