@@ -72,15 +72,31 @@ def _summary(times: dict[str, list[float]], floor: str) -> dict[str, dict]:
     return out
 
 
+DEVICE_PATH = "torch_device_path"
+"""The row of the ``torch`` backend's path off the CPU run on CPU tensors (:func:`host_overhead`)."""
+
+
 def host_overhead(
     backends: Sequence[str],
     device: str = "cpu",
     rounds: int = 9,
     per_round: int = 200,
     progress: Callable[[str], None] | None = None,
+    device_path: bool | None = None,
 ) -> dict:
     """Per-call time on a tiny ``(1, 3, 8, 8)`` input, forward (no grad) and forward+backward, for
-    ``nn.Conv2d`` and a ``CoordConv2d(3, 8, 3, padding=1)`` per backend."""
+    ``nn.Conv2d`` and a ``CoordConv2d(3, 8, 3, padding=1)`` per backend. With ``device_path``
+    (default: on the CPU), also the ``torch`` backend's path as it runs off the CPU (the term by a
+    GEMM, nothing kept by value), on CPU tensors: a proxy, measurable without a GPU, for that
+    path's host time on one."""
+    if device_path is None:
+        device_path = device == "cpu"
+    if device_path:
+        from . import backends as registry
+        from .testing import device_path_torch_backend
+
+        with registry.temporary_backend(device_path_torch_backend()) as name:
+            return host_overhead([*backends, name], device, rounds, per_round, progress, device_path=False)
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8, device=device)
     xg = x.clone().requires_grad_()
@@ -177,6 +193,12 @@ def format_host_overhead(result: dict) -> str:
         lines.append(
             f"| {name} | {f['median_us']:.1f} | {f['ratio']:.2f}× | {b['median_us']:.1f} | {b['ratio']:.2f}× |"
         )
+    if f"coordconv[{DEVICE_PATH}]" in result["forward"]:
+        lines += [
+            "",
+            f"coordconv[{DEVICE_PATH}]: the `torch` backend's path off the CPU (the coordinate term by one "
+            "GEMM, nothing kept by value), run on CPU tensors: a proxy for its host time on a GPU.",
+        ]
     return "\n".join(lines)
 
 

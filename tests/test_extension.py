@@ -799,6 +799,17 @@ def test_torch_backend_steady_state_from_cpp(case, path, monkeypatch):
     without gradients, after ``coord_weight`` is changed through ``.data`` (by value, no version
     bump), for a channels-last input and filter, and on a new input signature. ``device``: the path
     that runs off the CPU (the bias in the term's GEMM, nothing kept by value), on CPU tensors."""
+    _check_steady_state_from_cpp(case, "cpu", path == "cpu", monkeypatch)
+
+
+@pytest.mark.backend("torch", device="cuda")
+@pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
+def test_torch_backend_steady_state_from_cpp_cuda(case, monkeypatch):
+    """The same on CUDA tensors, where the device path runs."""
+    _check_steady_state_from_cpp(case, "cuda", True, monkeypatch)
+
+
+def _check_steady_state_from_cpp(case, device: str, cpu_path: bool, monkeypatch) -> None:
     from coordconv_fused.backends import aten as torch_backend
     from coordconv_fused.ops import aten
 
@@ -810,9 +821,9 @@ def test_torch_backend_steady_state_from_cpp(case, path, monkeypatch):
         return lambda *a: python_calls.append(1) or fn(*a)
 
     monkeypatch.setattr(aten, "prepare_forward", counting)
-    monkeypatch.setattr(aten, "CPU_PATH", path == "cpu")
+    monkeypatch.setattr(aten, "CPU_PATH", cpu_path)
     fn = torch_backend.prepare_eager(case.spec())
-    tensors = case.make_tensors(torch.float64, "cpu", seed=1)
+    tensors = case.make_tensors(torch.float64, device, seed=1)
     names = [n for n, t in tensors.items() if t is not None]
 
     def check(x, **changes):
