@@ -20,6 +20,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "autograd/coord_conv_autograd.h"
@@ -161,16 +162,24 @@ struct AtenEntry {
   bool out_contiguous = true;  // the output's layout the columns were made for
 };
 
+// The CPU path's term P of the coord_weight values `weight`, made from `coords`.
+struct KeptTerm {
+  at::Tensor coords, weight, term;
+};
+
 struct AtenCall {
   std::vector<int64_t> stride, padding, dilation, output_padding;
   bool transposed = false;
   int64_t groups = 1;
   std::vector<int64_t> t_stride, t_padding, t_dilation, t_output_padding;  // the term's convolution
   bool t_transposed = false;
-  bool cpu_path = true;                       // whether CPU tensors take the CPU path
-  std::mutex mu;                              // guards what follows (calls from several threads share a layer)
-  std::shared_ptr<const AtenEntry> entry;     // replaced as a whole
-  at::Tensor kept_coords, kept_weight, term;  // P of the coord_weight values `kept_weight`
+  bool cpu_path = true;  // whether CPU tensors take the CPU path
+  // Guards what follows: calls from several threads share a layer. Held only to copy or swap these
+  // pointers, never while a tensor is released: releasing one may drop a Python object, whose
+  // finalizers may release the GIL, which a thread waiting for `mu` could hold.
+  std::mutex mu;
+  std::shared_ptr<const AtenEntry> entry;
+  std::shared_ptr<const KeptTerm> kept;
 };
 
 namespace {
@@ -251,22 +260,22 @@ at::Tensor cpu_path_output(AtenCall* call, at::Tensor out, const at::Tensor& coo
   if (coord_weight.requires_grad() && at::GradMode::is_enabled()) return out.add_(make_term());
   // P of the last coord_weight values, compared by value: `param.data.copy_(...)` changes a
   // parameter without bumping its version.
-  at::Tensor term;
+  std::shared_ptr<const KeptTerm> kept;
   {
     const std::lock_guard<std::mutex> lock(call->mu);
-    if (call->kept_coords.is_same(coords) && call->kept_weight.sizes() == coord_weight.sizes() &&
-        call->kept_weight.scalar_type() == coord_weight.scalar_type() && at::equal(call->kept_weight, coord_weight))
-      term = call->term;
+    kept = call->kept;
   }
-  if (!term.defined()) {
-    term = make_term();
-    auto kept = coord_weight.detach().clone();
+  if (kept != nullptr && kept->coords.is_same(coords) && kept->weight.sizes() == coord_weight.sizes() &&
+      kept->weight.scalar_type() == coord_weight.scalar_type() && at::equal(kept->weight, coord_weight))
+    return out.add_(kept->term);
+  auto fresh = std::make_shared<const KeptTerm>(KeptTerm{coords, coord_weight.detach().clone(), make_term()});
+  out.add_(fresh->term);
+  std::shared_ptr<const KeptTerm> replaced;  // (released after the lock)
+  {
     const std::lock_guard<std::mutex> lock(call->mu);
-    call->kept_coords = coords;
-    call->kept_weight = std::move(kept);
-    call->term = term;
+    replaced = std::exchange(call->kept, std::move(fresh));
   }
-  return out.add_(term);
+  return out;
 }
 
 // The device path's term plus bias, by one GEMM: [C_out, points], or [points, C_out].
@@ -331,8 +340,11 @@ PyObject* py_set_aten_entry(PyObject*, PyObject* const* args, Py_ssize_t nargs) 
     entry->columns_last = PyObject_IsTrue(args[6]) == 1;
     entry->out_contiguous = THPVariable_Unpack(args[7]).is_contiguous();
   }
-  const std::lock_guard<std::mutex> lock(call->mu);
-  call->entry = std::move(entry);
+  std::shared_ptr<const AtenEntry> old;
+  {
+    const std::lock_guard<std::mutex> lock(call->mu);
+    old = std::exchange(call->entry, std::move(entry));  // (released after the lock)
+  }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }

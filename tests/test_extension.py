@@ -864,3 +864,58 @@ def _check_steady_state_from_cpp(case, device: str, cpu_path: bool, monkeypatch)
             steady(x.contiguous(memory_format=torch.channels_last), coord_weight=cw.requires_grad_())
     steady(torch.cat([x, x]) if x.shape[0] else x)
     assert len(python_calls) <= 5  # (at most one per new signature)
+
+
+_THREADS_SCRIPT = """
+import sys, threading, torch
+from contextlib import nullcontext
+from coordconv_fused import CoordConv2d, backends
+from coordconv_fused.testing import device_path_torch_backend
+
+torch.manual_seed(0)
+device_path = sys.argv[1] == "device"
+with backends.temporary_backend(device_path_torch_backend()) if device_path else nullcontext("torch") as name:
+    layer = CoordConv2d(3, 8, 3, padding=1, with_r=True, backend=name).double()
+    ref = CoordConv2d(3, 8, 3, padding=1, with_r=True, backend="reference").double()
+    ref.load_state_dict(layer.state_dict())
+    xs = [torch.randn(n, 3, h, w, dtype=torch.float64) for n, h, w in [(1, 8, 8), (2, 9, 7), (3, 8, 8), (1, 5, 11)]]
+    xs += [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    want = [ref(x).detach() for x in xs]
+    wrong = []
+
+    def work(i):
+        for r in range(300):
+            j = (i + r) % len(xs)
+            with torch.set_grad_enabled(r % 2 == 0):
+                y = layer(xs[j])
+            if not torch.allclose(y, want[j], atol=1e-12, rtol=1e-12):
+                wrong.append((i, r, j))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("wrong", len(wrong))
+"""
+
+
+@pytest.mark.parametrize("path", ["cpu", "device"])
+def test_torch_backend_shared_by_threads(path):
+    """Four threads share a ``torch``-backend layer, calling it on eight input signatures in turn
+    (each call may replace the signature's state kept in C++), with and without gradients: every
+    output is the reference's, and nothing deadlocks. (Until 2026-12-03 it did, every time: the
+    state's old tensors were released while its mutex was held, and releasing a tensor can release
+    the GIL, which another thread, waiting for that mutex, could then hold.) In a subprocess, with a
+    time limit: a deadlock holds the GIL."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _THREADS_SCRIPT, path], capture_output=True, text=True, timeout=120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("four threads sharing the layer did not finish in 120 s (they take a few): a deadlock")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["wrong", "0"], done.stdout
