@@ -873,8 +873,8 @@ from coordconv_fused import CoordConv2d, backends
 from coordconv_fused.testing import device_path_torch_backend
 
 torch.manual_seed(0)
-device_path = sys.argv[1] == "device"
-with backends.temporary_backend(device_path_torch_backend()) if device_path else nullcontext("torch") as name:
+device_path = sys.argv[1] == "torch_device_path"
+with backends.temporary_backend(device_path_torch_backend()) if device_path else nullcontext(sys.argv[1]) as name:
     layer = CoordConv2d(3, 8, 3, padding=1, with_r=True, backend=name).double()
     ref = CoordConv2d(3, 8, 3, padding=1, with_r=True, backend="reference").double()
     ref.load_state_dict(layer.state_dict())
@@ -900,20 +900,20 @@ with backends.temporary_backend(device_path_torch_backend()) if device_path else
 """
 
 
-@pytest.mark.parametrize("path", ["cpu", "device"])
-def test_torch_backend_shared_by_threads(path):
-    """Four threads share a ``torch``-backend layer, calling it on eight input signatures in turn
-    (each call may replace the signature's state kept in C++), with and without gradients: every
-    output is the reference's, and nothing deadlocks. (Until 2026-12-03 it did, every time: the
-    state's old tensors were released while its mutex was held, and releasing a tensor can release
-    the GIL, which another thread, waiting for that mutex, could then hold.) In a subprocess, with a
-    time limit: a deadlock holds the GIL."""
+@pytest.mark.parametrize("backend", ["torch", "torch_device_path", "cpp", "auto"])
+def test_a_layer_shared_by_threads(backend):
+    """Four threads share a layer, calling it on eight input signatures in turn (each call may
+    replace the state a backend keeps per signature, in C++ for ``torch``), with and without
+    gradients: every output is the reference's, and nothing deadlocks. (Until 2026-12-03 the
+    ``torch`` backend did, every time: its state's old tensors were released while its mutex was
+    held, and releasing a tensor can release the GIL, which another thread, waiting for that mutex,
+    could then hold.) In a subprocess, with a time limit: a deadlock holds the GIL."""
     import subprocess
     import sys
 
     try:
         done = subprocess.run(
-            [sys.executable, "-c", _THREADS_SCRIPT, path], capture_output=True, text=True, timeout=120, check=False
+            [sys.executable, "-c", _THREADS_SCRIPT, backend], capture_output=True, text=True, timeout=120, check=False
         )
     except subprocess.TimeoutExpired:
         pytest.fail("four threads sharing the layer did not finish in 120 s (they take a few): a deadlock")
