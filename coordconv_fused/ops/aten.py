@@ -401,8 +401,9 @@ def prepare_forward(
 
     Each cache holds one entry, replaced as a whole (a tuple), so calls from several threads never
     pair one signature's coordinates with another's. ``on_signature(input, weight, coord_weight,
-    coords, columns, columns_last, out)``, if given, is called with each new entry of plain tensors
-    (``input`` padded; ``columns`` None on the CPU path): the ``torch`` backend hands it to C++
+    coords, columns, columns_last, out)``, if given, is called on each call of plain tensors with its
+    entry (``input`` padded; ``columns`` None on the CPU path): the ``torch`` backend hands it to
+    C++, whose calls then run without this function until the signature changes
     (:func:`coordconv_fused.backends.aten.prepare_eager`)."""
     pads, mode, args = static_arguments(spec)
     stride, padding, dilation, transposed, output_padding, groups, pre, pre_mode, with_r, separate = args
@@ -438,9 +439,9 @@ def prepare_forward(
             cols = None if host else _coord_columns(coords, coord_weight, term_args, out, cw_last)
             sample = tuple(out.shape[1:])
             coords_entry = (signature, in_format_of(coords, out), cols, sample)
-            if on_signature is not None:
-                columns, columns_last = cols if cols is not None else (None, False)
-                on_signature(input, weight, coord_weight, coords_entry[1], columns, columns_last, out)
+        if on_signature is not None:  # (each call: C++'s signature may tell apart what this one does not)
+            columns, columns_last = cols if cols is not None else (None, False)
+            on_signature(input, weight, coord_weight, coords_entry[1], columns, columns_last, out)
         if not host:
             term = _term_from_columns(cols, coord_weight, bias, transposed, cw_last)
             return _add_term(out, term, cols[1], sample)
