@@ -490,6 +490,33 @@ def device_path_torch_backend() -> backends.Backend:
     return backends.Backend("torch_device_path", run, devices=frozenset({"cpu"}), prepare=prepare)
 
 
+def torch_backend_counting_python(spec: ConvSpec, cpu_path: bool = True) -> tuple[Callable[..., Tensor], list[int]]:
+    """The ``torch`` backend's prepared call for ``spec`` (:func:`~.backends.aten.prepare_eager`;
+    ``cpu_path=False``: the path that runs off the CPU, on CPU tensors too), and a list that grows
+    by one on each call that runs the Python path rather than C++'s."""
+    from .backends.aten import prepare_eager
+    from .ops import aten
+
+    python_calls: list[int] = []
+    prepare = aten.prepare_forward
+
+    def counting(spec: ConvSpec, on_signature=None):
+        run = prepare(spec, on_signature)
+
+        def call(*args):
+            python_calls.append(1)
+            return run(*args)
+
+        return call
+
+    saved = aten.prepare_forward, aten.CPU_PATH
+    aten.prepare_forward, aten.CPU_PATH = counting, cpu_path
+    try:
+        return prepare_eager(spec), python_calls
+    finally:
+        aten.prepare_forward, aten.CPU_PATH = saved
+
+
 def emulated_cuda_backend() -> backends.Backend:
     """A backend ``cuda_emulated`` running the CUDA backend's host code and kernel bodies on CPU
     tensors (an emulation of the CUDA grid, built as ``coordconv_fused._C_testing``), with the

@@ -792,37 +792,27 @@ ATEN_CALL_CASES = [
 
 @pytest.mark.parametrize("path", ["cpu", "device"])
 @pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
-def test_torch_backend_steady_state_from_cpp(case, path, monkeypatch):
+def test_torch_backend_steady_state_from_cpp(case, path):
     """After the first call of an input signature (the Python path, which makes the coordinates, off
     the CPU their im2col matrix, and hands them to C++), the ``torch`` backend's calls are C++'s
     ATen calls: the same output and every gradient as the reference, call after call, with and
     without gradients, after ``coord_weight`` is changed through ``.data`` (by value, no version
     bump), for a channels-last input and filter, and on a new input signature. ``device``: the path
     that runs off the CPU (the bias in the term's GEMM, nothing kept by value), on CPU tensors."""
-    _check_steady_state_from_cpp(case, "cpu", path == "cpu", monkeypatch)
+    _check_steady_state_from_cpp(case, "cpu", path == "cpu")
 
 
 @pytest.mark.backend("torch", device="cuda")
 @pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
-def test_torch_backend_steady_state_from_cpp_cuda(case, monkeypatch):
+def test_torch_backend_steady_state_from_cpp_cuda(case):
     """The same on CUDA tensors, where the device path runs."""
-    _check_steady_state_from_cpp(case, "cuda", True, monkeypatch)
+    _check_steady_state_from_cpp(case, "cuda", True)
 
 
-def _check_steady_state_from_cpp(case, device: str, cpu_path: bool, monkeypatch) -> None:
-    from coordconv_fused.backends import aten as torch_backend
-    from coordconv_fused.ops import aten
+def _check_steady_state_from_cpp(case, device: str, cpu_path: bool) -> None:
+    from coordconv_fused.testing import torch_backend_counting_python
 
-    python_calls = []
-    prepare = aten.prepare_forward
-
-    def counting(spec, on_signature=None):
-        fn = prepare(spec, on_signature)
-        return lambda *a: python_calls.append(1) or fn(*a)
-
-    monkeypatch.setattr(aten, "prepare_forward", counting)
-    monkeypatch.setattr(aten, "CPU_PATH", cpu_path)
-    fn = torch_backend.prepare_eager(case.spec())
+    fn, python_calls = torch_backend_counting_python(case.spec(), cpu_path)
     tensors = case.make_tensors(torch.float64, device, seed=1)
     names = [n for n, t in tensors.items() if t is not None]
 

@@ -68,23 +68,14 @@ def test_torch_backend_eager_state_reads_no_data_off_cpu(fn, shape, kwargs):
 
 @pytest.mark.backend("cpp")
 @pytest.mark.parametrize("fn,shape,kwargs", VARIANTS, ids=IDS)
-def test_torch_backend_steady_state_from_cpp_reads_no_data_off_cpu(fn, shape, kwargs, monkeypatch):
+def test_torch_backend_steady_state_from_cpp_reads_no_data_off_cpu(fn, shape, kwargs):
     """Off the CPU the ``torch`` backend's calls after a signature's first are made from C++
     (``_C.call_aten``): on meta tensors (plain tensors without data) that path runs, with and
     without autograd, and reads no value, so on a GPU it cannot synchronise."""
-    from coordconv_fused.backends import aten as torch_backend
-    from coordconv_fused.ops import aten
+    from coordconv_fused.testing import torch_backend_counting_python
 
-    python_calls = []
-    prepare = aten.prepare_forward
-
-    def counting(spec, on_signature=None):
-        run = prepare(spec, on_signature)
-        return lambda *a: python_calls.append(1) or run(*a)
-
-    monkeypatch.setattr(aten, "prepare_forward", counting)
     x, w, cw, b = _tensors(fn, shape, kwargs, "meta")
-    call = torch_backend.prepare_eager(_spec_of(fn, w, kwargs))
+    call, python_calls = torch_backend_counting_python(_spec_of(fn, w, kwargs))
     want = fn(x, w, cw, b, backend="torch", **kwargs).shape
     with torch.no_grad():
         for _ in range(3):
