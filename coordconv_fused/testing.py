@@ -25,6 +25,7 @@ __all__ = [
     "Case",
     "kernel_events",
     "assert_matches_reference",
+    "assert_gradients_keep_their_graph",
     "default_tolerances",
     "supported",
     "BACKENDS_UNDER_TEST",
@@ -558,3 +559,17 @@ def emulated_epilogue_policy(policy: str) -> Iterator[None]:
         yield
     finally:
         _set_epilogue_policy(_C_testing.epilogue_policy, previous)
+
+
+def assert_gradients_keep_their_graph(fn: Callable[..., Tensor], inputs: Sequence[Tensor]) -> None:
+    """Assert that each first-order gradient of ``fn(*inputs)``, linear in the output's gradient
+    ``g``, is recorded as a function of ``g`` under ``create_graph=True``, on a signature's first
+    calls and on the later ones (which may take another path: the ``torch`` backend's C++).
+    ``gradgradcheck`` cannot see a gradient that lost its graph: it checks only the first-order
+    gradients that require grad, and a detached one passes."""
+    for _ in range(3):
+        out = fn(*inputs)
+        g = torch.randn_like(out).requires_grad_()
+        grads = torch.autograd.grad(out, list(inputs), g, create_graph=True)
+        for i, grad in enumerate(grads):
+            assert grad.requires_grad, f"the gradient of argument {i} lost its graph (create_graph=True)"

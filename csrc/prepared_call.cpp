@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "autograd/coord_conv_autograd.h"
+#include "autograd/device_term.h"
 
 namespace coordconv {
 namespace {
@@ -142,14 +143,15 @@ PyObject* py_call_prepared(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // The same ATen calls as coordconv_fused/ops/aten.py's prepare_forward, made from C++ after the first
 // call of an input signature (the Python path makes the coordinates then and hands them over,
 // set_aten_entry). Autograd is ATen's (the calls are made above the Autograd key), so second order
-// comes for free.
+// comes for free; the device path's term is one node of its own (autograd/device_term.h).
 //  * The CPU path: the data convolution with its bias, plus the batch-of-one coordinate term
 //    P = conv(coords, coord_weight), added in place; P kept by the values of coord_weight where no
 //    gradient of it is wanted.
 //  * The device path (off the CPU; tests run it on CPU tensors): the data convolution without its
 //    bias, then P plus the bias by one small GEMM of the coordinate filter with the signature's
-//    im2col matrix, added in one pass over the output seen in its memory order. Nothing read from
-//    device memory: no synchronisation.
+//    im2col matrix, added in place in one pass over the output seen in its memory order, recorded as
+//    one autograd node whose backward reduces the output's gradient over the batch once for both
+//    gradients. Nothing read from device memory: no synchronisation.
 
 constexpr const char* kAtenCapsule = "coordconv_fused.aten_call";
 
@@ -213,44 +215,6 @@ std::vector<int64_t> aten_signature(const at::Tensor& input, const at::Tensor& w
   return s;
 }
 
-// The dims of an N-D tensor with the channels last: (0, 2, ..., N-1, 1).
-std::vector<int64_t> channels_to_last(int64_t ndim) {
-  std::vector<int64_t> order{0};
-  for (int64_t d = 2; d < ndim; ++d) order.push_back(d);
-  order.push_back(1);
-  return order;
-}
-
-// The coordinate filter as a [C_out, k] matrix (views; ops/aten.py's _filter_matrix).
-at::Tensor filter_matrix(const at::Tensor& coord_weight, bool transposed, bool cw_last) {
-  if (cw_last) return coord_weight.permute(channels_to_last(coord_weight.dim())).reshape({coord_weight.size(0), -1});
-  const at::Tensor cw = transposed ? coord_weight.movedim(1, 0) : coord_weight;
-  return cw.reshape({cw.size(0), -1});
-}
-
-// out + term for the term [C_out, points] (or [points, C_out] where `columns_last`), in place where
-// no gradient is recorded (ops/aten.py's _add_term, the same views).
-at::Tensor add_term(const at::Tensor& out, const at::Tensor& term, bool columns_last) {
-  const int64_t nd = out.dim();
-  if (!columns_last) {
-    const at::Tensor t = term.view(out.sizes().slice(1));
-    return out.requires_grad() ? out + t : out.add_(t);
-  }
-  const int64_t n = out.size(0), c = out.size(1);
-  std::vector<int64_t> sizes{n};  // out's sizes with the channels last
-  for (int64_t d = 2; d < nd; ++d) sizes.push_back(out.size(d));
-  sizes.push_back(c);
-  if (n == 0) return out + term.view(c10::IntArrayRef(sizes).slice(1)).movedim(-1, 0);
-  const at::Tensor flat = out.permute(channels_to_last(nd));  // (a contiguous view)
-  if (!out.requires_grad()) {
-    flat.view({n, -1, c}).add_(term);
-    return out;
-  }
-  std::vector<int64_t> inverse{0, nd - 1};
-  for (int64_t d = 1; d < nd - 1; ++d) inverse.push_back(d);
-  return (flat.reshape({n, -1, c}) + term).view(sizes).permute(inverse);
-}
-
 // The CPU path's output after the data convolution `out` (with its bias).
 at::Tensor cpu_path_output(AtenCall* call, at::Tensor out, const at::Tensor& coords, const at::Tensor& coord_weight) {
   auto make_term = [&] {
@@ -276,15 +240,6 @@ at::Tensor cpu_path_output(AtenCall* call, at::Tensor out, const at::Tensor& coo
     replaced = std::exchange(call->kept, std::move(fresh));
   }
   return out;
-}
-
-// The device path's term plus bias, by one GEMM: [C_out, points], or [points, C_out].
-at::Tensor device_term(const AtenEntry& e, const at::Tensor& coord_weight, const std::optional<at::Tensor>& bias,
-                       bool transposed, bool cw_last) {
-  const at::Tensor cw = filter_matrix(coord_weight, transposed, cw_last);
-  if (e.columns_last) return at::linear(e.columns, cw, bias);
-  if (!bias) return at::mm(cw, e.columns);
-  return at::addmm(bias->view({-1, 1}), cw, e.columns);
 }
 
 }  // namespace
@@ -376,7 +331,8 @@ PyObject* py_call_aten(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (host) {
       out = cpu_path_output(call, std::move(out), entry->coords, coord_weight);
     } else if (out.is_contiguous() == entry->out_contiguous) {
-      out = add_term(out, device_term(*entry, coord_weight, bias, call->transposed, cw_last), entry->columns_last);
+      out = autograd::add_device_term(std::move(out), coord_weight, bias, entry->columns,
+                                      {entry->columns_last, call->transposed, cw_last});
     } else {
       out = at::Tensor();  // (a layout the signature did not foresee: the Python path, never seen)
     }

@@ -856,6 +856,88 @@ def _check_steady_state_from_cpp(case, device: str, cpu_path: bool) -> None:
     assert len(python_calls) <= 5  # (at most one per new signature)
 
 
+def _grad_layouts(like: torch.Tensor) -> dict:
+    """Output gradients of ``like``'s shape in the layouts autograd may hand a node: dense, the
+    other memory format, the stride-0 expansion of ``.sum().backward()``, a strided slice."""
+    g = torch.randn_like(like, memory_format=torch.contiguous_format)
+    out = {
+        "dense": g,
+        "expanded": torch.ones((), dtype=g.dtype).expand_as(g),
+        "sliced": torch.cat([g, g], -1)[..., ::2],
+    }
+    if g.dim() == 4:
+        out["channels_last"] = g.contiguous(memory_format=torch.channels_last)
+    return out
+
+
+@pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
+def test_torch_device_path_term_is_one_node(case):
+    """The ``torch`` backend's device path from C++ records the coordinate term and the bias as one
+    autograd node over the data convolution (csrc/autograd/device_term.h), not five: its gradients
+    are the reference's for every subset of tensors that require grad, every layout of the output
+    and of the output's gradient, and (create_graph) to second order."""
+    _check_term_node(case, "cpu")
+
+
+@pytest.mark.backend("torch", device="cuda")
+@pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
+def test_torch_device_path_term_is_one_node_cuda(case):
+    """The same on CUDA tensors, where the device path runs."""
+    _check_term_node(case, "cuda")
+
+
+def _check_term_node(case, device: str) -> None:
+    from coordconv_fused.testing import torch_backend_counting_python
+
+    fn, python_calls = torch_backend_counting_python(case.spec(), cpu_path=False)
+    tensors = case.make_tensors(torch.float64, device, seed=2)
+    names = [n for n, t in tensors.items() if t is not None]
+    order = ("input", "weight", "coord_weight", "bias")
+    x = tensors["input"]
+    cw = tensors["coord_weight"]
+    layouts = [(x, cw)]
+    if x.dim() == 4:  # a channels-last input, filter, and both
+        x_last, cw_last = (t.contiguous(memory_format=torch.channels_last) for t in (x, cw))
+        layouts += [(x_last, cw)] + ([(x, cw_last), (x_last, cw_last)] if not case.transposed else [])
+    for xin, cwin in layouts:
+        for grad_of in [names] + [[n] for n in names]:
+            ts = {n: (None if t is None else t.detach().requires_grad_(n in grad_of)) for n, t in tensors.items()}
+            ts["input"] = xin.detach().requires_grad_("input" in grad_of)
+            ts["coord_weight"] = cwin.detach().requires_grad_("coord_weight" in grad_of)
+            ref = {
+                n: (None if t is None else t.detach().clone().requires_grad_(t.requires_grad)) for n, t in ts.items()
+            }
+            want = case.run("reference", ref)
+            for _ in range(2):  # (a signature's first call runs the Python path)
+                got = fn(*(ts[n] for n in order))
+            assert "DeviceTerm" in got.grad_fn.name(), got.grad_fn.name()
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+            leaves = [n for n in grad_of if ts[n] is not None]
+            for kind, g in _grad_layouts(want).items():
+                got_grads = torch.autograd.grad(got, [ts[n] for n in leaves], g, retain_graph=True)
+                want_grads = torch.autograd.grad(want, [ref[n] for n in leaves], g, retain_graph=True)
+                for n, a, b in zip(leaves, got_grads, want_grads):
+                    torch.testing.assert_close(
+                        a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=n, k=kind: f"{n}, {k}: {m}"
+                    )
+            # Second order, through the node's backward: the derivatives of <grads, v> with respect
+            # to the tensors and to the output's gradient g. (gradgradcheck cannot see a gradient
+            # that lost its graph: it checks only first-order gradients that require grad.)
+            g = torch.randn_like(want).requires_grad_()
+            got_grads = torch.autograd.grad(got, [ts[n] for n in leaves], g, create_graph=True)
+            want_grads = torch.autograd.grad(want, [ref[n] for n in leaves], g, create_graph=True)
+            vs = [torch.randn_like(a) for a in want_grads]
+            got_sum = sum((a * v).sum() for a, v in zip(got_grads, vs))
+            want_sum = sum((a * v).sum() for a, v in zip(want_grads, vs))
+            a2 = torch.autograd.grad(got_sum, [ts[n] for n in leaves] + [g], allow_unused=True, materialize_grads=True)
+            b2 = torch.autograd.grad(
+                want_sum, [ref[n] for n in leaves] + [g], allow_unused=True, materialize_grads=True
+            )
+            for n, a, b in zip(leaves + ["the output's gradient"], a2, b2):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=n: f"second order, {n}: {m}")
+    assert len(python_calls) <= len(layouts)  # (at most one per input signature; the rest from C++)
+
+
 _THREADS_SCRIPT = """
 import sys, threading, torch
 from contextlib import nullcontext

@@ -6,6 +6,7 @@ import torch
 
 from coordconv_fused.testing import (
     Case,
+    assert_gradients_keep_their_graph,
     assert_layer_matches_reference,
     assert_low_precision_matches_float64,
     assert_matches_reference,
@@ -184,6 +185,7 @@ def test_device_path_gradcheck(device_path, case):
     fn = lambda *args: case.run(device_path, dict(zip(names, args)))  # noqa: E731
     assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradgradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
+    assert_gradients_keep_their_graph(fn, [tensors[n] for n in names])
 
 
 @pytest.mark.parametrize("bias", [True, False])
