@@ -26,6 +26,7 @@ __all__ = [
     "kernel_events",
     "assert_matches_reference",
     "assert_gradients_keep_their_graph",
+    "warm_up",
     "default_tolerances",
     "supported",
     "BACKENDS_UNDER_TEST",
@@ -573,3 +574,12 @@ def assert_gradients_keep_their_graph(fn: Callable[..., Tensor], inputs: Sequenc
         grads = torch.autograd.grad(out, list(inputs), g, create_graph=True)
         for i, grad in enumerate(grads):
             assert grad.requires_grad, f"the gradient of argument {i} lost its graph (create_graph=True)"
+
+
+def warm_up(fn: Callable[..., Tensor], inputs: Sequence[Tensor], calls: int = 3) -> None:
+    """Call ``fn(*inputs)`` ``calls`` times, so that the checks that follow (``gradcheck``,
+    ``gradgradcheck``) see a signature's steady state: its first calls may take another path than the
+    later ones (the ``torch`` backend's Python path before its C++ one), and those checks compute
+    their analytical gradients on one of their first calls."""
+    for _ in range(calls):
+        fn(*inputs)

@@ -870,26 +870,28 @@ def _grad_layouts(like: torch.Tensor) -> dict:
     return out
 
 
+@pytest.mark.parametrize("path", ["cpu", "device"])
 @pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
-def test_torch_device_path_term_is_one_node(case):
-    """The ``torch`` backend's device path from C++ records the coordinate term and the bias as one
-    autograd node over the data convolution (csrc/autograd/device_term.h), not five: its gradients
-    are the reference's for every subset of tensors that require grad, every layout of the output
-    and of the output's gradient, and (create_graph) to second order."""
-    _check_term_node(case, "cpu")
+def test_torch_backend_gradients_from_cpp(case, path):
+    """The gradients of the ``torch`` backend's calls from C++ are the reference's for every subset
+    of tensors that require grad, every layout of the output and of the output's gradient, and
+    (create_graph) to second order, with respect to the tensors and to the output's gradient. On the
+    device path (run here on CPU tensors) the coordinate term and the bias are one autograd node over
+    the data convolution (csrc/autograd/device_term.h; five nodes before)."""
+    _check_term_node(case, "cpu", path == "cpu")
 
 
 @pytest.mark.backend("torch", device="cuda")
 @pytest.mark.parametrize("case", ATEN_CALL_CASES, ids=str)
-def test_torch_device_path_term_is_one_node_cuda(case):
+def test_torch_backend_gradients_from_cpp_cuda(case):
     """The same on CUDA tensors, where the device path runs."""
-    _check_term_node(case, "cuda")
+    _check_term_node(case, "cuda", False)
 
 
-def _check_term_node(case, device: str) -> None:
+def _check_term_node(case, device: str, cpu_path: bool) -> None:
     from coordconv_fused.testing import torch_backend_counting_python
 
-    fn, python_calls = torch_backend_counting_python(case.spec(), cpu_path=False)
+    fn, python_calls = torch_backend_counting_python(case.spec(), cpu_path)
     tensors = case.make_tensors(torch.float64, device, seed=2)
     names = [n for n, t in tensors.items() if t is not None]
     order = ("input", "weight", "coord_weight", "bias")
@@ -910,7 +912,8 @@ def _check_term_node(case, device: str) -> None:
             want = case.run("reference", ref)
             for _ in range(2):  # (a signature's first call runs the Python path)
                 got = fn(*(ts[n] for n in order))
-            assert "DeviceTerm" in got.grad_fn.name(), got.grad_fn.name()
+            if not cpu_path:
+                assert "DeviceTermFunction" in got.grad_fn.name(), got.grad_fn.name()
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
             leaves = [n for n in grad_of if ts[n] is not None]
             for kind, g in _grad_layouts(want).items():

@@ -11,6 +11,7 @@ from coordconv_fused.testing import (
     assert_low_precision_matches_float64,
     assert_matches_reference,
     supported,
+    warm_up,
 )
 
 # Named explicitly: a backend that should be here and is not fails its cases (tests/conftest.py).
@@ -151,6 +152,7 @@ def test_gradcheck(backend, case):
     def fn(*args):
         return case.run(backend, dict(zip(names, args)))
 
+    warm_up(fn, [tensors[n] for n in names])
     assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
 
 
@@ -183,6 +185,7 @@ def test_device_path_gradcheck(device_path, case):
     tensors = case.make_tensors(torch.float64, "cpu", seed=3)
     names = [n for n, t in tensors.items() if t is not None]
     fn = lambda *args: case.run(device_path, dict(zip(names, args)))  # noqa: E731
+    warm_up(fn, [tensors[n] for n in names])
     assert torch.autograd.gradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradgradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-7)
     assert_gradients_keep_their_graph(fn, [tensors[n] for n in names])
@@ -272,8 +275,10 @@ def test_gradcheck_cuda(backend, device):
             continue
         tensors = case.make_tensors(torch.float64, device, seed=3)
         names = [n for n, t in tensors.items() if t is not None]
+        fn = lambda *a, c=case, n=names: c.run(backend, dict(zip(n, a)))  # noqa: E731
+        warm_up(fn, [tensors[n] for n in names])
         assert torch.autograd.gradcheck(
-            lambda *a, c=case, n=names: c.run(backend, dict(zip(n, a))),
+            fn,
             tuple(tensors[n] for n in names),
             eps=1e-6,
             atol=1e-7,

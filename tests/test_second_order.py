@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from coordconv_fused import CoordConv1d, CoordConv2d, CoordConv3d, coord_conv2d
-from coordconv_fused.testing import Case, assert_gradients_keep_their_graph
+from coordconv_fused.testing import Case, assert_gradients_keep_their_graph, warm_up
 
 CPU_BACKENDS = ["reference", "torch", "cpp", "auto", "cuda_emulated"]
 
@@ -38,6 +38,7 @@ def _check(backend, case, device="cpu"):
     def fn(*args):
         return case.run(backend, dict(zip(names, args)))
 
+    warm_up(fn, [tensors[n] for n in names])
     assert torch.autograd.gradgradcheck(fn, tuple(tensors[n] for n in names), eps=1e-6, atol=1e-6)
     assert_gradients_keep_their_graph(fn, [tensors[n] for n in names])
 
