@@ -44,6 +44,17 @@ def exact_cuda():
 
 
 @pytest.fixture
+def device_path():
+    """The ``torch`` backend's path off the CPU on CPU tensors, registered as backend
+    "torch_device_path" for the test's duration."""
+    from coordconv_fused import backends
+    from coordconv_fused.testing import device_path_torch_backend
+
+    with backends.temporary_backend(device_path_torch_backend()) as name:
+        yield name
+
+
+@pytest.fixture
 def emulated_cuda():
     """The CUDA backend's host code and kernel bodies on the CPU (the test extension
     coordconv_fused._C_testing), registered as backend "cuda_emulated" for the test's duration."""

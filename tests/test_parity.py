@@ -159,15 +159,6 @@ def test_gradcheck(backend, case):
 # ---- the torch backend's device path (bias inside the coordinate term) on CPU tensors --------------
 
 
-@pytest.fixture
-def device_path():
-    from coordconv_fused import backends
-    from coordconv_fused.testing import device_path_torch_backend
-
-    with backends.temporary_backend(device_path_torch_backend()) as name:
-        yield name
-
-
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
 def test_device_path_matches_reference(device_path, case):
     """What the ``torch`` backend runs on a GPU, run here: output and every gradient."""

@@ -85,6 +85,7 @@ def _gradient_penalty_step(layer_cls, backend, shape, device="cpu", **kwargs):
 
     alpha = torch.rand(shape[0], *([1] * (len(shape) - 1)), dtype=torch.float64, device=device)
     mixed = (alpha * real + (1 - alpha) * fake).requires_grad_()
+    warm_up(critic, [mixed])  # (the penalty's second derivative then goes through the steady state)
     (grad_x,) = torch.autograd.grad(critic(mixed).sum(), mixed, create_graph=True)
     penalty = ((grad_x.flatten(1).norm(dim=1) - 1) ** 2).mean()
     loss = critic(fake).mean() - critic(real).mean() + 10 * penalty
@@ -96,7 +97,7 @@ def _gradient_penalty_step(layer_cls, backend, shape, device="cpu", **kwargs):
     }
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "auto"])
+@pytest.mark.parametrize("backend", ["torch", "cpp", "auto", "torch_device_path"])
 @pytest.mark.parametrize(
     "layer_cls,shape,kwargs",
     [
@@ -107,7 +108,9 @@ def _gradient_penalty_step(layer_cls, backend, shape, device="cpu", **kwargs):
     ],
     ids=["2d-with_r", "2d-separate-reflect-stride2", "1d", "3d"],
 )
-def test_gradient_penalty_equals_reference(backend, layer_cls, shape, kwargs):
+def test_gradient_penalty_equals_reference(backend, layer_cls, shape, kwargs, request):
+    if backend == "torch_device_path":
+        request.getfixturevalue("device_path")
     got = _gradient_penalty_step(layer_cls, backend, shape, **kwargs)
     want = _gradient_penalty_step(layer_cls, "reference", shape, **kwargs)
     for name, g in want.items():
@@ -125,6 +128,8 @@ def _maml_step(backend, device="cpu"):
     x, x2 = torch.randn(2, 4, 2, 6, 5, dtype=torch.float64, device=device)
     t, t2 = torch.randn(2, 4, 3, 6, 5, dtype=torch.float64, device=device)
     params = [layer.weight, layer.coord_weight, layer.bias]
+    warm_up(layer, [x])  # (both steps then go through the steady state)
+    warm_up(lambda *p: coord_conv2d(x2, *p, padding=1, with_r=True, backend=backend), [p * 1 for p in params])
     inner = torch.nn.functional.softplus(layer(x)).sub(t).square().mean()
     grads = torch.autograd.grad(inner, params, create_graph=True)
     w, cw, b = (p - 0.5 * g for p, g in zip(params, grads))
@@ -133,8 +138,10 @@ def _maml_step(backend, device="cpu"):
     return torch.autograd.grad(outer, params)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpp", "auto"])
-def test_maml_meta_gradient_equals_reference(backend):
+@pytest.mark.parametrize("backend", ["torch", "cpp", "auto", "torch_device_path"])
+def test_maml_meta_gradient_equals_reference(backend, request):
+    if backend == "torch_device_path":
+        request.getfixturevalue("device_path")
     for got, want, name in zip(_maml_step(backend), _maml_step("reference"), ("weight", "coord_weight", "bias")):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
 
